@@ -1,0 +1,3 @@
+"""Hook implementations of lowbit-backend-cuda."""
+
+from lowbit import hookimpl  # noqa: F401

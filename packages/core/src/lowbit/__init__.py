@@ -1,0 +1,55 @@
+"""lowbit: low-bit weight quantization of LLMs (AWQ, GPTQ, RTN), fast kernels, real formats."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .algorithms.base import LayerContext, LinearGroup, Quantizer
+from .errors import (
+    CalibrationError,
+    CheckpointError,
+    LowbitError,
+    MissingDependencyError,
+    ModelLoadError,
+    NoKernelError,
+    OutputError,
+    UnknownNameError,
+    UnsupportedSchemeError,
+)
+from .exporting import Exporter, export, read_checkpoint
+from .kernels.base import Kernel, KernelSpec
+from .packing import Packer
+from .plugins import get_plugin_manager, hookimpl, registry
+from .qmodel import QuantizedModel
+from .qweight import QuantizedWeight
+from .scheme import QuantScheme
+from .selection import select_kernel
+
+__all__ = [
+    "__version__",
+    "CalibrationError",
+    "CheckpointError",
+    "Exporter",
+    "Kernel",
+    "KernelSpec",
+    "LayerContext",
+    "LinearGroup",
+    "LowbitError",
+    "MissingDependencyError",
+    "ModelLoadError",
+    "NoKernelError",
+    "OutputError",
+    "Packer",
+    "QuantScheme",
+    "QuantizedModel",
+    "QuantizedWeight",
+    "Quantizer",
+    "UnknownNameError",
+    "UnsupportedSchemeError",
+    "export",
+    "get_plugin_manager",
+    "hookimpl",
+    "read_checkpoint",
+    "registry",
+    "select_kernel",
+]

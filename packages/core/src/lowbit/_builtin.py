@@ -1,0 +1,33 @@
+"""lowbit's built-ins, registered through the same public hooks as any plugin."""
+
+from __future__ import annotations
+
+from .plugins import hookimpl
+
+
+@hookimpl
+def lowbit_register_quantizers(register):
+    from .algorithms.rtn import RTN
+
+    register.add(RTN)
+
+
+@hookimpl
+def lowbit_register_kernels(register):
+    from .kernels.reference import ReferenceKernel
+
+    register.add(ReferenceKernel)
+
+
+@hookimpl
+def lowbit_register_exporters(register):
+    from .checkpoint import LowbitCheckpoint
+
+    register.add(LowbitCheckpoint)
+
+
+@hookimpl
+def lowbit_register_architectures(register):
+    from .models import LLAMA_FAMILY
+
+    register.add(LLAMA_FAMILY)

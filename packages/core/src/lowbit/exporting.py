@@ -1,0 +1,91 @@
+"""The Exporter interface (a checkpoint format: writer, reader, detector) and export()."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from .errors import CheckpointError, UnsupportedSchemeError
+from .io import atomic_dir
+from .plugins import registry
+from .qmodel import QuantizedModel
+from .scheme import QuantScheme
+
+
+class Exporter:
+    """Subclass per on-disk format; register with ``lowbit_register_exporters``.
+
+    ``write`` fills an empty directory (export() makes it atomic); ``read`` returns the
+    QuantizedModel a directory holds; ``detect`` says cheaply whether a directory is this format.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    @classmethod
+    def check(cls, scheme: QuantScheme, config=None) -> str | None:
+        """None if the format can hold ``scheme`` (for the model ``config`` if given), else why not.
+        Called before quantization starts."""
+        return None
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        return False
+
+    def write(self, qmodel: QuantizedModel, out_dir: Path) -> None:
+        raise NotImplementedError
+
+    def read(self, path: Path) -> QuantizedModel:
+        raise NotImplementedError
+
+
+def check_formats(formats: list[str], scheme: QuantScheme, config=None) -> None:
+    """Raise one error naming every format that cannot hold ``scheme``."""
+    problems = []
+    for f in formats:
+        reason = registry("exporters").get(f).check(scheme, config)
+        if reason:
+            problems.append(f"{f}: {reason}")
+    if problems:
+        ok = [n for n, e in registry("exporters").items() if e.check(scheme, config) is None]
+        raise UnsupportedSchemeError(
+            f"cannot write {scheme.describe()} as " + "; ".join(problems)
+            + f". Formats that can: {', '.join(ok) or 'none'}."
+        )
+
+
+def export(qmodel: QuantizedModel, fmt: str, out: Path | str, overwrite: bool = False) -> Path:
+    """Write ``qmodel`` in format ``fmt`` to ``out`` atomically."""
+    exporter = registry("exporters").get(fmt)
+    check_formats([fmt], qmodel.scheme, qmodel.config)
+    with atomic_dir(out, overwrite) as tmp:
+        exporter().write(qmodel, tmp)
+    return Path(out)
+
+
+def detect_format(path: Path | str) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist.")
+    for name, cls in registry("exporters").items():
+        try:
+            if cls.detect(path):
+                return name
+        except Exception:
+            continue
+    known = ", ".join(registry("exporters").names())
+    raise CheckpointError(
+        f"{path} is not a checkpoint lowbit can read (known formats: {known}). "
+        "Install lowbit-exporters for autoawq/gptq/xft, or point at a lowbit checkpoint."
+    )
+
+
+def read_checkpoint(path: Path | str, fmt: str | None = None) -> QuantizedModel:
+    """Read any checkpoint a registered format recognises."""
+    fmt = fmt or detect_format(path)
+    try:
+        return registry("exporters").get(fmt)().read(Path(path))
+    except (CheckpointError, UnsupportedSchemeError):
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"cannot read {path} as {fmt}: {type(err).__name__}: {err}") from err

@@ -1,0 +1,3 @@
+from .base import Kernel, KernelSpec
+
+__all__ = ["Kernel", "KernelSpec"]

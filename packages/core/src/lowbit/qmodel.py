@@ -1,0 +1,54 @@
+"""QuantizedModel: a whole quantized checkpoint in memory, independent of any format."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .qweight import QuantizedWeight
+from .scheme import QuantScheme
+
+
+@dataclass
+class QuantizedModel:
+    """:param config: the HF model config (``transformers.PretrainedConfig``).
+    :param scheme: the scheme every quantized linear uses.
+    :param qweights: module path (``model.layers.0.self_attn.q_proj``) → QuantizedWeight.
+    :param float_tensors: every other parameter (embeddings, norms, lm_head) by HF name.
+    :param tokenizer: a tokenizer with ``save_pretrained``, or None.
+    :param generation_config: optional ``transformers.GenerationConfig``.
+    :param manifest: recipe, calibration, source and versions (lowbit.json).
+    """
+
+    config: Any
+    scheme: QuantScheme
+    qweights: dict[str, QuantizedWeight]
+    float_tensors: dict[str, torch.Tensor]
+    tokenizer: Any = None
+    generation_config: Any = None
+    manifest: dict = field(default_factory=dict)
+
+    def tensor_hash(self) -> str:
+        """sha256 over every quantized tensor's name, dtype, shape and bytes, in name order."""
+        h = hashlib.sha256()
+        for name in sorted(self.qweights):
+            for tname, t in sorted(self.qweights[name].tensors().items()):
+                t = t.detach().contiguous().cpu()
+                h.update(f"{name}.{tname}:{t.dtype}:{list(t.shape)}".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+    def diff(self, other: "QuantizedModel") -> dict[str, list[str]]:
+        """Module → list of differences in decoded codes/scales/zeros/g_idx (empty dict: identical)."""
+        out: dict[str, list[str]] = {}
+        for name in sorted(set(self.qweights) | set(other.qweights)):
+            if name not in self.qweights or name not in other.qweights:
+                out[name] = ["present in only one checkpoint"]
+                continue
+            d = self.qweights[name].diff(other.qweights[name])
+            if d:
+                out[name] = d
+        return out

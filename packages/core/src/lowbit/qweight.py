@@ -1,0 +1,140 @@
+"""QuantizedWeight: the one canonical, unpacked form of a quantized linear weight.
+
+Every algorithm produces it, every packer maps it to and from a format, every kernel prepares
+from it. Orientation follows ``nn.Linear``: ``codes`` is ``[N, K]`` (out, in).
+
+Dequantization (formats.md §0.1)::
+
+    W[n, k] = float32(codes[n, k] - zeros[n, g(k)]) * float32(scales[n, g(k)])
+    g(k) = g_idx[k]  if g_idx is not None  else  k // group_size   (0 for per channel)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import CheckpointError
+from .scheme import QuantScheme
+
+
+@dataclass
+class QuantizedWeight:
+    """:param codes: ``uint8 [N, K]``, unsigned codes in ``[0, 2**bits - 1]``.
+    :param scales: ``float16 [N, NG]`` (the dtype every consumer format stores).
+    :param zeros: ``uint8 [N, NG]`` integer zero points in ``[0, 2**bits - 1]``;
+        ``2**(bits-1)`` everywhere for a symmetric scheme.
+    :param scheme: the QuantScheme it was made with.
+    :param g_idx: ``int32 [K]`` group of each input column, or None for ``k // group_size``.
+    :param bias: optional float ``[N]`` bias of the linear layer.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    scheme: QuantScheme
+    g_idx: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.codes.shape[1]
+
+    @property
+    def num_groups(self) -> int:
+        return self.scales.shape[1]
+
+    def validate(self) -> None:
+        """Raise CheckpointError when the tensors disagree with each other or the scheme."""
+        n, k = self.codes.shape if self.codes.dim() == 2 else (None, None)
+        ng = self.scheme.num_groups(k) if k else None
+        problems = []
+        if self.codes.dim() != 2 or self.codes.dtype != torch.uint8:
+            problems.append(f"codes must be uint8 [N, K], got {self.codes.dtype} {list(self.codes.shape)}")
+        elif self.scheme.group_size != -1 and k % self.scheme.group_size:
+            problems.append(f"group_size {self.scheme.group_size} does not divide K={k}")
+        else:
+            if list(self.scales.shape) != [n, ng]:
+                problems.append(f"scales shape {list(self.scales.shape)} != [N={n}, NG={ng}]")
+            if list(self.zeros.shape) != [n, ng]:
+                problems.append(f"zeros shape {list(self.zeros.shape)} != [N={n}, NG={ng}]")
+            if self.g_idx is not None and list(self.g_idx.shape) != [k]:
+                problems.append(f"g_idx shape {list(self.g_idx.shape)} != [K={k}]")
+            if self.bias is not None and list(self.bias.shape) != [n]:
+                problems.append(f"bias shape {list(self.bias.shape)} != [N={n}]")
+        if not problems and self.codes.numel() and int(self.codes.max()) > self.scheme.maxq:
+            problems.append(f"codes exceed {self.scheme.maxq} for {self.scheme.bits}-bit")
+        if not problems and self.zeros.numel() and int(self.zeros.max()) > self.scheme.maxq:
+            problems.append(f"zeros exceed {self.scheme.maxq} for {self.scheme.bits}-bit")
+        if self.g_idx is not None and not problems and self.g_idx.numel():
+            if int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= ng:
+                problems.append(f"g_idx values outside [0, {ng})")
+        if problems:
+            raise CheckpointError("inconsistent quantized weight: " + "; ".join(problems))
+
+    def group_index(self) -> torch.Tensor:
+        """``int64 [K]``: the group of every input column."""
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        k = self.in_features
+        if self.scheme.group_size == -1:
+            return torch.zeros(k, dtype=torch.long)
+        return torch.arange(k) // self.scheme.group_size
+
+    def has_trivial_g_idx(self) -> bool:
+        """True when g_idx is absent or equal to ``k // group_size`` (no act-order permutation)."""
+        if self.g_idx is None:
+            return True
+        k = self.in_features
+        gs = k if self.scheme.group_size == -1 else self.scheme.group_size
+        return bool(torch.equal(self.g_idx.long(), torch.arange(k) // gs))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float ``[N, K]`` weight, computed in fp32 then cast once to ``dtype``."""
+        gi = self.group_index().to(self.codes.device)
+        z = self.zeros.float()[:, gi]
+        s = self.scales.float()[:, gi]
+        return ((self.codes.float() - z) * s).to(dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors that define it (for hashing, saving and comparing)."""
+        out = {"codes": self.codes, "scales": self.scales, "zeros": self.zeros}
+        if self.g_idx is not None:
+            out["g_idx"] = self.g_idx
+        if self.bias is not None:
+            out["bias"] = self.bias
+        return out
+
+    def equal(self, other: "QuantizedWeight") -> bool:
+        """Bit-exact equality of codes, scales, zeros and the effective g_idx."""
+        return self.diff(other) == []
+
+    def diff(self, other: "QuantizedWeight") -> list[str]:
+        """Human-readable list of where two weights differ; empty when they decode identically."""
+        out = []
+        if self.scheme.bits != other.scheme.bits or self.scheme.group_size != other.scheme.group_size:
+            return [f"scheme {self.scheme.describe()} vs {other.scheme.describe()}"]
+        if self.codes.shape != other.codes.shape:
+            return [f"shape {list(self.codes.shape)} vs {list(other.codes.shape)}"]
+        for name, a, b in (
+            ("codes", self.codes, other.codes),
+            ("scales", self.scales, other.scales),
+            ("zeros", self.zeros, other.zeros),
+            ("g_idx", self.group_index(), other.group_index()),
+        ):
+            if a.dtype != b.dtype or not torch.equal(a, b):
+                if a.dtype != b.dtype:
+                    out.append(f"{name}: dtype {a.dtype} vs {b.dtype}")
+                else:
+                    ne = (a != b).nonzero()
+                    out.append(f"{name}: {ne.shape[0]} of {a.numel()} differ, first at {ne[0].tolist()}")
+        return out

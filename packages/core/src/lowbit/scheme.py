@@ -1,0 +1,77 @@
+"""QuantScheme: what a weight quantization is, validated when it is made."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .errors import UnsupportedSchemeError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """Weight-only integer quantization of a linear layer's ``[N, K]`` weight.
+
+    Granularity (along K, the input dimension):
+
+    ============  =================================================
+    group_size    one (scale, zero) pair per
+    ============  =================================================
+    32/64/128     output row and run of ``group_size`` input columns
+    -1            output row (per channel)
+    ============  =================================================
+
+    :param bits: code width, one of 2, 3, 4, 8.
+    :param group_size: 32, 64, 128, or -1 for per channel.
+    :param sym: symmetric codes (zero fixed at ``2**(bits-1)``) instead of a free zero point.
+    :param act_order: quantize input columns in order of decreasing Hessian diagonal (GPTQ's
+        desc_act); the group of each column is then given by ``g_idx``.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    act_order: bool = False
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise UnsupportedSchemeError(
+                f"bits={self.bits} is not supported; supported: {', '.join(map(str, SUPPORTED_BITS))}. "
+                "Pass --bits 4 (or 2, 3, 8)."
+            )
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise UnsupportedSchemeError(
+                f"group_size={self.group_size} is not supported; supported: 32, 64, 128, -1 (per channel). "
+                "Pass --group-size 64 (or 32, 128, -1)."
+            )
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def num_groups(self, in_features: int) -> int:
+        return 1 if self.group_size == -1 else in_features // self.group_size
+
+    def check_shape(self, in_features: int, name: str = "layer") -> None:
+        """Raise if ``group_size`` does not divide ``in_features``."""
+        if self.group_size != -1 and in_features % self.group_size:
+            divisors = [g for g in SUPPORTED_GROUP_SIZES if g == -1 or in_features % g == 0]
+            raise UnsupportedSchemeError(
+                f"group_size={self.group_size} does not divide {name}'s {in_features} input features; "
+                f"group sizes that fit: {', '.join(map(str, divisors))}. Pass --group-size {divisors[0]}."
+            )
+
+    def describe(self) -> str:
+        g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+        return f"w{self.bits} {g} {'sym' if self.sym else 'asym'}{' act-order' if self.act_order else ''}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantScheme":
+        known = {k: d[k] for k in ("bits", "group_size", "sym", "act_order", "version") if k in d}
+        return cls(**known)

@@ -1,0 +1,3 @@
+"""lowbit-exporters: a lowbit plugin."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+"""Hook implementations of lowbit-exporters."""
+
+from lowbit import hookimpl  # noqa: F401
