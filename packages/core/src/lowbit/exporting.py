@@ -32,6 +32,13 @@ class Exporter:
     def detect(cls, path: Path) -> bool:
         return False
 
+    def inspect(self, path: Path) -> dict:
+        """What ``lowbit inspect`` shows: at least ``format``, ``version`` (the layout variant),
+        ``scheme`` and ``runtimes`` (runtime name → "yes" or why not). Override to add detail."""
+        qmodel = self.read(path)
+        return {"format": self.name, "version": None, "scheme": qmodel.scheme.to_dict(),
+                "modules": len(qmodel.qweights), "runtimes": {"lowbit": "yes"}}
+
     def write(self, qmodel: QuantizedModel, out_dir: Path) -> None:
         raise NotImplementedError
 
