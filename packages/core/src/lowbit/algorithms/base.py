@@ -136,5 +136,12 @@ class Quantizer:
                 f"{self.name} cannot use act-order; act-order needs --method gptq (or awq+gptq)."
             )
 
+    def prepare(self, model: nn.Module, adapter: Any) -> None:
+        """Called once before the pass (e.g. to validate a file of saved results against the model)."""
+
     def apply(self, ctx: LayerContext) -> None:
+        """Transform or quantize one decoder layer."""
         raise NotImplementedError
+
+    def finish(self) -> None:
+        """Called once after the last layer (e.g. to write a dump of search results)."""
