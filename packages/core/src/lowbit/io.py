@@ -32,6 +32,9 @@ def atomic_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path]:
     out = check_writable(out, overwrite)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.absolute().parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
     try:
         yield tmp
     except BaseException:

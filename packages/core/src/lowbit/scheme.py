@@ -58,7 +58,8 @@ class QuantScheme:
     def check_shape(self, in_features: int, name: str = "layer") -> None:
         """Raise if ``group_size`` does not divide ``in_features``."""
         if self.group_size != -1 and in_features % self.group_size:
-            divisors = [g for g in SUPPORTED_GROUP_SIZES if g == -1 or in_features % g == 0]
+            divisors = sorted((g for g in SUPPORTED_GROUP_SIZES if g == -1 or in_features % g == 0), reverse=True)
+            divisors = [g for g in divisors if g != -1] + [-1]
             raise UnsupportedSchemeError(
                 f"group_size={self.group_size} does not divide {name}'s {in_features} input features; "
                 f"group sizes that fit: {', '.join(map(str, divisors))}. Pass --group-size {divisors[0]}."

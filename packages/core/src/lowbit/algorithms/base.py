@@ -72,13 +72,20 @@ class LayerContext:
             lin.weight.copy_(qw.dequantize(lin.weight.dtype))
         self.qweights[self.prefix + path] = qw
 
+    def autocast(self):
+        """Matmuls in ``compute_dtype`` (bf16 → AMX on Xeon) when it is not float32."""
+        enabled = self.compute_dtype != torch.float32
+        return torch.autocast("cpu", dtype=self.compute_dtype, enabled=enabled)
+
     @torch.no_grad()
     def forward(self) -> list[torch.Tensor]:
         """The layer's outputs over every input batch (with the layer as it is now)."""
         outs = []
-        for x, kw in zip(self.inputs, self.kwargs):
-            out = self.layer(x, **kw)
-            outs.append(out[0] if isinstance(out, tuple) else out)
+        with self.autocast():
+            for x, kw in zip(self.inputs, self.kwargs):
+                out = self.layer(x, **kw)
+                out = out[0] if isinstance(out, tuple) else out
+                outs.append(out.to(x.dtype))
         return outs
 
     @torch.no_grad()

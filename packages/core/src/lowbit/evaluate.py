@@ -1,0 +1,44 @@
+"""Perplexity by the project's protocol: join the text, tokenize once, cut into non-overlapping
+windows of ``seqlen`` tokens (2048 unless the model's context is shorter), drop the last partial
+window, report exp(mean token NLL over all windows)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .calibration import EVAL_TEXT, builtin_text
+
+
+def eval_text() -> str:
+    """The WikiText-2 test split shipped with lowbit (CC BY-SA 3.0)."""
+    return builtin_text(EVAL_TEXT)
+
+
+def window_ids(tokenizer, text: str, seqlen: int) -> torch.Tensor:
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    n = ids.numel() // seqlen
+    return ids[: n * seqlen].reshape(n, seqlen)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer=None, text: str | None = None, seqlen: int = 2048, max_windows: int | None = None,
+               progress: bool = True, windows: torch.Tensor | None = None) -> dict:
+    """``{"ppl", "windows", "tokens", "seconds"}`` over the first ``max_windows`` windows (all if None)."""
+    ctx = getattr(model.config, "max_position_embeddings", seqlen) or seqlen
+    seqlen = min(seqlen, ctx)
+    if windows is None:
+        windows = window_ids(tokenizer, text if text is not None else eval_text(), seqlen)
+    if max_windows is not None:
+        windows = windows[:max_windows]
+    t0 = time.perf_counter()
+    nll, count = 0.0, 0
+    for w in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
+        logits = model(w[None], use_cache=False).logits[0, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum"))
+        count += w.numel() - 1
+    return {"ppl": math.exp(nll / count), "windows": int(windows.shape[0]), "tokens": count,
+            "seconds": time.perf_counter() - t0, "seqlen": seqlen}

@@ -1,0 +1,252 @@
+"""The quantization pipeline: check everything, load, run the recipe layer by layer, write.
+
+The pass holds one decoder layer's activations at a time: the inputs of layer i+1 are the
+outputs of the already-quantized layer i. Steps that need no calibration (RTN alone) skip the
+forward passes entirely.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import calibration
+from .algorithms.base import LayerContext, Quantizer
+from .errors import LowbitError, UnsupportedSchemeError
+from .exporting import check_formats
+from .io import atomic_dir, check_writable
+from .loading import ModelSource, load_config, load_generation_config, load_model, load_tokenizer, resolve
+from .models import Adapter, adapter_for
+from .plugins import registry
+from .qmodel import QuantizedModel
+from .scheme import QuantScheme
+
+METHODS: dict[str, list[str]] = {
+    "rtn": ["rtn"],
+    "awq": ["awq", "rtn"],
+    "gptq": ["gptq"],
+    "awq+gptq": ["awq", "gptq"],
+}
+
+
+def make_steps(method: str, scheme: QuantScheme, step_options: dict[str, dict] | None = None,
+               quantize: bool = True) -> list[Quantizer]:
+    """The recipe for ``method`` (a name in METHODS, or step names joined by ``+``)."""
+    names = METHODS.get(method) or method.split("+")
+    step_options = step_options or {}
+    known = set(METHODS) | set(registry("quantizers").names())
+    for n in names:
+        if n not in registry("quantizers"):
+            raise UnsupportedSchemeError(f"unknown method {method!r}; known: {', '.join(sorted(known))}.")
+    steps = [registry("quantizers").get(n)(scheme, **step_options.get(n, {})) for n in names]
+    if not quantize:
+        steps = [s for s in steps if not s.quantizes]
+        if not steps:
+            raise UnsupportedSchemeError(f"method {method!r} has no transform step to export; use --method awq.")
+    elif not steps[-1].quantizes:
+        raise UnsupportedSchemeError(f"the last step of {method!r} must quantize (rtn or gptq), got {steps[-1].name}.")
+    return steps
+
+
+def linear_in_features(config) -> dict[str, int]:
+    """Input width of each llama-family linear, from the config alone (checked before loading)."""
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    return {
+        "q/k/v_proj, gate/up_proj": hidden,
+        "o_proj": config.num_attention_heads * head_dim,
+        "down_proj": config.intermediate_size,
+    }
+
+
+@dataclass
+class PassReport:
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor, batch_size: int):
+    """Run the embeddings up to layer 0 and record its inputs and keyword arguments per batch."""
+    layer0 = adapter.layers(model)[0]
+    inputs, kwargs = [], []
+
+    def hook(_mod, args, kw):
+        hidden = args[0] if args else kw.pop("hidden_states")
+        inputs.append(hidden.detach())
+        kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value")}
+        kw["use_cache"] = False
+        kwargs.append(kw)
+        raise _Stop
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, ids.shape[0], batch_size):
+            try:
+                model(ids[start : start + batch_size], use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return inputs, kwargs
+
+
+def _rel_error(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
+    num = sum(float((a.float() - b.float()).pow(2).sum()) for a, b in zip(ref, out))
+    den = sum(float(a.float().pow(2).sum()) for a in ref)
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], scheme: QuantScheme,
+             ids: torch.Tensor | None, batch_size: int = 8, compute_dtype: torch.dtype = torch.bfloat16,
+             progress: bool = True) -> tuple[dict, PassReport]:
+    """Run ``steps`` on every decoder layer; returns (qweights by module path, report)."""
+    t0 = time.perf_counter()
+    layers = adapter.layers(model)
+    needs_data = any(s.needs_calibration for s in steps)
+    quantizes = steps[-1].quantizes
+    if needs_data:
+        inputs, kwargs = capture_layer_inputs(model, adapter, ids, batch_size)
+    else:
+        inputs, kwargs = [], []
+    for s in steps:
+        s.prepare(model, adapter)
+    qweights: dict = {}
+    report = PassReport()
+    bar = tqdm(total=len(layers), desc="quantizing", unit="layer", disable=not progress)
+    for i, layer in enumerate(layers):
+        ctx = LayerContext(i, adapter.layer_prefix(i), layer, adapter.groups(layer), scheme, inputs, kwargs,
+                           qweights=qweights, compute_dtype=compute_dtype)
+        ref = ctx.forward() if needs_data else None
+        for s in steps:
+            bar.set_postfix_str(f"layer {i} {s.name}")
+            s.apply(ctx)
+        if quantizes and ctx.unquantized():
+            raise LowbitError(f"layer {i}: {', '.join(ctx.unquantized())} left unquantized by {steps[-1].name} (a bug).")
+        row: dict[str, Any] = {"layer": i, **ctx.report}
+        if needs_data:
+            inputs = ctx.forward()
+            row["output_rel_error"] = _rel_error(ref, inputs)
+            bar.set_postfix_str(f"layer {i} err {row['output_rel_error']:.4f}")
+        report.layers.append(row)
+        bar.update()
+    bar.close()
+    for s in steps:
+        s.finish()
+    report.seconds = time.perf_counter() - t0
+    return qweights, report
+
+
+def float_tensors_of(model: nn.Module, qweights: dict) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer not held by a QuantizedWeight (tied lm_head dropped)."""
+    out = {}
+    for name, t in model.state_dict().items():
+        mod, _, leaf = name.rpartition(".")
+        if mod in qweights and leaf in ("weight", "bias"):
+            continue
+        out[name] = t.detach().clone()
+    if getattr(model.config, "tie_word_embeddings", False):
+        out.pop("lm_head.weight", None)
+    return out
+
+
+@dataclass
+class Plan:
+    """Everything checked before the long work starts."""
+
+    source: ModelSource
+    config: Any
+    adapter: Adapter
+    steps: list[Quantizer]
+    scheme: QuantScheme
+    formats: list[str]
+    out: Path | None
+
+
+def plan(model: str | None, method: str, scheme: QuantScheme, formats: list[str] | None = None,
+         out: str | Path | None = None, step_options: dict | None = None, overwrite: bool = False,
+         trust_remote_code: bool = False, export_compatible: bool = False) -> Plan:
+    steps = make_steps(method, scheme, step_options, quantize=not export_compatible)
+    src = resolve(model)
+    config = load_config(src, trust_remote_code)
+    adapter = adapter_for(config)
+    for name, k in linear_in_features(config).items():
+        scheme.check_shape(k, name)
+    formats = list(formats or [])
+    for f in formats:
+        registry("exporters").get(f)
+    check_formats(formats, scheme, config)
+    if out is not None:
+        out = check_writable(out, overwrite)
+    return Plan(src, config, adapter, steps, scheme, formats, out)
+
+
+def quantize(model: str | None = None, *, method: str = "rtn", scheme: QuantScheme | None = None,
+             calib: str = "wikitext2", nsamples: int = 128, seqlen: int = 512, batch_size: int = 8,
+             step_options: dict[str, dict] | None = None, formats: list[str] | None = None,
+             out: str | Path | None = None, overwrite: bool = False, trust_remote_code: bool = False,
+             compute_dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> QuantizedModel:
+    """Quantize ``model`` (None: the demo model) and, with ``out``, write ``out/<format>`` for each
+    of ``formats`` (lowbit's own checkpoint is always written first)."""
+    scheme = scheme or QuantScheme()
+    formats = ["lowbit"] + [f for f in (formats or []) if f != "lowbit"]
+    p = plan(model, method, scheme, formats, out, step_options, overwrite, trust_remote_code)
+    tokenizer = load_tokenizer(p.source, trust_remote_code)
+    ids = None
+    calib_info = None
+    if any(s.needs_calibration for s in p.steps):
+        ids = calibration.samples(tokenizer, calibration.load_text(calib), nsamples, seqlen)
+        calib_info = calibration.fingerprint(calib, ids)
+    fmodel = load_model(p.source, torch.float32, trust_remote_code)
+    qweights, report = run_pass(fmodel, p.adapter, p.steps, scheme, ids, batch_size, compute_dtype, progress)
+    manifest = {
+        "source": {"model": p.source.spec, "path": p.source.path, "gguf_file": p.source.gguf_file},
+        "recipe": {"method": method, "steps": [{"name": s.name, "options": _jsonable(s.opts)} for s in p.steps]},
+        "calibration": calib_info,
+        "report": {"seconds": round(report.seconds, 2), "layers": report.layers},
+    }
+    qmodel = QuantizedModel(fmodel.config, scheme, qweights, float_tensors_of(fmodel, qweights), tokenizer,
+                            load_generation_config(p.source), manifest)
+    if out is not None:
+        write(qmodel, formats, Path(out), overwrite)
+    return qmodel
+
+
+def write(qmodel: QuantizedModel, formats: list[str], out: Path, overwrite: bool = False) -> dict[str, Path]:
+    """Write every format into ``out/<format>``, atomically as a whole."""
+    with atomic_dir(out, overwrite) as tmp:
+        for f in formats:
+            (tmp / f).mkdir()
+            registry("exporters").get(f)().write(qmodel, tmp / f)
+    return {f: out / f for f in formats}
+
+
+def export_compatible(model: str | None, out: str | Path, *, method: str = "awq", scheme: QuantScheme,
+                      calib: str = "wikitext2", nsamples: int = 128, seqlen: int = 512, batch_size: int = 8,
+                      step_options: dict | None = None, overwrite: bool = False, trust_remote_code: bool = False,
+                      compute_dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> Path:
+    """Run only the recipe's transform steps (AWQ scaling and clipping) and save the float model as
+    a plain HF checkpoint with no quantization_config, for any other GPTQ tool."""
+    p = plan(model, method, scheme, [], out, step_options, overwrite, trust_remote_code, export_compatible=True)
+    tokenizer = load_tokenizer(p.source, trust_remote_code)
+    ids = calibration.samples(tokenizer, calibration.load_text(calib), nsamples, seqlen)
+    fmodel = load_model(p.source, torch.float32, trust_remote_code)
+    run_pass(fmodel, p.adapter, p.steps, scheme, ids, batch_size, compute_dtype, progress)
+    with atomic_dir(out, overwrite) as tmp:
+        fmodel.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+    return Path(out)
+
+
+def _jsonable(opts: dict) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items()}

@@ -1,0 +1,49 @@
+"""Tiny seeded llama models with a real (byte-level BPE) tokenizer, for fast tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..calibration import BUILTIN, builtin_text
+
+
+def tiny_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained (deterministically) on the start of the built-in text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([builtin_text(BUILTIN["wikitext2"])[:50_000]], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    cfg = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=384, max_position_embeddings=512, tie_word_embeddings=False)
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    """A seeded random ``LlamaForCausalLM`` (fp32, eval mode)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)  # transformers' init uses the global generator; tests only
+    model = LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+    return model
+
+
+def save_tiny_llama(path: Path | str, seed: int = 0, **overrides) -> Path:
+    """Write a tiny llama + tokenizer as an HF directory (safetensors) and return its path."""
+    path = Path(path)
+    tiny_llama(seed, **overrides).save_pretrained(str(path), safe_serialization=True)
+    tiny_tokenizer(overrides.get("vocab_size", 384)).save_pretrained(str(path))
+    return path
