@@ -7,9 +7,13 @@ from .plugins import hookimpl
 
 @hookimpl
 def lowbit_register_quantizers(register):
+    from .algorithms.awq import AWQ
+    from .algorithms.gptq import GPTQ
     from .algorithms.rtn import RTN
 
     register.add(RTN)
+    register.add(AWQ)
+    register.add(GPTQ)
 
 
 @hookimpl

@@ -21,6 +21,8 @@ def check_writable(out: Path | str, overwrite: bool = False) -> Path:
     probe = parent
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"cannot create {out}: {probe} is a file, not a directory; pick another --out.")
     if not os.access(probe, os.W_OK):
         raise OutputError(f"cannot write to {parent} (permission denied); pick another --out.")
     return out

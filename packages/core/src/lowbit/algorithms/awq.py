@@ -1,0 +1,526 @@
+"""AWQ: activation-aware weight scaling and clipping (Lin et al., 2023), as AutoAWQ / llm-awq do it.
+
+A transform step: it changes the float layer and leaves quantizing to the next step (RTN or GPTQ).
+For every :class:`~lowbit.algorithms.base.LinearGroup` of a decoder layer:
+
+=================  =========================================================================
+statistics         ``x_mean[k] = mean |x[:, k]|`` over every calibration token of the group's
+                   input; the Gram matrix ``G = XᵀX`` over a strided token subsample
+scale search       ``s = x_mean**α`` (duo scaling: ``x_mean**α / w_mean**(1-α)``), normalised so
+                   ``sqrt(max(s)·min(s)) = 1``, for ``α = i / n_grid``, ``i < n_grid``; the loss is
+                   the inspect module's output error with the linears replaced by ``Q(W·s) / s``.
+                   A linear inspect module (``up → down``, ``v → o``) is scored exactly from the
+                   Gram matrix, ``Σ (ΔW G) ∘ ΔW``; a norm-fed group (``self_attn``, ``mlp``) by
+                   running the module on ``search_tokens`` tokens.  ``α = 0`` is plain RTN, so the
+                   chosen scales never score worse than RTN.
+fold               the previous op's output is divided by ``s`` (norm weight, or the previous
+                   linear's output rows and bias), the linears' input columns multiplied by ``s``:
+                   the float layer computes the same function.
+clip search        (not q/k: attention scores are too sensitive) per output row and input group,
+                   ``max |w|`` shrunk by ``(1 - i / n_grid)`` for ``i < n_grid / 2``; the loss is
+                   the group's partial output error ``δ G_gg δᵀ``, exact from the Gram block;
+                   weights are clamped to ``[-max, max]``.
+=================  =========================================================================
+
+``dump`` writes the searched scales and clip values as safetensors (metadata and a ``.json``
+sidecar say which model, scheme and options they were made for); ``load`` applies such a file
+instead of searching, after checking it was made for this model and scheme.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, LowbitError, UnsupportedSchemeError
+from ..primitives import fake_quantize
+from ..scheme import QuantScheme
+from .base import LayerContext, LinearGroup, Quantizer
+
+FORMAT = "lowbit-awq"
+FORMAT_VERSION = 1
+_NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv")
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def stream_layer(ctx: LayerContext, hooks: dict[str, Callable[[int, tuple, dict], None]],
+                 stop_when_all_seen: bool = True) -> None:
+    """Run the layer over every calibration batch, calling ``hooks[path](batch, args, kwargs)`` with
+    the inputs reaching each module; a batch's forward stops as soon as every hooked module has
+    fired (the rest of the layer is not computed)."""
+    seen: set[str] = set()
+    handles = []
+
+    def make(path, fn):
+        def hook(_mod, args, kwargs):
+            fn(batch, args, kwargs)
+            seen.add(path)
+            if stop_when_all_seen and len(seen) == len(hooks):
+                raise _Stop
+        return hook
+
+    for path, fn in hooks.items():
+        handles.append(ctx.module(path).register_forward_pre_hook(make(path, fn), with_kwargs=True))
+    try:
+        with ctx.autocast():
+            for batch, (x, kw) in enumerate(zip(ctx.inputs, ctx.kwargs)):
+                seen.clear()
+                try:
+                    ctx.layer(x, **kw)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def gram(x: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """``XᵀX`` in float32 over every ``stride``-th token of ``x`` (``[..., K]``), autocast off."""
+    x2 = x.reshape(-1, x.shape[-1])[::stride].float()
+    with torch.autocast("cpu", enabled=False):
+        return x2.T @ x2
+
+
+def _fq(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    return fake_quantize(w.float(), scheme)
+
+
+class _GroupStats:
+    """What one group's input tells AWQ: mean |x|, Gram on a subsample, inspect calls to replay."""
+
+    def __init__(self, k: int):
+        self.abs_sum = torch.zeros(k, dtype=torch.float64)
+        self.tokens = 0
+        self.gram = torch.zeros(k, k)
+        self.gram_tokens = 0
+        self.calls: list[tuple[tuple, dict]] = []
+
+
+class AWQ(Quantizer):
+    """Activation-aware scaling + clipping search (a transform step; follow it with rtn or gptq).
+
+    Options: ``n_grid`` points of the α grid (and of the clip grid), ``duo_scaling``, ``clip``,
+    ``dump`` (path to write the search results), ``load`` (path of results to apply instead of
+    searching), ``search_tokens`` (tokens the norm-fed groups' inspect module is run on per grid
+    point, taken as whole calibration batches), ``gram_tokens`` (tokens of the Gram matrices),
+    ``max_shrink`` (largest clip shrink).
+    """
+
+    name = "awq"
+    quantizes = False
+    needs_calibration = True
+    description = "activation-aware scale search + clipping (transform; then rtn or gptq)"
+    options = {"n_grid": 20, "duo_scaling": False, "clip": True, "dump": None, "load": None,
+               "search_tokens": 4096, "gram_tokens": 16384, "max_shrink": 0.5}
+
+    def __init__(self, scheme: QuantScheme, **options: Any):
+        super().__init__(scheme, **options)
+        self._identity: dict | None = None
+        self._probe: torch.Tensor | None = None
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._layers: dict[str, dict] = {}
+        self._loaded: tuple[dict[str, torch.Tensor], dict] | None = None
+
+    def check(self, scheme: QuantScheme) -> None:
+        super().check(scheme)
+        o = self.opts
+        if not isinstance(o["n_grid"], int) or o["n_grid"] < 2:
+            raise UnsupportedSchemeError(f"awq n_grid must be an integer >= 2, got {o['n_grid']!r}; pass --n-grid 20.")
+        if not 0 <= float(o["max_shrink"]) < 1:
+            raise UnsupportedSchemeError(f"awq max_shrink must be in [0, 1), got {o['max_shrink']!r}; default 0.5.")
+        for k in ("search_tokens", "gram_tokens"):
+            if not isinstance(o[k], int) or o[k] < 1:
+                raise UnsupportedSchemeError(f"awq {k} must be a positive integer, got {o[k]!r}.")
+        if o["dump"] is not None and o["load"] is not None:
+            raise UnsupportedSchemeError("--dump-awq and --load-awq exclude each other: search and dump, or load.")
+        if o["load"] is not None:
+            self._loaded = read_results(o["load"])
+            _check_scheme(self._loaded[1], scheme, o["load"])
+
+    # -- whole-model hooks ------------------------------------------------------------------------
+
+    def prepare(self, model: nn.Module, adapter: Any) -> None:
+        self._identity, self._probe = model_identity(model, adapter)
+        if self._loaded is not None:
+            _check_identity(self._loaded, self._identity, self._probe, self.opts["load"])
+
+    def finish(self) -> None:
+        if self.opts["dump"] is not None:
+            meta = {
+                "format": FORMAT, "version": FORMAT_VERSION, "scheme": self.scheme.to_dict(),
+                "options": {k: self.opts[k] for k in ("n_grid", "duo_scaling", "clip", "search_tokens",
+                                                      "gram_tokens", "max_shrink")},
+                "model": self._identity, "layers": self._layers,
+            }
+            tensors = dict(self._tensors)
+            if self._probe is not None:
+                tensors["probe.weight"] = self._probe
+            write_results(self.opts["dump"], tensors, meta)
+
+    # -- one layer --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def apply(self, ctx: LayerContext) -> None:
+        t0 = time.perf_counter()
+        if self._loaded is not None:
+            self._apply_loaded(ctx)
+            ctx.report["awq_seconds"] = round(time.perf_counter() - t0, 2)
+            return
+        for path in ctx.linear_paths():
+            self.scheme.check_shape(ctx.module(path).in_features, ctx.prefix + path)
+        stats = self._collect(ctx)
+        record: dict[str, Any] = {"groups": [], "clip": {}}
+        chosen = []
+        for gi, g in enumerate(ctx.groups):
+            if g.prev is None:
+                continue
+            s, alpha, loss0, loss = self._search_scales(ctx, g, stats[gi])
+            chosen.append((gi, g, s))
+            key = f"{ctx.prefix}{g.prev}.awq_scales"
+            self._tensors[key] = s.clone()
+            record["groups"].append({"prev": g.prev, "linears": g.linears, "alpha": alpha, "scales": key,
+                                     "loss_rtn": loss0, "loss": loss})
+        for gi, g, s in chosen:
+            fold_scales(ctx, g, s)
+            st = stats[gi]
+            st.gram = st.gram / (s[:, None] * s[None, :])
+        if self.opts["clip"]:
+            for gi, g in enumerate(ctx.groups):
+                for path in g.linears:
+                    if any(t in path.rsplit(".", 1)[-1] for t in _NO_CLIP):
+                        continue
+                    lin = ctx.module(path)
+                    mv = clip_search(lin.weight, stats[gi].gram, self.scheme, self.opts["n_grid"],
+                                     float(self.opts["max_shrink"]))
+                    apply_clip(lin.weight, mv, self.scheme)
+                    key = f"{ctx.prefix}{path}.awq_clip"
+                    self._tensors[key] = mv
+                    record["clip"][path] = key
+        self._layers[str(ctx.index)] = {"prefix": ctx.prefix, **record}
+        ctx.report["awq_alpha"] = {g["prev"]: g["alpha"] for g in record["groups"]}
+        ctx.report["awq_seconds"] = round(time.perf_counter() - t0, 2)
+
+    def _collect(self, ctx: LayerContext) -> list[_GroupStats]:
+        """One pass over the calibration batches: statistics of each group's input, and the calls
+        of each norm-fed group's inspect module on a few evenly spaced batches."""
+        n_batches = len(ctx.inputs)
+        if n_batches == 0:
+            raise LowbitError("awq needs calibration data; got no calibration batches (pass --nsamples 128).")
+        tokens_per_batch = ctx.inputs[0].shape[0] * ctx.inputs[0].shape[1]
+        total = tokens_per_batch * n_batches
+        stride = max(1, total // self.opts["gram_tokens"])
+        n_sel = min(n_batches, max(1, math.ceil(self.opts["search_tokens"] / tokens_per_batch)))
+        selected = {round(i * (n_batches - 1) / max(1, n_sel - 1)) for i in range(n_sel)} if n_sel > 1 else {0}
+        stats = [_GroupStats(ctx.module(g.linears[0]).in_features) for g in ctx.groups]
+        hooks: dict[str, Callable] = {}
+        for gi, g in enumerate(ctx.groups):
+            st = stats[gi]
+
+            def on_linear(b, args, kwargs, st=st):
+                x = _first_input(args, kwargs)
+                with torch.autocast("cpu", enabled=False):
+                    xf = x.reshape(-1, x.shape[-1]).float()
+                    st.abs_sum += xf.abs().sum(0, dtype=torch.float64)
+                    st.tokens += xf.shape[0]
+                    st.gram += gram(xf, stride)
+                    st.gram_tokens += xf[::stride].shape[0]
+
+            _add_hook(hooks, g.linears[0], on_linear)
+            if g.prev is not None and not _linear_inspect(g):
+
+                def on_inspect(b, args, kwargs, st=st):
+                    if b in selected:
+                        st.calls.append((args, dict(kwargs)))
+
+                _add_hook(hooks, g.inspect, on_inspect)
+        stream_layer(ctx, hooks)
+        return stats
+
+    def _search_scales(self, ctx: LayerContext, g: LinearGroup, st: _GroupStats):
+        x_mean = (st.abs_sum / max(st.tokens, 1)).float()
+        lins = [ctx.module(p) for p in g.linears]
+        orig = [lin.weight.detach().clone() for lin in lins]
+        w_mean = _weight_mean(orig, self.scheme) if self.opts["duo_scaling"] else None
+        n_grid = self.opts["n_grid"]
+        if _linear_inspect(g):
+            def loss_of(s):
+                total = 0.0
+                with torch.autocast("cpu", enabled=False):
+                    for w in orig:
+                        d = w.float() - _fq(w.float() * s, self.scheme) / s
+                        total += float(((d @ st.gram) * d).sum())
+                return total
+        else:
+            mod = ctx.module(g.inspect)
+            with ctx.autocast():
+                refs = [_out(mod(*a, **kw)).float() for a, kw in st.calls]
+
+            def loss_of(s):
+                for lin, w in zip(lins, orig):
+                    lin.weight.copy_(_fq(w.float() * s, self.scheme) / s)
+                total = 0.0
+                with ctx.autocast():
+                    for (a, kw), ref in zip(st.calls, refs):
+                        total += float((_out(mod(*a, **kw)).float() - ref).pow(2).sum())
+                return total
+
+        best, best_alpha, loss0 = None, 0.0, None
+        best_loss = math.inf
+        try:
+            for i in range(n_grid):
+                alpha = i / n_grid
+                s = awq_scales(x_mean, w_mean, alpha)
+                loss = loss_of(s)
+                if loss0 is None:
+                    loss0 = loss
+                if loss < best_loss:
+                    best_loss, best, best_alpha = loss, s, alpha
+        finally:
+            for lin, w in zip(lins, orig):
+                lin.weight.copy_(w)
+        st.calls = []
+        if best is None:
+            raise LowbitError(f"awq found no finite loss for {ctx.prefix}{g.prev} (non-finite activations?).")
+        return best, best_alpha, loss0, best_loss
+
+    def _apply_loaded(self, ctx: LayerContext) -> None:
+        tensors, meta = self._loaded
+        path = self.opts["load"]
+        rec = meta["layers"].get(str(ctx.index))
+        if rec is None:
+            raise CheckpointError(f"load-awq file {path} has no results for layer {ctx.index}; "
+                                  "it was made for another model: search again without --load-awq.")
+        by_prev = {g["prev"]: g for g in rec["groups"]}
+        for g in ctx.groups:
+            if g.prev is None:
+                continue
+            entry = by_prev.get(g.prev)
+            if entry is None or entry["linears"] != g.linears:
+                raise CheckpointError(f"load-awq file {path} has no scales for {ctx.prefix}{g.prev} -> "
+                                      f"{', '.join(g.linears)}; it was made for another model.")
+            s = tensors[entry["scales"]]
+            if s.shape != (ctx.module(g.linears[0]).in_features,):
+                raise CheckpointError(f"load-awq file {path}: {entry['scales']} has shape {list(s.shape)}, the "
+                                      "model needs another; it was made for another model.")
+            fold_scales(ctx, g, s)
+        for lpath, key in rec["clip"].items():
+            w = ctx.module(lpath).weight
+            mv = tensors[key]
+            if mv.shape != (w.shape[0], self.scheme.num_groups(w.shape[1])):
+                raise CheckpointError(f"load-awq file {path}: {key} has shape {list(mv.shape)}, which does not fit "
+                                      f"{ctx.prefix}{lpath}; it was made for another model or group size.")
+            apply_clip(w, mv, self.scheme)
+        ctx.report["awq_alpha"] = {g["prev"]: g["alpha"] for g in rec["groups"]}
+
+
+def _add_hook(hooks: dict, path: str, fn: Callable) -> None:
+    prev = hooks.get(path)
+    if prev is None:
+        hooks[path] = fn
+    else:
+        def both(b, a, kw, f1=prev, f2=fn):
+            f1(b, a, kw)
+            f2(b, a, kw)
+        hooks[path] = both
+
+
+def _linear_inspect(g: LinearGroup) -> bool:
+    return g.inspect is None or (len(g.linears) == 1 and g.inspect == g.linears[0])
+
+
+def _out(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+def _weight_mean(weights: list[torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
+    """Duo scaling's weight statistic: mean over rows of ``|w| / max|w|`` within each group."""
+    w = torch.cat([x.float() for x in weights], dim=0)
+    k = w.shape[1]
+    gs = k if scheme.group_size == -1 else scheme.group_size
+    wg = w.abs().reshape(-1, gs)
+    wg = wg / (wg.amax(dim=1, keepdim=True) + 1e-6)
+    return wg.reshape(w.shape).mean(0)
+
+
+def awq_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """The per-input-channel scales for one grid point, normalised so ``sqrt(max·min) = 1``."""
+    if w_mean is None:
+        s = x_mean.pow(alpha).clamp(min=1e-4)
+    else:
+        s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
+    s = s / (s.max() * s.min()).sqrt()
+    s[~torch.isfinite(s)] = 1.0
+    return s.float()
+
+
+@torch.no_grad()
+def fold_scales(ctx: LayerContext, g: LinearGroup, s: torch.Tensor) -> None:
+    """Divide the previous op's output by ``s`` and multiply the linears' input columns by ``s``."""
+    prev = ctx.module(g.prev)
+    n = s.numel()
+    if isinstance(prev, nn.Linear):
+        prev.weight[-n:].div_(s.view(-1, 1).to(prev.weight.dtype))
+        if prev.bias is not None:
+            prev.bias[-n:].div_(s.to(prev.bias.dtype))
+    else:
+        weight = getattr(prev, "weight", None)
+        if weight is None or weight.dim() != 1 or weight.numel() != n:
+            raise UnsupportedSchemeError(
+                f"awq cannot fold scales into {ctx.prefix}{g.prev} ({type(prev).__name__}): it needs a norm with a "
+                f"[{n}] weight or a linear; use --method gptq or rtn for this architecture.")
+        weight.div_(s.to(weight.dtype))
+        if getattr(prev, "bias", None) is not None:
+            prev.bias.div_(s.to(prev.bias.dtype))
+    for p in g.linears:
+        w = ctx.module(p).weight
+        w.mul_(s.view(1, -1).to(w.dtype))
+
+
+def clip_search(w: torch.Tensor, g: torch.Tensor, scheme: QuantScheme, n_grid: int = 20,
+                max_shrink: float = 0.5) -> torch.Tensor:
+    """Per (row, group) clip value ``[N, NG]`` (float32) minimising each group's partial output
+    error ``δ G_gg δᵀ`` (δ = w - Q(clamp(w)), G the Gram matrix of the linear's input)."""
+    w = w.detach().float()
+    n, k = w.shape
+    gs = k if scheme.group_size == -1 else scheme.group_size
+    ng = k // gs
+    wg = w.reshape(n, ng, gs)
+    blocks = torch.stack([g[i * gs:(i + 1) * gs, i * gs:(i + 1) * gs] for i in range(ng)]).float()
+    org_max = wg.abs().amax(dim=-1)
+    best = org_max.clone()
+    best_err = torch.full_like(org_max, math.inf)
+    with torch.autocast("cpu", enabled=False):
+        for i in range(max(1, int(max_shrink * n_grid))):
+            mv = org_max * (1 - i / n_grid)
+            wc = torch.maximum(torch.minimum(wg, mv[..., None]), -mv[..., None]).reshape(n, k)
+            d = (_fq(wc, scheme).reshape(n, ng, gs) - wg).transpose(0, 1)  # [NG, N, gs]
+            err = (torch.bmm(d, blocks) * d).sum(-1).T  # [N, NG]
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, mv, best)
+    return best
+
+
+@torch.no_grad()
+def apply_clip(weight: torch.Tensor, max_val: torch.Tensor, scheme: QuantScheme) -> None:
+    """Clamp each (row, group) of ``weight`` to ``[-max_val, max_val]`` in place."""
+    n, k = weight.shape
+    gs = k if scheme.group_size == -1 else scheme.group_size
+    wg = weight.view(n, k // gs, gs)
+    mv = max_val.to(weight.dtype)[..., None]
+    wg.copy_(torch.maximum(torch.minimum(wg, mv), -mv))
+
+
+# -- results files -----------------------------------------------------------------------------------
+
+
+def model_identity(model: nn.Module, adapter: Any) -> tuple[dict, torch.Tensor]:
+    """Names and shapes of every linear the adapter quantizes, a hash of the architecture's config
+    fields, and a small probe of the first linear's weights (to tell same-shaped models apart)."""
+    linears: dict[str, list[int]] = {}
+    layers = adapter.layers(model)
+    first = None
+    for i, layer in enumerate(layers):
+        for g in adapter.groups(layer):
+            for p in g.linears:
+                w = layer.get_submodule(p).weight
+                linears[adapter.layer_prefix(i) + p] = list(w.shape)
+                if first is None:
+                    first = w
+    cfg = getattr(model, "config", None)
+    fields = {k: getattr(cfg, k, None) for k in ("model_type", "hidden_size", "intermediate_size",
+                                                  "num_hidden_layers", "num_attention_heads",
+                                                  "num_key_value_heads", "head_dim", "vocab_size")}
+    fields = {k: v for k, v in fields.items() if isinstance(v, (int, str))}
+    chash = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    probe = first.detach()[:8, :64].float().clone() if first is not None else torch.zeros(0)
+    return {"config": fields, "config_hash": chash, "linears": linears}, probe
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(".json") if path.suffix == ".safetensors" else path.with_name(path.name + ".json")
+
+
+def write_results(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write ``path`` (safetensors, the json in its metadata) and ``path``'s .json sidecar atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    text = json.dumps(meta, indent=1, sort_keys=True)
+    try:
+        path.absolute().parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp_json = path.with_name(f".{_sidecar(path).name}.tmp-{os.getpid()}")
+        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp), metadata={FORMAT: text})
+        tmp_json.write_text(text + "\n")
+        os.replace(tmp_json, _sidecar(path))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise LowbitError(f"cannot write the awq dump {path}: {e.strerror or e}; pick another --dump-awq path.") from e
+
+
+def read_results(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a file written by :func:`write_results` (no pickle: safetensors + json)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"load-awq file {path} does not exist; pass a file written by --dump-awq.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(FORMAT, "null"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, ValueError, RuntimeError) as e:  # safetensors raises SafetensorError (a ValueError/OSError)
+        raise CheckpointError(f"load-awq file {path} is not a safetensors file written by --dump-awq ({e}).") from e
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type is not importable everywhere
+        raise CheckpointError(f"load-awq file {path} is not a safetensors file written by --dump-awq ({e}).") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an awq dump (no {FORMAT} metadata); pass a file written by --dump-awq.")
+    if meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"awq dump {path} has version {meta.get('version')}; this lowbit reads {FORMAT_VERSION}.")
+    for rec in meta["layers"].values():
+        keys = [g["scales"] for g in rec["groups"]] + list(rec["clip"].values())
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise CheckpointError(f"awq dump {path} is truncated: tensor {missing[0]} is missing; dump it again.")
+    return tensors, meta
+
+
+def _check_scheme(meta: dict, scheme: QuantScheme, path) -> None:
+    made = QuantScheme.from_dict(meta["scheme"])
+    if (made.bits, made.group_size, made.sym) != (scheme.bits, scheme.group_size, scheme.sym):
+        raise UnsupportedSchemeError(
+            f"load-awq file {path} was searched for {made.describe()}, asked for {scheme.describe()}; "
+            "AWQ scales and clips are specific to bits, group size and symmetry: pass the same scheme or search again.")
+
+
+def _check_identity(loaded, identity: dict, probe: torch.Tensor, path) -> None:
+    tensors, meta = loaded
+    made = meta.get("model") or {}
+    want, have = made.get("linears", {}), identity["linears"]
+    if want != have:
+        diff = sorted(set(want) ^ set(have))
+        what = (f"{diff[0]} is in only one of them" if diff else
+                next(f"{k} is {want[k]} there, {have[k]} here" for k in have if want.get(k) != have[k]))
+        raise CheckpointError(f"load-awq file {path} was made for another model ({made.get('config', {}).get('model_type')}"
+                              f" {made.get('config_hash')}; {what}); search again without --load-awq.")
+    saved = tensors.get("probe.weight")
+    if saved is not None and (saved.shape != probe.shape or not torch.allclose(saved, probe, rtol=1e-2, atol=1e-3)):
+        raise CheckpointError(f"load-awq file {path} was made for another model with the same shapes (its weights "
+                              "differ); search again without --load-awq.")

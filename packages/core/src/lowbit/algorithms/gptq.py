@@ -1,0 +1,199 @@
+"""GPTQ: quantize one column at a time, pushing each column's error onto the columns not yet
+quantized through the inverse Hessian (Frantar et al., 2022).
+
+=================  ==========================================================================
+Hessian            ``H = 2 XᵀX / n`` over every calibration token reaching the linear
+dead columns       ``H[k, k] == 0`` → ``H[k, k] = 1`` and ``W[:, k] = 0``
+dampening          ``H += damp · mean(diag H) · I`` (retried ×10 when Cholesky still fails)
+inverse            ``U = chol(H⁻¹)ᵀ`` (upper); column ``j``'s error ``(w - q) / U[j, j]``
+                   updates ``W[:, j:] -= err ⊗ U[j, j:]``, lazily per ``block_size`` columns
+groups             scales/zeros found when a group's first column comes up, from the current
+                   (already error-compensated) columns of the group; ``static_groups`` finds
+                   them all up front from the original weight; per channel (``-1``) always up
+                   front
+act-order          columns in order of decreasing ``diag H``; with dynamic groups a column's
+                   group is its rank // group_size, stored as ``g_idx``
+true-sequential    inside a layer, groups are quantized in order (q/k/v, o, gate/up, down),
+                   each Hessian taken from the layer with the earlier groups already quantized
+=================  ==========================================================================
+
+Scales and zeros come from :func:`lowbit.primitives.choose_qparams` (fp16 scales) and codes are
+computed against exactly those stored scales, so ``QuantizedWeight.dequantize()`` reproduces the
+values GPTQ compensated for.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from ..errors import LowbitError, UnsupportedSchemeError
+from ..primitives import choose_qparams
+from ..qweight import QuantizedWeight
+from ..scheme import QuantScheme
+from .awq import _first_input, stream_layer
+from .base import LayerContext, Quantizer
+
+
+class GPTQ(Quantizer):
+    """GPTQ (a quantizing step). Options: ``damp`` (relative dampening, 0 < damp < 1),
+    ``block_size`` (lazy-update block), ``static_groups``, ``true_sequential``."""
+
+    name = "gptq"
+    quantizes = True
+    supports_act_order = True
+    needs_calibration = True
+    description = "second-order error compensation (Hessian from calibration inputs)"
+    options = {"damp": 0.01, "block_size": 128, "static_groups": False, "true_sequential": True}
+
+    def check(self, scheme: QuantScheme) -> None:
+        super().check(scheme)
+        damp = self.opts["damp"]
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 1:
+            raise UnsupportedSchemeError(f"gptq damp must be a number with 0 < damp < 1, got {damp!r}; "
+                                         "pass --damp 0.01 (the usual value).")
+        bs = self.opts["block_size"]
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+            raise UnsupportedSchemeError(f"gptq block_size must be a positive integer, got {bs!r}; "
+                                         "pass --block-size 128.")
+
+    @torch.no_grad()
+    def apply(self, ctx: LayerContext) -> None:
+        t0 = time.perf_counter()
+        if not ctx.inputs:
+            raise LowbitError("gptq needs calibration data; got no calibration batches (pass --nsamples 128).")
+        todo = set(ctx.unquantized())
+        groups = [[p for p in g.linears if p in todo] for g in ctx.groups]
+        groups = [g for g in groups if g]
+        for g in groups:
+            for p in g:
+                self.scheme.check_shape(ctx.module(p).in_features, ctx.prefix + p)
+        stages = groups if self.opts["true_sequential"] else [[p for g in groups for p in g]]
+        errs = {}
+        for stage in stages:
+            # linears of one stage that read the same input share a Hessian
+            readers = [g for g in groups if g[0] in stage]
+            hess = self._hessians(ctx, [g[0] for g in readers])
+            for g in readers:
+                h = hess[g[0]]
+                for p in g:
+                    lin = ctx.module(p)
+                    bias = None if lin.bias is None else lin.bias.detach().clone()
+                    qw, loss = gptq_quantize(lin.weight.detach(), h, self.scheme, damp=float(self.opts["damp"]),
+                                             block_size=self.opts["block_size"],
+                                             static_groups=bool(self.opts["static_groups"]), bias=bias)
+                    errs[p] = loss
+                    ctx.set_quantized(p, qw)
+        ctx.report["gptq_loss"] = {p.rsplit(".", 1)[-1]: float(f"{v:.4g}") for p, v in errs.items()}
+        ctx.report["gptq_seconds"] = round(time.perf_counter() - t0, 2)
+
+    def _hessians(self, ctx: LayerContext, paths: list[str]) -> dict[str, torch.Tensor]:
+        """``2 XᵀX / n`` for the input of each module in ``paths``, in one (early-stopped) pass."""
+        acc: dict[str, torch.Tensor] = {}
+        count: dict[str, int] = {}
+
+        def make(p):
+            def fn(_b, args, kwargs):
+                x = _first_input(args, kwargs)
+                with torch.autocast("cpu", enabled=False):
+                    x2 = x.reshape(-1, x.shape[-1]).float()
+                    if p in acc:
+                        acc[p].addmm_(x2.T, x2)
+                    else:
+                        acc[p] = x2.T @ x2
+                count[p] = count.get(p, 0) + x2.shape[0]
+            return fn
+
+        stream_layer(ctx, {p: make(p) for p in paths})
+        return {p: acc[p].mul_(2.0 / count[p]) for p in paths}
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, *, damp: float = 0.01,
+                  block_size: int = 128, static_groups: bool = False,
+                  bias: torch.Tensor | None = None) -> tuple[QuantizedWeight, float]:
+    """GPTQ one ``[N, K]`` weight against ``hessian`` ``[K, K]``; returns the QuantizedWeight and the
+    summed proxy loss ``Σ (w - q)² / U[j, j]²`` (GPTQ's own error measure)."""
+    W = w.detach().float().clone()
+    n, k = W.shape
+    scheme.check_shape(k)
+    H = hessian.detach().float().clone()
+    gs = k if scheme.group_size == -1 else scheme.group_size
+    ng = k // gs
+    maxq = scheme.maxq
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if scheme.act_order else None
+    static = static_groups or scheme.group_size == -1
+    scales = torch.zeros(n, ng, dtype=torch.float16)
+    zeros = torch.zeros(n, ng, dtype=torch.uint8)
+    if static:
+        scales, zeros = choose_qparams(W, scheme)
+    if perm is not None:
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    # group of the column at each (possibly permuted) position
+    orig_col = perm if perm is not None else torch.arange(k)
+    pos_group = orig_col // gs if static else torch.arange(k) // gs
+
+    Hinv = _inverse_cholesky(H, damp)
+    codes = torch.zeros(n, k, dtype=torch.uint8)
+    s_f = scales.float()
+    z_f = zeros.float()
+    loss = 0.0
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        cnt = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros(n, cnt)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(cnt):
+            j = i1 + i
+            if not static and j % gs == 0:
+                cur = torch.cat([W1[:, i:], W[:, i2:j + gs]], dim=1)[:, :gs]
+                gsc, gz = choose_qparams(cur, QuantScheme(scheme.bits, -1, scheme.sym))
+                g = j // gs
+                scales[:, g], zeros[:, g] = gsc[:, 0], gz[:, 0]
+                s_f[:, g], z_f[:, g] = gsc[:, 0].float(), gz[:, 0].float()
+            g = int(pos_group[j])
+            col = W1[:, i]
+            s, z = s_f[:, g], z_f[:, g]
+            q = torch.clamp(torch.round(col / s) + z, 0, maxq)
+            codes[:, j] = q.to(torch.uint8)
+            dq = (q - z) * s
+            d = Hinv1[i, i]
+            err = (col - dq) / d
+            loss += float((err * err).sum())
+            W1[:, i:].sub_(err[:, None] * Hinv1[i, i:][None, :])
+            Err1[:, i] = err
+        W[:, i2:].sub_(Err1 @ Hinv[i1:i2, i2:])
+
+    g_idx = None
+    if perm is not None:
+        invperm = torch.argsort(perm)
+        codes = codes[:, invperm]
+        if not static:
+            g_idx = (invperm // gs).to(torch.int32)
+    qw = QuantizedWeight(codes=codes.contiguous(), scales=scales, zeros=zeros, scheme=scheme, g_idx=g_idx, bias=bias)
+    return qw, loss / 2
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + λI)⁻¹``, λ = damp · mean(diag H), raising λ ×10 up to 3
+    times when the factorisation fails."""
+    mean_diag = float(torch.diag(H).mean())
+    eye = torch.eye(H.shape[0])
+    for attempt in range(4):
+        lam = damp * (10 ** attempt) * mean_diag
+        L, info = torch.linalg.cholesky_ex(H + lam * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0:
+                return U
+    raise LowbitError(f"gptq: the Hessian is not positive definite even with damp={damp * 1000:g}; "
+                      "the calibration inputs are degenerate: use more or other calibration text, or --method rtn.")

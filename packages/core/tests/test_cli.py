@@ -1,0 +1,140 @@
+"""The CLI: every bad input is one clear line and exit status 2, with nothing half-written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lowbit.cli import main
+from lowbit.testing.models import save_tiny_llama
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_plugins_and_kernels_json(capsys):
+    code, out, _ = run(capsys, "plugins", "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert rows[0]["name"] == "lowbit" and rows[0]["version"]
+    code, out, _ = run(capsys, "kernels", "--json")
+    kernels = {k["kernel"]: k for k in json.loads(out)["kernels"]}
+    assert kernels["reference"]["can_run"] and kernels["reference"]["plugin"] == "lowbit"
+
+
+def test_quantize_writes_checkpoint_and_json(capsys, tiny_dir, tmp_path):
+    code, out, err = run(capsys, "quantize", str(tiny_dir), "--out", str(tmp_path / "q"), "--json", "--no-progress")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["out"]["lowbit"] == str(tmp_path / "q" / "lowbit")
+    assert (tmp_path / "q/lowbit/lowbit.json").exists()
+    code, out, err = run(capsys, "verify", str(tmp_path / "q/lowbit"), str(tmp_path / "q/lowbit"))
+    assert code == 0 and "identical" in out
+    code, out, err = run(capsys, "inspect", str(tmp_path / "q/lowbit"), "--json")
+    assert code == 0 and json.loads(out)["format"] == "lowbit"
+    code, out, err = run(capsys, "eval", "ppl", str(tmp_path / "q/lowbit"), "--windows", "1", "--seqlen", "64",
+                         "--baseline", str(tiny_dir), "--json", "--no-progress")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["quantized"]["windows"] == 1 and res["baseline"]["ppl"] > 1
+    code, out, err = run(capsys, "generate", str(tmp_path / "q/lowbit"), "Hello", "--max-new-tokens", "5", "--json")
+    assert code == 0, err
+    assert json.loads(out)["new_tokens"] == 5
+
+
+@pytest.fixture(scope="module")
+def narrow_dir(tmp_path_factory):
+    """hidden 96: group sizes 64 and 128 do not divide it (like 576 on the demo model)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("narrow") / "m", hidden_size=96, intermediate_size=192)
+
+
+BAD = [
+    (["--bits", "5"], "bits=5 is not supported; supported: 2, 3, 4, 8"),
+    (["--group-size", "100"], "group_size=100 is not supported"),
+    (["--group-size", "128"], "does not divide q/k/v_proj, gate/up_proj's 96 input features"),
+    (["--method", "magic"], "unknown method 'magic'; known:"),
+    (["--method", "rtn", "--act-order"], "act-order needs --method gptq"),
+    (["--format", "nope"], "unknown exporter 'nope'; known:"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[b[1][:30] for b in BAD])
+def test_bad_quantize_input(capsys, narrow_dir, tmp_path, args, message):
+    code, out, err = run(capsys, "quantize", str(narrow_dir), "--out", str(tmp_path / "o"), "--no-progress",
+                         "--group-size", "32", *args)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+    assert list(tmp_path.iterdir()) == []  # nothing half-written, no temporary left behind
+
+
+def test_unknown_model_and_architecture(capsys, tmp_path):
+    code, _, err = run(capsys, "quantize", str(tmp_path / "missing"), "--no-progress")
+    assert code == 2 and "not found" in err
+    d = tmp_path / "gpt2"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 1, "n_head": 2}))
+    code, _, err = run(capsys, "quantize", str(d), "--no-progress")
+    assert code == 2 and "architecture 'gpt2' is not supported; supported: llama" in err
+    (tmp_path / "nocfg").mkdir()
+    code, _, err = run(capsys, "quantize", str(tmp_path / "nocfg"), "--no-progress")
+    assert code == 2 and "no config.json" in err
+
+
+def test_missing_optional_dependency(capsys, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    code, _, err = run(capsys, "quantize", str(f), "--no-progress")
+    assert code == 2 and "gguf is not installed; run: pip install 'lowbit[gguf]'" in err
+
+
+def test_unwritable_or_occupied_output(capsys, tiny_dir, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    code, _, err = run(capsys, "quantize", str(tiny_dir), "--out", str(blocker / "out"), "--no-progress")
+    assert code == 2 and "is a file, not a directory" in err
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("precious")
+    code, _, err = run(capsys, "quantize", str(tiny_dir), "--out", str(occupied), "--no-progress")
+    assert code == 2 and "--overwrite" in err
+    assert (occupied / "keep.txt").read_text() == "precious"
+
+
+def test_failure_while_writing_leaves_nothing(capsys, tiny_dir, tmp_path, monkeypatch):
+    from lowbit.checkpoint import LowbitCheckpoint
+    from lowbit.errors import CheckpointError
+
+    def broken(self, qmodel, out_dir):
+        (out_dir / "partial.bin").write_bytes(b"half")
+        raise CheckpointError("disk full (simulated)")
+
+    monkeypatch.setattr(LowbitCheckpoint, "write", broken)
+    code, _, err = run(capsys, "quantize", str(tiny_dir), "--out", str(tmp_path / "o"), "--no-progress")
+    assert code == 2 and "disk full" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_foreign_or_missing_checkpoint(capsys, tmp_path):
+    code, _, err = run(capsys, "eval", "ppl", str(tmp_path / "nothing"))
+    assert code == 2 and "does not exist" in err
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign/readme.txt").write_text("hi")
+    code, _, err = run(capsys, "inspect", str(tmp_path / "foreign"))
+    assert code == 2 and "is not a checkpoint lowbit can read" in err
+
+
+def test_subprocess_exit_status_and_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lowbit.cli", "quantize", "--bits", "7"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert "bits=7 is not supported" in proc.stderr

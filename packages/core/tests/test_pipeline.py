@@ -1,0 +1,121 @@
+"""RTN end to end on a tiny random llama, the lowbit checkpoint, and determinism."""
+
+import json
+
+import pytest
+import torch
+
+from lowbit import pipeline, read_checkpoint
+from lowbit.errors import CalibrationError, CheckpointError
+from lowbit.nn import QuantLinear, build_model
+from lowbit.primitives import fake_quantize
+from lowbit.scheme import QuantScheme
+from lowbit.testing.models import tiny_llama, tiny_tokenizer
+from lowbit import calibration
+
+
+@pytest.mark.parametrize("bits,gs", [(4, 64), (3, 32), (8, -1), (2, 128)])
+def test_rtn_end_to_end_matches_fake_quantized_float_model(tiny_dir, tmp_path, bits, gs):
+    scheme = QuantScheme(bits, gs)
+    qm = pipeline.quantize(str(tiny_dir), method="rtn", scheme=scheme, out=tmp_path / "q", progress=False)
+    assert len(qm.qweights) == 2 * 7
+    loaded = read_checkpoint(tmp_path / "q" / "lowbit")
+    assert loaded.diff(qm) == {}
+    model = build_model(loaded, dtype=torch.float32)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+
+    ref = tiny_llama(seed=0)  # the same seeded weights save_tiny_llama wrote
+    with torch.no_grad():
+        for name, mod in ref.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+                mod.weight.copy_(fake_quantize(mod.weight, scheme))
+    ids = torch.randint(0, 384, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = model(ids).logits, ref(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_hash_is_deterministic(tiny_dir, tmp_path):
+    a = pipeline.quantize(str(tiny_dir), scheme=QuantScheme(4, 64), out=tmp_path / "a", progress=False)
+    b = pipeline.quantize(str(tiny_dir), scheme=QuantScheme(4, 64), out=tmp_path / "b", progress=False)
+    ha = json.loads((tmp_path / "a/lowbit/lowbit.json").read_text())["tensor_hash"]
+    hb = json.loads((tmp_path / "b/lowbit/lowbit.json").read_text())["tensor_hash"]
+    assert ha == hb == a.tensor_hash() == b.tensor_hash()
+    c = pipeline.quantize(str(tiny_dir), scheme=QuantScheme(4, 32), progress=False)
+    assert c.tensor_hash() != ha
+
+
+def test_manifest_records_scheme_recipe_versions(tiny_dir, tmp_path):
+    pipeline.quantize(str(tiny_dir), scheme=QuantScheme(4, 64, sym=True), out=tmp_path / "q", progress=False)
+    m = json.loads((tmp_path / "q/lowbit/lowbit.json").read_text())
+    assert m["scheme"] == {"bits": 4, "group_size": 64, "sym": True, "act_order": False, "version": 1}
+    assert m["recipe"]["method"] == "rtn" and m["recipe"]["steps"][0]["name"] == "rtn"
+    assert "lowbit" in m["versions"] and "torch" in m["versions"]
+    assert len(m["quantized_modules"]) == 14
+
+
+def test_corrupt_checkpoint_is_refused(tiny_dir, tmp_path):
+    pipeline.quantize(str(tiny_dir), scheme=QuantScheme(4, 64), out=tmp_path / "q", progress=False)
+    st = tmp_path / "q/lowbit/model.safetensors"
+    data = st.read_bytes()
+    st.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        read_checkpoint(tmp_path / "q/lowbit")
+
+
+def test_tampered_codes_fail_the_hash(tiny_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    pipeline.quantize(str(tiny_dir), scheme=QuantScheme(4, 64), out=tmp_path / "q", progress=False)
+    st = tmp_path / "q/lowbit/model.safetensors"
+    t = load_file(str(st))
+    key = next(k for k in t if k.endswith(".codes"))
+    t[key] = (t[key] ^ 1).contiguous()
+    save_file(t, str(st), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="tensor_hash"):
+        read_checkpoint(tmp_path / "q/lowbit")
+
+
+def test_calibration_samples_are_deterministic_windows():
+    tok = tiny_tokenizer()
+    text = calibration.load_text("wikitext2")
+    a = calibration.samples(tok, text, 4, 64)
+    b = calibration.samples(tok, text, 4, 64)
+    assert a.shape == (4, 64) and torch.equal(a, b)
+    assert calibration.fingerprint("wikitext2", a)["sha256"] == calibration.fingerprint("wikitext2", b)["sha256"]
+
+
+def test_calibration_bad_input(tmp_path):
+    tok = tiny_tokenizer()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(CalibrationError, match="empty"):
+        calibration.load_text(str(empty))
+    with pytest.raises(CalibrationError, match="shorter than one sample"):
+        calibration.samples(tok, "just a few words", 1, 512)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"txt": 1}\n')
+    with pytest.raises(CalibrationError, match="bad.jsonl:1"):
+        calibration.load_text(str(bad))
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "hello"}\n\n{"text": "world"}\n')
+    assert calibration.load_text(str(good)) == "hello\n\nworld"
+
+
+def test_calibrated_pass_reports_layer_errors(tiny_dir):
+    """A pass with a calibration-needing step runs the layers and reports each layer's output error."""
+    from lowbit.algorithms.rtn import RTN
+    from lowbit.models import adapter_for
+    from lowbit.testing.models import tiny_llama
+
+    class CalibratedRTN(RTN):
+        needs_calibration = True
+
+    model = tiny_llama(seed=0)
+    ids = torch.randint(0, 384, (4, 32), generator=torch.Generator().manual_seed(0))
+    scheme = QuantScheme(4, 64)
+    qweights, report = pipeline.run_pass(model, adapter_for(model.config), [CalibratedRTN(scheme)], scheme, ids,
+                                         batch_size=2, compute_dtype=torch.float32, progress=False)
+    assert len(qweights) == 14
+    errs = [r["output_rel_error"] for r in report.layers]
+    assert len(errs) == 2 and all(0 < e < 0.5 for e in errs)

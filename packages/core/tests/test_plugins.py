@@ -1,0 +1,153 @@
+import inspect
+import sys
+import types
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import hookspecs
+from lowbit.errors import LowbitError, NoKernelError, UnknownNameError
+from lowbit.kernels.base import Kernel, KernelSpec
+from lowbit.plugins import get_plugin_manager, registry
+from lowbit.scheme import QuantScheme
+from lowbit.selection import select_kernel
+
+HOOKS = [n for n in dir(hookspecs) if n.startswith("lowbit_")]
+
+
+def test_hooks_are_prefixed_and_documented():
+    assert set(HOOKS) == {
+        "lowbit_register_quantizers", "lowbit_register_packers", "lowbit_register_kernels",
+        "lowbit_register_exporters", "lowbit_register_architectures",
+    }
+    for name in HOOKS:
+        fn = getattr(hookspecs, name)
+        doc = inspect.getdoc(fn) or ""
+        for param in inspect.signature(fn).parameters:
+            assert f":param {param}:" in doc, f"{name} does not document {param}"
+
+
+def test_hookimpl_is_public():
+    assert lowbit.hookimpl is not None and "hookimpl" in lowbit.__all__
+
+
+def test_builtins_register_through_hooks():
+    assert "rtn" in registry("quantizers")
+    assert "reference" in registry("kernels")
+    assert "lowbit" in registry("exporters")
+    assert registry("architectures").get("llama").name == "llama-family"
+    assert registry("kernels").origin("reference") == "lowbit"
+
+
+def test_registry_error_lists_known_names():
+    with pytest.raises(UnknownNameError, match=r"unknown kernel 'nope'; known: .*reference"):
+        registry("kernels").get("nope")
+
+
+def _fake_plugin(monkeypatch, module_name="lowbit_fake_plugin", ep_name="fake", kernel_priority=100):
+    """Install an entry point backed by an in-memory module, as a third-party package would."""
+    from importlib import metadata
+
+    mod = types.ModuleType(module_name)
+
+    class FakeKernel(Kernel):
+        name = "fake"
+        priority = kernel_priority
+        supported_bits = (4,)
+
+        def __init__(self, qweight, device, dtype):
+            super().__init__(qweight, device, dtype)
+            self.w = qweight.dequantize(dtype)
+
+        def forward(self, x):
+            return x @ self.w.T
+
+    @lowbit.hookimpl
+    def lowbit_register_kernels(register):
+        register.add(FakeKernel)
+
+    mod.lowbit_register_kernels = lowbit_register_kernels
+    monkeypatch.setitem(sys.modules, module_name, mod)
+    ep = metadata.EntryPoint(ep_name, module_name, "lowbit")
+    real = metadata.entry_points
+
+    def entry_points(**kw):
+        if kw.get("group") == "lowbit":
+            return metadata.EntryPoints(list(real(group="lowbit")) + [ep])
+        return real(**kw)
+
+    monkeypatch.setattr(metadata, "entry_points", entry_points)
+    return FakeKernel
+
+
+def _spec(bits=4):
+    return KernelSpec(QuantScheme(bits, 64), 128, 64, torch.float32)
+
+
+def test_entry_point_plugin_is_loaded_and_selected(monkeypatch):
+    _fake_plugin(monkeypatch)
+    names = [p.name for p in get_plugin_manager().plugins]
+    assert "fake" in names
+    assert select_kernel(_spec()).name == "fake"
+    assert select_kernel(_spec(bits=3)).name != "fake"  # can_implement declines 3-bit
+
+
+def test_disabled_kernels_moves_the_choice(monkeypatch):
+    _fake_plugin(monkeypatch)
+    monkeypatch.setenv("LOWBIT_DISABLED_KERNELS", "fake")
+    assert select_kernel(_spec()).name != "fake"
+
+
+def test_disabled_plugins_and_autoload(monkeypatch):
+    from lowbit.plugins import reset_plugin_manager
+
+    _fake_plugin(monkeypatch)
+    monkeypatch.setenv("LOWBIT_DISABLED_PLUGINS", "fake")
+    reset_plugin_manager()
+    assert "fake" not in registry("kernels")
+    assert any(p.name == "fake" and "disabled" in p.status for p in get_plugin_manager().plugins)
+    monkeypatch.delenv("LOWBIT_DISABLED_PLUGINS")
+    monkeypatch.setenv("LOWBIT_DISABLE_PLUGIN_AUTOLOAD", "1")
+    reset_plugin_manager()
+    assert [p.name for p in get_plugin_manager().plugins] == ["lowbit"]
+    assert registry("kernels").names() == ["reference"]
+
+
+def test_misspelled_hook_fails_loudly(monkeypatch):
+    from importlib import metadata
+
+    mod = types.ModuleType("lowbit_typo_plugin")
+
+    @lowbit.hookimpl
+    def lowbit_register_kernel(register):  # missing "s"
+        pass
+
+    mod.lowbit_register_kernel = lowbit_register_kernel
+    monkeypatch.setitem(sys.modules, "lowbit_typo_plugin", mod)
+    real = metadata.entry_points
+    ep = metadata.EntryPoint("typo", "lowbit_typo_plugin", "lowbit")
+    monkeypatch.setattr(metadata, "entry_points",
+                        lambda **kw: metadata.EntryPoints([ep]) if kw.get("group") == "lowbit" else real(**kw))
+    with pytest.raises(LowbitError, match="typo.*lowbit_register_kernel"):
+        get_plugin_manager()
+
+
+def test_no_kernel_error_lists_every_reason(monkeypatch):
+    monkeypatch.setenv("LOWBIT_DISABLED_KERNELS", ",".join(registry("kernels").names()))
+    with pytest.raises(NoKernelError) as err:
+        select_kernel(_spec())
+    msg = str(err.value)
+    assert "no kernel can run w4 g64" in msg
+    for name in registry("kernels").names():
+        assert f"- {name}: disabled by LOWBIT_DISABLED_KERNELS" in msg
+
+
+def test_kernel_on_wrong_device_gives_reason():
+    from lowbit.kernels.reference import ReferenceKernel
+
+    class CudaOnly(ReferenceKernel):
+        name = "cuda-only"
+        device_types = ("cuda",)
+
+    assert "runs on cuda, not cpu" in CudaOnly.probe(torch.device("cpu"))
