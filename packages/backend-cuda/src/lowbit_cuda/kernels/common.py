@@ -108,7 +108,7 @@ def effective_block_k(block_k: int, w: TritonPackedWeight) -> int:
     return block_k
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
