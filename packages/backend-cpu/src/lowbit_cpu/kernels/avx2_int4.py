@@ -1,0 +1,92 @@
+"""cpu.avx2_int4: lowbit's own int4 kernel for x86-64 CPUs with AVX2 (Zen, Xeon).
+
+Two paths, picked per call by the number of activation rows M (``tuning.PREFILL_MIN_BATCH``):
+
+- decode (M small): a fused GEMV in C (csrc/int4_avx2.c) that reads the packed nibbles once and
+  never materializes the weight. bf16/fp16 activations are rounded to int16 per block of <= 128
+  columns and multiplied with ``vpmaddwd`` (relative error <= 2^-16 of the block's max |x|,
+  far below the activations' own bf16/fp16 precision); fp32 activations use float FMAs.
+- prefill (M large): the weight is dequantized tile by tile (about 2 MiB of rows at a time, in
+  C) into one reused float buffer, and each tile goes through one BLAS matmul: bf16 where the CPU
+  has native bf16 matmul (AMX / AVX512-BF16, through oneDNN), else fp32 (MKL), since emulated
+  bf16 matmul is several times slower than fp32 there. Memory: the 4-bit weight plus one tile;
+  no float copy of the weight is kept.
+
+Accumulation is fp32 on both paths; the result is cast to the activation dtype once at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+from lowbit.kernels.base import Kernel, KernelSpec
+from lowbit.qweight import QuantizedWeight
+
+from .. import cpuinfo, native, tuning
+from .common import float_bias, group_of, sort_act_order
+
+
+class Avx2Int4Kernel(Kernel):
+    name = "cpu.avx2_int4"
+    priority = 30
+    device_types = ("cpu",)
+    supported_bits = (4,)
+    supported_group_sizes = (32, 64, 128, -1)
+    description = "fused AVX2 int4 GEMV for decode; per-call tile dequant + BLAS matmul (bf16 on AMX) for prefill"
+
+    @classmethod
+    def probe(cls, device: torch.device) -> str | None:
+        return super().probe(device) or native.unavailable_reason()
+
+    @classmethod
+    def can_implement(cls, spec: KernelSpec) -> str | None:
+        reason = super().can_implement(spec)
+        if reason is None and spec.in_features % 32:
+            reason = f"needs in_features to be a multiple of 32, got {spec.in_features}"
+        return reason
+
+    def __init__(self, qweight: QuantizedWeight, device: torch.device, dtype: torch.dtype):
+        super().__init__(qweight, device, dtype)
+        codes, self.perm = sort_act_order(qweight)
+        self.group = group_of(qweight)
+        k = self.in_features
+        self.block = self.group if self.group <= 128 else next(b for b in (128, 64, 32) if k % b == 0)
+        self.packed = native.pack_nibbles(codes)
+        self.scales = qweight.scales.float().contiguous()
+        self.zs = (qweight.zeros.float() * self.scales).contiguous()
+        self.bias = float_bias(qweight)
+        native_bf16 = cpuinfo.has_fast_bf16_matmul()
+        self.prefill_dtype = torch.bfloat16 if native_bf16 and dtype == torch.bfloat16 else torch.float32
+        self.prefill_min_batch = tuning.prefill_min_batch(native_bf16, dtype)
+        self.tile_rows = tuning.tile_rows(k)
+        native.library()  # build once now, not on the first forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)
+        threads = torch.get_num_threads()
+        if x2.shape[0] < self.prefill_min_batch:
+            xf = x2.to(torch.float32).contiguous()
+            if self.dtype == torch.float32:
+                y = native.gemm_f32(xf, self.packed, self.scales, self.zs, self.group, threads)
+            else:
+                y = native.gemm_i16(xf, self.packed, self.scales, self.zs, self.group, self.block, threads)
+        else:
+            y = self._prefill(x2, threads)
+        if self.bias is not None:
+            y += self.bias
+        return y.to(self.dtype).reshape(*lead, self.out_features)
+
+    def _prefill(self, x2: torch.Tensor, threads: int) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        xc = x2.to(self.prefill_dtype).contiguous()
+        yt = torch.empty(n, xc.shape[0], dtype=self.prefill_dtype)
+        buf = torch.empty(min(self.tile_rows, n), k, dtype=torch.float32)
+        for n0 in range(0, n, self.tile_rows):
+            n1 = min(n, n0 + self.tile_rows)
+            w = native.dequant_rows(self.packed, self.scales, self.zs, buf[: n1 - n0], n0, n1, self.group, threads)
+            if self.prefill_dtype != torch.float32:
+                w = w.to(self.prefill_dtype)
+            torch.mm(w, xc.t(), out=yt[n0:n1])
+        return yt.t().float().contiguous()

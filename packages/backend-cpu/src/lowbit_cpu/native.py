@@ -1,0 +1,144 @@
+"""The native AVX2 kernels in ``csrc/int4_avx2.c``: compiled on first use, loaded with ctypes.
+
+The C file needs no Python or torch headers, so it builds in about a second with any gcc or
+clang (``$CC``, else ``cc``/``gcc``/``clang`` on PATH). The shared object is cached under
+``$LOWBIT_CACHE_DIR`` (default ``~/.cache/lowbit``), named by the hash of source and flags, and
+written atomically so concurrent processes can build it at once. OpenMP comes from the process's
+already-loaded ``libgomp.so.1`` (torch's), so the kernels share torch's thread runtime.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from lowbit.errors import MissingDependencyError
+
+from . import cpuinfo
+
+SOURCE = Path(__file__).parent / "csrc" / "int4_avx2.c"
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_SIGNATURES = {
+    "lowbit_int4_gemm": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_int],
+    "lowbit_int4_dequant": [_P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_int],
+    "lowbit_quant_x_i16": [_P, _P, _P, _P, _I, _I, _I, _I],
+    "lowbit_int4_gemm_i16": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int],
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LOWBIT_CACHE_DIR") or Path.home() / ".cache" / "lowbit")
+
+
+def compiler() -> str | None:
+    for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cand and shutil.which(cand):
+            return cand
+    return None
+
+
+def _library_path() -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    return cache_dir() / f"lowbit_int4_avx2-{digest}.so"
+
+
+def unavailable_reason() -> str | None:
+    """None when the native kernels can be built (or are cached) and run here, else why not."""
+    if not cpuinfo.is_x86_64():
+        return "needs an x86-64 CPU"
+    if not cpuinfo.has_avx2_fma():
+        return f"needs AVX2, FMA and F16C; this CPU is {cpuinfo.describe()}"
+    if not _library_path().exists() and compiler() is None:
+        return "needs a C compiler to build its AVX2 kernels once (install gcc, or set CC)"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL:
+    """Build (once, cached on disk) and load the kernels."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise MissingDependencyError(f"lowbit-backend-cpu native kernels: {reason}.")
+    path = _library_path()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+        os.close(fd)
+        cmd = [compiler(), *CFLAGS, "-o", tmp, str(SOURCE)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise MissingDependencyError(
+                    f"building the AVX2 kernels failed ({' '.join(cmd)}): {proc.stderr.strip()[:500]}; "
+                    "set CC to a working gcc/clang or disable the kernel with LOWBIT_DISABLED_KERNELS=cpu.avx2_int4."
+                )
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    torch.empty(0)  # torch (and its libgomp.so.1) is loaded before the library resolves its OpenMP symbols
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = None
+    return lib
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """``uint8 [N, K]`` codes (0..15, K % 32 == 0) → ``uint8 [N, K/2]`` in the kernels' layout.
+
+    Each run of 32 columns k0..k0+31 becomes 16 bytes; byte j holds column k0+j in its low
+    nibble and column k0+16+j in its high nibble. A run with codes c = 0, 1, ..., 15, 15, 14,
+    ..., 0 packs to bytes 0xF0, 0xE1, 0xD2, ..., 0x0F (byte j = j | (15 - j) << 4).
+    """
+    n, k = codes.shape
+    v = codes.reshape(n, k // 32, 2, 16)
+    return (v[:, :, 0] | (v[:, :, 1] << 4)).contiguous().reshape(n, k // 2)
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def gemm_f32(x: torch.Tensor, packed, scales, zs, group: int, threads: int) -> torch.Tensor:
+    """``x`` float32 contiguous ``[M, K]`` → float32 ``[M, N]``."""
+    m, k = x.shape
+    n = packed.shape[0]
+    ng = k // group
+    xsum = x.reshape(m, ng, group).sum(-1).contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    library().lowbit_int4_gemm(_ptr(x), _ptr(xsum), _ptr(packed), _ptr(scales), _ptr(zs), _ptr(y), m, n, k, group, threads)
+    return y
+
+
+def gemm_i16(x: torch.Tensor, packed, scales, zs, group: int, block: int, threads: int) -> torch.Tensor:
+    """``x`` float32 contiguous ``[M, K]``, rounded to int16 per block of ``block`` columns."""
+    m, k = x.shape
+    n = packed.shape[0]
+    lib = library()
+    xq = torch.empty(m, k, dtype=torch.int16)
+    xscale = torch.empty(m, k // block, dtype=torch.float32)
+    xsum = torch.empty(m, k // group, dtype=torch.float32)
+    lib.lowbit_quant_x_i16(_ptr(x), _ptr(xq), _ptr(xscale), _ptr(xsum), m, k, block, group)
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.lowbit_int4_gemm_i16(_ptr(xq), _ptr(xscale), _ptr(xsum), _ptr(packed), _ptr(scales), _ptr(zs), _ptr(y),
+                             m, n, k, group, block, threads)
+    return y
+
+
+def dequant_rows(packed, scales, zs, out: torch.Tensor, n0: int, n1: int, group: int, threads: int) -> torch.Tensor:
+    """Rows ``n0:n1`` of the float32 weight into ``out`` (contiguous ``[n1 - n0, K]``)."""
+    k = packed.shape[1] * 2
+    library().lowbit_int4_dequant(_ptr(packed), _ptr(scales), _ptr(zs), _ptr(out), n0, n1, k, group, threads)
+    return out
