@@ -109,6 +109,12 @@ def effective_block_k(block_k: int, w: TritonPackedWeight) -> int:
 
 
 @functools.cache
+def device_name(device: torch.device) -> str:
+    """The key of ``configs.CONFIGS`` for ``device`` ("default" off CUDA)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "default"
+
+
+@functools.cache
 def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1

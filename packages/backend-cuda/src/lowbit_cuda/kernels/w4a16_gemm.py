@@ -23,6 +23,7 @@ from .common import (
     check_config,
     check_launch,
     dequant_tile,
+    device_name,
     dummy,
     effective_block_k,
     load_x_tile,
@@ -84,8 +85,7 @@ def w4a16_gemm(x: torch.Tensor, w: TritonPackedWeight, config: dict | None = Non
     x = check_launch(x, w, "w4a16_gemm")
     m, k, n = x.shape[0], w.in_features, w.out_features
     if config is None:
-        name = torch.cuda.get_device_name(x.device) if x.device.type == "cuda" else "default"
-        config = configs.lookup("gemm", m, name)
+        config = configs.lookup("gemm", m, device_name(x.device))
     check_config(config, CONFIG_KEYS, "w4a16_gemm")
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
     block_k = effective_block_k(config["BLOCK_K"], w)
