@@ -298,23 +298,26 @@ class XFTExporter(Exporter):
         norm_file = path / "model.final_layernorm.weight.bin"
         if not norm_file.is_file():
             raise CheckpointError(f"{path}: model.final_layernorm.weight.bin is missing; the xFT directory is incomplete.")
-        hidden = norm_file.stat().st_size // esize
+        hidden, rest = divmod(norm_file.stat().st_size, esize)
+        if rest or not hidden:
+            raise CheckpointError(f"{norm_file} holds {norm_file.stat().st_size} bytes, not a whole number of "
+                                  f"{sec.get('weight_data_type', 'fp16')} values; the file is truncated.")
         if "hidden_size" in sec and int(sec["hidden_size"]) != hidden:
             raise CheckpointError(f"{path}: config.ini says hidden_size {sec['hidden_size']} but the final norm holds "
                                   f"{hidden} values; config and tensors disagree.")
-        config = self._config(path, mtype, sec, hidden, heads, kv, head_dim, inter, layers, vocab)
         qsym = sec.get("quant_scheme")
         floats: dict[str, torch.Tensor] = {
             "model.embed_tokens.weight": _read_bin(path / "model.wte.bin", fdtype, (vocab, hidden)),
             "model.norm.weight": _read_bin(norm_file, fdtype, (hidden,)),
         }
         lm_head = _read_bin(path / "model.lm_head.weight.bin", fdtype, (vocab, hidden))
-        tied = _get(config, "tie_word_embeddings", None)
-        if tied is None:
-            tied = torch.equal(lm_head, floats["model.embed_tokens.weight"])
-            config.tie_word_embeddings = tied
-        if not tied:
+        same = torch.equal(lm_head, floats["model.embed_tokens.weight"])
+        config = self._config(path, mtype, sec, hidden, heads, kv, head_dim, inter, layers, vocab, same)
+        if not _get(config, "tie_word_embeddings", False):
             floats["lm_head.weight"] = lm_head
+        elif not same:
+            raise CheckpointError(f"{path}: config.json ties lm_head to the embeddings but model.lm_head.weight.bin "
+                                  "differs from model.wte.bin; config and tensors disagree.")
         q, kvd = heads * head_dim, kv * head_dim
         out_sizes = {"attention.query_key_value": (q, kvd, kvd), "attention.dense": (hidden,),
                      "mlp.gate_proj": (inter,), "mlp.up_proj": (inter,), "mlp.down_proj": (hidden,)}
@@ -382,7 +385,7 @@ class XFTExporter(Exporter):
             bias = _read_bin(bias_file, fdtype, (n,))
         return codes.t().contiguous(), s16, z.to(torch.uint8), bias, splits
 
-    def _config(self, path, mtype, sec, hidden, heads, kv, head_dim, inter, layers, vocab):
+    def _config(self, path, mtype, sec, hidden, heads, kv, head_dim, inter, layers, vocab, tied):
         if (path / "config.json").is_file():
             config = load_config(path)
             ini = {"num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": inter,
@@ -404,13 +407,11 @@ class XFTExporter(Exporter):
                   intermediate_size=inter, num_hidden_layers=layers, vocab_size=vocab,
                   max_position_embeddings=int(sec.get("max_pos_seq_len", 2048)),
                   rms_norm_eps=float(sec.get("layernorm_eps", 1e-6)), hidden_act=sec.get("activation_type", "silu"),
-                  rope_theta=float(sec.get("rope_theta", 10000.0)), tie_word_embeddings=None)
+                  rope_theta=float(sec.get("rope_theta", 10000.0)), tie_word_embeddings=tied)
         for key, ikey in (("bos_token_id", "start_id"), ("eos_token_id", "end_id"), ("pad_token_id", "pad_id")):
             if ikey in sec:
                 kw[key] = int(sec[ikey])
-        config = AutoConfig.for_model(mtype, **{k: v for k, v in kw.items() if v is not None})
-        config.tie_word_embeddings = None
-        return config
+        return AutoConfig.for_model(mtype, **kw)
 
     def inspect(self, path: Path) -> dict:
         qm = self.read(Path(path))
