@@ -1,0 +1,263 @@
+"""Chat interactively with a quantized checkpoint, streaming the reply token by token.
+
+Any checkpoint lowbit reads works (lowbit, autoawq, gptq, xft, ...). The tokenizer's chat
+template formats the conversation; a tokenizer without one gets a plain ``User:``/``Assistant:``
+transcript (and a note saying so). The history is kept across turns and trimmed from the oldest
+turn when it no longer fits the model's context.
+
+Commands at the prompt: ``/reset`` clears the history, ``/history`` prints it, ``/exit`` (or
+``/quit``, Ctrl-D, Ctrl-C) leaves. Ctrl-C during a reply stops that reply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import LowbitError
+
+USER_PROMPT = "USER: "
+ASSISTANT_PROMPT = "ASSISTANT: "
+FALLBACK_NOTE = (
+    "note: this checkpoint's tokenizer has no chat template; "
+    "using a plain 'User:/Assistant:' transcript format."
+)
+FALLBACK_STOP = "\nUser:"
+HELP = "commands: /reset clears the history, /history shows it, /exit quits (also Ctrl-D or Ctrl-C)."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import DTYPES
+
+    p.description = (
+        "Chat with a quantized checkpoint in the terminal: the model's chat template, history across turns, "
+        "streamed replies. /reset clears the history, /history shows it, /exit quits (also Ctrl-D or Ctrl-C)."
+    )
+    p.add_argument("checkpoint", help="any checkpoint lowbit reads (lowbit, autoawq, gptq, xft)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (default: 0.7)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (default: 0.9)")
+    p.add_argument("--system", help="system prompt placed before the conversation")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="activation dtype (default: bf16)")
+    p.add_argument("--kernel", help="force one kernel (see `lowbit kernels`)")
+    p.add_argument("--seed", type=int, help="seed sampling, for reproducible replies")
+
+
+@dataclass
+class Conversation:
+    """The messages so far, and how to turn them into prompt token ids.
+
+    :param tokenizer: an HF tokenizer; its ``chat_template`` is used when it has one.
+    :param system: optional system prompt, kept by :meth:`reset`.
+    """
+
+    tokenizer: Any
+    system: str | None = None
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def templated(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def reset(self) -> None:
+        self.messages.clear()
+
+    def turns(self) -> int:
+        return sum(m["role"] == "user" for m in self.messages)
+
+    def drop_oldest_turn(self) -> None:
+        """Forget the oldest user message and the reply to it."""
+        first = next(i for i, m in enumerate(self.messages) if m["role"] == "user")
+        end = first + 1
+        while end < len(self.messages) and self.messages[end]["role"] != "user":
+            end += 1
+        del self.messages[first:end]
+
+    def _with_system(self) -> list[dict[str, str]]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+
+    def prompt_text(self) -> str:
+        """The fallback transcript (no chat template)."""
+        lines = [f"System: {self.system}"] if self.system else []
+        for m in self.messages:
+            lines.append(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}")
+        return "\n".join(lines) + "\nAssistant:"
+
+    def prompt_ids(self) -> list[int]:
+        if not self.templated:
+            return self.tokenizer(self.prompt_text()).input_ids
+        try:
+            ids = self.tokenizer.apply_chat_template(self._with_system(), add_generation_prompt=True, tokenize=True)
+        except Exception as err:  # a template that rejects the conversation (e.g. no system role)
+            raise LowbitError(
+                f"the checkpoint's chat template rejected the conversation: {err}. "
+                "Drop --system if the model has no system role."
+            ) from err
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
+            ids = ids["input_ids"]
+        return list(ids)
+
+
+def _fit(conv: Conversation, max_positions: int | None, max_new_tokens: int) -> list[int]:
+    """Prompt ids that leave room for the reply, dropping the oldest turns first."""
+    ids = conv.prompt_ids()
+    if not max_positions:
+        return ids
+    budget = max_positions - max_new_tokens
+    if budget <= 0:
+        raise LowbitError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+            f"{max_positions} tokens; pass a smaller --max-new-tokens."
+        )
+    while len(ids) > budget and conv.turns() > 1:
+        conv.drop_oldest_turn()
+        ids = conv.prompt_ids()
+    return ids[-budget:]
+
+
+def _streamer(tokenizer, out):
+    from transformers import TextStreamer
+
+    class _Stream(TextStreamer):
+        """Prints finished words as they come and holds back a possible stop string."""
+
+        def __init__(self, stop: str | None):
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.stop = stop
+            self.pending = ""
+            self.stopped = False
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if self.stopped:
+                return
+            self.pending += text
+            if self.stop and self.stop in self.pending:
+                self.pending = self.pending.split(self.stop, 1)[0]
+                self.stopped = True
+            keep = 0
+            if self.stop and not self.stopped and not stream_end:
+                # keep back a tail that could be the start of the stop string
+                keep = max((n for n in range(1, len(self.stop)) if self.pending.endswith(self.stop[:n])), default=0)
+            emit = self.pending[: len(self.pending) - keep] if keep else self.pending
+            self.pending = self.pending[len(emit):]
+            out.write(emit)
+            out.flush()
+
+    return _Stream
+
+
+def _generate(model, tokenizer, ids: list[int], args, stop: str | None, eos: list[int], out) -> str:
+    import torch
+
+    x = torch.tensor([ids])
+    streamer = _streamer(tokenizer, out)(stop)
+    kw: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, streamer=streamer, eos_token_id=eos or None,
+                              pad_token_id=eos[0] if eos else None)
+    if args.temperature > 0:
+        kw.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=None)
+    else:
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if stop:
+        kw.update(stop_strings=[stop], tokenizer=tokenizer)
+    with torch.no_grad():
+        gen = model.generate(x, attention_mask=torch.ones_like(x), **kw)
+    text = tokenizer.decode(gen[0, len(ids):], skip_special_tokens=True)
+    if stop and stop in text:
+        text = text.split(stop, 1)[0]
+    return text.strip()
+
+
+def _eos_ids(qm, tokenizer) -> list[int]:
+    ids: list[int] = []
+    gc = qm.generation_config
+    for v in (getattr(gc, "eos_token_id", None) if gc is not None else None, tokenizer.eos_token_id):
+        for i in v if isinstance(v, (list, tuple)) else [v]:
+            if i is not None and i not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def chat_loop(model, qm, args, inp=None, out=None) -> int:
+    """Read user turns from ``inp`` (default: the terminal via ``input()``) until EOF or /exit."""
+    out = out or sys.stdout
+    tokenizer = qm.tokenizer
+    conv = Conversation(tokenizer, args.system)
+    stop = None if conv.templated else FALLBACK_STOP
+    if stop:
+        print(FALLBACK_NOTE, file=out)
+    eos = _eos_ids(qm, tokenizer)
+    max_positions = getattr(qm.config, "max_position_embeddings", None)
+
+    def read() -> str:
+        if inp is None:
+            return input(USER_PROMPT)
+        out.write(USER_PROMPT)
+        out.flush()
+        line = inp.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\n")
+
+    while True:
+        try:
+            text = read().strip()
+        except (EOFError, KeyboardInterrupt):
+            print("\nbye", file=out)
+            return 0
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            print("bye", file=out)
+            return 0
+        if text == "/reset":
+            conv.reset()
+            print("(history cleared)", file=out)
+            continue
+        if text == "/history":
+            for m in conv.messages:
+                print(f"[{m['role']}] {m['content']}", file=out)
+            print(f"({conv.turns()} turn{'s' if conv.turns() != 1 else ''} in history)", file=out)
+            continue
+        if text in ("/help", "/?"):
+            print(HELP, file=out)
+            continue
+        conv.messages.append({"role": "user", "content": text})
+        ids = _fit(conv, max_positions, args.max_new_tokens)
+        out.write(ASSISTANT_PROMPT)
+        out.flush()
+        try:
+            reply = _generate(model, tokenizer, ids, args, stop, eos, out)
+        except KeyboardInterrupt:
+            conv.messages.pop()
+            print("\n(reply interrupted; not kept in the history)", file=out)
+            continue
+        print(file=out)
+        conv.messages.append({"role": "assistant", "content": reply})
+
+
+def run(args) -> int:
+    import torch
+
+    from .cli import _load_runtime
+    from .exporting import detect_format
+    from .nn import kernels_used
+
+    if args.max_new_tokens < 1:
+        raise LowbitError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    if args.temperature < 0:
+        raise LowbitError(f"--temperature must be 0 (greedy) or more, got {args.temperature}.")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    fmt = detect_format(args.checkpoint)
+    qm, model = _load_runtime(args.checkpoint, args.dtype, args.kernel)
+    kernels = ", ".join(f"{k} x{n}" for k, n in kernels_used(model).items()) or "none"
+    print(f"lowbit chat: {args.checkpoint} ({fmt}, {qm.scheme.describe()}, {args.dtype}; kernels: {kernels})")
+    print(HELP)
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    return chat_loop(model, qm, args)
