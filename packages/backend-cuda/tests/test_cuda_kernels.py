@@ -152,6 +152,12 @@ def test_launcher_rejects_bad_input(fn, make_x, match, packed):
     assert "\n" not in str(info.value)
 
 
+def test_launcher_rejects_unpacked_weight():
+    qw = random_qweight(32, 64, QuantScheme(4, 32))
+    with pytest.raises(LaunchError, match="must be a TritonPackedWeight, got QuantizedWeight"):
+        w4a16_gemm(torch.randn(2, 64).half(), qw)
+
+
 @pytest.mark.parametrize(
     "config,match",
     [

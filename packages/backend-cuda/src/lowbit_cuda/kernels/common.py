@@ -65,6 +65,11 @@ def dequant_tile(
 
 def check_launch(x: torch.Tensor, w: TritonPackedWeight, kernel: str) -> torch.Tensor:
     """Validate a launch; return ``x`` as a 2-D tensor with unit stride along K."""
+    if not isinstance(w, TritonPackedWeight):
+        raise LaunchError(
+            f"{kernel}: the weight must be a TritonPackedWeight, got {type(w).__name__}; "
+            "make one with lowbit_cuda.packing.pack(qweight, device)."
+        )
     if not isinstance(x, torch.Tensor):
         raise LaunchError(f"{kernel}: x must be a torch.Tensor, got {type(x).__name__}; pass the activations as a tensor.")
     if x.dim() != 2 or x.shape[1] != w.in_features:
