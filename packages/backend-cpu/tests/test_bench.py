@@ -1,0 +1,63 @@
+"""lowbit bench on the CPU kernels: the kernel table and the model table, tiny and fast."""
+
+import json
+
+import pytest
+import torch
+from lowbit import bench
+from lowbit.errors import LowbitError
+
+
+def test_kernel_bench_rows_and_ratios():
+    report = bench.kernel_bench(shapes=[(256, 128)], batches=[1, 3], group_size=64, repeat=1)
+    impls = {r["impl"] for r in report["rows"]}
+    assert {"nn.Linear bf16", "nn.Linear fp32", "cpu.avx2_int4", "cpu.torch_int4", "reference"} <= impls
+    for r in report["rows"]:
+        assert r["median_s"] > 0 and r["vs_bf16"] > 0
+        if r["impl"] == "nn.Linear bf16":
+            assert r["vs_bf16"] == pytest.approx(1.0)
+    assert "cpu.torch_int8" in report["declined"]
+    table = bench.format_kernel_table(report)
+    assert "| 256x128 | 3 | cpu.avx2_int4 |" in table
+    json.dumps(report)
+
+
+def test_bench_rejects_bad_arguments():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    with pytest.raises(LowbitError, match="comma-separated integers"):
+        bench.run(p.parse_args(["--kernels", "--batches", "1,x"]))
+    with pytest.raises(LowbitError, match="needs a checkpoint"):
+        bench.run(p.parse_args([]))
+    with pytest.raises(LowbitError, match="does not exist"):
+        bench.run(p.parse_args(["/nonexistent/ckpt"]))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from lowbit import QuantizedModel, export
+    from lowbit.pipeline import float_tensors_of
+    from lowbit.primitives import quantize
+    from lowbit.scheme import QuantScheme
+    from lowbit.testing.models import tiny_llama
+
+    model = tiny_llama(seed=0)
+    scheme = QuantScheme(4, 64)
+    qweights = {name: quantize(mod.weight.detach(), scheme) for name, mod in model.named_modules()
+                if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers.")}
+    qmodel = QuantizedModel(model.config, scheme, qweights, float_tensors_of(model, qweights))
+    return export(qmodel, "lowbit", tmp_path_factory.mktemp("bench") / "tiny")
+
+
+def test_model_bench_on_tiny_checkpoint(tiny_checkpoint):
+    report = bench.model_bench(tiny_checkpoint, prompt_len=8, new_tokens=2, repeat=1)
+    quant, flt = report["rows"]
+    assert set(quant["kernels"]) <= {"cpu.avx2_int4", "cpu.torch_int4", "cpu.ipex_woq"}
+    assert sum(quant["kernels"].values()) == 14  # 2 layers x 7 linears
+    assert quant["weights_bytes"] < flt["weights_bytes"]
+    assert quant["disk_bytes"] > 0 and flt["disk_bytes"] is None
+    assert flt["decode_speedup"] == pytest.approx(1.0)
+    assert quant["decode_tok_s"] > 0 and quant["prefill_tok_s"] > 0
+    assert "median s/token" in bench.format_model_table(report)

@@ -1,0 +1,408 @@
+"""Speed, memory and size tables: kernels against nn.Linear, a checkpoint against its bf16 model.
+
+``lowbit bench --kernels``: every kernel that can run here against bf16 and fp32 ``nn.Linear``
+on the same random weight, at several batch sizes and layer shapes. ``lowbit bench CKPT``: the
+checkpoint through lowbit's kernels against the same model dequantized to bf16 and run by plain
+transformers: prefill and decode tokens/s, weights in memory, peak RSS, size on disk.
+
+Timing: candidates are timed side by side, round-robin, in one process (so a change in machine
+load hits all of them alike); each sample is the mean of enough calls to last about 20 ms, and
+a figure is the median of ``--repeat`` samples. Each model runs in its own child process so its
+peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import LowbitError
+
+DEFAULT_SHAPES = "4096x4096,4096x11008,11008x4096"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", nargs="?", help="a checkpoint directory (any format lowbit reads)")
+    parser.add_argument("--kernels", action="store_true", help="kernel-level table instead of a model")
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES,
+                        help=f"layer shapes as in_features x out_features, comma-separated (default {DEFAULT_SHAPES})")
+    parser.add_argument("--batches", default="1,16,128", help="activation rows per call (default 1,16,128)")
+    parser.add_argument("--bits", type=int, default=4, help="kernel level: weight bits (default 4)")
+    parser.add_argument("--group-size", type=int, default=128, help="kernel level: group size, -1 per channel")
+    parser.add_argument("--sym", action="store_true", help="kernel level: symmetric weights")
+    parser.add_argument("--kernel", action="append", default=None,
+                        help="only this kernel (repeatable; default every kernel that can run)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="activation dtype (default bf16)")
+    parser.add_argument("--repeat", type=int, default=7, help="samples per figure; the median is reported")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--prompt-len", type=int, default=128, help="model level: prompt tokens (default 128)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="model level: decoded tokens (default 32)")
+    parser.add_argument("--ppl-windows", type=int, default=0,
+                        help="model level: also WikiText-2 test perplexity over this many windows (default 0: skip)")
+    parser.add_argument("--ppl-seqlen", type=int, default=512, help="model level: perplexity window length")
+    parser.add_argument("--no-float", action="store_true", help="model level: skip the bf16 transformers baseline")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.repeat < 1:
+        raise LowbitError(f"--repeat {args.repeat}: needs at least 1 sample; pass --repeat 7.")
+    if args.kernels:
+        report = kernel_bench(
+            shapes=_parse_shapes(args.shapes), batches=_parse_ints(args.batches, "--batches"), bits=args.bits,
+            group_size=args.group_size, sym=args.sym, dtype=DTYPES[args.dtype], kernels=args.kernel,
+            repeat=args.repeat,
+        )
+        print(json.dumps(report, indent=2) if args.json else format_kernel_table(report))
+        return 0
+    if not args.checkpoint:
+        raise LowbitError("lowbit bench needs a checkpoint directory, or --kernels for the kernel table.")
+    report = model_bench(args.checkpoint, dtype=args.dtype, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                         repeat=args.repeat, ppl_windows=args.ppl_windows, ppl_seqlen=args.ppl_seqlen,
+                         baseline=not args.no_float, threads=torch.get_num_threads())
+    print(json.dumps(report, indent=2) if args.json else format_model_table(report))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# machine and timing
+
+
+def machine() -> dict:
+    name = platform.processor() or platform.machine()
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    isa = [x for x in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if x in flags]
+    return {"cpu": name, "isa": isa, "threads": torch.get_num_threads(), "logical_cpus": os.cpu_count(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "torch": torch.__version__}
+
+
+def read_bandwidth_gbs(mib: int = 256, repeat: int = 5) -> float:
+    """Median read bandwidth of a ``sum`` over a buffer far larger than the caches (GB/s)."""
+    a = torch.ones(mib * (1 << 20) // 4)
+    a.sum()
+    out = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        a.sum()
+        out.append(a.numel() * 4 / (time.perf_counter() - t) / 1e9)
+    return statistics.median(out)
+
+
+def time_side_by_side(fns: dict[str, callable], repeat: int, target_s: float = 0.02) -> dict[str, float]:
+    """Median seconds per call of each function, sampled round-robin."""
+    inner = {}
+    for name, fn in fns.items():
+        fn()
+        t = time.perf_counter()
+        fn()
+        inner[name] = max(1, min(200, int(target_s / max(time.perf_counter() - t, 1e-6))))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t) / inner[name])
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel level
+
+
+def _parse_ints(text: str, flag: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LowbitError(f"{flag} {text!r}: expected comma-separated integers such as 1,16,128.") from None
+    if not out or min(out) < 1:
+        raise LowbitError(f"{flag} {text!r}: expected positive integers such as 1,16,128.")
+    return out
+
+
+def _parse_shapes(text: str) -> list[tuple[int, int]]:
+    out = []
+    for part in text.split(","):
+        try:
+            k, n = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise LowbitError(f"--shapes {text!r}: expected in x out pairs such as 4096x11008.") from None
+        out.append((k, n))
+    return out
+
+
+def random_qweight(in_features: int, out_features: int, scheme, seed: int = 0):
+    from .primitives import choose_qparams, quantize_codes
+    from .qweight import QuantizedWeight
+
+    scheme.check_shape(in_features)
+    w = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)) * 0.02
+    scales, zeros = choose_qparams(w, scheme)
+    return QuantizedWeight(quantize_codes(w, scales, zeros, scheme), scales, zeros, scheme)
+
+
+def _tensor_bytes(obj, seen: set[int] | None = None) -> int:
+    """Bytes of the distinct tensor storages held as attributes of ``obj`` (one level of lists/dicts)."""
+    seen = set() if seen is None else seen
+    total = 0
+    values = list(vars(obj).values()) if hasattr(obj, "__dict__") else []
+    for v in values:
+        items = v if isinstance(v, (list, tuple)) else v.values() if isinstance(v, dict) else [v]
+        for t in items:
+            if isinstance(t, torch.Tensor) and t.numel():
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in seen:
+                    seen.add(ptr)
+                    total += t.untyped_storage().nbytes()
+    return total
+
+
+def kernel_bench(shapes, batches, bits=4, group_size=128, sym=False, dtype=torch.bfloat16, kernels=None,
+                 repeat=7) -> dict:
+    from .kernels.base import KernelSpec
+    from .plugins import registry
+    from .scheme import QuantScheme
+    from .selection import kernel_reasons
+
+    scheme = QuantScheme(bits, group_size, sym=sym)
+    device = torch.device("cpu")
+    rows, skipped = [], {}
+    for k, n in shapes:
+        qw = random_qweight(k, n, scheme)
+        spec = KernelSpec.of(qw, dtype)
+        candidates = []
+        for cls, reason in kernel_reasons(spec, device):
+            if kernels and cls.name not in kernels:
+                continue
+            if reason is not None:
+                skipped[cls.name] = reason
+                continue
+            candidates.append(cls)
+        if kernels:
+            for name in kernels:
+                registry("kernels").get(name)  # unknown name → error listing the known ones
+        w32 = qw.dequantize(torch.float32)
+        w16 = w32.to(torch.bfloat16)
+        impls = {"nn.Linear bf16": (lambda x, w=w16: torch.nn.functional.linear(x.to(torch.bfloat16), w), 2 * n * k),
+                 "nn.Linear fp32": (lambda x, w=w32: torch.nn.functional.linear(x.float(), w), 4 * n * k)}
+        for cls in candidates:
+            kern = cls(qw, device, dtype)
+            impls[cls.name] = (kern.forward, _tensor_bytes(kern))
+        for m in batches:
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+            with torch.inference_mode():
+                times = time_side_by_side({name: (lambda f=f, x=x: f(x)) for name, (f, _) in impls.items()}, repeat)
+            for name, (_, nbytes) in impls.items():
+                rows.append({"in": k, "out": n, "batch": m, "impl": name, "median_s": times[name],
+                             "weight_bytes": nbytes, "weight_gbs": nbytes / times[name] / 1e9,
+                             "vs_bf16": times["nn.Linear bf16"] / times[name],
+                             "vs_fp32": times["nn.Linear fp32"] / times[name]})
+        del impls, w32, w16, qw
+        gc.collect()
+    return {"kind": "kernels", "scheme": scheme.describe(), "activation_dtype": str(dtype).replace("torch.", ""),
+            "repeat": repeat, "machine": machine(), "read_bandwidth_gbs": read_bandwidth_gbs(),
+            "rows": rows, "declined": skipped}
+
+
+def format_kernel_table(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        f"lowbit bench --kernels: {report['scheme']}, activations {report['activation_dtype']}, "
+        f"median of {report['repeat']} side-by-side samples",
+        f"machine: {m['cpu']} [{', '.join(m['isa'])}], {m['threads']} threads, torch {m['torch']}, "
+        f"load average {', '.join(f'{x:.1f}' for x in m['load_average'] or [])}; "
+        f"measured read bandwidth {report['read_bandwidth_gbs']:.1f} GB/s",
+        "",
+        "| in x out | batch | implementation | median ms | vs bf16 Linear | vs fp32 Linear | weight GB/s |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        lines.append(f"| {r['in']}x{r['out']} | {r['batch']} | {r['impl']} | {r['median_s'] * 1e3:.3f} | "
+                     f"{r['vs_bf16']:.2f}x | {r['vs_fp32']:.2f}x | {r['weight_gbs']:.1f} |")
+    if report["declined"]:
+        lines.append("")
+        lines.extend(f"not run: {name}: {why}" for name, why in sorted(report["declined"].items()))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# model level
+
+
+def _dir_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _model_bytes(model) -> int:
+    from .nn import QuantLinear
+
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            total += _tensor_bytes(mod.kernel, seen)
+    return total
+
+
+@torch.inference_mode()
+def _measure_model(model, prompt_len: int, new_tokens: int, repeat: int, vocab: int) -> dict:
+    ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    model(ids[:, :8], use_cache=False)  # warm up
+    prefill, steps = [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = model(ids, use_cache=True)
+        prefill.append(time.perf_counter() - t)
+        past = out.past_key_values
+        tok = out.logits[:, -1:].argmax(-1)
+        for _ in range(new_tokens):
+            t = time.perf_counter()
+            out = model(tok, past_key_values=past, use_cache=True)
+            steps.append(time.perf_counter() - t)
+            past = out.past_key_values
+            tok = out.logits[:, -1:].argmax(-1)
+    p = statistics.median(prefill)
+    d = statistics.median(steps)
+    return {"prefill_s": p, "prefill_tok_s": prompt_len / p, "decode_s_per_token": d, "decode_tok_s": 1 / d}
+
+
+def _child(spec: dict) -> dict:
+    """Build one model (quantized through lowbit, or the bf16 float baseline) and measure it."""
+    from . import nn as lnn
+    from .exporting import read_checkpoint
+
+    torch.set_num_threads(spec["threads"])
+    dtype = DTYPES[spec["dtype"]]
+    rss0 = _rss_bytes()
+    t0 = time.perf_counter()
+    qmodel = read_checkpoint(spec["checkpoint"])
+    tokenizer = qmodel.tokenizer
+    if spec["float"]:
+        model = lnn.build_float_model(qmodel, dtype)
+        kernels = {"transformers nn.Linear": len(qmodel.qweights)}
+    else:
+        model = lnn.build_model(qmodel, device="cpu", dtype=dtype)
+        kernels = lnn.kernels_used(model)
+    scheme = qmodel.scheme.describe()
+    vocab = int(model.config.vocab_size)
+    del qmodel
+    gc.collect()
+    load_s = time.perf_counter() - t0
+    out = {"kernels": kernels, "scheme": scheme, "load_s": load_s, "weights_bytes": _model_bytes(model),
+           "rss_after_load_bytes": _rss_bytes() - rss0}
+    out.update(_measure_model(model, spec["prompt_len"], spec["new_tokens"], spec["repeat"], vocab))
+    if spec["ppl_windows"]:
+        from .evaluate import perplexity
+
+        if tokenizer is None:
+            out["ppl"] = None
+        else:
+            with torch.inference_mode():
+                out["ppl"] = perplexity(model, tokenizer, seqlen=spec["ppl_seqlen"], max_windows=spec["ppl_windows"],
+                                        progress=False)["ppl"]
+    # ru_maxrss is KiB on Linux: the process's high-water mark, loading included
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    return out
+
+
+def _run_child(spec: dict) -> dict:
+    code = "import json,sys; from lowbit.bench import _child; print(json.dumps(_child(json.loads(sys.argv[1]))))"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
+                          check=False, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise LowbitError(f"benchmark of {spec['checkpoint']} ({'bf16 float' if spec['float'] else 'quantized'}) "
+                          f"failed: {tail[0]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def model_bench(checkpoint, dtype="bf16", prompt_len=128, new_tokens=32, repeat=3, ppl_windows=0, ppl_seqlen=512,
+                baseline=True, threads=None) -> dict:
+    path = Path(checkpoint)
+    if not path.exists():
+        raise LowbitError(f"checkpoint {checkpoint} does not exist; pass a directory written by lowbit or an exporter.")
+    if prompt_len < 1 or new_tokens < 1:
+        raise LowbitError("--prompt-len and --new-tokens must be at least 1.")
+    spec = {"checkpoint": str(path), "dtype": dtype, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "repeat": repeat, "ppl_windows": ppl_windows, "ppl_seqlen": ppl_seqlen,
+            "threads": threads or torch.get_num_threads()}
+    quant = _run_child({**spec, "float": False})
+    quant["disk_bytes"] = _dir_bytes(path)
+    rows = [{"model": f"lowbit {quant['scheme']}", **quant}]
+    if baseline:
+        flt = _run_child({**spec, "float": True})
+        flt["disk_bytes"] = None
+        rows.append({"model": f"{dtype} transformers (dequantized)", **flt})
+        base = flt
+    else:
+        base = None
+    for r in rows:
+        r["decode_speedup"] = base["decode_s_per_token"] / r["decode_s_per_token"] if base else None
+        r["prefill_speedup"] = base["prefill_s"] / r["prefill_s"] if base else None
+    return {"kind": "model", "checkpoint": str(path), "activation_dtype": dtype, "prompt_len": prompt_len,
+            "new_tokens": new_tokens, "repeat": repeat, "machine": machine(), "rows": rows}
+
+
+def format_model_table(report: dict) -> str:
+    m = report["machine"]
+    mib = 1 << 20
+    lines = [
+        f"lowbit bench {report['checkpoint']}: prompt {report['prompt_len']} tokens, "
+        f"{report['new_tokens']} decoded tokens x {report['repeat']} runs (medians), batch 1",
+        f"machine: {m['cpu']} [{', '.join(m['isa'])}], {m['threads']} threads, torch {m['torch']}, "
+        f"load average {', '.join(f'{x:.1f}' for x in m['load_average'] or [])}",
+        "",
+        "| model | kernels | weights MiB | peak RSS MiB | disk MiB | PPL | prefill tok/s | median s/token | "
+        "decode tok/s | decode speed-up | prefill speed-up |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        kern = ", ".join(f"{k} x{v}" for k, v in r["kernels"].items())
+        disk = f"{r['disk_bytes'] / mib:.1f}" if r.get("disk_bytes") else "-"
+        ppl = f"{r['ppl']:.2f}" if r.get("ppl") else "-"
+        ds = f"{r['decode_speedup']:.2f}x" if r.get("decode_speedup") else "-"
+        ps = f"{r['prefill_speedup']:.2f}x" if r.get("prefill_speedup") else "-"
+        lines.append(f"| {r['model']} | {kern} | {r['weights_bytes'] / mib:.1f} | {r['peak_rss_bytes'] / mib:.0f} | "
+                     f"{disk} | {ppl} | {r['prefill_tok_s']:.1f} | {r['decode_s_per_token']:.4f} | "
+                     f"{r['decode_tok_s']:.1f} | {ds} | {ps} |")
+    return "\n".join(lines)
