@@ -5,10 +5,31 @@
     class TestMyKernel(KernelConformance):
         kernel = MyKernel
 
-pytest collects the subclass; the suite compares against the reference kernel. Suites for
-packers, exporters and quantizers live beside it.
+pytest collects the subclass (name it ``Test...``). One suite per extension kind:
+
+===========================  ==============================================================
+``KernelConformance``        ``kernel = ...``: output vs the reference kernel over bits, group
+                             sizes, sym/asym, act-order, batches and dtypes
+``PackerConformance``        ``packer = ...``: unpack∘pack identity over bits × group sizes ×
+                             sym × act-order; declined schemes give a reason; the layout contract
+``ExporterConformance``      ``exporter = ...``: write → read gives equal QuantizedWeights;
+                             detect() knows its own output and not a lowbit checkpoint
+``QuantizerConformance``     ``quantizer = ...``: quantizes every linear of a real decoder layer
+                             and beats RTN's held-out output error (``beats_rtn = False`` opts out)
+===========================  ==============================================================
 """
 
-from .kernels import KernelConformance
+from .exporters import ExporterConformance, tiny_quantized_model
+from .kernels import KernelConformance, make_qweight
+from .packers import PackerConformance, scheme_grid
+from .quantizers import QuantizerConformance
 
-__all__ = ["KernelConformance"]
+__all__ = [
+    "ExporterConformance",
+    "KernelConformance",
+    "PackerConformance",
+    "QuantizerConformance",
+    "make_qweight",
+    "scheme_grid",
+    "tiny_quantized_model",
+]
