@@ -75,12 +75,17 @@ class KernelConformance:
     @pytest.mark.parametrize("act_order", [False, True])
     @pytest.mark.parametrize("sym", [False, True])
     def test_bits_group_sizes(self, sym, act_order):
+        self._probe_or_skip()
+        checked, declined = [], []
         for bits, gs in itertools.product(self.bits, self.group_sizes):
             scheme = QuantScheme(bits, gs, sym=sym, act_order=act_order)
             try:
                 self._check(scheme, self.batches[0], self.dtypes[0])
-            except pytest.skip.Exception:
-                continue
+                checked.append(scheme.describe())
+            except pytest.skip.Exception as skip:
+                declined.append(str(skip))
+        if not checked:
+            pytest.skip(f"{self.kernel.name} declines every scheme here: {declined[0]}")
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
     def test_batches_and_dtypes(self, dtype):
