@@ -34,8 +34,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,11 +62,12 @@ def stream_layer(ctx: LayerContext, hooks: dict[str, Callable[[int, tuple, dict]
     the inputs reaching each module; a batch's forward stops as soon as every hooked module has
     fired (the rest of the layer is not computed)."""
     seen: set[str] = set()
+    state = {"batch": 0}
     handles = []
 
     def make(path, fn):
         def hook(_mod, args, kwargs):
-            fn(batch, args, kwargs)
+            fn(state["batch"], args, kwargs)
             seen.add(path)
             if stop_when_all_seen and len(seen) == len(hooks):
                 raise _Stop
@@ -76,6 +78,7 @@ def stream_layer(ctx: LayerContext, hooks: dict[str, Callable[[int, tuple, dict]
     try:
         with ctx.autocast():
             for batch, (x, kw) in enumerate(zip(ctx.inputs, ctx.kwargs)):
+                state["batch"] = batch
                 seen.clear()
                 try:
                     ctx.layer(x, **kw)
@@ -130,12 +133,12 @@ class AWQ(Quantizer):
                "search_tokens": 4096, "gram_tokens": 16384, "max_shrink": 0.5}
 
     def __init__(self, scheme: QuantScheme, **options: Any):
-        super().__init__(scheme, **options)
         self._identity: dict | None = None
         self._probe: torch.Tensor | None = None
         self._tensors: dict[str, torch.Tensor] = {}
         self._layers: dict[str, dict] = {}
         self._loaded: tuple[dict[str, torch.Tensor], dict] | None = None
+        super().__init__(scheme, **options)  # runs check(), which reads a load-awq file
 
     def check(self, scheme: QuantScheme) -> None:
         super().check(scheme)

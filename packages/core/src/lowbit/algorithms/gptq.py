@@ -25,7 +25,6 @@ values GPTQ compensated for.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 

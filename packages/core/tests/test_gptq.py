@@ -1,0 +1,127 @@
+"""GPTQ on tiny seeded llamas and random linears: quality against RTN, act-order/g_idx, static groups,
+dead columns, codes consistent with the stored scales, the AWQ→GPTQ recipe, determinism, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lowbit.algorithms.awq import AWQ
+from lowbit.algorithms.gptq import GPTQ, gptq_quantize
+from lowbit.algorithms.rtn import RTN
+from lowbit.errors import UnsupportedSchemeError
+from lowbit.plugins import registry
+from lowbit.primitives import quantize, quantize_codes
+from lowbit.scheme import QuantScheme
+from test_awq import calib_ids, layer_error, outlier_llama, run_steps
+
+
+def correlated_inputs(n=512, k=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k)
+    x = torch.randn(n, k, generator=g) @ mix
+    x[:, :4] *= 5  # a few strong channels, as in LLM activations
+    return x
+
+
+def proxy_error(x, w, qw) -> float:
+    return float((x @ (qw.dequantize() - w).T).pow(2).sum())
+
+
+def test_registered():
+    assert registry("quantizers").get("gptq") is GPTQ
+    assert GPTQ.supports_act_order and GPTQ.quantizes
+
+
+SCHEMES = [QuantScheme(b, g, sym=s, act_order=a) for b, g, s, a in [
+    (4, 32, False, False), (4, 64, True, False), (3, 32, False, True), (2, 32, False, False),
+    (8, -1, True, False), (4, -1, False, True), (3, 64, True, True)]]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())
+def test_gptq_beats_rtn_on_a_linear(scheme):
+    torch.manual_seed(0)
+    x, w = correlated_inputs(), torch.randn(48, 64)
+    h = 2 * x.T @ x / x.shape[0]
+    qw, _ = gptq_quantize(w, h, scheme)
+    rtn = quantize(w, QuantScheme(scheme.bits, scheme.group_size, scheme.sym))
+    assert proxy_error(x, w, qw) < 0.9 * proxy_error(x, w, rtn)
+    # the codes are exactly what the stored (fp16) scales and zeros give for the dequantized weight
+    assert torch.equal(quantize_codes(qw.dequantize(), qw.scales, qw.zeros, scheme, qw.g_idx), qw.codes)
+    assert qw.scales.dtype == torch.float16
+    if scheme.sym:
+        assert (qw.zeros == 2 ** (scheme.bits - 1)).all()
+    if scheme.act_order and scheme.group_size != -1:
+        assert qw.g_idx is not None and qw.g_idx.dtype == torch.int32
+        assert qw.num_groups == 1 or not qw.has_trivial_g_idx()
+        assert torch.equal(torch.bincount(qw.g_idx.long()), torch.full((qw.num_groups,), scheme.group_size))
+    else:
+        assert qw.g_idx is None
+
+
+def test_static_groups_keep_trivial_g_idx():
+    x, w = correlated_inputs(), torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
+    scheme = QuantScheme(4, 32, act_order=True)
+    qw, _ = gptq_quantize(w, 2 * x.T @ x / 512, scheme, static_groups=True)
+    assert qw.has_trivial_g_idx()
+    assert proxy_error(x, w, qw) < proxy_error(x, w, quantize(w, QuantScheme(4, 32)))
+
+
+def test_block_size_does_not_change_the_result():
+    """Lazy batch updates are an exact reordering of the same arithmetic."""
+    x, w = correlated_inputs(), torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
+    h = 2 * x.T @ x / 512
+    a, _ = gptq_quantize(w, h, QuantScheme(4, 32), block_size=128)
+    b, _ = gptq_quantize(w, h, QuantScheme(4, 32), block_size=8)
+    assert (a.codes == b.codes).float().mean() > 0.995
+
+
+def test_dead_columns_quantize_to_zero():
+    x, w = correlated_inputs(), torch.randn(16, 64, generator=torch.Generator().manual_seed(5))
+    x[:, 10] = 0
+    qw, _ = gptq_quantize(w, 2 * x.T @ x / 512, QuantScheme(4, 32))
+    assert torch.equal(qw.dequantize()[:, 10], torch.zeros(16))
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 32), QuantScheme(3, 32, sym=True, act_order=True),
+                                    QuantScheme(4, -1)], ids=lambda s: s.describe())
+def test_gptq_lowers_layer_error_below_rtn(scheme):
+    model, ids = outlier_llama(), calib_ids()
+    rtn = layer_error(model, ids, 1, scheme, [RTN(QuantScheme(scheme.bits, scheme.group_size, scheme.sym))])
+    gptq = layer_error(model, ids, 1, scheme, [GPTQ(scheme)])
+    assert gptq < 0.9 * rtn, (gptq, rtn)
+    seq = layer_error(model, ids, 1, scheme, [GPTQ(scheme, true_sequential=False)])
+    assert seq < 0.9 * rtn
+
+
+def test_awq_then_gptq_recipe_beats_rtn():
+    scheme = QuantScheme(3, 32)
+    model, ids = outlier_llama(), calib_ids()
+    rtn = layer_error(model, ids, 1, scheme, [RTN(scheme)])
+    both = layer_error(model, ids, 1, scheme, [AWQ(scheme, n_grid=6), GPTQ(scheme)])
+    assert both < 0.9 * rtn, (both, rtn)
+
+
+def test_deterministic():
+    scheme = QuantScheme(4, 32, act_order=True)
+    ids = calib_ids()
+    q1 = run_steps(outlier_llama(), [GPTQ(scheme)], ids)
+    q2 = run_steps(outlier_llama(), [GPTQ(scheme)], ids)
+    assert set(q1) == set(q2) and len(q1) == 14
+    assert all(q1[k].equal(q2[k]) for k in q1)
+
+
+@pytest.mark.parametrize("damp", [0, 1, -0.1, 1.5, "x", True])
+def test_damp_out_of_range(damp):
+    with pytest.raises(UnsupportedSchemeError, match="0 < damp < 1"):
+        GPTQ(QuantScheme(4, 32), damp=damp)
+
+
+def test_bad_options():
+    with pytest.raises(UnsupportedSchemeError, match="block_size"):
+        GPTQ(QuantScheme(4, 32), block_size=0)
+    with pytest.raises(UnsupportedSchemeError, match="no option"):
+        GPTQ(QuantScheme(4, 32), n_grid=3)
+    with pytest.raises(UnsupportedSchemeError, match="act-order"):
+        RTN(QuantScheme(4, 32, act_order=True))
+    with pytest.raises(UnsupportedSchemeError, match="does not divide"):
+        gptq_quantize(torch.randn(4, 48), torch.eye(48), QuantScheme(4, 32))
