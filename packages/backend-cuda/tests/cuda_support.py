@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+
 from lowbit import QuantizedWeight, QuantScheme
 from lowbit_cuda.kernel import TritonW4A16Kernel
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from cuda_support import DEVICE, DTYPES, ON_GPU, RTOL, needs_triton_runner, random_qweight, reference, rel_err
+
 from lowbit import KernelSpec, QuantScheme
 from lowbit.testing import KernelConformance
 from lowbit_cuda.errors import LaunchError

@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 from cuda_support import DEVICE, ON_GPU, PROBE, needs_triton_runner
+from torch import nn
+
 from lowbit import QuantScheme
 from lowbit.kernels.reference import ReferenceKernel
 from lowbit.primitives import quantize
 from lowbit_cuda.kernel import TritonW4A16Kernel
-from torch import nn
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from cuda_support import random_qweight
+
 from lowbit import QuantScheme, UnsupportedSchemeError
 from lowbit.errors import CheckpointError
 from lowbit.plugins import registry

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from lowbit import KernelSpec, QuantScheme
 from lowbit.plugins import get_plugin_manager, registry
 from lowbit.selection import clear_cache, kernel_reasons, select_kernel

@@ -8,6 +8,7 @@ rows to the split-K GEMV (decode) and larger ones to the tiled GEMM (prefill).
 from __future__ import annotations
 
 import torch
+
 from lowbit import Kernel, KernelSpec, QuantizedWeight
 
 from . import configs

@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from lowbit import Packer, QuantizedWeight, QuantScheme
 from lowbit.errors import CheckpointError, UnsupportedSchemeError
 
