@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from lowbit import QuantizedModel, QuantizedWeight, QuantScheme
 from lowbit.primitives import quantize, quantize_codes
 

@@ -6,6 +6,7 @@ import struct
 
 import pytest
 import torch
+
 from lowbit import QuantizedWeight, QuantScheme
 from lowbit_exporters._bits import pack_bits, unpack_bits
 from lowbit_exporters.autoawq import AwqGemmPacker, AwqGemvPacker, gemv_zeros_width

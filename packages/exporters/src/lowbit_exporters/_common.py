@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+
 from lowbit import CheckpointError, Exporter, QuantizedModel, QuantizedWeight, QuantScheme, UnsupportedSchemeError
 from lowbit.hf import (
     DEFAULT_SHARD_BYTES,

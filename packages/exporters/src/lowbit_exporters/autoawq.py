@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+
 from lowbit import CheckpointError, QuantizedModel, QuantizedWeight, QuantScheme, UnsupportedSchemeError
 from lowbit.packing import Packer
 
@@ -31,7 +32,7 @@ AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
 
 def _check_awq(scheme: QuantScheme) -> str | None:
     if scheme.bits != 4:
-        return f"AutoAWQ holds 4-bit weights only, got {scheme.bits}-bit; use --format gptq for 2/3/8 bits"
+        return f"AutoAWQ holds 4-bit weights only, got {scheme.bits}-bit; use --format gptq-v2 (or gptq with --sym) for 2/3/8 bits"
     if scheme.act_order:
         return "AutoAWQ has no g_idx, so it cannot hold act-order; quantize without act-order or use gptq"
     return None

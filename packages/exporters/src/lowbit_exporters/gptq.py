@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+
 from lowbit import CheckpointError, QuantizedModel, QuantizedWeight, QuantScheme, UnsupportedSchemeError
 from lowbit.packing import Packer
 

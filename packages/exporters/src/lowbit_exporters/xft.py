@@ -37,6 +37,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+
 from lowbit import CheckpointError, Exporter, QuantizedModel, QuantizedWeight, QuantScheme, UnsupportedSchemeError
 from lowbit.hf import load_config, load_extras, write_config, write_extras
 

