@@ -1,4 +1,5 @@
 import pytest
+
 from lowbit.plugins import reset_plugin_manager
 
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+
 from lowbit import bench
 from lowbit.errors import LowbitError
 

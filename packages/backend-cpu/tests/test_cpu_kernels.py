@@ -3,6 +3,7 @@ cases the shared suite does not reach: both paths of cpu.avx2_int4, act-order pe
 
 import pytest
 import torch
+
 from lowbit.kernels.base import KernelSpec
 from lowbit.kernels.reference import ReferenceKernel
 from lowbit.scheme import QuantScheme
@@ -21,12 +22,8 @@ class TestTorchInt4(KernelConformance):
 
 class TestTorchInt8(KernelConformance):
     kernel = TorchInt8Kernel
-    group_sizes = (-1,)  # it declines grouped 8-bit; the suite's batch/dtype tests use group_sizes[0]
-
-    def _check(self, scheme, batch, dtype, bias=False):
-        if scheme.bits == 4 and scheme.group_size == -1:  # the suite's default w4: exercise w8 instead
-            scheme = QuantScheme(8, -1, sym=scheme.sym, act_order=scheme.act_order)
-        return super()._check(scheme, batch, dtype, bias)
+    group_sizes = (-1, 32, 64, 128)  # grouped 8-bit is declined (checked to give a reason)
+    basic_bits = 8
 
 
 class TestIpexWoq(KernelConformance):
@@ -63,7 +60,8 @@ def test_avx2_int16_activation_error_is_far_below_bf16_rounding():
     k16 = Avx2Int4Kernel(qw, torch.device("cpu"), torch.float16)
     k32 = Avx2Int4Kernel(qw, torch.device("cpu"), torch.float32)
     from lowbit_cpu import native
-    y16 = native.gemm_i16(x.float().contiguous(), k16.packed, k16.scales, k16.zs, k16.group, k16.block, 1)
+    y16 = native.linear_i16(x.float().contiguous(), k16.packed, k16.scales, k16.zs, None, k16.group, k16.block, 1,
+                            torch.float32)
     y32 = k32.forward(x.float())
     assert float((y16 - y32).norm() / y32.norm()) < 1e-4
 

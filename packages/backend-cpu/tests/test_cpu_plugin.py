@@ -1,6 +1,7 @@
 """The plugin shows up, selection prefers the CPU kernels, LOWBIT_DISABLED_KERNELS moves the choice."""
 
 import torch
+
 from lowbit import registry, select_kernel
 from lowbit.kernels.base import KernelSpec
 from lowbit.scheme import QuantScheme

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+
 from lowbit.errors import MissingDependencyError
 
 from . import cpuinfo
@@ -31,8 +32,9 @@ _I = ctypes.c_int64
 _SIGNATURES = {
     "lowbit_int4_gemm": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_int],
     "lowbit_int4_dequant": [_P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_int],
-    "lowbit_quant_x_i16": [_P, _P, _P, _P, _I, _I, _I, _I],
-    "lowbit_int4_gemm_i16": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int],
+    "lowbit_quant_x_i16": [_P, ctypes.c_int, _P, _P, _P, _I, _I, _I, _I],
+    "lowbit_int4_linear_i16": [_P, ctypes.c_int, _P, ctypes.c_int, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P,
+                               ctypes.c_int],
 }
 
 
@@ -122,18 +124,22 @@ def gemm_f32(x: torch.Tensor, packed, scales, zs, group: int, threads: int) -> t
     return y
 
 
-def gemm_i16(x: torch.Tensor, packed, scales, zs, group: int, block: int, threads: int) -> torch.Tensor:
-    """``x`` float32 contiguous ``[M, K]``, rounded to int16 per block of ``block`` columns."""
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def linear_i16(x: torch.Tensor, packed, scales, zs, bias: torch.Tensor | None, group: int, block: int,
+               threads: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """``x`` contiguous ``[M, K]`` (fp32/bf16/fp16) → ``[M, N]`` in ``out_dtype``, bias added, in one
+    native call: x rounded to int16 per block of ``block`` columns, int32 dot products, fp32
+    accumulation, one rounding to ``out_dtype`` at the end."""
     m, k = x.shape
     n = packed.shape[0]
-    lib = library()
-    xq = torch.empty(m, k, dtype=torch.int16)
-    xscale = torch.empty(m, k // block, dtype=torch.float32)
-    xsum = torch.empty(m, k // group, dtype=torch.float32)
-    lib.lowbit_quant_x_i16(_ptr(x), _ptr(xq), _ptr(xscale), _ptr(xsum), m, k, block, group)
-    y = torch.empty(m, n, dtype=torch.float32)
-    lib.lowbit_int4_gemm_i16(_ptr(xq), _ptr(xscale), _ptr(xsum), _ptr(packed), _ptr(scales), _ptr(zs), _ptr(y),
-                             m, n, k, group, block, threads)
+    scratch = torch.empty(m * k * 2 + m * (k // block + k // group) * 4, dtype=torch.uint8)
+    y = torch.empty(m, n, dtype=out_dtype)
+    library().lowbit_int4_linear_i16(
+        x.data_ptr(), DTYPE_CODES[x.dtype], y.data_ptr(), DTYPE_CODES[out_dtype],
+        None if bias is None else bias.data_ptr(), packed.data_ptr(), scales.data_ptr(), zs.data_ptr(),
+        m, n, k, group, block, scratch.data_ptr(), threads)
     return y
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 import torch
+
 from lowbit.errors import LowbitError
 
 # measured on AMD EPYC (Zen 3, AVX2, 2 cores) with 4096x4096 g128; see RESULTS.md

@@ -139,17 +139,43 @@ void lowbit_int4_dequant(const uint8_t *packed, const float *scales, const float
  * 2^-9 (bf16) / 2^-12 (fp16) precision the activations arrive with.
  */
 
-/* xq [M, K] int16, xscale [M, K/block], xsum [M, K/group] = per-group sums of the rounded x */
-void lowbit_quant_x_i16(const float *x, int16_t *xq, float *xscale, float *xsum, int64_t M, int64_t K,
+/* activation / output dtypes: 0 float32, 1 bfloat16, 2 float16 */
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
+static inline __m256 load8(const void *x, int dt, int64_t i) {
+    if (dt == DT_BF16) {
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    if (dt == DT_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + i)));
+    return _mm256_loadu_ps((const float *)x + i);
+}
+
+static inline void store1(void *y, int dt, int64_t i, float v) {
+    if (dt == DT_BF16) {
+        union { float f; uint32_t u; } c = {v};
+        uint32_t u = c.u;
+        if ((u & 0x7F800000u) != 0x7F800000u) u += 0x7FFFu + ((u >> 16) & 1u); /* round to nearest even */
+        ((uint16_t *)y)[i] = (uint16_t)(u >> 16);
+    } else if (dt == DT_F16) {
+        ((uint16_t *)y)[i] = (uint16_t)_cvtss_sh(v, 0);
+    } else {
+        ((float *)y)[i] = v;
+    }
+}
+
+/* xq [M, K] int16, xscale [M, K/block], xsum [M, K/group] = per-group sums of the rounded x;
+ * x is [M, K] of dtype dt */
+void lowbit_quant_x_i16(const void *x, int dt, int16_t *xq, float *xscale, float *xsum, int64_t M, int64_t K,
                         int64_t block, int64_t group) {
     const int64_t nb = K / block, ng = K / group, bpg = group / block;
     for (int64_t m = 0; m < M; ++m) {
         for (int64_t g = 0; g < ng; ++g) xsum[m * ng + g] = 0.f;
         for (int64_t b = 0; b < nb; ++b) {
-            const float *xb = x + m * K + b * block;
+            const int64_t xb = m * K + b * block;
             __m256 mx = _mm256_setzero_ps();
             const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-            for (int64_t k = 0; k < block; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(xb + k), absmask));
+            for (int64_t k = 0; k < block; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(load8(x, dt, xb + k), absmask));
             __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
             h = _mm_max_ps(h, _mm_movehl_ps(h, h));
             h = _mm_max_ss(h, _mm_movehdup_ps(h));
@@ -159,8 +185,8 @@ void lowbit_quant_x_i16(const float *x, int16_t *xq, float *xscale, float *xsum,
             __m256i isum = _mm256_setzero_si256();
             int16_t *qb = xq + m * K + b * block;
             for (int64_t k = 0; k < block; k += 16) {
-                __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + k), inv));
-                __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + k + 8), inv));
+                __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, dt, xb + k), inv));
+                __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, dt, xb + k + 8), inv));
                 isum = _mm256_add_epi32(isum, _mm256_add_epi32(a, c));
                 __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, c), 0xD8);
                 _mm256_storeu_si256((__m256i *)(qb + k), p);
@@ -178,52 +204,68 @@ static inline void decode32_i16(const uint8_t *p, __m256i *lo16, __m256i *hi16) 
     *hi16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
 }
 
+/* MB rows of x against weight row n. Pointers advance by fixed steps (no index arithmetic or
+ * division in the loop); groups outer, blocks of one x scale inner. */
 static inline __attribute__((always_inline)) void row_i16(
     int MB, const int16_t *xq, int64_t ldx, const float *xscale, int nb, const float *xsum, int ng,
-    const uint8_t *wrow, const float *srow, const float *zsrow, int block, int group, float *y,
-    int64_t ldy, int64_t n) {
+    const uint8_t *wrow, const float *srow, const float *zsrow, int block, int bpg, void *y, int ydt,
+    float bias, int64_t ldy, int64_t n) {
+    const __m128i mask = _mm_set1_epi8(0x0F);
     __m256 accf[4];
     for (int m = 0; m < MB; ++m) accf[m] = _mm256_setzero_ps();
-    const int bpg = group / block;
-    for (int b = 0; b < nb; ++b) {
-        __m256i a0[4], a1[4];
-        for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm256_setzero_si256();
-        for (int k = b * block; k < (b + 1) * block; k += 32) {
-            __m256i lo, hi;
-            decode32_i16(wrow + k / 2, &lo, &hi);
-            for (int m = 0; m < MB; ++m) {
-                const int16_t *xm = xq + m * ldx + k;
-                a0[m] = _mm256_add_epi32(a0[m], _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xm)));
-                a1[m] = _mm256_add_epi32(a1[m], _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xm + 16))));
+    const uint8_t *wp = wrow;
+    const int16_t *xp = xq;
+    int b = 0;
+    for (int g = 0; g < ng; ++g) {
+        const float s = srow[g];
+        for (int bb = 0; bb < bpg; ++bb, ++b) {
+            __m256i a0[4], a1[4];
+            for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm256_setzero_si256();
+            #pragma GCC unroll 4
+            for (int j = 0; j < block; j += 32, wp += 16, xp += 32) {
+                const __m128i v = _mm_loadu_si128((const __m128i *)wp);
+                const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
+                const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
+                for (int m = 0; m < MB; ++m) {
+                    const int16_t *xm = xp + m * ldx;
+                    a0[m] = _mm256_add_epi32(a0[m], _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xm)));
+                    a1[m] = _mm256_add_epi32(a1[m], _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xm + 16))));
+                }
             }
+            for (int m = 0; m < MB; ++m)
+                accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a0[m], a1[m])),
+                                          _mm256_set1_ps(s * xscale[m * nb + b]), accf[m]);
         }
-        const float s = srow[b / bpg];
-        for (int m = 0; m < MB; ++m)
-            accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a0[m], a1[m])),
-                                      _mm256_set1_ps(s * xscale[m * nb + b]), accf[m]);
     }
     for (int m = 0; m < MB; ++m) {
         float corr = 0.f;
         for (int g = 0; g < ng; ++g) corr += zsrow[g] * xsum[m * ng + g];
-        y[m * ldy + n] = hsum256(accf[m]) - corr;
+        store1(y, ydt, m * ldy + n, hsum256(accf[m]) - corr + bias);
     }
 }
 
-void lowbit_int4_gemm_i16(const int16_t *xq, const float *xscale, const float *xsum, const uint8_t *packed,
-                          const float *scales, const float *zs, float *y, int64_t M, int64_t N, int64_t K,
-                          int64_t group, int64_t block, int nthreads) {
-    const int ng = (int)(K / group), nb = (int)(K / block);
+/* y [M, N] (dtype ydt) = x [M, K] (dtype xdt) @ W^T + bias, through int16 activations.
+ * scratch: at least M*K*2 + M*(K/block + K/group)*4 bytes. */
+void lowbit_int4_linear_i16(const void *x, int xdt, void *y, int ydt, const float *bias, const uint8_t *packed,
+                            const float *scales, const float *zs, int64_t M, int64_t N, int64_t K, int64_t group,
+                            int64_t block, void *scratch, int nthreads) {
+    const int ng = (int)(K / group), nb = (int)(K / block), bpg = (int)(group / block);
+    int16_t *xq = (int16_t *)scratch;
+    float *xscale = (float *)(xq + M * K);
+    float *xsum = xscale + M * nb;
+    lowbit_quant_x_i16(x, xdt, xq, xscale, xsum, M, K, block, group);
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; ++n) {
         const uint8_t *wrow = packed + n * (K / 2);
         const float *srow = scales + n * ng, *zsrow = zs + n * ng;
+        const float bn = bias ? bias[n] : 0.f;
         int64_t m = 0;
         for (; m + 4 <= M; m += 4)
-            row_i16(4, xq + m * K, K, xscale + m * nb, nb, xsum + m * ng, ng, wrow, srow, zsrow, (int)block, (int)group, y + m * N, N, n);
+            row_i16(4, xq + m * K, K, xscale + m * nb, nb, xsum + m * ng, ng, wrow, srow, zsrow, (int)block, bpg, y, ydt, bn, N, m * N + n);
         switch (M - m) {
-        case 3: row_i16(3, xq + m * K, K, xscale + m * nb, nb, xsum + m * ng, ng, wrow, srow, zsrow, (int)block, (int)group, y + m * N, N, n); break;
-        case 2: row_i16(2, xq + m * K, K, xscale + m * nb, nb, xsum + m * ng, ng, wrow, srow, zsrow, (int)block, (int)group, y + m * N, N, n); break;
-        case 1: row_i16(1, xq + m * K, K, xscale + m * nb, nb, xsum + m * ng, ng, wrow, srow, zsrow, (int)block, (int)group, y + m * N, N, n); break;
+        case 3: row_i16(3, xq + m * K, K, xscale + m * nb, nb, xsum + m * ng, ng, wrow, srow, zsrow, (int)block, bpg, y, ydt, bn, N, m * N + n); break;
+        case 2: row_i16(2, xq + m * K, K, xscale + m * nb, nb, xsum + m * ng, ng, wrow, srow, zsrow, (int)block, bpg, y, ydt, bn, N, m * N + n); break;
+        case 1: row_i16(1, xq + m * K, K, xscale + m * nb, nb, xsum + m * ng, ng, wrow, srow, zsrow, (int)block, bpg, y, ydt, bn, N, m * N + n); break;
         default: break;
         }
     }

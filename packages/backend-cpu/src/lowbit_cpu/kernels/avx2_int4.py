@@ -18,6 +18,7 @@ Accumulation is fp32 on both paths; the result is cast to the activation dtype o
 from __future__ import annotations
 
 import torch
+
 from lowbit.kernels.base import Kernel, KernelSpec
 from lowbit.qweight import QuantizedWeight
 
@@ -67,11 +68,12 @@ class Avx2Int4Kernel(Kernel):
             x2 = x2.index_select(1, self.perm)
         threads = torch.get_num_threads()
         if x2.shape[0] < self.prefill_min_batch:
-            xf = x2.to(torch.float32).contiguous()
-            if self.dtype == torch.float32:
-                y = native.gemm_f32(xf, self.packed, self.scales, self.zs, self.group, threads)
-            else:
-                y = native.gemm_i16(xf, self.packed, self.scales, self.zs, self.group, self.block, threads)
+            if self.dtype != torch.float32:
+                x2 = x2.to(self.dtype).contiguous()
+                y = native.linear_i16(x2, self.packed, self.scales, self.zs, self.bias, self.group, self.block,
+                                      threads, self.dtype)
+                return y.reshape(*lead, self.out_features)
+            y = native.gemm_f32(x2.float().contiguous(), self.packed, self.scales, self.zs, self.group, threads)
         else:
             y = self._prefill(x2, threads)
         if self.bias is not None:

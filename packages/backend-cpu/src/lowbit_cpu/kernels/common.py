@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from lowbit.errors import UnsupportedSchemeError
 from lowbit.qweight import QuantizedWeight
 

@@ -19,6 +19,7 @@ import importlib.util
 import os
 
 import torch
+
 from lowbit.errors import LowbitError
 from lowbit.kernels.base import Kernel, KernelSpec
 from lowbit.qweight import QuantizedWeight

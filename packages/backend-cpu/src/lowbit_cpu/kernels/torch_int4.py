@@ -10,6 +10,7 @@ of those. Needs no compiler: the fallback where cpu.avx2_int4 cannot build.
 from __future__ import annotations
 
 import torch
+
 from lowbit.kernels.base import Kernel, KernelSpec
 from lowbit.qweight import QuantizedWeight
 

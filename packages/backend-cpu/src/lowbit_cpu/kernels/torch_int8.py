@@ -13,6 +13,7 @@ weights decline: the op has one scale per output channel.
 from __future__ import annotations
 
 import torch
+
 from lowbit.kernels.base import Kernel, KernelSpec
 from lowbit.qweight import QuantizedWeight
 

@@ -48,6 +48,7 @@ class KernelConformance:
     batches: ClassVar[tuple[int, ...]] = (1, 7, 33, 128)
     dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.bfloat16, torch.float16, torch.float32)
     shape: ClassVar[tuple[int, int]] = (256, 512)  # (N, K)
+    basic_bits: ClassVar[int] = 4  # bits of the scheme the batch/dtype and bias tests use
     rtol: ClassVar[dict] = DEFAULT_RTOL
 
     def _probe_or_skip(self):
@@ -92,16 +93,16 @@ class KernelConformance:
         if dtype not in self.dtypes:
             pytest.skip(f"{dtype} not in this suite's dtypes")
         for batch in self.batches:
-            self._check(QuantScheme(4, self.group_sizes[0]), batch, dtype)
+            self._check(QuantScheme(self.basic_bits, self.group_sizes[0]), batch, dtype)
 
     def test_bias_and_3d_input(self):
         self._probe_or_skip()
         n, k = self.shape
-        scheme = QuantScheme(4, self.group_sizes[0])
+        scheme = QuantScheme(self.basic_bits, self.group_sizes[0])
         qw = make_qweight(n, k, scheme, bias=True)
         dtype = self.dtypes[0]
         if self.kernel.can_implement(KernelSpec.of(qw, dtype)) is not None:
-            pytest.skip("kernel declines the basic w4 spec")
+            pytest.skip(f"kernel declines the basic {scheme.describe()} spec")
         device = torch.device(self.device)
         x = torch.randn(2, 3, k).to(device=device, dtype=dtype)
         ref = ReferenceKernel(qw, device, torch.float32).forward(x.float())
