@@ -16,14 +16,19 @@ import torch
 
 from lowbit.errors import LowbitError
 
-# measured on AMD EPYC (Zen 3, AVX2, 2 cores) with 4096x4096 g128; see RESULTS.md
+# Measured on AMD EPYC (Zen 3, AVX2, no AVX-512/AMX), 4096x4096 w4 g128, one thread, CPU time
+# per call (ms), fused GEMV / tiled dequant + matmul:
+#   bf16 activations: M=16 8.5 / 12.0, M=24 12.9 / 17.6, M=32 17.6 / 17.8, M=48 30.1 / 24.3
+#   fp32 activations: M=12 10.6 / 16.8, M=16 14.4 / 10.5, M=24 22.1 / 16.2
+# (the int16 fused path is ~1.7x the fp32 one per row, so its crossover comes later)
 PREFILL_MIN_BATCH = {
     # (native bf16 matmul?, activation dtype): rows
-    (False, torch.bfloat16): 16,
-    (False, torch.float16): 16,
+    (False, torch.bfloat16): 32,
+    (False, torch.float16): 32,
     (False, torch.float32): 16,
-    # not measured here (no AMX on the development machine): AMX bf16 matmul is fast, so the
-    # crossover comes earlier; 16 keeps the fused GEMV for decode and small speculative batches
+    # Not measured (no AMX on the development machine). With AMX the tiles' bf16 matmul is
+    # several times faster than fp32 here, so the crossover can only come earlier: 16 keeps the
+    # fused GEMV for decode and small speculative batches. Re-measure on a Xeon and update.
     (True, torch.bfloat16): 16,
     (True, torch.float16): 16,
     (True, torch.float32): 16,

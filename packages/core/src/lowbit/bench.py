@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="activation dtype (default bf16)")
     parser.add_argument("--repeat", type=int, default=7, help="samples per figure; the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="kernel level: wall time, or CPU time of the process (with --threads 1 this is "
+                             "unaffected by other processes on a shared machine)")
     parser.add_argument("--prompt-len", type=int, default=128, help="model level: prompt tokens (default 128)")
     parser.add_argument("--new-tokens", type=int, default=32, help="model level: decoded tokens (default 32)")
     parser.add_argument("--ppl-windows", type=int, default=0,
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         report = kernel_bench(
             shapes=_parse_shapes(args.shapes), batches=_parse_ints(args.batches, "--batches"), bits=args.bits,
             group_size=args.group_size, sym=args.sym, dtype=DTYPES[args.dtype], kernels=args.kernel,
-            repeat=args.repeat,
+            repeat=args.repeat, clock=args.clock,
         )
         print(json.dumps(report, indent=2) if args.json else format_kernel_table(report))
         return 0
@@ -113,8 +116,13 @@ def read_bandwidth_gbs(mib: int = 256, repeat: int = 5) -> float:
     return statistics.median(out)
 
 
-def time_side_by_side(fns: dict[str, callable], repeat: int, target_s: float = 0.02) -> dict[str, float]:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_side_by_side(fns: dict[str, callable], repeat: int, target_s: float = 0.02,
+                      clock: str = "wall") -> dict[str, float]:
     """Median seconds per call of each function, sampled round-robin."""
+    now = CLOCKS[clock]
     inner = {}
     for name, fn in fns.items():
         fn()
@@ -124,10 +132,10 @@ def time_side_by_side(fns: dict[str, callable], repeat: int, target_s: float = 0
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
-            t = time.perf_counter()
+            t = now()
             for _ in range(inner[name]):
                 fn()
-            samples[name].append((time.perf_counter() - t) / inner[name])
+            samples[name].append((now() - t) / inner[name])
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
@@ -183,7 +191,7 @@ def _tensor_bytes(obj, seen: set[int] | None = None) -> int:
 
 
 def kernel_bench(shapes, batches, bits=4, group_size=128, sym=False, dtype=torch.bfloat16, kernels=None,
-                 repeat=7) -> dict:
+                 repeat=7, clock="wall") -> dict:
     from .kernels.base import KernelSpec
     from .plugins import registry
     from .scheme import QuantScheme
@@ -216,7 +224,8 @@ def kernel_bench(shapes, batches, bits=4, group_size=128, sym=False, dtype=torch
         for m in batches:
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
             with torch.inference_mode():
-                times = time_side_by_side({name: (lambda f=f, x=x: f(x)) for name, (f, _) in impls.items()}, repeat)
+                times = time_side_by_side({name: (lambda f=f, x=x: f(x)) for name, (f, _) in impls.items()}, repeat,
+                                          clock=clock)
             for name, (_, nbytes) in impls.items():
                 rows.append({"in": k, "out": n, "batch": m, "impl": name, "median_s": times[name],
                              "weight_bytes": nbytes, "weight_gbs": nbytes / times[name] / 1e9,
@@ -225,7 +234,7 @@ def kernel_bench(shapes, batches, bits=4, group_size=128, sym=False, dtype=torch
         del impls, w32, w16, qw
         gc.collect()
     return {"kind": "kernels", "scheme": scheme.describe(), "activation_dtype": str(dtype).replace("torch.", ""),
-            "repeat": repeat, "machine": machine(), "read_bandwidth_gbs": read_bandwidth_gbs(),
+            "repeat": repeat, "clock": clock, "machine": machine(), "read_bandwidth_gbs": read_bandwidth_gbs(),
             "rows": rows, "declined": skipped}
 
 
@@ -233,7 +242,7 @@ def format_kernel_table(report: dict) -> str:
     m = report["machine"]
     lines = [
         f"lowbit bench --kernels: {report['scheme']}, activations {report['activation_dtype']}, "
-        f"median of {report['repeat']} side-by-side samples",
+        f"median of {report['repeat']} side-by-side samples, {report['clock']} clock",
         f"machine: {m['cpu']} [{', '.join(m['isa'])}], {m['threads']} threads, torch {m['torch']}, "
         f"load average {', '.join(f'{x:.1f}' for x in m['load_average'] or [])}; "
         f"measured read bandwidth {report['read_bandwidth_gbs']:.1f} GB/s",
