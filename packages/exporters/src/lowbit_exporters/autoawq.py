@@ -247,16 +247,16 @@ class AutoAWQExporter(HFQuantFormat):
         qc = quant_config(Path(path)) or {}
         version = _version_of(qc)
         s = qm.scheme
-        runtimes = {"lowbit": "yes", "AutoAWQ": "yes (CUDA kernels; on CPU through its IPEX path)",
-                    "transformers+gptqmodel": "yes",
+        runtimes = {"lowbit": "yes", "AutoAWQ": "yes",
                     "xFT": "no: xFT reads its own config.ini/.bin layout; export with --format xft"}
         if version == "gemm":
+            runtimes["transformers+gptqmodel"] = "yes"
             runtimes["vLLM"] = ("yes" if s.group_size != -1 else
                                 "only through awq_marlin (the plain awq kernel sizes tensors K // group_size)")
-            runtimes["AutoAWQ"] = "yes"
         else:
+            runtimes["transformers+gptqmodel"] = ("on CUDA only: gptqmodel 7.7 has no CPU GEMV kernel "
+                                                  "('No valid quant linear'); export autoawq (GEMM) for CPU")
             runtimes["vLLM"] = "no: vLLM ignores version and would read this GEMV checkpoint as GEMM"
-            runtimes["AutoAWQ"] = "yes"
         return {"format": "autoawq" if version == "gemm" else "autoawq-gemv", "version": version,
                 "pack_order": "interleaved [0,2,4,6,1,3,5,7] along N" if version == "gemm" else "sequential along K",
                 "scheme": s.to_dict(), "modules": len(qm.qweights), "runtimes": runtimes}
