@@ -143,6 +143,14 @@ def test_gptq_missing_tensor(tmp_path, gptq_dir):
     assert "qzeros" in one_line(err)
 
 
+def test_gptq_orphan_qzeros(tmp_path, gptq_dir):
+    d = copy(gptq_dir, tmp_path / "o")
+    edit_tensors(d, lambda t: t.pop("model.layers.1.self_attn.k_proj.qweight"))
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(d)
+    assert "has no model.layers.1.self_attn.k_proj.qweight" in one_line(err)
+
+
 def test_sym_config_with_asym_zeros(tmp_path):
     d = export(tiny_qmodel(QuantScheme(4, 64)), "gptq-v2", tmp_path / "v2")
     edit_config(d, sym=True)

@@ -122,7 +122,7 @@ def split_modules(tensors: dict[str, torch.Tensor], parts: tuple[str, ...], path
         mod, _, leaf = name.rpartition(".")
         if mod in packed and leaf in parts:
             packed[mod][leaf] = t
-        elif leaf in parts and leaf not in ("bias",) and mod not in packed:
+        elif leaf == "qzeros":  # (a lone ``scales`` is a float tensor, e.g. AutoAWQ's ScaledActivation)
             raise CheckpointError(f"{path}: {name} has no {mod}.qweight beside it; the checkpoint is incomplete.")
         elif mod in packed and leaf == "weight":
             raise CheckpointError(f"{path}: {mod} holds both a float weight and a qweight; which one is meant?")
