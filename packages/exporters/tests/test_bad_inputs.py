@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_qmodel
+from exporters_testlib import tiny_config, tiny_qmodel
 from safetensors.torch import load_file, save_file
 
 from lowbit import CheckpointError, QuantScheme, UnsupportedSchemeError, export, read_checkpoint, registry

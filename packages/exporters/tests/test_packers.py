@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import random_qweight
+from exporters_testlib import random_qweight
 
 from lowbit import QuantScheme, UnsupportedSchemeError, registry
 from lowbit_exporters._bits import pack_bits, unpack_bits

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_qmodel
+from exporters_testlib import tiny_qmodel
 from safetensors import safe_open
 
 from lowbit import QuantScheme, export, read_checkpoint, registry

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_qmodel
+from exporters_testlib import tiny_qmodel
 
 from lowbit import QuantScheme, export
 

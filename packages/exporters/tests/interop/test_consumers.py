@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package's conftest helpers
-from conftest import tiny_qmodel  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # exporters_testlib
+from exporters_testlib import tiny_qmodel  # noqa: E402
 
 from lowbit import QuantScheme, export  # noqa: E402
 

@@ -1,0 +1,79 @@
+"""Helpers of the exporters tests: random QuantizedWeights with edge values, tiny quantized llamas.
+
+(A uniquely named module, not conftest, so that importing it never picks another package's conftest.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit import QuantizedModel, QuantizedWeight, QuantScheme
+from lowbit.primitives import quantize, quantize_codes
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def act_order_g_idx(k: int, group_size: int, gen: torch.Generator) -> torch.Tensor:
+    """GPTQ's desc_act assignment for a random column order: g_idx[k] = position of k // G."""
+    gs = k if group_size == -1 else group_size
+    perm = torch.randperm(k, generator=gen)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(k)
+    return (inv // gs).to(torch.int32)
+
+
+def random_qweight(scheme: QuantScheme, n: int = 64, k: int = 128, seed: int = 0, bias: bool = False) -> QuantizedWeight:
+    """Random codes/zeros/scales that include the edge values formats.md §7 asks for:
+    z = 0 and z = 2**b − 1 (asym), q = 0 and q = 2**b − 1, non-power-of-two fp16 scales, ≥2 groups,
+    and a permuted g_idx under act-order."""
+    gen = torch.Generator().manual_seed(seed)
+    ng = scheme.num_groups(k)
+    codes = torch.randint(0, scheme.maxq + 1, (n, k), generator=gen, dtype=torch.int64).to(torch.uint8)
+    codes[0, 0], codes[-1, -1] = 0, scheme.maxq
+    if scheme.sym:
+        zeros = torch.full((n, ng), 1 << (scheme.bits - 1), dtype=torch.uint8)
+    else:
+        zeros = torch.randint(0, scheme.maxq + 1, (n, ng), generator=gen, dtype=torch.int64).to(torch.uint8)
+        zeros[0, 0], zeros[-1, -1] = 0, scheme.maxq
+    scales = (torch.rand(n, ng, generator=gen) * 0.1 + 1e-3).half()
+    g_idx = act_order_g_idx(k, scheme.group_size, gen) if scheme.act_order else None
+    b = torch.randn(n, generator=gen).half() if bias else None
+    return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, scheme=scheme, g_idx=g_idx, bias=b)
+
+
+def tiny_config(**overrides):
+    from transformers import LlamaConfig
+
+    cfg = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=384, max_position_embeddings=256, tie_word_embeddings=False,
+               bos_token_id=1, eos_token_id=2, rope_theta=50000.0)
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+def tiny_qmodel(scheme: QuantScheme, seed: int = 0, **overrides) -> QuantizedModel:
+    """A seeded random LlamaForCausalLM quantized linear by linear with lowbit.primitives.quantize
+    (act-order: codes recomputed against a permuted g_idx)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(**overrides)
+    model = LlamaForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    qweights = {}
+    for i in range(config.num_hidden_layers):
+        for leaf in LINEARS:
+            path = f"model.layers.{i}.{leaf}"
+            w = model.get_submodule(path).weight.detach()
+            qw = quantize(w, scheme)
+            if scheme.act_order:
+                g_idx = act_order_g_idx(w.shape[1], scheme.group_size, gen)
+                qw = QuantizedWeight(codes=quantize_codes(w, qw.scales, qw.zeros, scheme, g_idx), scales=qw.scales,
+                                     zeros=qw.zeros, scheme=scheme, g_idx=g_idx)
+            qweights[path] = qw
+    floats = {k: v.detach().clone() for k, v in model.state_dict().items()
+              if k.rpartition(".")[0] not in qweights}
+    if config.tie_word_embeddings:
+        floats.pop("lm_head.weight", None)
+    return QuantizedModel(config, scheme, qweights, floats)
