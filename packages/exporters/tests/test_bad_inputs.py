@@ -24,6 +24,7 @@ def one_line(err) -> str:
     ("xft", QuantScheme(4, 64), None, "group_size=-1"),
     ("xft", QuantScheme(3, -1), None, "4-bit"),
     ("xft", QuantScheme(4, -1), tiny_config(model_type="mistral"), "model types"),
+    ("xft", QuantScheme(4, -1), tiny_config(attention_bias=True), "bias"),
     ("autoawq", QuantScheme(3, 64), None, "4-bit weights only"),
     ("autoawq", QuantScheme(8, 64), None, "4-bit weights only"),
     ("autoawq", QuantScheme(4, 64, act_order=True), None, "act-order"),

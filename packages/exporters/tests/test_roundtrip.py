@@ -144,6 +144,24 @@ def test_xft_reads_without_config_json(tmp_path):
     assert back.config.rope_parameters["rope_theta"] == 50000.0
 
 
+@pytest.mark.parametrize("fmt", ["xft", "gptq-v2", "autoawq"])
+def test_qwen2_with_qkv_bias(tmp_path, fmt):
+    scheme = QuantScheme(4, -1)
+    qm = tiny_qmodel(scheme, arch="qwen2")
+    assert qm.qweights["model.layers.0.self_attn.q_proj"].bias is not None
+    back = read_checkpoint(export(qm, fmt, tmp_path / fmt))
+    assert back.diff(qm) == {} and back.config.model_type == "qwen2"
+    for name, qw in qm.qweights.items():
+        b = back.qweights[name].bias
+        if qw.bias is None:
+            assert b is None
+        else:  # xFT keeps the float dtype; AWQ/GPTQ store float16 biases
+            ref = qw.bias.to(torch.float32 if fmt == "xft" else torch.float16)
+            assert b is not None and torch.equal(b, ref), name
+    if fmt == "xft":
+        assert (tmp_path / fmt / "config.ini").read_text().startswith("[qwen2]")
+
+
 def test_cross_format_same_codes(tmp_path):
     """One quantization exported to every format that can hold it decodes to identical integers."""
     qm = tiny_qmodel(QuantScheme(4, -1, sym=True))

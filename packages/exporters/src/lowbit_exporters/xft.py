@@ -132,6 +132,8 @@ class XFTExporter(Exporter):
             mt = _get(config, "model_type")
             if mt not in _MODEL_TYPES:
                 return f"xFT export supports model types {', '.join(_MODEL_TYPES)}, got {mt!r}"
+            if mt == "llama" and (_get(config, "attention_bias", False) or _get(config, "mlp_bias", False)):
+                return "xFT holds a bias only on the fused q/k/v projection; this llama has o_proj/MLP biases"
             if scheme.bits == 4:
                 for leaf, (n, _k) in linear_shapes(config).items():
                     if n % 2:

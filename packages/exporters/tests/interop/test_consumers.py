@@ -77,6 +77,7 @@ def assert_logits_close(got: torch.Tensor, ref: torch.Tensor):
     got, ref = got.float(), ref.float()
     scale = ref.abs().max().item()
     err = (got - ref).abs().max().item()
+    print(f"logits: max |consumer - dequantized reference| = {err:.3g} at logit scale {scale:.3g}")
     # fp16 tolerance: a few ulps of the logit scale after the layers' fp16 accumulation
     assert err <= 4e-3 * max(scale, 1.0), (err, scale)
     assert torch.equal(got[:, -1].argmax(-1), ref[:, -1].argmax(-1))
