@@ -68,14 +68,23 @@ def test_avx2_int16_activation_error_is_far_below_bf16_rounding():
 
 def test_avx2_odd_shapes_and_wide_k():
     """Per channel with K not a power of two (576: the demo model) and N not a multiple of 16."""
-    for n, k, gs in ((40, 576, -1), (72, 576, 64), (24, 11008 // 4, -1)):
+    for n, k, gs in ((40, 576, -1), (72, 576, 64), (24, 2752, -1), (16, 4160, -1)):
         err = _rel_err(Avx2Int4Kernel, QuantScheme(4, gs), 3, torch.float32, shape=(n, k))
         assert err <= 1e-4, (n, k, gs, err)
 
 
-def test_avx2_declines_k_not_multiple_of_32():
-    spec = KernelSpec(QuantScheme(4, -1), in_features=100, out_features=64, dtype=torch.bfloat16)
-    assert "multiple of 32" in Avx2Int4Kernel.can_implement(spec)
+def test_avx2_declines_k_not_multiple_of_64():
+    spec = KernelSpec(QuantScheme(4, -1), in_features=96, out_features=64, dtype=torch.bfloat16)
+    assert "multiple of 64" in Avx2Int4Kernel.can_implement(spec)
+
+
+def test_pack_nibbles_golden():
+    from lowbit_cpu.native import pack_nibbles
+
+    codes = (torch.arange(64) % 16).to(torch.uint8).reshape(1, 64)
+    assert pack_nibbles(codes)[0].tolist() == [v for j in range(16) for v in (j * 0x11, j * 0x11)]
+    codes = torch.arange(64).to(torch.uint8).reshape(1, 64) // 16  # columns 0-15 → 0, 16-31 → 1, ...
+    assert pack_nibbles(codes)[0].tolist() == [0x10, 0x32] * 16
 
 
 def test_torch_int4_declines_with_reasons():

@@ -30,7 +30,7 @@ CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _SIGNATURES = {
-    "lowbit_int4_gemm": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_int],
+    "lowbit_int4_linear_f32": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _P, ctypes.c_int],
     "lowbit_int4_dequant": [_P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_int],
     "lowbit_quant_x_i16": [_P, ctypes.c_int, _P, _P, _P, _I, _I, _I, _I],
     "lowbit_int4_linear_i16": [_P, ctypes.c_int, _P, ctypes.c_int, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P,
@@ -98,29 +98,30 @@ def library() -> ctypes.CDLL:
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """``uint8 [N, K]`` codes (0..15, K % 32 == 0) → ``uint8 [N, K/2]`` in the kernels' layout.
+    """``uint8 [N, K]`` codes (0..15, K % 64 == 0) → ``uint8 [N, K/2]`` in the kernels' "nib64" layout.
 
-    Each run of 32 columns k0..k0+31 becomes 16 bytes; byte j holds column k0+j in its low
-    nibble and column k0+16+j in its high nibble. A run with codes c = 0, 1, ..., 15, 15, 14,
-    ..., 0 packs to bytes 0xF0, 0xE1, 0xD2, ..., 0x0F (byte j = j | (15 - j) << 4).
+    Each run of 64 columns becomes 32 bytes read as 16 little-endian uint16 lanes; lane j holds
+    columns j, 16+j, 32+j, 48+j of the run in bits 0-3, 4-7, 8-11, 12-15. So byte 2j is
+    ``c[j] | c[16+j] << 4`` and byte 2j+1 is ``c[32+j] | c[48+j] << 4``: a run with c[k] = k % 16
+    packs to 0x00, 0x00, 0x11, 0x11, ..., 0xFF, 0xFF.
     """
     n, k = codes.shape
-    v = codes.reshape(n, k // 32, 2, 16)
-    return (v[:, :, 0] | (v[:, :, 1] << 4)).contiguous().reshape(n, k // 2)
+    c = codes.reshape(n, k // 64, 4, 16)
+    lo = c[:, :, 0] | (c[:, :, 1] << 4)
+    hi = c[:, :, 2] | (c[:, :, 3] << 4)
+    return torch.stack([lo, hi], dim=-1).contiguous().reshape(n, k // 2)
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
-
-
-def gemm_f32(x: torch.Tensor, packed, scales, zs, group: int, threads: int) -> torch.Tensor:
-    """``x`` float32 contiguous ``[M, K]`` → float32 ``[M, N]``."""
+def linear_f32(x: torch.Tensor, packed, scales, zs, bias: torch.Tensor | None, group: int,
+               threads: int) -> torch.Tensor:
+    """``x`` float32 contiguous ``[M, K]`` → float32 ``[M, N]`` with bias, float FMAs throughout."""
     m, k = x.shape
     n = packed.shape[0]
-    ng = k // group
-    xsum = x.reshape(m, ng, group).sum(-1).contiguous()
+    scratch = torch.empty(m * (k // group), dtype=torch.float32)
     y = torch.empty(m, n, dtype=torch.float32)
-    library().lowbit_int4_gemm(_ptr(x), _ptr(xsum), _ptr(packed), _ptr(scales), _ptr(zs), _ptr(y), m, n, k, group, threads)
+    library().lowbit_int4_linear_f32(x.data_ptr(), y.data_ptr(), None if bias is None else bias.data_ptr(),
+                                     packed.data_ptr(), scales.data_ptr(), zs.data_ptr(), m, n, k, group,
+                                     scratch.data_ptr(), threads)
     return y
 
 
@@ -146,5 +147,6 @@ def linear_i16(x: torch.Tensor, packed, scales, zs, bias: torch.Tensor | None, g
 def dequant_rows(packed, scales, zs, out: torch.Tensor, n0: int, n1: int, group: int, threads: int) -> torch.Tensor:
     """Rows ``n0:n1`` of the float32 weight into ``out`` (contiguous ``[n1 - n0, K]``)."""
     k = packed.shape[1] * 2
-    library().lowbit_int4_dequant(_ptr(packed), _ptr(scales), _ptr(zs), _ptr(out), n0, n1, k, group, threads)
+    library().lowbit_int4_dequant(packed.data_ptr(), scales.data_ptr(), zs.data_ptr(), out.data_ptr(), n0, n1, k,
+                                  group, threads)
     return out

@@ -48,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=7, help="samples per figure; the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="kernel level: wall time, or CPU time of the process (with --threads 1 this is "
-                             "unaffected by other processes on a shared machine)")
+                        help="wall time, or CPU time of the process (with --threads 1 this is unaffected by "
+                             "other processes on a shared machine)")
     parser.add_argument("--prompt-len", type=int, default=128, help="model level: prompt tokens (default 128)")
     parser.add_argument("--new-tokens", type=int, default=32, help="model level: decoded tokens (default 32)")
     parser.add_argument("--ppl-windows", type=int, default=0,
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         raise LowbitError("lowbit bench needs a checkpoint directory, or --kernels for the kernel table.")
     report = model_bench(args.checkpoint, dtype=args.dtype, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                          repeat=args.repeat, ppl_windows=args.ppl_windows, ppl_seqlen=args.ppl_seqlen,
-                         baseline=not args.no_float, threads=torch.get_num_threads())
+                         baseline=not args.no_float, threads=torch.get_num_threads(), clock=args.clock)
     print(json.dumps(report, indent=2) if args.json else format_model_table(report))
     return 0
 
@@ -294,20 +294,21 @@ def _model_bytes(model) -> int:
 
 
 @torch.inference_mode()
-def _measure_model(model, prompt_len: int, new_tokens: int, repeat: int, vocab: int) -> dict:
+def _measure_model(model, prompt_len: int, new_tokens: int, repeat: int, vocab: int, clock: str = "wall") -> dict:
+    now = CLOCKS[clock]
     ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     model(ids[:, :8], use_cache=False)  # warm up
     prefill, steps = [], []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = now()
         out = model(ids, use_cache=True)
-        prefill.append(time.perf_counter() - t)
+        prefill.append(now() - t)
         past = out.past_key_values
         tok = out.logits[:, -1:].argmax(-1)
         for _ in range(new_tokens):
-            t = time.perf_counter()
+            t = now()
             out = model(tok, past_key_values=past, use_cache=True)
-            steps.append(time.perf_counter() - t)
+            steps.append(now() - t)
             past = out.past_key_values
             tok = out.logits[:, -1:].argmax(-1)
     p = statistics.median(prefill)
@@ -339,7 +340,7 @@ def _child(spec: dict) -> dict:
     load_s = time.perf_counter() - t0
     out = {"kernels": kernels, "scheme": scheme, "load_s": load_s, "weights_bytes": _model_bytes(model),
            "rss_after_load_bytes": _rss_bytes() - rss0}
-    out.update(_measure_model(model, spec["prompt_len"], spec["new_tokens"], spec["repeat"], vocab))
+    out.update(_measure_model(model, spec["prompt_len"], spec["new_tokens"], spec["repeat"], vocab, spec["clock"]))
     if spec["ppl_windows"]:
         from .evaluate import perplexity
 
@@ -366,7 +367,7 @@ def _run_child(spec: dict) -> dict:
 
 
 def model_bench(checkpoint, dtype="bf16", prompt_len=128, new_tokens=32, repeat=3, ppl_windows=0, ppl_seqlen=512,
-                baseline=True, threads=None) -> dict:
+                baseline=True, threads=None, clock="wall") -> dict:
     path = Path(checkpoint)
     if not path.exists():
         raise LowbitError(f"checkpoint {checkpoint} does not exist; pass a directory written by lowbit or an exporter.")
@@ -374,7 +375,7 @@ def model_bench(checkpoint, dtype="bf16", prompt_len=128, new_tokens=32, repeat=
         raise LowbitError("--prompt-len and --new-tokens must be at least 1.")
     spec = {"checkpoint": str(path), "dtype": dtype, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "repeat": repeat, "ppl_windows": ppl_windows, "ppl_seqlen": ppl_seqlen,
-            "threads": threads or torch.get_num_threads()}
+            "threads": threads or torch.get_num_threads(), "clock": clock}
     quant = _run_child({**spec, "float": False})
     quant["disk_bytes"] = _dir_bytes(path)
     rows = [{"model": f"lowbit {quant['scheme']}", **quant}]
@@ -389,7 +390,7 @@ def model_bench(checkpoint, dtype="bf16", prompt_len=128, new_tokens=32, repeat=
         r["decode_speedup"] = base["decode_s_per_token"] / r["decode_s_per_token"] if base else None
         r["prefill_speedup"] = base["prefill_s"] / r["prefill_s"] if base else None
     return {"kind": "model", "checkpoint": str(path), "activation_dtype": dtype, "prompt_len": prompt_len,
-            "new_tokens": new_tokens, "repeat": repeat, "machine": machine(), "rows": rows}
+            "new_tokens": new_tokens, "repeat": repeat, "clock": clock, "machine": machine(), "rows": rows}
 
 
 def format_model_table(report: dict) -> str:
@@ -397,7 +398,7 @@ def format_model_table(report: dict) -> str:
     mib = 1 << 20
     lines = [
         f"lowbit bench {report['checkpoint']}: prompt {report['prompt_len']} tokens, "
-        f"{report['new_tokens']} decoded tokens x {report['repeat']} runs (medians), batch 1",
+        f"{report['new_tokens']} decoded tokens x {report['repeat']} runs (medians, {report['clock']} clock), batch 1",
         f"machine: {m['cpu']} [{', '.join(m['isa'])}], {m['threads']} threads, torch {m['torch']}, "
         f"load average {', '.join(f'{x:.1f}' for x in m['load_average'] or [])}",
         "",

@@ -1,19 +1,26 @@
-/* lowbit CPU kernels for x86-64 AVX2 + FMA: fused int4 GEMV/skinny GEMM and tile dequantization.
+/* lowbit CPU kernels for x86-64 AVX2 + FMA + F16C: fused int4 GEMV / skinny GEMM, and tile
+ * dequantization for the prefill path.
  *
- * Weight layout ("lowbit-avx2-nib32"), made once at load by lowbit_cpu.avx2.pack():
- *   packed  uint8 [N, K/2]: for each run of 32 input columns k0..k0+31 of row n, 16 bytes;
- *           byte j holds column k0+j in its low nibble and column k0+16+j in its high nibble.
+ * Weight layout "nib64", made once at load by lowbit_cpu.native.pack_nibbles():
+ *   packed  uint8 [N, K/2]: each run of 64 input columns k0..k0+63 of row n is 32 bytes, read
+ *           as 16 little-endian uint16 lanes; lane j holds column k0+j in bits 0-3, k0+16+j in
+ *           bits 4-7, k0+32+j in bits 8-11 and k0+48+j in bits 12-15. One 256-bit load then
+ *           yields four vectors of 16 codes with shifts and masks only (no shuffles).
  *   scales  float32 [N, NG]   (NG = K / group)
  *   zs      float32 [N, NG]   zero * scale, so  w[n, k] = q * s - z * s
- * group is a multiple of 32 and divides K.
+ * K is a multiple of 64; group is 32, 64, 128 or K.
  *
- *   y[m, n] = sum_g ( s[n,g] * dot(q[n, g], x[m, g]) - zs[n,g] * sum(x[m, g]) )
+ *   y[m, n] = sum_g ( s[n,g] * dot(q[n, g], x[m, g]) - zs[n,g] * sum(x[m, g]) ) + bias[n]
  *
- * Activations and outputs are float32 (the Python side converts at the boundary). Built with
- * gcc -O3 -mavx2 -mfma -fopenmp and loaded with ctypes; no Python or torch headers needed.
+ * Two decode paths: int16 activations (bf16/fp16 callers; vpmaddwd, 7 SIMD ops per 32 weights)
+ * and fp32 activations (fp32 callers; float FMAs). Built with gcc -O3 -mavx2 -mfma -mf16c
+ * -fopenmp and loaded with ctypes; no Python or torch headers needed.
  */
 #include <immintrin.h>
 #include <stdint.h>
+
+/* activation / output dtypes: 0 float32, 1 bfloat16, 2 float16 */
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
 static inline float hsum256(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -23,124 +30,6 @@ static inline float hsum256(__m256 v) {
     sh = _mm_movehl_ps(sh, lo);
     return _mm_cvtss_f32(_mm_add_ss(lo, sh));
 }
-
-/* decode 32 codes from 16 bytes into four vectors of 8 floats */
-static inline void decode32(const uint8_t *p, __m256 *w0, __m256 *w1, __m256 *w2, __m256 *w3) {
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    __m128i v = _mm_loadu_si128((const __m128i *)p);
-    __m128i lo = _mm_and_si128(v, mask);
-    __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-    *w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-    *w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-    *w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-    *w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-}
-
-/* MB rows of x against one weight row n; MB is a compile-time constant after inlining.
- * Two independent FMA chains per row of x hide the FMA latency (one chain per row is
- * latency-bound at MB = 1). */
-static inline __attribute__((always_inline)) void row_mb(
-    int MB, const float *x, int64_t ldx, const float *xsum, int ng, const uint8_t *wrow,
-    const float *srow, const float *zsrow, int group, float *y, int64_t ldy, int64_t n) {
-    float out[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int g = 0; g < ng; ++g) {
-        __m256 a0[4], a1[4];
-        for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
-        const int kb = g * group;
-        for (int k = kb; k < kb + group; k += 32) {
-            __m256 w0, w1, w2, w3;
-            decode32(wrow + k / 2, &w0, &w1, &w2, &w3);
-            for (int m = 0; m < MB; ++m) {
-                const float *xm = x + m * ldx + k;
-                a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), a0[m]);
-                a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), a1[m]);
-                a0[m] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xm + 16), a0[m]);
-                a1[m] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 24), a1[m]);
-            }
-        }
-        const float s = srow[g], zs = zsrow[g];
-        for (int m = 0; m < MB; ++m) out[m] += s * hsum256(_mm256_add_ps(a0[m], a1[m])) - zs * xsum[m * ng + g];
-    }
-    for (int m = 0; m < MB; ++m) y[m * ldy + n] = out[m];
-}
-
-/* one row of x, four FMA chains */
-static inline void row_1(const float *x, const float *xsum, int ng, const uint8_t *wrow, const float *srow,
-                         const float *zsrow, int group, float *y, int64_t n) {
-    float out = 0.f;
-    for (int g = 0; g < ng; ++g) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        const int kb = g * group;
-        for (int k = kb; k < kb + group; k += 32) {
-            __m256 w0, w1, w2, w3;
-            decode32(wrow + k / 2, &w0, &w1, &w2, &w3);
-            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), a0);
-            a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), a1);
-            a2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x + k + 16), a2);
-            a3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x + k + 24), a3);
-        }
-        out += srow[g] * hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) - zsrow[g] * xsum[g];
-    }
-    y[n] = out;
-}
-
-/* y [M, N] = x [M, K] @ W^T ; xsum [M, NG] = per-group sums of x (computed by the caller) */
-void lowbit_int4_gemm(const float *x, const float *xsum, const uint8_t *packed, const float *scales,
-                      const float *zs, float *y, int64_t M, int64_t N, int64_t K, int64_t group,
-                      int nthreads) {
-    const int ng = (int)(K / group);
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-        const uint8_t *wrow = packed + n * (K / 2);
-        const float *srow = scales + n * ng, *zsrow = zs + n * ng;
-        if (M == 1) {
-            row_1(x, xsum, ng, wrow, srow, zsrow, (int)group, y, n);
-            continue;
-        }
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4)
-            row_mb(4, x + m * K, K, xsum + m * ng, ng, wrow, srow, zsrow, (int)group, y + m * N, N, n);
-        switch (M - m) {
-        case 3: row_mb(3, x + m * K, K, xsum + m * ng, ng, wrow, srow, zsrow, (int)group, y + m * N, N, n); break;
-        case 2: row_mb(2, x + m * K, K, xsum + m * ng, ng, wrow, srow, zsrow, (int)group, y + m * N, N, n); break;
-        case 1: row_mb(1, x + m * K, K, xsum + m * ng, ng, wrow, srow, zsrow, (int)group, y + m * N, N, n); break;
-        default: break;
-        }
-    }
-}
-
-/* out [n1 - n0, K] float32 = dequantized rows n0..n1 of the weight (for the prefill path) */
-void lowbit_int4_dequant(const uint8_t *packed, const float *scales, const float *zs, float *out,
-                         int64_t n0, int64_t n1, int64_t K, int64_t group, int nthreads) {
-    const int ng = (int)(K / group);
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t n = n0; n < n1; ++n) {
-        const uint8_t *wrow = packed + n * (K / 2);
-        float *orow = out + (n - n0) * K;
-        for (int g = 0; g < ng; ++g) {
-            const __m256 vs = _mm256_set1_ps(scales[n * ng + g]);
-            const __m256 vz = _mm256_set1_ps(zs[n * ng + g]);
-            for (int64_t k = (int64_t)g * group; k < (int64_t)(g + 1) * group; k += 32) {
-                __m256 w0, w1, w2, w3;
-                decode32(wrow + k / 2, &w0, &w1, &w2, &w3);
-                _mm256_storeu_ps(orow + k, _mm256_fmsub_ps(w0, vs, vz));
-                _mm256_storeu_ps(orow + k + 8, _mm256_fmsub_ps(w1, vs, vz));
-                _mm256_storeu_ps(orow + k + 16, _mm256_fmsub_ps(w2, vs, vz));
-                _mm256_storeu_ps(orow + k + 24, _mm256_fmsub_ps(w3, vs, vz));
-            }
-        }
-    }
-}
-
-/* ---- 16-bit activation path (bf16 / fp16 activations) -------------------------------------
- * x is rounded to int16 with one scale per (row, block of `block` columns), block | group,
- * so a row's dot product runs on vpmaddwd: 9 SIMD ops per 32 weights instead of 17 for the
- * float path. The rounding error is at most 2^-16 of the block's max |x|, far below the
- * 2^-9 (bf16) / 2^-12 (fp16) precision the activations arrive with.
- */
-
-/* activation / output dtypes: 0 float32, 1 bfloat16, 2 float16 */
-enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
 static inline __m256 load8(const void *x, int dt, int64_t i) {
     if (dt == DT_BF16) {
@@ -164,17 +53,132 @@ static inline void store1(void *y, int dt, int64_t i, float v) {
     }
 }
 
+/* 64 codes from 32 bytes: n0 = columns 0-15, n1 = 16-31, n2 = 32-47, n3 = 48-63 (uint16 lanes) */
+static inline void nib64(const uint8_t *p, __m256i *n0, __m256i *n1, __m256i *n2, __m256i *n3) {
+    const __m256i mask = _mm256_set1_epi16(0x000F);
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    *n0 = _mm256_and_si256(v, mask);
+    *n1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    *n2 = _mm256_and_si256(_mm256_srli_epi16(v, 8), mask);
+    *n3 = _mm256_srli_epi16(v, 12);
+}
+
+/* 16 uint16 codes → two vectors of 8 floats */
+static inline void u16_to_ps(__m256i v, __m256 *a, __m256 *b) {
+    *a = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)));
+    *b = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)));
+}
+
+/* ---- fp32 activations ----------------------------------------------------------------------
+ * MB rows of x against weight row n. Per 64 columns the two 32-column halves are accumulated
+ * apart and scaled by their group's scale, so every group size >= 32 runs the same loop.
+ */
+static inline __attribute__((always_inline)) void row_f32(
+    int MB, const float *x, int64_t ldx, const float *xsum, int ng, const uint8_t *wrow, const float *srow,
+    const float *zsrow, int group, int64_t K, float *y, const float *bias, int64_t ldy, int64_t n) {
+    __m256 acc[4];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 64) {
+        __m256i n0, n1, n2, n3;
+        nib64(wrow + k / 2, &n0, &n1, &n2, &n3);
+        __m256 w[8];
+        u16_to_ps(n0, &w[0], &w[1]);
+        u16_to_ps(n1, &w[2], &w[3]);
+        u16_to_ps(n2, &w[4], &w[5]);
+        u16_to_ps(n3, &w[6], &w[7]);
+        const __m256 slo = _mm256_set1_ps(srow[k / group]), shi = _mm256_set1_ps(srow[(k + 32) / group]);
+        for (int m = 0; m < MB; ++m) {
+            const float *xm = x + m * ldx + k;
+            __m256 lo = _mm256_mul_ps(w[0], _mm256_loadu_ps(xm));
+            __m256 hi = _mm256_mul_ps(w[4], _mm256_loadu_ps(xm + 32));
+            lo = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xm + 8), lo);
+            hi = _mm256_fmadd_ps(w[5], _mm256_loadu_ps(xm + 40), hi);
+            lo = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xm + 16), lo);
+            hi = _mm256_fmadd_ps(w[6], _mm256_loadu_ps(xm + 48), hi);
+            lo = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xm + 24), lo);
+            hi = _mm256_fmadd_ps(w[7], _mm256_loadu_ps(xm + 56), hi);
+            acc[m] = _mm256_fmadd_ps(lo, slo, acc[m]);
+            acc[m] = _mm256_fmadd_ps(hi, shi, acc[m]);
+        }
+    }
+    const float bn = bias ? bias[n] : 0.f;
+    for (int m = 0; m < MB; ++m) {
+        float corr = 0.f;
+        for (int g = 0; g < ng; ++g) corr += zsrow[g] * xsum[m * ng + g];
+        y[m * ldy + n] = hsum256(acc[m]) - corr + bn;
+    }
+}
+
+/* y [M, N] float32 = x [M, K] float32 @ W^T + bias; scratch: M * NG floats */
+void lowbit_int4_linear_f32(const float *x, float *y, const float *bias, const uint8_t *packed, const float *scales,
+                            const float *zs, int64_t M, int64_t N, int64_t K, int64_t group, void *scratch,
+                            int nthreads) {
+    const int ng = (int)(K / group);
+    float *xsum = (float *)scratch;
+    for (int64_t m = 0; m < M; ++m)
+        for (int g = 0; g < ng; ++g) {
+            __m256 s = _mm256_setzero_ps();
+            for (int64_t k = (int64_t)g * group; k < (int64_t)(g + 1) * group; k += 8)
+                s = _mm256_add_ps(s, _mm256_loadu_ps(x + m * K + k));
+            xsum[m * ng + g] = hsum256(s);
+        }
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t *wrow = packed + n * (K / 2);
+        const float *srow = scales + n * ng, *zsrow = zs + n * ng;
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4)
+            row_f32(4, x + m * K, K, xsum + m * ng, ng, wrow, srow, zsrow, (int)group, K, y + m * N, bias, N, n);
+        switch (M - m) {
+        case 3: row_f32(3, x + m * K, K, xsum + m * ng, ng, wrow, srow, zsrow, (int)group, K, y + m * N, bias, N, n); break;
+        case 2: row_f32(2, x + m * K, K, xsum + m * ng, ng, wrow, srow, zsrow, (int)group, K, y + m * N, bias, N, n); break;
+        case 1: row_f32(1, x + m * K, K, xsum + m * ng, ng, wrow, srow, zsrow, (int)group, K, y + m * N, bias, N, n); break;
+        default: break;
+        }
+    }
+}
+
+/* out [n1 - n0, K] float32 = dequantized rows n0..n1 of the weight (the prefill path) */
+void lowbit_int4_dequant(const uint8_t *packed, const float *scales, const float *zs, float *out,
+                         int64_t n0, int64_t n1, int64_t K, int64_t group, int nthreads) {
+    const int64_t ng = K / group;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t *wrow = packed + n * (K / 2);
+        float *orow = out + (n - n0) * K;
+        for (int64_t k = 0; k < K; k += 64) {
+            __m256i q[4];
+            nib64(wrow + k / 2, &q[0], &q[1], &q[2], &q[3]);
+            for (int h = 0; h < 4; ++h) {
+                const int64_t g = n * ng + (k + 16 * h) / group;
+                const __m256 vs = _mm256_set1_ps(scales[g]), vz = _mm256_set1_ps(zs[g]);
+                __m256 a, b;
+                u16_to_ps(q[h], &a, &b);
+                _mm256_storeu_ps(orow + k + 16 * h, _mm256_fmsub_ps(a, vs, vz));
+                _mm256_storeu_ps(orow + k + 16 * h + 8, _mm256_fmsub_ps(b, vs, vz));
+            }
+        }
+    }
+}
+
+/* ---- int16 activations (bf16 / fp16 callers) -----------------------------------------------
+ * x is rounded to int16 with one scale per (row, block of `block` columns), block | group, so a
+ * row's dot product runs on vpmaddwd. The rounding error is at most 2^-16 of the block's
+ * max |x|, far below the 2^-9 (bf16) / 2^-12 (fp16) precision the activations arrive with.
+ * Sums within a block of <= 128 columns fit int32: 15 * 32767 * 128 < 2^31.
+ */
+
 /* xq [M, K] int16, xscale [M, K/block], xsum [M, K/group] = per-group sums of the rounded x;
  * x is [M, K] of dtype dt */
 void lowbit_quant_x_i16(const void *x, int dt, int16_t *xq, float *xscale, float *xsum, int64_t M, int64_t K,
                         int64_t block, int64_t group) {
     const int64_t nb = K / block, ng = K / group, bpg = group / block;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     for (int64_t m = 0; m < M; ++m) {
         for (int64_t g = 0; g < ng; ++g) xsum[m * ng + g] = 0.f;
         for (int64_t b = 0; b < nb; ++b) {
             const int64_t xb = m * K + b * block;
             __m256 mx = _mm256_setzero_ps();
-            const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
             for (int64_t k = 0; k < block; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(load8(x, dt, xb + k), absmask));
             __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
             h = _mm_max_ps(h, _mm_movehl_ps(h, h));
@@ -183,7 +187,7 @@ void lowbit_quant_x_i16(const void *x, int dt, int16_t *xq, float *xscale, float
             const float sc = amax > 0.f ? amax / 32767.f : 1.f;
             const __m256 inv = _mm256_set1_ps(1.f / sc);
             __m256i isum = _mm256_setzero_si256();
-            int16_t *qb = xq + m * K + b * block;
+            int16_t *qb = xq + xb;
             for (int64_t k = 0; k < block; k += 16) {
                 __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, dt, xb + k), inv));
                 __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, dt, xb + k + 8), inv));
@@ -197,44 +201,58 @@ void lowbit_quant_x_i16(const void *x, int dt, int16_t *xq, float *xscale, float
     }
 }
 
-static inline void decode32_i16(const uint8_t *p, __m256i *lo16, __m256i *hi16) {
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    __m128i v = _mm_loadu_si128((const __m128i *)p);
-    *lo16 = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
-    *hi16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
-}
+#define MADD(acc, w, xp) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(w, _mm256_loadu_si256((const __m256i *)(xp))))
 
-/* MB rows of x against weight row n. Pointers advance by fixed steps (no index arithmetic or
- * division in the loop); groups outer, blocks of one x scale inner. */
+/* MB rows of x against weight row n. Pointers advance by fixed steps; with block >= 64 the int32
+ * sums run over a whole block before one float FMA; block 32 (group 32) splits each 64 columns
+ * into its two groups. */
 static inline __attribute__((always_inline)) void row_i16(
     int MB, const int16_t *xq, int64_t ldx, const float *xscale, int nb, const float *xsum, int ng,
     const uint8_t *wrow, const float *srow, const float *zsrow, int block, int bpg, void *y, int ydt,
     float bias, int64_t ldy, int64_t n) {
-    const __m128i mask = _mm_set1_epi8(0x0F);
     __m256 accf[4];
     for (int m = 0; m < MB; ++m) accf[m] = _mm256_setzero_ps();
     const uint8_t *wp = wrow;
     const int16_t *xp = xq;
-    int b = 0;
-    for (int g = 0; g < ng; ++g) {
-        const float s = srow[g];
-        for (int bb = 0; bb < bpg; ++bb, ++b) {
-            __m256i a0[4], a1[4];
-            for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm256_setzero_si256();
-            #pragma GCC unroll 4
-            for (int j = 0; j < block; j += 32, wp += 16, xp += 32) {
-                const __m128i v = _mm_loadu_si128((const __m128i *)wp);
-                const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
-                const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
-                for (int m = 0; m < MB; ++m) {
-                    const int16_t *xm = xp + m * ldx;
-                    a0[m] = _mm256_add_epi32(a0[m], _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xm)));
-                    a1[m] = _mm256_add_epi32(a1[m], _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xm + 16))));
-                }
+    if (block == 32) {
+        for (int g = 0; g < ng; g += 2, wp += 32, xp += 64) {
+            __m256i n0, n1, n2, n3;
+            nib64(wp, &n0, &n1, &n2, &n3);
+            const float s0 = srow[g], s1 = srow[g + 1];
+            for (int m = 0; m < MB; ++m) {
+                const int16_t *xm = xp + m * ldx;
+                __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+                MADD(lo, n0, xm);
+                MADD(lo, n1, xm + 16);
+                MADD(hi, n2, xm + 32);
+                MADD(hi, n3, xm + 48);
+                accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(s0 * xscale[m * nb + g]), accf[m]);
+                accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(s1 * xscale[m * nb + g + 1]), accf[m]);
             }
-            for (int m = 0; m < MB; ++m)
-                accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a0[m], a1[m])),
-                                          _mm256_set1_ps(s * xscale[m * nb + b]), accf[m]);
+        }
+    } else {
+        int b = 0;
+        for (int g = 0; g < ng; ++g) {
+            const float s = srow[g];
+            for (int bb = 0; bb < bpg; ++bb, ++b) {
+                __m256i a0[4], a1[4];
+                for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm256_setzero_si256();
+                #pragma GCC unroll 2
+                for (int j = 0; j < block; j += 64, wp += 32, xp += 64) {
+                    __m256i n0, n1, n2, n3;
+                    nib64(wp, &n0, &n1, &n2, &n3);
+                    for (int m = 0; m < MB; ++m) {
+                        const int16_t *xm = xp + m * ldx;
+                        MADD(a0[m], n0, xm);
+                        MADD(a1[m], n1, xm + 16);
+                        MADD(a0[m], n2, xm + 32);
+                        MADD(a1[m], n3, xm + 48);
+                    }
+                }
+                for (int m = 0; m < MB; ++m)
+                    accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a0[m], a1[m])),
+                                              _mm256_set1_ps(s * xscale[m * nb + b]), accf[m]);
+            }
         }
     }
     for (int m = 0; m < MB; ++m) {

@@ -41,8 +41,8 @@ class Avx2Int4Kernel(Kernel):
     @classmethod
     def can_implement(cls, spec: KernelSpec) -> str | None:
         reason = super().can_implement(spec)
-        if reason is None and spec.in_features % 32:
-            reason = f"needs in_features to be a multiple of 32, got {spec.in_features}"
+        if reason is None and spec.in_features % 64:
+            reason = f"needs in_features to be a multiple of 64, got {spec.in_features}"
         return reason
 
     def __init__(self, qweight: QuantizedWeight, device: torch.device, dtype: torch.dtype):
@@ -50,7 +50,8 @@ class Avx2Int4Kernel(Kernel):
         codes, self.perm = sort_act_order(qweight)
         self.group = group_of(qweight)
         k = self.in_features
-        self.block = self.group if self.group <= 128 else next(b for b in (128, 64, 32) if k % b == 0)
+        # activation rounding block (one int16 scale each): the group, or 128/64 columns per channel
+        self.block = self.group if self.group <= 128 else (128 if k % 128 == 0 else 64)
         self.packed = native.pack_nibbles(codes)
         self.scales = qweight.scales.float().contiguous()
         self.zs = (qweight.zeros.float() * self.scales).contiguous()
@@ -73,9 +74,10 @@ class Avx2Int4Kernel(Kernel):
                 y = native.linear_i16(x2, self.packed, self.scales, self.zs, self.bias, self.group, self.block,
                                       threads, self.dtype)
                 return y.reshape(*lead, self.out_features)
-            y = native.gemm_f32(x2.float().contiguous(), self.packed, self.scales, self.zs, self.group, threads)
-        else:
-            y = self._prefill(x2, threads)
+            y = native.linear_f32(x2.float().contiguous(), self.packed, self.scales, self.zs, self.bias, self.group,
+                                  threads)
+            return y.reshape(*lead, self.out_features)
+        y = self._prefill(x2, threads)
         if self.bias is not None:
             y += self.bias
         return y.to(self.dtype).reshape(*lead, self.out_features)
