@@ -78,8 +78,10 @@ def assert_logits_close(got: torch.Tensor, ref: torch.Tensor):
     scale = ref.abs().max().item()
     err = (got - ref).abs().max().item()
     print(f"logits: max |consumer - dequantized reference| = {err:.3g} at logit scale {scale:.3g}")
-    # fp16 tolerance: a few ulps of the logit scale after the layers' fp16 accumulation
-    assert err <= 4e-3 * max(scale, 1.0), (err, scale)
+    # fp16 tolerance. Measured on the tiny model: GPTQ 7e-4, AWQ 9e-4 (gptqmodel 7.7) / 4.5e-3 (7.6, whose
+    # CPU int4 kernel rounds its zero offsets) at logit scale ~0.9; the same model decoded with the wrong
+    # AWQ nibble order is off by 1.03, so 1e-2 of the scale separates right from wrong by 100x.
+    assert err <= 1e-2 * max(scale, 1.0), (err, scale)
     assert torch.equal(got[:, -1].argmax(-1), ref[:, -1].argmax(-1))
 
 
