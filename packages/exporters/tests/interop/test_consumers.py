@@ -53,6 +53,7 @@ CASES = [
     ("gptq-v2", QuantScheme(2, -1)),
     ("autoawq", QuantScheme(4, 64)),
     ("autoawq", QuantScheme(4, 32, sym=True)),
+    ("autoawq", QuantScheme(4, -1)),
 ]
 IDS = [f"{f}-{s.describe().replace(' ', '-')}" for f, s in CASES]
 PROMPT = torch.tensor([[1, 5, 9, 23, 77, 120, 3, 44, 300, 17]])
