@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+
 from lowbit import pipeline
 from lowbit.chat import ASSISTANT_PROMPT, FALLBACK_NOTE, USER_PROMPT
 from lowbit.scheme import QuantScheme

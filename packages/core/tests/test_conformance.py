@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from lowbit import Packer, QuantizedWeight, QuantScheme, UnsupportedSchemeError
 from lowbit.algorithms.rtn import RTN
 from lowbit.checkpoint import LowbitCheckpoint
