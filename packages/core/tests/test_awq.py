@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+
 from lowbit.algorithms.awq import AWQ, apply_clip, awq_scales, clip_search, gram, read_results
 from lowbit.algorithms.base import LayerContext
 from lowbit.algorithms.rtn import RTN
@@ -15,6 +16,7 @@ from lowbit.models import LLAMA_FAMILY
 from lowbit.plugins import registry
 from lowbit.primitives import fake_quantize
 from lowbit.scheme import QuantScheme
+from lowbit.testing import QuantizerConformance
 from lowbit.testing.models import tiny_llama
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
@@ -225,3 +227,8 @@ def test_no_calibration_batches_is_an_error():
     ctx = LayerContext(0, "model.layers.0.", layer, LLAMA_FAMILY.groups(layer), QuantScheme(4, 32), [], [])
     with pytest.raises(LowbitError, match="calibration"):
         AWQ(QuantScheme(4, 32)).apply(ctx)
+
+
+class TestAWQConformance(QuantizerConformance):
+    quantizer = AWQ
+    options = {"n_grid": 10}

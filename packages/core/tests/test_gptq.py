@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_awq import calib_ids, layer_error, outlier_llama, run_steps
+
 from lowbit.algorithms.awq import AWQ
 from lowbit.algorithms.gptq import GPTQ, gptq_quantize
 from lowbit.algorithms.rtn import RTN
@@ -12,7 +14,7 @@ from lowbit.errors import UnsupportedSchemeError
 from lowbit.plugins import registry
 from lowbit.primitives import quantize, quantize_codes
 from lowbit.scheme import QuantScheme
-from test_awq import calib_ids, layer_error, outlier_llama, run_steps
+from lowbit.testing import QuantizerConformance
 
 
 def correlated_inputs(n=512, k=64, seed=0):
@@ -125,3 +127,14 @@ def test_bad_options():
         RTN(QuantScheme(4, 32, act_order=True))
     with pytest.raises(UnsupportedSchemeError, match="does not divide"):
         gptq_quantize(torch.randn(4, 48), torch.eye(48), QuantScheme(4, 32))
+
+
+class TestGPTQConformance(QuantizerConformance):
+    quantizer = GPTQ
+    schemes = (QuantScheme(4, 64), QuantScheme(3, 32, act_order=True), QuantScheme(4, -1, sym=True))
+
+
+class TestAWQThenGPTQConformance(QuantizerConformance):
+    quantizer = AWQ
+    options = {"n_grid": 10}
+    follow_with = "gptq"

@@ -1,0 +1,231 @@
+"""Quality benchmark: WikiText-2 test perplexity of RTN, AWQ, GPTQ and AWQ+GPTQ on the demo model.
+
+Each quantization runs in its own subprocess, so its wall time and peak RSS are its own. Rows are
+appended to ``results.jsonl`` as they finish (a killed run keeps what it measured); ``--table``
+rewrites RESULTS.md from that file.
+
+    python benchmarks/quality/run.py                      # everything (hours on a 2-core box)
+    python benchmarks/quality/run.py --schemes w4g64 --methods rtn,gptq --windows 10
+    python benchmarks/quality/run.py --table              # RESULTS.md from results.jsonl
+
+When ``llmcompressor`` is importable, ``--llmcompressor`` adds its RTN, GPTQ and AWQ at W4 g64 on
+the same model, calibration tokens and evaluation windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results.jsonl"
+SCHEMES = {"w4g64": (4, 64), "w4g-1": (4, -1), "w3g64": (3, 64)}
+METHODS = ["rtn", "awq", "gptq", "awq+gptq"]
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _perplexity(model, tokenizer, windows: int, seqlen: int) -> dict:
+    from lowbit.evaluate import perplexity
+
+    return perplexity(model, tokenizer, seqlen=seqlen, max_windows=windows or None, progress=False)
+
+
+def one_lowbit(method: str, scheme_name: str, a) -> dict:
+    """Quantize with lowbit and evaluate (runs in a child process)."""
+    import torch
+
+    from lowbit.nn import build_float_model
+    from lowbit.pipeline import quantize
+    from lowbit.scheme import QuantScheme
+
+    torch.set_num_threads(a.threads)
+    bits, gs = SCHEMES[scheme_name]
+    scheme = QuantScheme(bits, gs)
+    opts: dict = {}
+    awq_dump = HERE / "awq" / f"{scheme_name}.safetensors"
+    if method == "awq" and a.dump_awq:
+        awq_dump.parent.mkdir(exist_ok=True)
+        opts["awq"] = {"dump": str(awq_dump)}
+    if method == "awq+gptq" and a.reuse_awq and awq_dump.is_file():
+        opts["awq"] = {"load": str(awq_dump)}
+    compute = torch.float32 if a.compute_dtype == "fp32" else torch.bfloat16
+    t0 = time.perf_counter()
+    qm = quantize(None, method=method, scheme=scheme, nsamples=a.nsamples, seqlen=a.calib_seqlen,
+                  step_options=opts, compute_dtype=compute, progress=False)
+    wall = time.perf_counter() - t0
+    rss = _peak_rss_mib()
+    report = qm.manifest.get("report", {})
+    layers = report.get("layers", [])
+    errs = [r["output_rel_error"] for r in layers if "output_rel_error" in r]
+    model = build_float_model(qm, torch.float32)  # dequantized weights: the reference kernel's numerics
+    ppl = _perplexity(model, qm.tokenizer, a.windows, a.seqlen)
+    return {
+        "tool": "lowbit", "method": method, "scheme": scheme_name, "ppl": ppl["ppl"], "windows": ppl["windows"],
+        "eval_seqlen": ppl["seqlen"], "quant_wall_s": round(wall, 1), "pass_s": report.get("seconds"),
+        "peak_rss_mib": round(rss), "mean_layer_err": sum(errs) / len(errs) if errs else None,
+        "last_layer_err": errs[-1] if errs else None, "awq_loaded": "load" in opts.get("awq", {}),
+        "step_seconds": {k: round(sum(r.get(k, 0) for r in layers), 1) for k in ("awq_seconds", "gptq_seconds")},
+    }
+
+
+def one_fp32(a) -> dict:
+    import torch
+
+    from lowbit.loading import load_model, load_tokenizer, resolve
+
+    torch.set_num_threads(a.threads)
+    src = resolve(None)
+    model = load_model(src, torch.float32)
+    ppl = _perplexity(model, load_tokenizer(src), a.windows, a.seqlen)
+    return {"tool": "fp32", "method": "fp32", "scheme": "-", "ppl": ppl["ppl"], "windows": ppl["windows"],
+            "eval_seqlen": ppl["seqlen"], "peak_rss_mib": round(_peak_rss_mib())}
+
+
+def one_llmcompressor(method: str, a) -> dict:
+    """llm-compressor's RTN / GPTQ / AWQ at W4 g64 asym on the same model, calibration and windows."""
+    import torch
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.awq import AWQModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    from lowbit import calibration
+    from lowbit.loading import load_model, load_tokenizer, resolve
+
+    torch.set_num_threads(a.threads)
+    src = resolve(None)
+    tok = load_tokenizer(src)
+    model = load_model(src, torch.float32)
+    ids = calibration.samples(tok, calibration.load_text("wikitext2"), a.nsamples, a.calib_seqlen)
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    scheme = {"config_groups": {"g0": {"targets": ["Linear"], "weights": {
+        "num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 64}}}}
+    mods = {
+        "rtn": [QuantizationModifier(ignore=["lm_head"], **scheme)],
+        "gptq": [GPTQModifier(ignore=["lm_head"], **scheme)],
+        "awq": [AWQModifier(ignore=["lm_head"], **scheme)],
+    }[method]
+    t0 = time.perf_counter()
+    oneshot(model=model, dataset=ds, recipe=mods, num_calibration_samples=a.nsamples,
+            max_seq_length=a.calib_seqlen)
+    wall = time.perf_counter() - t0
+    rss = _peak_rss_mib()
+    ppl = _perplexity(model.float(), tok, a.windows, a.seqlen)
+    return {"tool": "llmcompressor", "method": method, "scheme": "w4g64", "ppl": ppl["ppl"],
+            "windows": ppl["windows"], "eval_seqlen": ppl["seqlen"], "quant_wall_s": round(wall, 1),
+            "peak_rss_mib": round(rss)}
+
+
+def child(a) -> None:
+    kind, _, rest = a.one.partition(":")
+    if kind == "fp32":
+        row = one_fp32(a)
+    elif kind == "llmcompressor":
+        row = one_llmcompressor(rest, a)
+    else:
+        method, _, scheme = rest.partition("@")
+        row = one_lowbit(method, scheme, a)
+    row.update({"nsamples": a.nsamples, "calib_seqlen": a.calib_seqlen, "compute_dtype": a.compute_dtype,
+                "threads": a.threads, "host": platform.node(), "cpus": os.cpu_count(),
+                "load_avg_end": round(os.getloadavg()[0], 1), "date": time.strftime("%Y-%m-%d %H:%M")})
+    with RESULTS.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def jobs(a) -> list[str]:
+    out = [] if a.no_fp32 else ["fp32:"]
+    for s in a.schemes.split(","):
+        for m in a.methods.split(","):
+            out.append(f"lowbit:{m}@{s}")
+    if a.llmcompressor:
+        try:
+            import llmcompressor  # noqa: F401
+        except ImportError:
+            print("llmcompressor is not installed; skipping its rows", file=sys.stderr)
+        else:
+            out += [f"llmcompressor:{m}" for m in ("rtn", "gptq", "awq")]
+    return out
+
+
+def _fmt(x, spec):
+    return "–" if x is None else format(x, spec)
+
+
+def table() -> str:
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    latest: dict = {}
+    for r in rows:  # the newest row of each (tool, method, scheme) wins
+        latest[(r["tool"], r["method"], r["scheme"])] = r
+    lines = ["| tool | method | scheme | PPL | windows × seqlen | quant wall (s) | AWQ / GPTQ step (s) | "
+             "peak RSS (MiB) | mean layer err |", "|---|---|---|---|---|---|---|---|---|"]
+    order = {m: i for i, m in enumerate(["fp32"] + METHODS)}
+    for (tool, method, scheme), r in sorted(latest.items(), key=lambda kv: (kv[0][0] != "fp32", kv[0][2],
+                                                                             kv[0][0], order.get(kv[0][1], 9))):
+        steps = r.get("step_seconds") or {}
+        st = " / ".join(_fmt(steps.get(k) or None, ".0f") for k in ("awq_seconds", "gptq_seconds"))
+        method_s = method + (" (AWQ loaded)" if r.get("awq_loaded") else "")
+        lines.append(f"| {tool} | {method_s} | {scheme} | {r['ppl']:.3f} | {r['windows']} × {r['eval_seqlen']} | "
+                     f"{_fmt(r.get('quant_wall_s'), '.0f')} | {st} | {_fmt(r.get('peak_rss_mib'), '.0f')} | "
+                     f"{_fmt(r.get('mean_layer_err'), '.4f')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--schemes", default=",".join(SCHEMES), help="comma list of w4g64, w4g-1, w3g64")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--windows", type=int, default=40, help="evaluation windows (0: the full test set)")
+    p.add_argument("--seqlen", type=int, default=2048, help="evaluation window length")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--compute-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="calibration matmul dtype (fp32: bf16 is emulated, ~8x slower, on CPUs without AMX/AVX512-BF16)")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--dump-awq", action="store_true", help="awq rows dump their search to benchmarks/quality/awq/")
+    p.add_argument("--reuse-awq", action="store_true", help="awq+gptq rows load the awq row's dump (no second search)")
+    p.add_argument("--no-fp32", action="store_true")
+    p.add_argument("--llmcompressor", action="store_true", help="also run llm-compressor (when installed)")
+    p.add_argument("--table", action="store_true", help="only rewrite RESULTS.md's table from results.jsonl")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.one:
+        child(a)
+        return 0
+    if not a.table:
+        passthrough = [f"--windows={a.windows}", f"--seqlen={a.seqlen}", f"--nsamples={a.nsamples}",
+                       f"--calib-seqlen={a.calib_seqlen}", f"--compute-dtype={a.compute_dtype}",
+                       f"--threads={a.threads}"] + (["--dump-awq"] if a.dump_awq else []) + \
+                      (["--reuse-awq"] if a.reuse_awq else [])
+        for job in jobs(a):
+            print(f"== {job}", flush=True)
+            rc = subprocess.call([sys.executable, __file__, f"--one={job}", *passthrough])
+            if rc:
+                print(f"   {job} failed with exit status {rc}", file=sys.stderr)
+    if RESULTS.is_file():
+        t = table()
+        md = HERE / "RESULTS.md"
+        text = md.read_text() if md.is_file() else ""
+        start, end = "<!-- table -->", "<!-- /table -->"
+        if start in text and end in text:
+            text = text[: text.index(start) + len(start)] + "\n" + t + "\n" + text[text.index(end):]
+        else:
+            text = text + f"\n{start}\n{t}\n{end}\n"
+        md.write_text(text)
+        print(t)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
