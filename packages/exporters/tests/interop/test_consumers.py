@@ -74,7 +74,7 @@ def dequantized_reference(qm, dtype=torch.float16):
     return model
 
 
-def assert_logits_close(got: torch.Tensor, ref: torch.Tensor):
+def assert_logits_close(got: torch.Tensor, ref: torch.Tensor, rel: float = 1e-2):
     got, ref = got.float(), ref.float()
     scale = ref.abs().max().item()
     err = (got - ref).abs().max().item()
@@ -82,7 +82,9 @@ def assert_logits_close(got: torch.Tensor, ref: torch.Tensor):
     # fp16 tolerance. Measured on the tiny model: GPTQ 7e-4, AWQ 9e-4 (gptqmodel 7.7) / 4.5e-3 (7.6, whose
     # CPU int4 kernel rounds its zero offsets) at logit scale ~0.9; the same model decoded with the wrong
     # AWQ nibble order is off by 1.03, so 1e-2 of the scale separates right from wrong by 100x.
-    assert err <= 1e-2 * max(scale, 1.0), (err, scale)
+    # On the 30-layer demo model (rel=2.5e-2) gptqmodel 7.6's CPU int4 kernel is off by 0.35 at logit scale
+    # 29.3 (1.2%) for both the GPTQ and the AWQ export (the same kernel runs both).
+    assert err <= rel * max(scale, 1.0), (err, scale)
     assert torch.equal(got[:, -1].argmax(-1), ref[:, -1].argmax(-1))
 
 
@@ -149,4 +151,4 @@ def test_demo_model_exports_load_in_transformers(tmp_path, fmt):
     with torch.no_grad():
         got = model(ids).logits
         ref = dequantized_reference(qm)(ids).logits
-    assert_logits_close(got, ref)
+    assert_logits_close(got, ref, rel=2.5e-2)
