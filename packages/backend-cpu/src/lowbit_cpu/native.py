@@ -129,19 +129,25 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def linear_i16(x: torch.Tensor, packed, scales, zs, bias: torch.Tensor | None, group: int, block: int,
-               threads: int, out_dtype: torch.dtype) -> torch.Tensor:
+               threads: int, out_dtype: torch.dtype, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` contiguous ``[M, K]`` (fp32/bf16/fp16) → ``[M, N]`` in ``out_dtype``, bias added, in one
     native call: x rounded to int16 per block of ``block`` columns, int32 dot products, fp32
-    accumulation, one rounding to ``out_dtype`` at the end."""
+    accumulation, one rounding to ``out_dtype`` at the end. ``scratch``: a uint8 buffer of at
+    least ``scratch_bytes_i16(M, K, group, block)`` bytes (allocated when None)."""
     m, k = x.shape
     n = packed.shape[0]
-    scratch = torch.empty(m * k * 2 + m * (k // block + k // group) * 4, dtype=torch.uint8)
+    if scratch is None:
+        scratch = torch.empty(scratch_bytes_i16(m, k, group, block), dtype=torch.uint8)
     y = torch.empty(m, n, dtype=out_dtype)
     library().lowbit_int4_linear_i16(
         x.data_ptr(), DTYPE_CODES[x.dtype], y.data_ptr(), DTYPE_CODES[out_dtype],
         None if bias is None else bias.data_ptr(), packed.data_ptr(), scales.data_ptr(), zs.data_ptr(),
         m, n, k, group, block, scratch.data_ptr(), threads)
     return y
+
+
+def scratch_bytes_i16(m: int, k: int, group: int, block: int) -> int:
+    return m * k * 2 + m * (k // block + k // group) * 4
 
 
 def dequant_rows(packed, scales, zs, out: torch.Tensor, n0: int, n1: int, group: int, threads: int) -> torch.Tensor:

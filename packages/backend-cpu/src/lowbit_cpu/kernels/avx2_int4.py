@@ -17,6 +17,8 @@ Accumulation is fp32 on both paths; the result is cast to the activation dtype o
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from lowbit.kernels.base import Kernel, KernelSpec
@@ -24,6 +26,8 @@ from lowbit.qweight import QuantizedWeight
 
 from .. import cpuinfo, native, tuning
 from .common import float_bias, group_of, sort_act_order
+
+SMALL_WORK = 1 << 17  # rows x out x in below which the fused path runs on one thread
 
 
 class Avx2Int4Kernel(Kernel):
@@ -61,23 +65,35 @@ class Avx2Int4Kernel(Kernel):
         self.prefill_min_batch = tuning.prefill_min_batch(native_bf16, dtype)
         self.tile_rows = tuning.tile_rows(k)
         native.library()  # build once now, not on the first forward
+        self._local = threading.local()  # per-thread scratch of the decode path, reused across calls
+
+    def _scratch(self, m: int) -> torch.Tensor:
+        need = native.scratch_bytes_i16(m, self.in_features, self.group, self.block)
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.numel() < need:
+            buf = self._local.buf = torch.empty(need, dtype=torch.uint8)
+        return buf
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
-        threads = torch.get_num_threads()
-        if x2.shape[0] < self.prefill_min_batch:
+        m = x2.shape[0]
+        # one thread for small products: a parallel region costs a few microseconds
+        threads = 1 if m * self.out_features * self.in_features < SMALL_WORK else torch.get_num_threads()
+        if m < self.prefill_min_batch:
+            if x2.dtype != self.dtype:
+                x2 = x2.to(self.dtype)
+            if not x2.is_contiguous():
+                x2 = x2.contiguous()
             if self.dtype != torch.float32:
-                x2 = x2.to(self.dtype).contiguous()
                 y = native.linear_i16(x2, self.packed, self.scales, self.zs, self.bias, self.group, self.block,
-                                      threads, self.dtype)
-                return y.reshape(*lead, self.out_features)
-            y = native.linear_f32(x2.float().contiguous(), self.packed, self.scales, self.zs, self.bias, self.group,
-                                  threads)
-            return y.reshape(*lead, self.out_features)
-        y = self._prefill(x2, threads)
+                                      threads, self.dtype, self._scratch(m))
+            else:
+                y = native.linear_f32(x2, self.packed, self.scales, self.zs, self.bias, self.group, threads)
+            return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
+        y = self._prefill(x2, torch.get_num_threads())
         if self.bias is not None:
             y += self.bias
         return y.to(self.dtype).reshape(*lead, self.out_features)
