@@ -113,3 +113,15 @@ def test_act_order_rejects_uneven_groups():
     bad = QuantizedWeight(qw.codes, qw.scales, qw.zeros, qw.scheme, g_idx=g)
     with pytest.raises(UnsupportedSchemeError, match="columns in a group"):
         Avx2Int4Kernel(bad, torch.device("cpu"), torch.float32)
+
+
+def test_avx2_kernel_deepcopies_and_reuses_scratch():
+    import copy
+
+    qw = make_qweight(64, 128, QuantScheme(4, 64), bias=True)
+    k = Avx2Int4Kernel(qw, torch.device("cpu"), torch.bfloat16)
+    x = torch.randn(3, 128).bfloat16()
+    y1 = k.forward(x)
+    y2 = k.forward(x[:1])  # smaller batch reuses the same scratch
+    assert torch.equal(y1[:1], y2)
+    assert torch.equal(copy.deepcopy(k).forward(x), y1)

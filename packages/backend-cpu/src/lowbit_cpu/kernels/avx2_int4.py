@@ -67,6 +67,15 @@ class Avx2Int4Kernel(Kernel):
         native.library()  # build once now, not on the first forward
         self._local = threading.local()  # per-thread scratch of the decode path, reused across calls
 
+    def __getstate__(self) -> dict:  # copy.deepcopy / pickle: the per-thread scratch is not state
+        state = dict(self.__dict__)
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
     def _scratch(self, m: int) -> torch.Tensor:
         need = native.scratch_bytes_i16(m, self.in_features, self.group, self.block)
         buf = getattr(self._local, "buf", None)
