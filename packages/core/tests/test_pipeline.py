@@ -5,13 +5,12 @@ import json
 import pytest
 import torch
 
-from lowbit import pipeline, read_checkpoint
+from lowbit import calibration, pipeline, read_checkpoint
 from lowbit.errors import CalibrationError, CheckpointError
 from lowbit.nn import QuantLinear, build_model
 from lowbit.primitives import fake_quantize
 from lowbit.scheme import QuantScheme
 from lowbit.testing.models import tiny_llama, tiny_tokenizer
-from lowbit import calibration
 
 
 @pytest.mark.parametrize("bits,gs", [(4, 64), (3, 32), (8, -1), (2, 128)])

@@ -24,7 +24,7 @@ hookspec = pluggy.HookspecMarker("lowbit")
 
 
 @hookspec
-def lowbit_register_quantizers(register: "Registrar") -> None:
+def lowbit_register_quantizers(register: Registrar) -> None:
     """Register quantization steps (RTN, AWQ, GPTQ, ...).
 
     :param register: ``register.add(cls)`` with a :class:`lowbit.Quantizer` subclass; its ``name``
@@ -33,7 +33,7 @@ def lowbit_register_quantizers(register: "Registrar") -> None:
 
 
 @hookspec
-def lowbit_register_packers(register: "Registrar") -> None:
+def lowbit_register_packers(register: Registrar) -> None:
     """Register packers: maps between a QuantizedWeight and one on-disk or in-memory layout.
 
     :param register: ``register.add(cls)`` with a :class:`lowbit.Packer` subclass, keyed by its
@@ -42,7 +42,7 @@ def lowbit_register_packers(register: "Registrar") -> None:
 
 
 @hookspec
-def lowbit_register_kernels(register: "Registrar") -> None:
+def lowbit_register_kernels(register: Registrar) -> None:
     """Register inference kernels for quantized linears.
 
     :param register: ``register.add(cls)`` with a :class:`lowbit.Kernel` subclass. Selection ranks
@@ -52,7 +52,7 @@ def lowbit_register_kernels(register: "Registrar") -> None:
 
 
 @hookspec
-def lowbit_register_exporters(register: "Registrar") -> None:
+def lowbit_register_exporters(register: Registrar) -> None:
     """Register checkpoint formats (writers and readers).
 
     :param register: ``register.add(cls)`` with a :class:`lowbit.Exporter` subclass, keyed by its
@@ -61,7 +61,7 @@ def lowbit_register_exporters(register: "Registrar") -> None:
 
 
 @hookspec
-def lowbit_register_architectures(register: "Registrar") -> None:
+def lowbit_register_architectures(register: Registrar) -> None:
     """Register architecture adapters that name a model's decoder layers and linear groups.
 
     :param register: ``register.add(adapter)`` with a :class:`lowbit.models.Adapter` instance,

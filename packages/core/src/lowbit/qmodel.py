@@ -41,7 +41,7 @@ class QuantizedModel:
                 h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()
 
-    def diff(self, other: "QuantizedModel") -> dict[str, list[str]]:
+    def diff(self, other: QuantizedModel) -> dict[str, list[str]]:
         """Module → list of differences in decoded codes/scales/zeros/g_idx (empty dict: identical)."""
         out: dict[str, list[str]] = {}
         for name in sorted(set(self.qweights) | set(other.qweights)):

@@ -114,11 +114,11 @@ class QuantizedWeight:
             out["bias"] = self.bias
         return out
 
-    def equal(self, other: "QuantizedWeight") -> bool:
+    def equal(self, other: QuantizedWeight) -> bool:
         """Bit-exact equality of codes, scales, zeros and the effective g_idx."""
         return self.diff(other) == []
 
-    def diff(self, other: "QuantizedWeight") -> list[str]:
+    def diff(self, other: QuantizedWeight) -> list[str]:
         """Human-readable list of where two weights differ; empty when they decode identically."""
         out = []
         if self.scheme.bits != other.scheme.bits or self.scheme.group_size != other.scheme.group_size:

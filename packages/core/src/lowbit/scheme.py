@@ -73,6 +73,6 @@ class QuantScheme:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "QuantScheme":
+    def from_dict(cls, d: dict) -> QuantScheme:
         known = {k: d[k] for k in ("bits", "group_size", "sym", "act_order", "version") if k in d}
         return cls(**known)

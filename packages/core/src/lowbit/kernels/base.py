@@ -28,7 +28,7 @@ class KernelSpec:
     act_order: bool = False  # a non-trivial g_idx (columns not in k // group_size order)
 
     @classmethod
-    def of(cls, qw: QuantizedWeight, dtype: torch.dtype) -> "KernelSpec":
+    def of(cls, qw: QuantizedWeight, dtype: torch.dtype) -> KernelSpec:
         return cls(qw.scheme, qw.in_features, qw.out_features, dtype, not qw.has_trivial_g_idx())
 
     def describe(self) -> str:
