@@ -113,7 +113,7 @@ def test_registered():
 def test_awq_lowers_layer_error_below_rtn(scheme):
     model, ids = outlier_llama(), calib_ids()
     rtn = layer_error(model, ids, 1, scheme, [RTN(scheme)])
-    awq = layer_error(model, ids, 1, scheme, [AWQ(scheme, n_grid=10), RTN(scheme)])
+    awq = layer_error(model, ids, 1, scheme, [AWQ(scheme, n_grid=5), RTN(scheme)])
     assert awq < 0.9 * rtn, (awq, rtn)
 
 
@@ -231,4 +231,4 @@ def test_no_calibration_batches_is_an_error():
 
 class TestAWQConformance(QuantizerConformance):
     quantizer = AWQ
-    options = {"n_grid": 10}
+    options = {"n_grid": 5}

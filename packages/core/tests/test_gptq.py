@@ -131,10 +131,11 @@ def test_bad_options():
 
 class TestGPTQConformance(QuantizerConformance):
     quantizer = GPTQ
-    schemes = (QuantScheme(4, 64), QuantScheme(3, 32, act_order=True), QuantScheme(4, -1, sym=True))
+    schemes = (QuantScheme(4, 64), QuantScheme(3, 32), QuantScheme(4, -1, sym=True))  # act-order: tests above
 
 
 class TestAWQThenGPTQConformance(QuantizerConformance):
     quantizer = AWQ
-    options = {"n_grid": 10}
+    options = {"n_grid": 4}
     follow_with = "gptq"
+    schemes = (QuantScheme(3, 32),)
