@@ -53,5 +53,11 @@ def prefill_min_batch(native_bf16: bool, dtype: torch.dtype) -> int:
     return PREFILL_MIN_BATCH[(native_bf16, dtype)]
 
 
-def tile_rows(k: int) -> int:
-    return max(64, (TILE_BYTES // (4 * k)) // 16 * 16)
+MAX_TILES = 8
+
+
+def tile_rows(n: int, k: int) -> int:
+    """Rows per prefill tile: about TILE_BYTES of fp32, at least 64, and at most MAX_TILES tiles per
+    call (so the transient buffer is at most max(TILE_BYTES, the layer's 4-bit size))."""
+    rows = max(64, (TILE_BYTES // (4 * k)) // 16 * 16, -(-n // MAX_TILES))
+    return min(n, -(-rows // 16) * 16)

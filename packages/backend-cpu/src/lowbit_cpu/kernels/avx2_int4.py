@@ -63,7 +63,7 @@ class Avx2Int4Kernel(Kernel):
         native_bf16 = cpuinfo.has_fast_bf16_matmul()
         self.prefill_dtype = torch.bfloat16 if native_bf16 and dtype == torch.bfloat16 else torch.float32
         self.prefill_min_batch = tuning.prefill_min_batch(native_bf16, dtype)
-        self.tile_rows = tuning.tile_rows(k)
+        self.tile_rows = tuning.tile_rows(self.out_features, k)
         native.library()  # build once now, not on the first forward
         self._local = threading.local()  # per-thread scratch of the decode path, reused across calls
 
