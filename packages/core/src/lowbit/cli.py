@@ -59,7 +59,7 @@ def cmd_quantize(a) -> int:
         raise LowbitError(f"--dump-awq/--load-awq need an AWQ method (awq or awq+gptq), got --method {method}.")
     common = dict(scheme=scheme, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size,
                   step_options=opts, overwrite=a.overwrite, trust_remote_code=a.trust_remote_code,
-                  compute_dtype=_dtype(a.compute_dtype), progress=not a.no_progress)
+                  compute_dtype=None if a.compute_dtype == "auto" else _dtype(a.compute_dtype), progress=not a.no_progress)
     if a.export_compatible:
         out = pipeline.export_compatible(a.model, a.export_compatible, method=method, **common)
         result = {"export_compatible": str(out)}
@@ -301,8 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="output directory; each format goes to OUT/<format> (default: out/<model>-<method>-w<bits>...)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
     q.add_argument("--trust-remote-code", action="store_true", help="allow a model repository's own code to run")
-    q.add_argument("--compute-dtype", default="bf16", choices=["bf16", "fp32"],
-                   help="matmul dtype for calibration forwards (bf16 uses AMX on Xeon; default: bf16)")
+    q.add_argument("--compute-dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="matmul dtype for calibration forwards; auto = bf16 where the CPU has AMX or AVX512-BF16, "
+                   "else fp32 (default: auto)")
     g = q.add_argument_group("AWQ")
     g.add_argument("--awq-grid", type=int, default=20, help="scale search grid points (default: 20)")
     g.add_argument("--awq-duo-scaling", action="store_true", help="use both activation and weight statistics")
