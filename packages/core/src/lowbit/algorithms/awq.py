@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, LowbitError, UnsupportedSchemeError
-from ..primitives import fake_quantize
+from ..primitives import choose_qparams
 from ..scheme import QuantScheme
 from .base import LayerContext, LinearGroup, Quantizer
 
@@ -101,7 +101,16 @@ def gram(x: torch.Tensor, stride: int = 1) -> torch.Tensor:
 
 
 def _fq(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    return fake_quantize(w.float(), scheme)
+    """``fake_quantize(w)`` (same qparams, same fp32 arithmetic, same values) without building a
+    QuantizedWeight or gathering per-column scales: the search calls it hundreds of times."""
+    w = w.float()
+    n, k = w.shape
+    gs = k if scheme.group_size == -1 else scheme.group_size
+    scales, zeros = choose_qparams(w, scheme)
+    s = scales.float()[..., None]
+    z = zeros.float()[..., None]
+    q = torch.round(w.reshape(n, k // gs, gs) / s).add_(z).clamp_(0, scheme.maxq)
+    return ((q - z) * s).reshape(n, k)
 
 
 class _GroupStats:
