@@ -12,6 +12,7 @@ Commands at the prompt: ``/reset`` clears the history, ``/history`` prints it, `
 from __future__ import annotations
 
 import argparse
+import select
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -191,11 +192,15 @@ def chat_loop(model, qm, args, inp=None, out=None) -> int:
     max_positions = getattr(qm.config, "max_position_embeddings", None)
 
     def read() -> str:
-        if inp is None:
-            return input(USER_PROMPT)
         out.write(USER_PROMPT)
         out.flush()
-        line = inp.readline()
+        stream = sys.stdin if inp is None else inp
+        if inp is None and stream.isatty():
+            # Wait in short selects, not one blocking read: torch's worker threads may take the
+            # SIGINT of a Ctrl-C, and only a main thread that returns to Python notices it.
+            while not select.select([stream], [], [], 0.2)[0]:
+                pass
+        line = stream.readline()
         if not line:
             raise EOFError
         return line.rstrip("\n")
