@@ -13,6 +13,7 @@ from lowbit.algorithms.base import LayerContext
 from lowbit.algorithms.rtn import RTN
 from lowbit.errors import CheckpointError, LowbitError, UnsupportedSchemeError
 from lowbit.models import LLAMA_FAMILY
+from lowbit.pipeline import capture_layer_inputs
 from lowbit.plugins import registry
 from lowbit.primitives import fake_quantize
 from lowbit.scheme import QuantScheme
@@ -20,10 +21,6 @@ from lowbit.testing import QuantizerConformance
 from lowbit.testing.models import tiny_llama
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
-
-
-class _Stop(Exception):
-    pass
 
 
 def outlier_llama(seed: int = 0, **overrides):
@@ -40,29 +37,9 @@ def calib_ids(n: int = 8, seqlen: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 384, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
-@torch.no_grad()
 def layer_inputs(model, ids, index: int, batch_size: int = 4):
     """The inputs and keyword arguments reaching decoder layer ``index``, per batch."""
-    layer = LLAMA_FAMILY.layers(model)[index]
-    xs, kws = [], []
-
-    def hook(_m, args, kw):
-        xs.append((args[0] if args else kw.pop("hidden_states")).detach())
-        kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value")}
-        kw["use_cache"] = False
-        kws.append(kw)
-        raise _Stop
-
-    h = layer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for s in range(0, ids.shape[0], batch_size):
-            try:
-                model(ids[s:s + batch_size], use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        h.remove()
-    return xs, kws
+    return capture_layer_inputs(model, LLAMA_FAMILY, ids, batch_size, index)
 
 
 def make_ctx(model, ids, index: int, scheme: QuantScheme, layer=None) -> LayerContext:

@@ -89,9 +89,9 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor, batch_size: int):
-    """Run the embeddings up to layer 0 and record its inputs and keyword arguments per batch."""
-    layer0 = adapter.layers(model)[0]
+def capture_layer_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor, batch_size: int, index: int = 0):
+    """Run the model up to decoder layer ``index`` and record its inputs and keyword arguments per batch."""
+    layer0 = adapter.layers(model)[index]
     inputs, kwargs = [], []
 
     def hook(_mod, args, kw):
