@@ -78,11 +78,11 @@ class LayerContext:
         return torch.autocast("cpu", dtype=self.compute_dtype, enabled=enabled)
 
     @torch.no_grad()
-    def forward(self) -> list[torch.Tensor]:
-        """The layer's outputs over every input batch (with the layer as it is now)."""
+    def forward(self, batches: int | None = None) -> list[torch.Tensor]:
+        """The layer's outputs over every input batch, or the first ``batches`` (with the layer as it is now)."""
         outs = []
         with self.autocast():
-            for x, kw in zip(self.inputs, self.kwargs):
+            for x, kw in list(zip(self.inputs, self.kwargs))[:batches]:
                 out = self.layer(x, **kw)
                 out = out[0] if isinstance(out, tuple) else out
                 outs.append(out.to(x.dtype))
