@@ -1,6 +1,7 @@
 """RTN end to end on a tiny random llama, the lowbit checkpoint, and determinism."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -122,3 +123,29 @@ def test_calibrated_pass_reports_layer_errors(tiny_dir):
     _, one = pipeline.run_pass(tiny_llama(seed=0), adapter_for(model.config), [CalibratedRTN(scheme)], scheme, ids,
                                batch_size=2, compute_dtype=torch.float32, progress=False, report_batches=1)
     assert all(r["error_samples"] == 2 for r in one.layers)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
+def test_freed_activation_memory_goes_back_to_the_os():
+    """After return_freed_memory(), freed 8 MiB activation-sized blocks that sit between live small
+    tensors do not stay resident (with glibc's dynamic threshold they land in the heap and do)."""
+    import resource
+
+    from lowbit.pipeline import return_freed_memory
+
+    if not return_freed_memory():
+        pytest.skip("not glibc")
+
+    def rss_mib():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+    keep, blocks = [], []
+    blocks.append(torch.ones(2 << 20))  # one mmapped 8 MiB block freed: glibc's threshold would rise
+    del blocks[0]
+    before = rss_mib()
+    for _ in range(8):
+        blocks.append(torch.ones(2 << 20))  # 8 MiB
+        keep.append(torch.ones(16 << 10))  # 64 KiB kept alive after each block
+    del blocks
+    assert rss_mib() - before < 24, "freed 8 MiB blocks stayed resident"

@@ -7,6 +7,8 @@ forward passes entirely.
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +116,24 @@ def capture_layer_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor, 
     return inputs, kwargs
 
 
+def return_freed_memory() -> bool:
+    """Make glibc give freed activation buffers back to the OS (Linux only; True when applied).
+
+    glibc raises its mmap threshold each time a large block is freed, after which the pass's
+    per-batch activations come from the heap, which fragments and never shrinks: on the demo model
+    a 32-sample GPTQ pass peaked 540 MiB higher than with a fixed 4 MiB threshold (2034 vs 1490
+    MiB). Fixing the threshold (and trimming the heap top past 1 MiB) keeps peak memory near the
+    live tensors. Process-wide and idempotent; results are unchanged."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 4 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 20))
+    except (OSError, AttributeError):  # musl or no libc.so.6: keep the allocator's defaults
+        return False
+
+
 def _rel_error(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
     num = sum(float((a.float() - b.float()).pow(2).sum()) for a, b in zip(ref, out))
     den = sum(float(a.float().pow(2).sum()) for a in ref)
@@ -130,6 +150,7 @@ def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], scheme:
     ``report_batches`` calibration batches (None: all), so the float reference costs a fraction of
     a forward."""
     t0 = time.perf_counter()
+    return_freed_memory()
     compute_dtype = compute_dtype or default_compute_dtype()
     layers = adapter.layers(model)
     needs_data = any(s.needs_calibration for s in steps)
@@ -221,6 +242,7 @@ def quantize(model: str | None = None, *, method: str = "rtn", scheme: QuantSche
     scheme = scheme or QuantScheme()
     formats = ["lowbit"] + [f for f in (formats or []) if f != "lowbit"]
     p = plan(model, method, scheme, formats, out, step_options, overwrite, trust_remote_code)
+    return_freed_memory()
     tokenizer = load_tokenizer(p.source, trust_remote_code)
     ids = None
     calib_info = None
