@@ -37,3 +37,22 @@ def test_demo_generates_coherently(demo_ckpt, capsys):
     capsys.readouterr()
     assert main(["generate", str(demo_ckpt), "What is the capital of France?", "--max-new-tokens", "16", "--json"]) == 0
     assert "Paris" in json.loads(capsys.readouterr().out)["completion"]
+
+
+def test_demo_export_compatible_is_a_plain_float_checkpoint(tmp_path, capsys):
+    """The GGUF-loaded demo model saves as a plain HF checkpoint (no quantization_config) that
+    transformers loads back. A 2-point AWQ grid without clipping on one short sample keeps it quick:
+    this is about the save path, not the search."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "scaled"
+    args = ["quantize", "--method", "awq", "--group-size", "64", "--nsamples", "1", "--seqlen", "64",
+            "--awq-grid", "2", "--no-awq-clip", "--export-compatible", str(out), "--no-progress"]
+    assert main(args) == 0, capsys.readouterr().err
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()

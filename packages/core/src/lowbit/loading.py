@@ -100,6 +100,12 @@ def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remot
         raise ModelLoadError(f"cannot load the weights of {src.spec}: {str(err).splitlines()[0]}") from err
     finally:
         hf_logging.set_verbosity(verbosity)
+    if src.gguf_file:
+        # transformers dequantizes GGUF weights to ``dtype`` on load but keeps the model marked as
+        # GGUF-quantized, which makes save_pretrained refuse it (and would leak a quantization_config
+        # into --export-compatible): it is a plain float model now
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
     return model.eval()
 
 
