@@ -95,7 +95,10 @@ def one_llmcompressor(method: str, a) -> dict:
     """llm-compressor's RTN / GPTQ / AWQ at W4 g64 asym on the same model, calibration and windows."""
     import torch
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.awq import AWQModifier
+    try:
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+    except ImportError:  # before 0.14
+        from llmcompressor.modifiers.awq import AWQModifier
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     from lowbit import calibration
@@ -105,19 +108,31 @@ def one_llmcompressor(method: str, a) -> dict:
     src = resolve(None)
     tok = load_tokenizer(src)
     model = load_model(src, torch.float32)
+    # llm-compressor re-reads the config from model.name_or_path, which a GGUF file is not: hand it
+    # the same float weights as a plain HF checkpoint
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    tmp = tempfile.mkdtemp(prefix="lowbit-llmc-")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    del model
+    model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
     ids = calibration.samples(tok, calibration.load_text("wikitext2"), a.nsamples, a.calib_seqlen)
     from datasets import Dataset
 
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     scheme = {"config_groups": {"g0": {"targets": ["Linear"], "weights": {
         "num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 64}}}}
-    mods = {
-        "rtn": [QuantizationModifier(ignore=["lm_head"], **scheme)],
-        "gptq": [GPTQModifier(ignore=["lm_head"], **scheme)],
-        "awq": [AWQModifier(ignore=["lm_head"], **scheme)],
-    }[method]
+    if method == "rtn":
+        mods = [QuantizationModifier(ignore=["lm_head"], **scheme)]
+    elif method == "gptq":
+        mods = [GPTQModifier(ignore=["lm_head"], **scheme)]
+    else:  # AWQ is a transform followed by quantization since llm-compressor 0.14
+        mods = [AWQModifier(), QuantizationModifier(ignore=["lm_head"], **scheme)]
     t0 = time.perf_counter()
-    oneshot(model=model, dataset=ds, recipe=mods, num_calibration_samples=a.nsamples,
+    oneshot(model=model, processor=tok, dataset=ds, recipe=mods, num_calibration_samples=a.nsamples,
             max_seq_length=a.calib_seqlen)
     wall = time.perf_counter() - t0
     rss = _peak_rss_mib()
@@ -147,7 +162,7 @@ def child(a) -> None:
 def jobs(a) -> list[str]:
     out = [] if a.no_fp32 else ["fp32:"]
     for s in a.schemes.split(","):
-        for m in a.methods.split(","):
+        for m in filter(None, a.methods.split(",")):
             out.append(f"lowbit:{m}@{s}")
     if a.llmcompressor:
         try:
@@ -155,7 +170,7 @@ def jobs(a) -> list[str]:
         except ImportError:
             print("llmcompressor is not installed; skipping its rows", file=sys.stderr)
         else:
-            out += [f"llmcompressor:{m}" for m in ("rtn", "gptq", "awq")]
+            out += [f"llmcompressor:{m}" for m in a.llmcompressor.split(",")]
     return out
 
 
@@ -196,7 +211,9 @@ def main(argv=None) -> int:
     p.add_argument("--dump-awq", action="store_true", help="awq rows dump their search to benchmarks/quality/awq/")
     p.add_argument("--reuse-awq", action="store_true", help="awq+gptq rows load the awq row's dump (no second search)")
     p.add_argument("--no-fp32", action="store_true")
-    p.add_argument("--llmcompressor", action="store_true", help="also run llm-compressor (when installed)")
+    p.add_argument("--llmcompressor", nargs="?", const="rtn,gptq,awq", default="",
+                   help="also run llm-compressor's methods (comma list of rtn, gptq, awq; all when given bare), "
+                        "when it is installed; --methods '' runs only these")
     p.add_argument("--table", action="store_true", help="only rewrite RESULTS.md's table from results.jsonl")
     p.add_argument("--one", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
