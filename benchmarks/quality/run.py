@@ -142,6 +142,15 @@ def one_llmcompressor(method: str, a) -> dict:
             "peak_rss_mib": round(rss)}
 
 
+def _commit() -> str | None:
+    """The lowbit commit the row was measured with (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
 def child(a) -> None:
     kind, _, rest = a.one.partition(":")
     if kind == "fp32":
@@ -153,7 +162,8 @@ def child(a) -> None:
         row = one_lowbit(method, scheme, a)
     row.update({"nsamples": a.nsamples, "calib_seqlen": a.calib_seqlen, "compute_dtype": a.compute_dtype,
                 "threads": a.threads, "host": platform.node(), "cpus": os.cpu_count(),
-                "load_avg_end": round(os.getloadavg()[0], 1), "date": time.strftime("%Y-%m-%d %H:%M")})
+                "load_avg_end": round(os.getloadavg()[0], 1), "date": time.strftime("%Y-%m-%d %H:%M"),
+                "commit": _commit()})
     with RESULTS.open("a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
@@ -184,7 +194,7 @@ def table() -> str:
     for r in rows:  # the newest row of each (tool, method, scheme) wins
         latest[(r["tool"], r["method"], r["scheme"])] = r
     lines = ["| tool | method | scheme | PPL | windows × seqlen | quant wall (s) | AWQ / GPTQ step (s) | "
-             "peak RSS (MiB) | mean layer err |", "|---|---|---|---|---|---|---|---|---|"]
+             "peak RSS (MiB) | mean layer err | load avg | commit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(["fp32"] + METHODS)}
     for (tool, method, scheme), r in sorted(latest.items(), key=lambda kv: (kv[0][0] != "fp32", kv[0][2],
                                                                              kv[0][0], order.get(kv[0][1], 9))):
@@ -193,7 +203,8 @@ def table() -> str:
         method_s = method + (" (AWQ loaded)" if r.get("awq_loaded") else "")
         lines.append(f"| {tool} | {method_s} | {scheme} | {r['ppl']:.3f} | {r['windows']} × {r['eval_seqlen']} | "
                      f"{_fmt(r.get('quant_wall_s'), '.0f')} | {st} | {_fmt(r.get('peak_rss_mib'), '.0f')} | "
-                     f"{_fmt(r.get('mean_layer_err'), '.4f')} |")
+                     f"{_fmt(r.get('mean_layer_err'), '.4f')} | {_fmt(r.get('load_avg_end'), '.1f')} | "
+                     f"{r.get('commit') or '–'} |")
     return "\n".join(lines)
 
 
