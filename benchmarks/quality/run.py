@@ -50,14 +50,16 @@ def one_lowbit(method: str, scheme_name: str, a) -> dict:
 
     torch.set_num_threads(a.threads)
     bits, gs = SCHEMES[scheme_name]
-    scheme = QuantScheme(bits, gs)
-    opts: dict = {}
+    scheme = QuantScheme(bits, gs, act_order=a.act_order)
+    opts: dict = {"gptq": {"static_groups": True}} if a.act_order and "gptq" in method else {}
     awq_dump = HERE / "awq" / f"{scheme_name}.safetensors"
     if method == "awq" and a.dump_awq:
         awq_dump.parent.mkdir(exist_ok=True)
         opts["awq"] = {"dump": str(awq_dump)}
     if method == "awq+gptq" and a.reuse_awq and awq_dump.is_file():
         opts["awq"] = {"load": str(awq_dump)}
+    if a.act_order and method not in ("gptq", "awq+gptq"):
+        raise SystemExit(f"--act-order applies to gptq and awq+gptq, not {method}")
     compute = torch.float32 if a.compute_dtype == "fp32" else torch.bfloat16
     t0 = time.perf_counter()
     qm = quantize(None, method=method, scheme=scheme, nsamples=a.nsamples, seqlen=a.calib_seqlen,
@@ -70,7 +72,8 @@ def one_lowbit(method: str, scheme_name: str, a) -> dict:
     model = build_float_model(qm, torch.float32)  # dequantized weights: the reference kernel's numerics
     ppl = _perplexity(model, qm.tokenizer, a.windows, a.seqlen)
     return {
-        "tool": "lowbit", "method": method, "scheme": scheme_name, "ppl": ppl["ppl"], "windows": ppl["windows"],
+        "tool": "lowbit", "method": method + (" act-order static" if a.act_order else ""),
+        "scheme": scheme_name, "ppl": ppl["ppl"], "windows": ppl["windows"],
         "eval_seqlen": ppl["seqlen"], "quant_wall_s": round(wall, 1), "pass_s": report.get("seconds"),
         "peak_rss_mib": round(rss), "mean_layer_err": sum(errs) / len(errs) if errs else None,
         "last_layer_err": errs[-1] if errs else None, "awq_loaded": "load" in opts.get("awq", {}),
@@ -222,6 +225,8 @@ def main(argv=None) -> int:
     p.add_argument("--dump-awq", action="store_true", help="awq rows dump their search to benchmarks/quality/awq/")
     p.add_argument("--reuse-awq", action="store_true", help="awq+gptq rows load the awq row's dump (no second search)")
     p.add_argument("--no-fp32", action="store_true")
+    p.add_argument("--act-order", action="store_true",
+                   help="GPTQ with act-order and static groups (llm-compressor's GPTQ default, actorder=static)")
     p.add_argument("--llmcompressor", nargs="?", const="rtn,gptq,awq", default="",
                    help="also run llm-compressor's methods (comma list of rtn, gptq, awq; all when given bare), "
                         "when it is installed; --methods '' runs only these")
@@ -234,7 +239,7 @@ def main(argv=None) -> int:
     if not a.table:
         passthrough = [f"--windows={a.windows}", f"--seqlen={a.seqlen}", f"--nsamples={a.nsamples}",
                        f"--calib-seqlen={a.calib_seqlen}", f"--compute-dtype={a.compute_dtype}",
-                       f"--threads={a.threads}"] + (["--dump-awq"] if a.dump_awq else []) + \
+                       f"--threads={a.threads}"] + (["--act-order"] if a.act_order else []) + (["--dump-awq"] if a.dump_awq else []) + \
                       (["--reuse-awq"] if a.reuse_awq else [])
         for job in jobs(a):
             print(f"== {job}", flush=True)
