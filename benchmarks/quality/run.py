@@ -58,8 +58,6 @@ def one_lowbit(method: str, scheme_name: str, a) -> dict:
         opts["awq"] = {"dump": str(awq_dump)}
     if method == "awq+gptq" and a.reuse_awq and awq_dump.is_file():
         opts["awq"] = {"load": str(awq_dump)}
-    if a.act_order and method not in ("gptq", "awq+gptq"):
-        raise SystemExit(f"--act-order applies to gptq and awq+gptq, not {method}")
     compute = torch.float32 if a.compute_dtype == "fp32" else torch.bfloat16
     t0 = time.perf_counter()
     qm = quantize(None, method=method, scheme=scheme, nsamples=a.nsamples, seqlen=a.calib_seqlen,
@@ -236,6 +234,8 @@ def main(argv=None) -> int:
     if a.one:
         child(a)
         return 0
+    if a.act_order and set(filter(None, a.methods.split(","))) - {"gptq", "awq+gptq"}:
+        p.error(f"--act-order applies to gptq and awq+gptq only, got --methods {a.methods}")
     if not a.table:
         passthrough = [f"--windows={a.windows}", f"--seqlen={a.seqlen}", f"--nsamples={a.nsamples}",
                        f"--calib-seqlen={a.calib_seqlen}", f"--compute-dtype={a.compute_dtype}",
