@@ -192,13 +192,14 @@ def _fmt(x, spec):
 def table() -> str:
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
     latest: dict = {}
-    for r in rows:  # the newest row of each (tool, method, scheme) wins
-        latest[(r["tool"], r["method"], r["scheme"])] = r
+    for r in rows:  # the newest row of each (tool, method, scheme, windows) wins
+        latest[(r["tool"], r["method"], r["scheme"], r["windows"])] = r
     lines = ["| tool | method | scheme | PPL | windows × seqlen | quant wall (s) | AWQ / GPTQ step (s) | "
              "peak RSS (MiB) | mean layer err | load avg | commit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(["fp32"] + METHODS)}
-    for (tool, method, scheme), r in sorted(latest.items(), key=lambda kv: (kv[0][0] != "fp32", kv[0][2],
-                                                                             kv[0][0], order.get(kv[0][1], 9))):
+    # full-set rows (most windows) first, then by scheme, tool and method
+    for (tool, method, scheme, _), r in sorted(latest.items(), key=lambda kv: (-kv[0][3], kv[0][0] != "fp32", kv[0][2],
+                                                                                kv[0][0], order.get(kv[0][1], 9))):
         steps = r.get("step_seconds") or {}
         st = " / ".join(_fmt(steps.get(k) or None, ".0f") for k in ("awq_seconds", "gptq_seconds"))
         method_s = method + (" (AWQ loaded)" if r.get("awq_loaded") else "")
