@@ -54,20 +54,24 @@ def rel_error(ref, out) -> float:
 
 
 @torch.no_grad()
-def run_steps(model, steps, ids) -> dict:
-    """A minimal layer-by-layer pass (the shape of the pipeline's): returns the QuantizedWeights."""
+def run_steps(model, steps, ids, blocks=True, outputs: list | None = None) -> dict:
+    """A minimal layer-by-layer pass (the shape of the pipeline's): returns the QuantizedWeights;
+    ``blocks=False`` declares no replayable blocks; ``outputs`` receives the last layer's outputs."""
     for s in steps:
         s.prepare(model, LLAMA_FAMILY)
     xs, kws = layer_inputs(model, ids, 0)
     qweights: dict = {}
     for i, layer in enumerate(LLAMA_FAMILY.layers(model)):
         ctx = LayerContext(i, LLAMA_FAMILY.layer_prefix(i), layer, LLAMA_FAMILY.groups(layer), steps[0].scheme,
-                           xs, kws, qweights=qweights)
+                           xs, kws, qweights=qweights, blocks=LLAMA_FAMILY.blocks(layer) if blocks else {})
         for s in steps:
+            ctx.replays.clear()
             s.apply(ctx)
         xs = ctx.forward()
     for s in steps:
         s.finish()
+    if outputs is not None:
+        outputs.extend(xs)
     return qweights
 
 

@@ -112,6 +112,60 @@ def test_deterministic():
     assert all(q1[k].equal(q2[k]) for k in q1)
 
 
+def _count_calls(model, path: str) -> list[int]:
+    calls = [0]
+    for layer in model.model.layers:
+        layer.get_submodule(path).register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 32), QuantScheme(3, 32, act_order=True)], ids=lambda s: s.describe())
+def test_replaying_finished_blocks_changes_nothing(scheme):
+    """Once o (down) is quantized, later stages and the forward to the next layer compute the
+    attention (MLP) block as o(captured input): bit-identical codes and outputs, fewer forwards."""
+    ids = calib_ids()
+    runs = {}
+    for blocks in (False, True):
+        model = outlier_llama()
+        q_calls, gate_calls = _count_calls(model, "self_attn.q_proj"), _count_calls(model, "mlp.gate_proj")
+        outs: list = []
+        runs[blocks] = (run_steps(model, [GPTQ(scheme)], ids, blocks=blocks, outputs=outs), outs,
+                        q_calls[0], gate_calls[0])
+    (q0, out0, qc0, gc0), (q1, out1, qc1, gc1) = runs[False], runs[True]
+    assert set(q0) == set(q1) and all(q0[k].equal(q1[k]) for k in q0)
+    assert all(torch.equal(a, b) for a, b in zip(out0, out1, strict=True))
+    n_batches, n_layers = 2, 2  # 8 samples in batches of 4
+    # per layer without replay: 5 attention passes (q/k/v, o, gate/up and down stages, forward);
+    # with: 2 + 1 (the check of the first replayed batch). The MLP: 3 (gate/up and down stages,
+    # forward) → 2 + 1 (the forward replays it after the check)
+    assert qc0 == 5 * n_batches * n_layers and qc1 == (2 * n_batches + 1) * n_layers
+    assert gc0 == 3 * n_batches * n_layers and gc1 == (2 * n_batches + 1) * n_layers
+
+
+class _ScaledMLP(torch.nn.Module):
+    """An MLP whose output is not down_proj's output (x1.5 after it), under the llama names."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+
+    def forward(self, x):
+        return 1.5 * self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def test_a_wrongly_declared_block_is_not_replayed():
+    ids = calib_ids()
+    outs = {}
+    for blocks in (False, True):
+        model = outlier_llama()
+        for layer in model.model.layers:
+            layer.mlp = _ScaledMLP(layer.mlp)
+        o: list = []
+        run_steps(model, [GPTQ(QuantScheme(4, 32))], ids, blocks=blocks, outputs=o)
+        outs[blocks] = o
+    assert all(torch.equal(a, b) for a, b in zip(outs[False], outs[True], strict=True))
+
+
 @pytest.mark.parametrize("damp", [0, 1, -0.1, 1.5, "x", True])
 def test_damp_out_of_range(damp):
     with pytest.raises(UnsupportedSchemeError, match="0 < damp < 1"):

@@ -175,10 +175,11 @@ def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], scheme:
     bar = tqdm(total=len(layers), desc="quantizing", unit="layer", disable=not progress)
     for i, layer in enumerate(layers):
         ctx = LayerContext(i, adapter.layer_prefix(i), layer, adapter.groups(layer), scheme, inputs, kwargs,
-                           qweights=qweights, compute_dtype=compute_dtype)
+                           qweights=qweights, compute_dtype=compute_dtype, blocks=adapter.blocks(layer))
         ref = ctx.forward(report_batches) if needs_data else None
         for s in steps:
             bar.set_postfix_str(f"layer {i} {s.name}")
+            ctx.replays.clear()  # a step may change any weight: only the last step's replays reach the forward
             s.apply(ctx)
         if quantizes and ctx.unquantized():
             raise LowbitError(f"layer {i}: {', '.join(ctx.unquantized())} left unquantized by {steps[-1].name} (a bug).")

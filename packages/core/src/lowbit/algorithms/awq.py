@@ -51,44 +51,6 @@ FORMAT_VERSION = 1
 _NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv")
 
 
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def stream_layer(ctx: LayerContext, hooks: dict[str, Callable[[int, tuple, dict], None]],
-                 stop_when_all_seen: bool = True) -> None:
-    """Run the layer over every calibration batch, calling ``hooks[path](batch, args, kwargs)`` with
-    the inputs reaching each module; a batch's forward stops as soon as every hooked module has
-    fired (the rest of the layer is not computed)."""
-    seen: set[str] = set()
-    state = {"batch": 0}
-    handles = []
-
-    def make(path, fn):
-        def hook(_mod, args, kwargs):
-            fn(state["batch"], args, kwargs)
-            seen.add(path)
-            if stop_when_all_seen and len(seen) == len(hooks):
-                raise _Stop
-        return hook
-
-    for path, fn in hooks.items():
-        handles.append(ctx.module(path).register_forward_pre_hook(make(path, fn), with_kwargs=True))
-    try:
-        with ctx.autocast():
-            for batch, (x, kw) in enumerate(zip(ctx.inputs, ctx.kwargs)):
-                state["batch"] = batch
-                seen.clear()
-                try:
-                    ctx.layer(x, **kw)
-                except _Stop:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
@@ -261,7 +223,7 @@ class AWQ(Quantizer):
                         st.calls.append((args, dict(kwargs)))
 
                 _add_hook(hooks, g.inspect, on_inspect)
-        stream_layer(ctx, hooks)
+        ctx.stream(hooks)
         return stats
 
     def _search_scales(self, ctx: LayerContext, g: LinearGroup, st: _GroupStats):

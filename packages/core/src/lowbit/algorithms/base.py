@@ -9,6 +9,8 @@ outputs. The last step of a recipe must quantize.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -36,6 +38,25 @@ class LinearGroup:
     inspect: str | None = None
 
 
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class Replay:
+    """A block (``self_attn``, ``mlp``) whose output is its output linear applied to inputs captured
+    earlier, one tensor per calibration batch: valid once every other linear of the block is final.
+
+    The pass then computes ``linear(inputs[batch])`` instead of the whole block. The first call
+    runs the block for real and checks that it agrees; on disagreement, or an output carrying
+    more than the hidden state, the replay turns itself off."""
+
+    linear: str
+    inputs: list[torch.Tensor]
+    template: tuple | None = None  # the block's output structure, element 0 replaced on replay
+    state: str = "unchecked"  # unchecked | on | off
+
+
 @dataclass
 class LayerContext:
     """One decoder layer during the pass.
@@ -43,6 +64,8 @@ class LayerContext:
     :param inputs: the layer's calibration inputs, a list of ``[batch, seqlen, hidden]`` tensors.
     :param kwargs: per input batch, the keyword arguments the model passed to the layer
         (position embeddings, attention mask, ...).
+    :param blocks: block path → its output linear (``{"mlp": "mlp.down_proj"}``): blocks whose
+        output is that linear's output, which a step may :meth:`replay` from captured inputs.
     """
 
     index: int
@@ -55,6 +78,9 @@ class LayerContext:
     qweights: dict[str, QuantizedWeight] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     compute_dtype: torch.dtype = torch.float32
+    blocks: dict[str, str] = field(default_factory=dict)
+    replays: dict[str, Replay] = field(default_factory=dict)
+    batch: int = 0
 
     def module(self, path: str) -> nn.Module:
         return self.layer.get_submodule(path)
@@ -71,6 +97,74 @@ class LayerContext:
         with torch.no_grad():
             lin.weight.copy_(qw.dequantize(lin.weight.dtype))
         self.qweights[self.prefix + path] = qw
+        for block, rp in list(self.replays.items()):  # a captured input upstream of ``path`` is stale
+            if path.startswith(block + ".") and path != rp.linear:
+                del self.replays[block]
+
+    # -- replaying finished blocks ----------------------------------------------------------------
+
+    def block_of(self, linear: str) -> str | None:
+        """The block whose output ``linear`` produces, if the adapter declared one."""
+        return next((b for b, lin in self.blocks.items() if lin == linear), None)
+
+    def replayable(self, linear: str) -> bool:
+        """True when ``linear``'s input is final: it closes a block whose other linears are quantized."""
+        block = self.block_of(linear)
+        if block is None:
+            return False
+        inside = [p for p in self.linear_paths() if p.startswith(block + ".") and p != linear]
+        return all(self.prefix + p in self.qweights for p in inside)
+
+    def replay(self, linear: str, inputs: list[torch.Tensor]) -> None:
+        """From now on compute ``linear``'s block as ``linear(inputs[batch])`` (see :class:`Replay`)."""
+        block = self.block_of(linear)
+        try:
+            self.module(block or "")
+        except AttributeError:  # an adapter that declares a block its layers lack: no replay
+            return
+        if block and len(inputs) == len(self.inputs):
+            self.replays[block] = Replay(linear, inputs)
+
+    def _replay_forward(self, block: nn.Module, rp: Replay):
+        original = block.forward
+        lin = self.module(rp.linear)
+
+        def forward(*args, **kwargs):
+            if rp.state == "off":
+                return original(*args, **kwargs)
+            y = lin(rp.inputs[self.batch])
+            if rp.state == "on":
+                return y if rp.template is None else (y, *rp.template[1:])
+            out = original(*args, **kwargs)
+            first = out[0] if isinstance(out, tuple) else out
+            plain = not isinstance(out, tuple) or all(o is None for o in out[1:])
+            ok = plain and first.shape == y.shape and torch.allclose(first, y, rtol=1e-5, atol=1e-6)
+            rp.state = "on" if ok else "off"
+            rp.template = out if isinstance(out, tuple) else None
+            return out
+
+        return forward
+
+    @contextmanager
+    def _replaying(self):
+        patched = []
+        try:
+            for path, rp in self.replays.items():
+                block = self.module(path)
+                block.forward = self._replay_forward(block, rp)
+                patched.append(block)
+            yield
+        finally:
+            for block in patched:
+                del block.forward  # back to the class's forward
+
+    # -- running the layer --------------------------------------------------------------------------
+
+    def _batches(self, batches: int | None):
+        with self.autocast(), self._replaying():
+            for b, (x, kw) in enumerate(list(zip(self.inputs, self.kwargs))[:batches]):
+                self.batch = b
+                yield x, kw
 
     def autocast(self):
         """Matmuls in ``compute_dtype`` (bf16 → AMX on Xeon) when it is not float32."""
@@ -81,29 +175,40 @@ class LayerContext:
     def forward(self, batches: int | None = None) -> list[torch.Tensor]:
         """The layer's outputs over every input batch, or the first ``batches`` (with the layer as it is now)."""
         outs = []
-        with self.autocast():
-            for x, kw in list(zip(self.inputs, self.kwargs))[:batches]:
-                out = self.layer(x, **kw)
-                out = out[0] if isinstance(out, tuple) else out
-                outs.append(out.to(x.dtype))
+        for x, kw in self._batches(batches):
+            out = self.layer(x, **kw)
+            out = out[0] if isinstance(out, tuple) else out
+            outs.append(out.to(x.dtype))
         return outs
 
     @torch.no_grad()
-    def capture_inputs(self, paths: list[str], stop_after: str | None = None) -> dict[str, list[torch.Tensor]]:
-        """Run the layer over every batch and collect the inputs reaching each module in ``paths``
-        (a list of ``[batch, seqlen, in_features]`` per module)."""
-        got: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+    def stream(self, hooks: dict[str, Callable[[int, tuple, dict], None]], stop_when_all_seen: bool = True) -> None:
+        """Run the layer over every calibration batch, calling ``hooks[path](batch, args, kwargs)``
+        with the inputs reaching each module; a batch's forward stops as soon as every hooked
+        module has fired (the rest of the layer is not computed)."""
+        seen: set[str] = set()
         handles = []
-        for p in paths:
-            def hook(_mod, args, p=p):
-                got[p].append(args[0].detach())
-            handles.append(self.module(p).register_forward_pre_hook(hook))
+
+        def make(path, fn):
+            def hook(_mod, args, kwargs):
+                fn(self.batch, args, kwargs)
+                seen.add(path)
+                if stop_when_all_seen and len(seen) == len(hooks):
+                    raise _Stop
+            return hook
+
+        for path, fn in hooks.items():
+            handles.append(self.module(path).register_forward_pre_hook(make(path, fn), with_kwargs=True))
         try:
-            self.forward()
+            for x, kw in self._batches(None):
+                seen.clear()
+                try:
+                    self.layer(x, **kw)
+                except _Stop:
+                    pass
         finally:
             for h in handles:
                 h.remove()
-        return got
 
 
 class Quantizer:

@@ -14,7 +14,10 @@ groups             scales/zeros found when a group's first column comes up, from
 act-order          columns in order of decreasing ``diag H``; with dynamic groups a column's
                    group is its rank // group_size, stored as ``g_idx``
 true-sequential    inside a layer, groups are quantized in order (q/k/v, o, gate/up, down),
-                   each Hessian taken from the layer with the earlier groups already quantized
+                   each Hessian taken from the layer with the earlier groups already quantized;
+                   once o (down) is quantized the attention (MLP) block is replayed from
+                   o's (down's) captured inputs instead of being recomputed by later stages
+                   and by the pass's forward to the next layer
 =================  ==========================================================================
 
 Scales and zeros come from :func:`lowbit.primitives.choose_qparams` (fp16 scales) and codes are
@@ -32,7 +35,7 @@ from ..errors import LowbitError, UnsupportedSchemeError
 from ..primitives import choose_qparams
 from ..qweight import QuantizedWeight
 from ..scheme import QuantScheme
-from .awq import _first_input, stream_layer
+from .awq import _first_input
 from .base import LayerContext, Quantizer
 
 
@@ -74,9 +77,9 @@ class GPTQ(Quantizer):
         for stage in stages:
             # linears of one stage that read the same input share a Hessian
             readers = [g for g in groups if g[0] in stage]
-            hess = self._hessians(ctx, [g[0] for g in readers])
+            hess, kept = self._hessians(ctx, [g[0] for g in readers])
             for g in readers:
-                h = hess[g[0]]
+                h = hess.pop(g[0])
                 for p in g:
                     lin = ctx.module(p)
                     bias = None if lin.bias is None else lin.bias.detach().clone()
@@ -85,17 +88,23 @@ class GPTQ(Quantizer):
                                              static_groups=bool(self.opts["static_groups"]), bias=bias)
                     errs[p] = loss
                     ctx.set_quantized(p, qw)
+                    if p in kept:  # its block's output is now final: later stages skip the block
+                        ctx.replay(p, kept[p])
         ctx.report["gptq_loss"] = {p.rsplit(".", 1)[-1]: float(f"{v:.4g}") for p, v in errs.items()}
         ctx.report["gptq_seconds"] = round(time.perf_counter() - t0, 2)
 
-    def _hessians(self, ctx: LayerContext, paths: list[str]) -> dict[str, torch.Tensor]:
-        """``2 XᵀX / n`` for the input of each module in ``paths``, in one (early-stopped) pass."""
+    def _hessians(self, ctx: LayerContext, paths: list[str]) -> tuple[dict, dict]:
+        """``2 XᵀX / n`` for the input of each module in ``paths``, in one (early-stopped) pass, and
+        the inputs themselves of those that close a block (``ctx.replayable``), to replay it."""
         acc: dict[str, torch.Tensor] = {}
         count: dict[str, int] = {}
+        kept: dict[str, list[torch.Tensor]] = {p: [] for p in paths if ctx.replayable(p)}
 
         def make(p):
             def fn(_b, args, kwargs):
                 x = _first_input(args, kwargs)
+                if p in kept:
+                    kept[p].append(x)
                 with torch.autocast("cpu", enabled=False):
                     x2 = x.reshape(-1, x.shape[-1]).float()
                     if p in acc:
@@ -105,8 +114,8 @@ class GPTQ(Quantizer):
                 count[p] = count.get(p, 0) + x2.shape[0]
             return fn
 
-        stream_layer(ctx, {p: make(p) for p in paths})
-        return {p: acc[p].mul_(2.0 / count[p]) for p in paths}
+        ctx.stream({p: make(p) for p in paths})
+        return {p: acc[p].mul_(2.0 / count[p]) for p in paths}, kept
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, *, damp: float = 0.01,

@@ -44,6 +44,10 @@ class Adapter:
         assert isinstance(mlp, nn.Module)
         return groups
 
+    def blocks(self, layer: nn.Module) -> dict[str, str]:
+        """Blocks whose output is one linear's output: attention ends in o_proj, the MLP in down_proj."""
+        return {"self_attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}
+
 
 LLAMA_FAMILY = Adapter("llama-family", ("llama", "mistral", "qwen2", "qwen3", "smollm3"))
 

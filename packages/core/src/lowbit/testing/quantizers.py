@@ -69,7 +69,8 @@ class LayerFixture:
         layer = copy.deepcopy(self.adapter.layers(self.model)[0])
         inputs, kwargs = self.calib if data == "calib" else self.heldout
         return LayerContext(0, self.adapter.layer_prefix(0), layer, self.adapter.groups(layer), scheme,
-                            inputs, kwargs, qweights={}, compute_dtype=torch.float32)
+                            inputs, kwargs, qweights={}, compute_dtype=torch.float32,
+                            blocks=self.adapter.blocks(layer))
 
 
 @functools.lru_cache(maxsize=2)
