@@ -50,8 +50,8 @@ def one_lowbit(method: str, scheme_name: str, a) -> dict:
 
     torch.set_num_threads(a.threads)
     bits, gs = SCHEMES[scheme_name]
-    scheme = QuantScheme(bits, gs, act_order=a.act_order)
-    opts: dict = {"gptq": {"static_groups": True}} if a.act_order and "gptq" in method else {}
+    scheme = QuantScheme(bits, gs)
+    opts: dict = {"gptq": {"column_order": a.column_order}} if "gptq" in method else {}
     awq_dump = HERE / "awq" / f"{scheme_name}.safetensors"
     if method == "awq" and a.dump_awq:
         awq_dump.parent.mkdir(exist_ok=True)
@@ -70,7 +70,7 @@ def one_lowbit(method: str, scheme_name: str, a) -> dict:
     model = build_float_model(qm, torch.float32)  # dequantized weights: the reference kernel's numerics
     ppl = _perplexity(model, qm.tokenizer, a.windows, a.seqlen)
     return {
-        "tool": "lowbit", "method": method + (" act-order static" if a.act_order else ""),
+        "tool": "lowbit", "method": method, "column_order": a.column_order if "gptq" in method else None,
         "scheme": scheme_name, "ppl": ppl["ppl"], "windows": ppl["windows"],
         "eval_seqlen": ppl["seqlen"], "quant_wall_s": round(wall, 1), "pass_s": report.get("seconds"),
         "peak_rss_mib": round(rss), "mean_layer_err": sum(errs) / len(errs) if errs else None,
@@ -203,6 +203,8 @@ def table() -> str:
         steps = r.get("step_seconds") or {}
         st = " / ".join(_fmt(steps.get(k) or None, ".0f") for k in ("awq_seconds", "gptq_seconds"))
         method_s = method + (" (AWQ loaded)" if r.get("awq_loaded") else "")
+        if "gptq" in method and "act-order" not in method:  # rows before the column_order field: natural order
+            method_s += f", {r.get('column_order') or 'columns'} order"
         lines.append(f"| {tool} | {method_s} | {scheme} | {r['ppl']:.3f} | {r['windows']} × {r['eval_seqlen']} | "
                      f"{_fmt(r.get('quant_wall_s'), '.0f')} | {st} | {_fmt(r.get('peak_rss_mib'), '.0f')} | "
                      f"{_fmt(r.get('mean_layer_err'), '.4f')} | {_fmt(r.get('load_avg_end'), '.1f')} | "
@@ -224,8 +226,8 @@ def main(argv=None) -> int:
     p.add_argument("--dump-awq", action="store_true", help="awq rows dump their search to benchmarks/quality/awq/")
     p.add_argument("--reuse-awq", action="store_true", help="awq+gptq rows load the awq row's dump (no second search)")
     p.add_argument("--no-fp32", action="store_true")
-    p.add_argument("--act-order", action="store_true",
-                   help="GPTQ with act-order and static groups (llm-compressor's GPTQ default, actorder=static)")
+    p.add_argument("--column-order", default="hessian", choices=["hessian", "columns"],
+                   help="GPTQ column order (lowbit's default hessian = llm-compressor's actorder=static)")
     p.add_argument("--llmcompressor", nargs="?", const="rtn,gptq,awq", default="",
                    help="also run llm-compressor's methods (comma list of rtn, gptq, awq; all when given bare), "
                         "when it is installed; --methods '' runs only these")
@@ -235,12 +237,10 @@ def main(argv=None) -> int:
     if a.one:
         child(a)
         return 0
-    if a.act_order and set(filter(None, a.methods.split(","))) - {"gptq", "awq+gptq"}:
-        p.error(f"--act-order applies to gptq and awq+gptq only, got --methods {a.methods}")
     if not a.table:
         passthrough = [f"--windows={a.windows}", f"--seqlen={a.seqlen}", f"--nsamples={a.nsamples}",
                        f"--calib-seqlen={a.calib_seqlen}", f"--compute-dtype={a.compute_dtype}",
-                       f"--threads={a.threads}"] + (["--act-order"] if a.act_order else []) + (["--dump-awq"] if a.dump_awq else []) + \
+                       f"--threads={a.threads}"] + [f"--column-order={a.column_order}"] + (["--dump-awq"] if a.dump_awq else []) + \
                       (["--reuse-awq"] if a.reuse_awq else [])
         for job in jobs(a):
             print(f"== {job}", flush=True)

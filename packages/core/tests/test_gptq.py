@@ -39,12 +39,13 @@ SCHEMES = [QuantScheme(b, g, sym=s, act_order=a) for b, g, s, a in [
     (8, -1, True, False), (4, -1, False, True), (3, 64, True, True)]]
 
 
+@pytest.mark.parametrize("order", ["hessian", "columns"])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())
-def test_gptq_beats_rtn_on_a_linear(scheme):
+def test_gptq_beats_rtn_on_a_linear(scheme, order):
     torch.manual_seed(0)
     x, w = correlated_inputs(), torch.randn(48, 64)
     h = 2 * x.T @ x / x.shape[0]
-    qw, _ = gptq_quantize(w, h, scheme)
+    qw, _ = gptq_quantize(w, h, scheme, column_order=order)
     rtn = quantize(w, QuantScheme(scheme.bits, scheme.group_size, scheme.sym))
     assert proxy_error(x, w, qw) < 0.9 * proxy_error(x, w, rtn)
     # the codes are exactly what the stored (fp16) scales and zeros give for the dequantized weight
@@ -58,6 +59,21 @@ def test_gptq_beats_rtn_on_a_linear(scheme):
         assert torch.equal(torch.bincount(qw.g_idx.long()), torch.full((qw.num_groups,), scheme.group_size))
     else:
         assert qw.g_idx is None
+
+
+def test_hessian_column_order_keeps_plain_groups():
+    """The default order quantizes strong columns first but fixes each group's scales up front
+    from the original weight: no g_idx, the scales are plain RTN's, and the codes differ from
+    the natural order's."""
+    x, w = correlated_inputs(), torch.randn(48, 64, generator=torch.Generator().manual_seed(3))
+    h = 2 * x.T @ x / 512
+    scheme = QuantScheme(4, 32)
+    qh, _ = gptq_quantize(w, h, scheme)
+    qc, _ = gptq_quantize(w, h, scheme, column_order="columns")
+    assert qh.g_idx is None and qh.has_trivial_g_idx()
+    rtn = quantize(w, scheme)
+    assert torch.equal(qh.scales, rtn.scales) and torch.equal(qh.zeros, rtn.zeros)
+    assert not torch.equal(qh.codes, qc.codes)
 
 
 def test_static_groups_keep_trivial_g_idx():
@@ -93,6 +109,8 @@ def test_gptq_lowers_layer_error_below_rtn(scheme):
     assert gptq < 0.9 * rtn, (gptq, rtn)
     seq = layer_error(model, ids, 1, scheme, [GPTQ(scheme, true_sequential=False)])
     assert seq < 0.9 * rtn
+    natural = layer_error(model, ids, 1, scheme, [GPTQ(scheme, column_order="columns")])
+    assert natural < 0.9 * rtn
 
 
 def test_awq_then_gptq_recipe_beats_rtn():
@@ -175,6 +193,8 @@ def test_damp_out_of_range(damp):
 def test_bad_options():
     with pytest.raises(UnsupportedSchemeError, match="block_size"):
         GPTQ(QuantScheme(4, 32), block_size=0)
+    with pytest.raises(UnsupportedSchemeError, match="column_order must be one of hessian, columns"):
+        GPTQ(QuantScheme(4, 32), column_order="random")
     with pytest.raises(UnsupportedSchemeError, match="no option"):
         GPTQ(QuantScheme(4, 32), n_grid=3)
     with pytest.raises(UnsupportedSchemeError, match="act-order"):

@@ -44,7 +44,8 @@ def _step_options(a) -> dict:
         awq["dump"] = a.dump_awq
     if a.load_awq:
         awq["load"] = a.load_awq
-    gptq = {"damp": a.damp, "block_size": a.block_size, "static_groups": a.static_groups}
+    gptq = {"damp": a.damp, "block_size": a.block_size, "column_order": a.column_order,
+            "static_groups": a.static_groups}
     return {"awq": awq, "gptq": gptq}
 
 
@@ -290,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default: 4)")
     q.add_argument("--group-size", type=int, default=64, help="32, 64, 128, or -1 for per channel (default: 64)")
     q.add_argument("--sym", action="store_true", help="symmetric codes (zero point fixed at 2**(bits-1))")
-    q.add_argument("--act-order", action="store_true", help="GPTQ act-order (desc_act): columns by Hessian diagonal")
+    q.add_argument("--act-order", action="store_true",
+                   help="GPTQ act-order (desc_act): columns by Hessian diagonal, groups as they come (g_idx); "
+                   "formats without g_idx (autoawq, xft) cannot hold it")
     q.add_argument("--calib", default="wikitext2",
                    help="calibration text: wikitext2 (built in), a .txt or .jsonl file, or hf:<dataset>[:config[:split]]")
     q.add_argument("--nsamples", type=int, default=128, help="calibration samples (default: 128)")
@@ -315,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = q.add_argument_group("GPTQ")
     g.add_argument("--damp", type=float, default=0.01, help="dampening as a fraction of mean Hessian diagonal (default: 0.01)")
     g.add_argument("--block-size", type=int, default=128, help="columns per error-compensation block (default: 128)")
+    g.add_argument("--column-order", choices=["hessian", "columns"], default="hessian",
+                   help="hessian: quantize columns by decreasing Hessian diagonal with each group's scales fixed "
+                   "up front, so the checkpoint keeps plain group order (llm-compressor's actorder=static); "
+                   "columns: the weight's own order (AutoGPTQ's desc_act=False) (default: hessian)")
     g.add_argument("--static-groups", action="store_true", help="with --act-order, fix group qparams before reordering")
     q.add_argument("--json", action="store_true", help="print the result as JSON")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -7,12 +7,16 @@ dead columns       ``H[k, k] == 0`` → ``H[k, k] = 1`` and ``W[:, k] = 0``
 dampening          ``H += damp · mean(diag H) · I`` (retried ×10 when Cholesky still fails)
 inverse            ``U = chol(H⁻¹)ᵀ`` (upper); column ``j``'s error ``(w - q) / U[j, j]``
                    updates ``W[:, j:] -= err ⊗ U[j, j:]``, lazily per ``block_size`` columns
-groups             scales/zeros found when a group's first column comes up, from the current
-                   (already error-compensated) columns of the group; ``static_groups`` finds
-                   them all up front from the original weight; per channel (``-1``) always up
-                   front
-act-order          columns in order of decreasing ``diag H``; with dynamic groups a column's
-                   group is its rank // group_size, stored as ``g_idx``
+column order       ``hessian`` (default): columns in order of decreasing ``diag H``, each
+                   group's scales/zeros fixed up front from the original weight, so the
+                   checkpoint keeps plain group order and every format holds it
+                   (llm-compressor's ``actorder=static``); ``columns``: the weight's own order,
+                   scales/zeros found when a group's first column comes up, from the current
+                   (already error-compensated) columns (AutoGPTQ's ``desc_act=False``)
+act-order          (``scheme.act_order``, desc_act) ``diag H`` order with dynamic groups: a
+                   column's group is its rank // group_size, stored as ``g_idx``;
+                   ``static_groups`` fixes the groups up front instead (trivial ``g_idx``)
+per channel        (group size ``-1``) scales/zeros always found up front
 true-sequential    inside a layer, groups are quantized in order (q/k/v, o, gate/up, down),
                    each Hessian taken from the layer with the earlier groups already quantized;
                    once o (down) is quantized the attention (MLP) block is replayed from
@@ -41,14 +45,17 @@ from .base import LayerContext, Quantizer
 
 class GPTQ(Quantizer):
     """GPTQ (a quantizing step). Options: ``damp`` (relative dampening, 0 < damp < 1),
-    ``block_size`` (lazy-update block), ``static_groups``, ``true_sequential``."""
+    ``block_size`` (lazy-update block), ``column_order`` (``hessian`` or ``columns``),
+    ``static_groups`` (with act-order), ``true_sequential``."""
 
     name = "gptq"
     quantizes = True
     supports_act_order = True
     needs_calibration = True
     description = "second-order error compensation (Hessian from calibration inputs)"
-    options = {"damp": 0.01, "block_size": 128, "static_groups": False, "true_sequential": True}
+    options = {"damp": 0.01, "block_size": 128, "column_order": "hessian", "static_groups": False,
+               "true_sequential": True}
+    column_orders = ("hessian", "columns")
 
     def check(self, scheme: QuantScheme) -> None:
         super().check(scheme)
@@ -60,6 +67,9 @@ class GPTQ(Quantizer):
         if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
             raise UnsupportedSchemeError(f"gptq block_size must be a positive integer, got {bs!r}; "
                                          "pass --block-size 128.")
+        if self.opts["column_order"] not in self.column_orders:
+            raise UnsupportedSchemeError(f"gptq column_order must be one of {', '.join(self.column_orders)}, "
+                                         f"got {self.opts['column_order']!r}.")
 
     @torch.no_grad()
     def apply(self, ctx: LayerContext) -> None:
@@ -84,7 +94,7 @@ class GPTQ(Quantizer):
                     lin = ctx.module(p)
                     bias = None if lin.bias is None else lin.bias.detach().clone()
                     qw, loss = gptq_quantize(lin.weight.detach(), h, self.scheme, damp=float(self.opts["damp"]),
-                                             block_size=self.opts["block_size"],
+                                             block_size=self.opts["block_size"], column_order=self.opts["column_order"],
                                              static_groups=bool(self.opts["static_groups"]), bias=bias)
                     errs[p] = loss
                     ctx.set_quantized(p, qw)
@@ -119,7 +129,7 @@ class GPTQ(Quantizer):
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, *, damp: float = 0.01,
-                  block_size: int = 128, static_groups: bool = False,
+                  block_size: int = 128, column_order: str = "hessian", static_groups: bool = False,
                   bias: torch.Tensor | None = None) -> tuple[QuantizedWeight, float]:
     """GPTQ one ``[N, K]`` weight against ``hessian`` ``[K, K]``; returns the QuantizedWeight and the
     summed proxy loss ``Σ (w - q)² / U[j, j]²`` (GPTQ's own error measure)."""
@@ -135,8 +145,10 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, *
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if scheme.act_order else None
-    static = static_groups or scheme.group_size == -1
+    hessian_order = scheme.act_order or column_order == "hessian"
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if hessian_order else None
+    # act-order keeps dynamic groups (g_idx) unless asked; the hessian column order alone fixes them
+    static = static_groups or scheme.group_size == -1 or not scheme.act_order and hessian_order
     scales = torch.zeros(n, ng, dtype=torch.float16)
     zeros = torch.zeros(n, ng, dtype=torch.uint8)
     if static:
