@@ -8,7 +8,7 @@ import torch
 from test_awq import calib_ids, layer_error, outlier_llama, run_steps
 
 from lowbit.algorithms.awq import AWQ
-from lowbit.algorithms.gptq import GPTQ, gptq_quantize
+from lowbit.algorithms.gptq import GPTQ, add_gram_upper, gptq_quantize, symmetric_from_upper
 from lowbit.algorithms.rtn import RTN
 from lowbit.errors import UnsupportedSchemeError
 from lowbit.plugins import registry
@@ -27,6 +27,17 @@ def correlated_inputs(n=512, k=64, seed=0):
 
 def proxy_error(x, w, qw) -> float:
     return float((x @ (qw.dequantize() - w).T).pow(2).sum())
+
+
+@pytest.mark.parametrize("k", [64, 100, 384, 1000])
+def test_gram_from_the_upper_block_triangle(k):
+    x = torch.randn(300, k, generator=torch.Generator().manual_seed(k))
+    acc = torch.zeros(k, k)
+    add_gram_upper(acc, x[:200], block=48)
+    add_gram_upper(acc, x[200:], block=48)
+    h = symmetric_from_upper(acc)
+    assert torch.equal(h, h.T)
+    torch.testing.assert_close(h, x.T @ x, rtol=1e-5, atol=1e-3)
 
 
 def test_registered():

@@ -117,15 +117,27 @@ class GPTQ(Quantizer):
                     kept[p].append(x)
                 with torch.autocast("cpu", enabled=False):
                     x2 = x.reshape(-1, x.shape[-1]).float()
-                    if p in acc:
-                        acc[p].addmm_(x2.T, x2)
-                    else:
-                        acc[p] = x2.T @ x2
+                    if p not in acc:
+                        acc[p] = torch.zeros(x2.shape[1], x2.shape[1])
+                    add_gram_upper(acc[p], x2)
                 count[p] = count.get(p, 0) + x2.shape[0]
             return fn
 
         ctx.stream({p: make(p) for p in paths})
-        return {p: acc[p].mul_(2.0 / count[p]) for p in paths}, kept
+        return {p: symmetric_from_upper(acc[p]).mul_(2.0 / count[p]) for p in paths}, kept
+
+
+def add_gram_upper(acc: torch.Tensor, x: torch.Tensor, block: int = 384) -> None:
+    """``acc += xᵀx`` on the upper block triangle only (column blocks of ``block``): ~¾ of the
+    FLOPs of the full product for down_proj's 1536 columns; :func:`symmetric_from_upper` mirrors it."""
+    k = x.shape[1]
+    for i in range(0, k, block):
+        acc[i:i + block, i:].addmm_(x[:, i:i + block].T, x[:, i:])
+
+
+def symmetric_from_upper(acc: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle is ``acc``'s."""
+    return torch.triu(acc) + torch.triu(acc, 1).T
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, *, damp: float = 0.01,
