@@ -190,6 +190,7 @@ def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], scheme:
             row["error_samples"] = sum(x.shape[0] for x in ref)
             bar.set_postfix_str(f"layer {i} err {row['output_rel_error']:.4f}")
         report.layers.append(row)
+        ctx.replays.clear()  # captured activations go before the trim, not with the next layer's context
         return_freed_memory()
         bar.update()
     bar.close()
