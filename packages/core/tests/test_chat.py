@@ -26,6 +26,9 @@ class Terminal:
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", TERM="dumb")
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # child: the pty is its controlling terminal
+            # as an interactive shell would start it: a test run launched in the background without
+            # job control has SIGINT ignored, which exec would pass on (Python then sets no handler)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execve(sys.executable, [sys.executable, "-m", "lowbit.cli", "chat", *argv], env)
         self.buf = b""
 
