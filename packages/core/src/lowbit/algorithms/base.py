@@ -53,7 +53,7 @@ class Replay:
 
     linear: str
     inputs: list[torch.Tensor]
-    template: tuple | None = None  # the block's output structure, element 0 replaced on replay
+    width: int = 0  # the block returns a tensor (0) or a tuple of that many, all but the first None
     state: str = "unchecked"  # unchecked | on | off
 
 
@@ -134,13 +134,13 @@ class LayerContext:
                 return original(*args, **kwargs)
             y = lin(rp.inputs[self.batch])
             if rp.state == "on":
-                return y if rp.template is None else (y, *rp.template[1:])
+                return (y, *[None] * (rp.width - 1)) if rp.width else y
             out = original(*args, **kwargs)
             first = out[0] if isinstance(out, tuple) else out
             plain = not isinstance(out, tuple) or all(o is None for o in out[1:])
             ok = plain and first.shape == y.shape and torch.allclose(first, y, rtol=1e-5, atol=1e-6)
             rp.state = "on" if ok else "off"
-            rp.template = out if isinstance(out, tuple) else None
+            rp.width = len(out) if isinstance(out, tuple) else 0
             return out
 
         return forward
