@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lowbit.algorithms.awq import AWQ, apply_clip, awq_scales, clip_search, gram, read_results
+from lowbit.algorithms.awq import AWQ, _first_input, _take_rows, apply_clip, awq_scales, clip_search, gram, read_results
 from lowbit.algorithms.base import LayerContext
 from lowbit.algorithms.rtn import RTN
 from lowbit.errors import CheckpointError, LowbitError, UnsupportedSchemeError
@@ -116,6 +116,29 @@ def test_scales_fold_exactly(kv_heads):
     out = ctx.forward()
     for a, b in zip(ref, out):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_search_on_part_of_a_batch():
+    """search_tokens below one batch runs the inspect modules on that many whole sequences (the
+    batch's first rows, position embeddings cut with them) and still beats RTN."""
+    model, ids = outlier_llama(), calib_ids()  # 8 sequences of 32, batches of 4
+    scheme = QuantScheme(4, 32)
+    step = AWQ(scheme, n_grid=5, search_tokens=64)
+    calls = [c for st in step._collect(make_ctx(model, ids, 1, scheme)) for c in st.calls]
+    assert calls and all(_first_input(args, kw).shape[0] == 2 for args, kw in calls)
+    rtn = layer_error(model, ids, 1, scheme, [RTN(scheme)])
+    part = layer_error(model, ids, 1, scheme, [AWQ(scheme, n_grid=5, search_tokens=64), RTN(scheme)])
+    assert part < 0.9 * rtn, (part, rtn)
+
+
+def test_take_rows_cuts_batch_dimension_only():
+    x, pos = torch.randn(4, 8, 16), torch.randn(1, 8, 16)
+    args, kw = _take_rows((x,), {"position_embeddings": (pos, torch.randn(4, 8, 16)), "mask": None, "flag": True},
+                          rows=2, batch=4)
+    assert torch.equal(args[0], x[:2])
+    assert kw["position_embeddings"][0] is pos and kw["position_embeddings"][1].shape[0] == 2
+    assert kw["mask"] is None and kw["flag"] is True
+    assert _take_rows((x,), {}, rows=4, batch=4)[0][0] is x
 
 
 def test_alpha_zero_is_rtn_and_scales_normalised():

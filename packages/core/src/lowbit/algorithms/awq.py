@@ -62,17 +62,18 @@ def gram(x: torch.Tensor, stride: int = 1) -> torch.Tensor:
         return x2.T @ x2
 
 
-def _fq(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+def _fq(w: torch.Tensor, scheme: QuantScheme, xmin: torch.Tensor | None = None,
+        xmax: torch.Tensor | None = None) -> torch.Tensor:
     """``fake_quantize(w)`` (same qparams, same fp32 arithmetic, same values) without building a
-    QuantizedWeight or gathering per-column scales: the search calls it hundreds of times."""
-    w = w.float()
+    QuantizedWeight or gathering per-column scales, in place on one fresh buffer: the search calls
+    it hundreds of times. ``xmin``/``xmax`` ([N, NG]) give the group ranges when they are known."""
     n, k = w.shape
     gs = k if scheme.group_size == -1 else scheme.group_size
-    scales, zeros = choose_qparams(w, scheme)
+    scales, zeros = choose_qparams(w, scheme, xmin=xmin, xmax=xmax)
     s = scales.float()[..., None]
     z = zeros.float()[..., None]
-    q = torch.round(w.reshape(n, k // gs, gs) / s).add_(z).clamp_(0, scheme.maxq)
-    return ((q - z) * s).reshape(n, k)
+    q = w.float().reshape(n, k // gs, gs).div(s).round_().add_(z).clamp_(0, scheme.maxq)
+    return q.sub_(z).mul_(s).reshape(n, k)
 
 
 class _GroupStats:
@@ -200,6 +201,9 @@ class AWQ(Quantizer):
         total = tokens_per_batch * n_batches
         stride = max(1, total // self.opts["gram_tokens"])
         n_sel = min(n_batches, max(1, math.ceil(self.opts["search_tokens"] / tokens_per_batch)))
+        # fewer tokens than a batch: the first rows (whole sequences) of the one selected batch
+        batch_rows = ctx.inputs[0].shape[0]
+        rows = min(batch_rows, math.ceil(self.opts["search_tokens"] / ctx.inputs[0].shape[1]))
         selected = {round(i * (n_batches - 1) / max(1, n_sel - 1)) for i in range(n_sel)} if n_sel > 1 else {0}
         stats = [_GroupStats(ctx.module(g.linears[0]).in_features) for g in ctx.groups]
         hooks: dict[str, Callable] = {}
@@ -220,7 +224,7 @@ class AWQ(Quantizer):
 
                 def on_inspect(b, args, kwargs, st=st):
                     if b in selected:
-                        st.calls.append((args, dict(kwargs)))
+                        st.calls.append(_take_rows(args, kwargs, rows, batch_rows))
 
                 _add_hook(hooks, g.inspect, on_inspect)
         ctx.stream(hooks)
@@ -303,6 +307,23 @@ class AWQ(Quantizer):
         ctx.report["awq_alpha"] = {g["prev"]: g["alpha"] for g in rec["groups"]}
 
 
+def _take_rows(args: tuple, kwargs: dict, rows: int, batch: int) -> tuple[tuple, dict]:
+    """A module call's arguments cut to the first ``rows`` sequences of the batch: tensors (also
+    inside tuples, e.g. position embeddings) whose first dimension is the batch size are sliced,
+    others (broadcast masks, ``[1, seq, ...]`` positions, flags) are passed as they are."""
+    if rows >= batch:
+        return args, dict(kwargs)
+
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch:
+            return v[:rows]
+        if isinstance(v, tuple):
+            return tuple(cut(x) for x in v)
+        return v
+
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+
 def _add_hook(hooks: dict, path: str, fn: Callable) -> None:
     prev = hooks.get(path)
     if prev is None:
@@ -376,14 +397,17 @@ def clip_search(w: torch.Tensor, g: torch.Tensor, scheme: QuantScheme, n_grid: i
     ng = k // gs
     wg = w.reshape(n, ng, gs)
     blocks = torch.stack([g[i * gs:(i + 1) * gs, i * gs:(i + 1) * gs] for i in range(ng)]).float()
-    org_max = wg.abs().amax(dim=-1)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    org_max = torch.maximum(lo.abs(), hi.abs())
     best = org_max.clone()
     best_err = torch.full_like(org_max, math.inf)
     with torch.autocast("cpu", enabled=False):
         for i in range(max(1, int(max_shrink * n_grid))):
             mv = org_max * (1 - i / n_grid)
             wc = torch.maximum(torch.minimum(wg, mv[..., None]), -mv[..., None]).reshape(n, k)
-            d = (_fq(wc, scheme).reshape(n, ng, gs) - wg).transpose(0, 1)  # [NG, N, gs]
+            # clamping is monotone, so the clamped groups' ranges are the clamped ranges: no pass over wc
+            cmin, cmax = torch.maximum(torch.minimum(lo, mv), -mv), torch.maximum(torch.minimum(hi, mv), -mv)
+            d = (_fq(wc, scheme, cmin, cmax).reshape(n, ng, gs) - wg).transpose(0, 1)  # [NG, N, gs]
             err = (torch.bmm(d, blocks) * d).sum(-1).T  # [N, NG]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
