@@ -59,6 +59,7 @@ BAD = [
     (["--method", "magic"], "unknown method 'magic'; known:"),
     (["--method", "rtn", "--act-order"], "act-order needs --method gptq"),
     (["--format", "nope"], "unknown exporter 'nope'; known:"),
+    (["--method", "awq", "--awq-search-tokens", "0"], "awq search_tokens must be a positive integer, got 0"),
 ]
 
 

@@ -40,6 +40,8 @@ def _table(rows: list[list], header: list[str]) -> str:
 # ----------------------------------------------------------------------------------- quantize
 def _step_options(a) -> dict:
     awq = {"n_grid": a.awq_grid, "duo_scaling": a.awq_duo_scaling, "clip": not a.no_awq_clip}
+    if a.awq_search_tokens is not None:
+        awq["search_tokens"] = a.awq_search_tokens
     if a.dump_awq:
         awq["dump"] = a.dump_awq
     if a.load_awq:
@@ -311,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--awq-grid", type=int, default=20, help="scale search grid points (default: 20)")
     g.add_argument("--awq-duo-scaling", action="store_true", help="use both activation and weight statistics")
     g.add_argument("--no-awq-clip", action="store_true", help="skip the clipping-range search")
+    g.add_argument("--awq-search-tokens", type=int, metavar="N",
+                   help="calibration tokens (whole samples) each scale-search grid point is scored on; the "
+                   "statistics always use every token (default: 2048)")
     g.add_argument("--dump-awq", metavar="FILE", help="save AWQ search results (safetensors + json) to FILE")
     g.add_argument("--load-awq", metavar="FILE", help="apply AWQ results saved with --dump-awq instead of searching")
     g.add_argument("--export-compatible", metavar="DIR",
