@@ -26,8 +26,10 @@ def window_ids(tokenizer, text: str, seqlen: int) -> torch.Tensor:
 
 @torch.no_grad()
 def perplexity(model, tokenizer=None, text: str | None = None, seqlen: int = 2048, max_windows: int | None = None,
-               progress: bool = True, windows: torch.Tensor | None = None) -> dict:
-    """``{"ppl", "windows", "tokens", "seconds"}`` over the first ``max_windows`` windows (all if None)."""
+               progress: bool = True, windows: torch.Tensor | None = None, per_window: bool = False) -> dict:
+    """``{"ppl", "windows", "tokens", "seconds", "seqlen"}`` over the first ``max_windows`` windows (all
+    if None); ``per_window`` adds ``"window_nll"``, each window's mean token NLL (so the perplexity of
+    any prefix of the windows can be read off one full pass)."""
     ctx = getattr(model.config, "max_position_embeddings", seqlen) or seqlen
     seqlen = min(seqlen, ctx)
     if windows is None:
@@ -35,10 +37,15 @@ def perplexity(model, tokenizer=None, text: str | None = None, seqlen: int = 204
     if max_windows is not None:
         windows = windows[:max_windows]
     t0 = time.perf_counter()
-    nll, count = 0.0, 0
+    nll, count, per = 0.0, 0, []
     for w in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
         logits = model(w[None], use_cache=False).logits[0, :-1].float()
-        nll += float(torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum"))
+        window = float(torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum"))
+        nll += window
         count += w.numel() - 1
-    return {"ppl": math.exp(nll / count), "windows": int(windows.shape[0]), "tokens": count,
-            "seconds": time.perf_counter() - t0, "seqlen": seqlen}
+        per.append(window / (w.numel() - 1))
+    res = {"ppl": math.exp(nll / count), "windows": int(windows.shape[0]), "tokens": count,
+           "seconds": time.perf_counter() - t0, "seqlen": seqlen}
+    if per_window:
+        res["window_nll"] = per
+    return res
