@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -37,7 +38,11 @@ def _peak_rss_mib() -> float:
 def _perplexity(model, tokenizer, windows: int, seqlen: int) -> dict:
     from lowbit.evaluate import perplexity
 
-    return perplexity(model, tokenizer, seqlen=seqlen, max_windows=windows or None, progress=False)
+    res = perplexity(model, tokenizer, seqlen=seqlen, max_windows=windows or None, progress=False, per_window=True)
+    per = res.pop("window_nll")
+    if len(per) > 8:  # full-set rows also say what the first 8 windows (the earlier rows' subset) give
+        res["ppl_first8"] = math.exp(sum(per[:8]) / 8)
+    return res
 
 
 def one_lowbit(method: str, scheme_name: str, a) -> dict:
@@ -58,6 +63,12 @@ def one_lowbit(method: str, scheme_name: str, a) -> dict:
         opts["awq"] = {"dump": str(awq_dump)}
     if method == "awq+gptq" and a.reuse_awq and awq_dump.is_file():
         opts["awq"] = {"load": str(awq_dump)}
+    search_tokens = None
+    if "awq" in method:
+        from lowbit.algorithms.awq import AWQ, read_results
+
+        loaded = opts.get("awq", {}).get("load")
+        search_tokens = (read_results(loaded)[1]["options"] if loaded else AWQ.options)["search_tokens"]
     compute = torch.float32 if a.compute_dtype == "fp32" else torch.bfloat16
     t0 = time.perf_counter()
     qm = quantize(None, method=method, scheme=scheme, nsamples=a.nsamples, seqlen=a.calib_seqlen,
@@ -71,11 +82,12 @@ def one_lowbit(method: str, scheme_name: str, a) -> dict:
     ppl = _perplexity(model, qm.tokenizer, a.windows, a.seqlen)
     return {
         "tool": "lowbit", "method": method, "column_order": a.column_order if "gptq" in method else None,
-        "scheme": scheme_name, "ppl": ppl["ppl"], "windows": ppl["windows"],
+        "scheme": scheme_name, "ppl": ppl["ppl"], "ppl_first8": ppl.get("ppl_first8"), "windows": ppl["windows"],
         "eval_seqlen": ppl["seqlen"], "quant_wall_s": round(wall, 1), "pass_s": report.get("seconds"),
         "peak_rss_mib": round(rss), "mean_layer_err": sum(errs) / len(errs) if errs else None,
         "last_layer_err": errs[-1] if errs else None, "awq_loaded": "load" in opts.get("awq", {}),
         "step_seconds": {k: round(sum(r.get(k, 0) for r in layers), 1) for k in ("awq_seconds", "gptq_seconds")},
+        "awq_search_tokens": search_tokens,
     }
 
 
@@ -88,7 +100,8 @@ def one_fp32(a) -> dict:
     src = resolve(None)
     model = load_model(src, torch.float32)
     ppl = _perplexity(model, load_tokenizer(src), a.windows, a.seqlen)
-    return {"tool": "fp32", "method": "fp32", "scheme": "-", "ppl": ppl["ppl"], "windows": ppl["windows"],
+    return {"tool": "fp32", "method": "fp32", "scheme": "-", "ppl": ppl["ppl"], "ppl_first8": ppl.get("ppl_first8"),
+            "windows": ppl["windows"],
             "eval_seqlen": ppl["seqlen"], "peak_rss_mib": round(_peak_rss_mib())}
 
 
@@ -139,6 +152,7 @@ def one_llmcompressor(method: str, a) -> dict:
     rss = _peak_rss_mib()
     ppl = _perplexity(model.float(), tok, a.windows, a.seqlen)
     return {"tool": "llmcompressor", "method": method, "scheme": "w4g64", "ppl": ppl["ppl"],
+            "ppl_first8": ppl.get("ppl_first8"),
             "windows": ppl["windows"], "eval_seqlen": ppl["seqlen"], "quant_wall_s": round(wall, 1),
             "peak_rss_mib": round(rss)}
 
@@ -153,6 +167,7 @@ def _commit() -> str | None:
 
 
 def child(a) -> None:
+    commit = _commit()  # the code the row runs, read before the (long) run
     kind, _, rest = a.one.partition(":")
     if kind == "fp32":
         row = one_fp32(a)
@@ -164,7 +179,7 @@ def child(a) -> None:
     row.update({"nsamples": a.nsamples, "calib_seqlen": a.calib_seqlen, "compute_dtype": a.compute_dtype,
                 "threads": a.threads, "host": platform.node(), "cpus": os.cpu_count(),
                 "load_avg_end": round(os.getloadavg()[0], 1), "date": time.strftime("%Y-%m-%d %H:%M"),
-                "commit": _commit()})
+                "commit": commit})
     with RESULTS.open("a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
@@ -194,8 +209,9 @@ def table() -> str:
     latest: dict = {}
     for r in rows:  # the newest row of each (tool, method, scheme, windows) wins
         latest[(r["tool"], r["method"], r["scheme"], r["windows"])] = r
-    lines = ["| tool | method | scheme | PPL | windows × seqlen | quant wall (s) | AWQ / GPTQ step (s) | "
-             "peak RSS (MiB) | mean layer err | load avg | commit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| tool | method | scheme | PPL | windows × seqlen | PPL, first 8 windows | quant wall (s) | "
+             "AWQ / GPTQ step (s) | peak RSS (MiB) | mean layer err | load avg | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(["fp32"] + METHODS)}
     # full-set rows (most windows) first, then by scheme, tool and method
     for (tool, method, scheme, _), r in sorted(latest.items(), key=lambda kv: (-kv[0][3], kv[0][0] != "fp32", kv[0][2],
@@ -203,10 +219,14 @@ def table() -> str:
         steps = r.get("step_seconds") or {}
         st = " / ".join(_fmt(steps.get(k) or None, ".0f") for k in ("awq_seconds", "gptq_seconds"))
         method_s = method + (" (AWQ loaded)" if r.get("awq_loaded") else "")
+        if tool == "lowbit" and "awq" in method:  # rows before the field searched on 4096 tokens
+            method_s += f", search {r.get('awq_search_tokens') or 4096}"
         if "gptq" in method and "act-order" not in method:  # rows before the column_order field: natural order
             method_s += f", {r.get('column_order') or 'columns'} order"
+        first8 = r.get("ppl_first8") or (r["ppl"] if r["windows"] == 8 else None)
         lines.append(f"| {tool} | {method_s} | {scheme} | {r['ppl']:.3f} | {r['windows']} × {r['eval_seqlen']} | "
-                     f"{_fmt(r.get('quant_wall_s'), '.0f')} | {st} | {_fmt(r.get('peak_rss_mib'), '.0f')} | "
+                     f"{_fmt(first8, '.3f')} | {_fmt(r.get('quant_wall_s'), '.0f')} | {st} | "
+                     f"{_fmt(r.get('peak_rss_mib'), '.0f')} | "
                      f"{_fmt(r.get('mean_layer_err'), '.4f')} | {_fmt(r.get('load_avg_end'), '.1f')} | "
                      f"{r.get('commit') or '–'} |")
     return "\n".join(lines)
