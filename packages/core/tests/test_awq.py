@@ -148,14 +148,28 @@ def test_alpha_zero_is_rtn_and_scales_normalised():
     assert abs(float((s.max() * s.min()).sqrt()) - 1) < 1e-5
 
 
+def test_gram_blocks_are_the_full_grams_diagonal_blocks():
+    torch.manual_seed(0)
+    x = torch.randn(2, 96, 128)
+    full = gram(x, stride=3)
+    ref = x.reshape(-1, 128)[::3].double()
+    torch.testing.assert_close(full.double(), ref.T @ ref, rtol=1e-5, atol=1e-4)
+    blocks = gram(x, stride=3, group_size=32)
+    assert blocks.shape == (4, 32, 32)
+    for i in range(4):
+        torch.testing.assert_close(blocks[i], full[i * 32:(i + 1) * 32, i * 32:(i + 1) * 32], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gram(x, group_size=128)[0], gram(x))
+    with pytest.raises(ValueError, match="diagonal blocks"):
+        clip_search(torch.randn(8, 128), full, QuantScheme(4, 32))
+
+
 def test_clip_search_never_worse_than_no_clip():
     torch.manual_seed(0)
     scheme = QuantScheme(3, 32)
     w = torch.randn(16, 64)
     w[:, 3] *= 6  # an outlier weight column makes clipping worthwhile
     x = torch.randn(256, 64)
-    g = gram(x)
-    mv = clip_search(w, g, scheme, n_grid=20)
+    mv = clip_search(w, gram(x, group_size=32), scheme, n_grid=20)
     clipped = w.clone()
     apply_clip(clipped, mv, scheme)
     err_clip = float((x @ (fake_quantize(clipped, scheme) - w).T).pow(2).sum())

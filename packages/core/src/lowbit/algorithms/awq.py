@@ -18,7 +18,8 @@ fold               the previous op's output is divided by ``s`` (norm weight, or
                    the float layer computes the same function.
 clip search        (not q/k: attention scores are too sensitive) per output row and input group,
                    ``max |w|`` shrunk by ``(1 - i / n_grid)`` for ``i < n_grid / 2``; the loss is
-                   the group's partial output error ``δ G_gg δᵀ``, exact from the Gram block;
+                   the group's partial output error ``δ G_gg δᵀ``, exact from the Gram block
+                   (groups whose scales are not scored by a Gram keep only its diagonal blocks);
                    weights are clamped to ``[-max, max]``.
 =================  =========================================================================
 
@@ -51,15 +52,26 @@ FORMAT_VERSION = 1
 _NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv")
 
 
+def _group_width(scheme: QuantScheme, k: int) -> int:
+    return k if scheme.group_size == -1 else scheme.group_size
+
+
 def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def gram(x: torch.Tensor, stride: int = 1) -> torch.Tensor:
-    """``XᵀX`` in float32 over every ``stride``-th token of ``x`` (``[..., K]``), autocast off."""
-    x2 = x.reshape(-1, x.shape[-1])[::stride].float()
+def gram(x: torch.Tensor, stride: int = 1, group_size: int | None = None) -> torch.Tensor:
+    """``XᵀX`` in float32 over every ``stride``-th token of ``x`` (``[..., K]``), autocast off.
+
+    With ``group_size`` only the diagonal blocks, ``[K / gs, gs, gs]``: all the clip search reads,
+    at ``gs / K`` of the cost."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)[::stride].float().contiguous()  # a strided operand runs ~2x slower
     with torch.autocast("cpu", enabled=False):
-        return x2.T @ x2
+        if group_size is None or group_size == k:
+            return x2.T @ x2 if group_size is None else (x2.T @ x2)[None]
+        xb = x2.view(-1, k // group_size, group_size).transpose(0, 1)  # [NG, T, gs]
+        return torch.bmm(xb.transpose(1, 2), xb)
 
 
 def _fq(w: torch.Tensor, scheme: QuantScheme, xmin: torch.Tensor | None = None,
@@ -79,12 +91,36 @@ def _fq(w: torch.Tensor, scheme: QuantScheme, xmin: torch.Tensor | None = None,
 class _GroupStats:
     """What one group's input tells AWQ: mean |x|, Gram on a subsample, inspect calls to replay."""
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, block: int | None):
         self.abs_sum = torch.zeros(k, dtype=torch.float64)
         self.tokens = 0
-        self.gram = torch.zeros(k, k)
+        self.block = block  # None: the full Gram (a linear inspect scores scales with it); else diagonal blocks
+        self.gram = torch.zeros(k, k) if block is None else torch.zeros(k // block, block, block)
         self.gram_tokens = 0
         self.calls: list[tuple[tuple, dict]] = []
+
+    def add(self, xf: torch.Tensor, stride: int) -> None:
+        # per batch in float32 (a few thousand tokens), accumulated in float64: an fp64 reduction
+        # over the batch costs ~8x the fp32 one
+        self.abs_sum += xf.abs().sum(0)
+        self.tokens += xf.shape[0]
+        self.gram += gram(xf, stride, self.block)
+        self.gram_tokens += xf[::stride].shape[0]
+
+    def unscale(self, s: torch.Tensor) -> None:
+        """The Gram of ``x / s`` (after the scales are folded)."""
+        if self.block is None:
+            self.gram /= s[:, None] * s[None, :]
+        else:
+            sb = s.view(-1, self.block)
+            self.gram /= sb[:, :, None] * sb[:, None, :]
+
+    def diagonal_blocks(self, group_size: int) -> torch.Tensor:
+        """``[K / gs, gs, gs]``, the Gram's diagonal blocks (what the clip search needs)."""
+        if self.block is not None:
+            return self.gram
+        gs = group_size
+        return torch.stack([self.gram[i * gs:(i + 1) * gs, i * gs:(i + 1) * gs] for i in range(self.gram.shape[0] // gs)])
 
 
 class AWQ(Quantizer):
@@ -174,15 +210,15 @@ class AWQ(Quantizer):
                                      "loss_rtn": loss0, "loss": loss})
         for gi, g, s in chosen:
             fold_scales(ctx, g, s)
-            st = stats[gi]
-            st.gram = st.gram / (s[:, None] * s[None, :])
+            stats[gi].unscale(s)
         if self.opts["clip"]:
             for gi, g in enumerate(ctx.groups):
                 for path in g.linears:
                     if any(t in path.rsplit(".", 1)[-1] for t in _NO_CLIP):
                         continue
                     lin = ctx.module(path)
-                    mv = clip_search(lin.weight, stats[gi].gram, self.scheme, self.opts["n_grid"],
+                    blocks = stats[gi].diagonal_blocks(_group_width(self.scheme, lin.in_features))
+                    mv = clip_search(lin.weight, blocks, self.scheme, self.opts["n_grid"],
                                      float(self.opts["max_shrink"]))
                     apply_clip(lin.weight, mv, self.scheme)
                     key = f"{ctx.prefix}{path}.awq_clip"
@@ -206,7 +242,11 @@ class AWQ(Quantizer):
         batch_rows = ctx.inputs[0].shape[0]
         rows = min(batch_rows, math.ceil(self.opts["search_tokens"] / ctx.inputs[0].shape[1]))
         selected = {round(i * (n_batches - 1) / max(1, n_sel - 1)) for i in range(n_sel)} if n_sel > 1 else {0}
-        stats = [_GroupStats(ctx.module(g.linears[0]).in_features) for g in ctx.groups]
+        stats = []
+        for g in ctx.groups:
+            k = ctx.module(g.linears[0]).in_features
+            full = g.prev is not None and _linear_inspect(g)  # its scale search reads the whole Gram
+            stats.append(_GroupStats(k, None if full else _group_width(self.scheme, k)))
         hooks: dict[str, Callable] = {}
         for gi, g in enumerate(ctx.groups):
             st = stats[gi]
@@ -214,11 +254,7 @@ class AWQ(Quantizer):
             def on_linear(b, args, kwargs, st=st):
                 x = _first_input(args, kwargs)
                 with torch.autocast("cpu", enabled=False):
-                    xf = x.reshape(-1, x.shape[-1]).float()
-                    st.abs_sum += xf.abs().sum(0, dtype=torch.float64)
-                    st.tokens += xf.shape[0]
-                    st.gram += gram(xf, stride)
-                    st.gram_tokens += xf[::stride].shape[0]
+                    st.add(x.reshape(-1, x.shape[-1]).float(), stride)
 
             _add_hook(hooks, g.linears[0], on_linear)
             if g.prev is not None and not _linear_inspect(g):
@@ -388,16 +424,19 @@ def fold_scales(ctx: LayerContext, g: LinearGroup, s: torch.Tensor) -> None:
         w.mul_(s.view(1, -1).to(w.dtype))
 
 
-def clip_search(w: torch.Tensor, g: torch.Tensor, scheme: QuantScheme, n_grid: int = 20,
+def clip_search(w: torch.Tensor, blocks: torch.Tensor, scheme: QuantScheme, n_grid: int = 20,
                 max_shrink: float = 0.5) -> torch.Tensor:
     """Per (row, group) clip value ``[N, NG]`` (float32) minimising each group's partial output
-    error ``δ G_gg δᵀ`` (δ = w - Q(clamp(w)), G the Gram matrix of the linear's input)."""
+    error ``δ G_gg δᵀ`` (δ = w - Q(clamp(w)); ``blocks`` ``[NG, gs, gs]`` the diagonal blocks G_gg
+    of the Gram matrix of the linear's input, see :func:`gram`)."""
     w = w.detach().float()
     n, k = w.shape
     gs = k if scheme.group_size == -1 else scheme.group_size
     ng = k // gs
+    if blocks.shape != (ng, gs, gs):
+        raise ValueError(f"clip_search needs the Gram's diagonal blocks [{ng}, {gs}, {gs}], got {list(blocks.shape)}.")
     wg = w.reshape(n, ng, gs)
-    blocks = torch.stack([g[i * gs:(i + 1) * gs, i * gs:(i + 1) * gs] for i in range(ng)]).float()
+    blocks = blocks.float()
     lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
     org_max = torch.maximum(lo.abs(), hi.abs())
     best = org_max.clone()
