@@ -56,3 +56,39 @@ def test_demo_export_compatible_is_a_plain_float_checkpoint(tmp_path, capsys):
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_demo_gguf_conversion_cache_is_exact(tmp_path, monkeypatch):
+    """The first float32 load converts the GGUF file into an HF directory under $LOWBIT_CACHE; a
+    later load reads it and gets the same weights, tokenizer (calibration ids, chat prompt) and
+    configs as parsing the GGUF file."""
+    import torch
+
+    from lowbit import calibration
+    from lowbit.loading import _cached, load_config, load_model, load_tokenizer, resolve
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    src = resolve(None)
+    assert _cached(src) == src
+    from_gguf = load_model(src)
+    cached = _cached(src)
+    assert cached.gguf_file is None and cached.path.startswith(str(tmp_path))
+    assert not list((tmp_path / "gguf").glob(".*tmp-*"))  # the temporary directory was renamed into place
+    model = load_model(src)
+    a, b = from_gguf.state_dict(), model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    tok = load_tokenizer(src)
+    monkeypatch.setenv("LOWBIT_CACHE", "off")
+    assert _cached(src) == src
+    tok_gguf = load_tokenizer(src)
+    text = calibration.load_text("wikitext2")
+    assert torch.equal(calibration.samples(tok, text, 4, 256), calibration.samples(tok_gguf, text, 4, 256))
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    assert tok.apply_chat_template(msgs, tokenize=False) == tok_gguf.apply_chat_template(msgs, tokenize=False)
+    cfg = load_config(src).to_dict()
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    cfg_cached = load_config(src).to_dict()
+    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "rms_norm_eps", "rope_parameters", "vocab_size", "tie_word_embeddings", "bos_token_id", "eos_token_id"):
+        assert cfg.get(k) == cfg_cached.get(k), k

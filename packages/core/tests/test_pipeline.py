@@ -125,6 +125,45 @@ def test_calibrated_pass_reports_layer_errors(tiny_dir):
     assert all(r["error_samples"] == 2 for r in one.layers)
 
 
+def test_awq_records_the_float_reference_without_changing_the_report():
+    """AWQ's statistics pass streams the untouched float layer and keeps the report batches'
+    outputs as the error report's reference: the same layer errors as a separate float forward."""
+    from lowbit.models import adapter_for
+    from lowbit.testing.models import tiny_llama
+
+    ids = torch.randint(0, 384, (6, 32), generator=torch.Generator().manual_seed(0))
+    scheme = QuantScheme(4, 32)
+    reports = []
+    for records in (True, False):
+        model = tiny_llama(seed=0)
+        steps = pipeline.make_steps("awq", scheme, {"awq": {"n_grid": 4}})
+        assert steps[0].records_reference
+        steps[0].records_reference = records
+        qweights, report = pipeline.run_pass(model, adapter_for(model.config), steps, scheme, ids, batch_size=2,
+                                             compute_dtype=torch.float32, progress=False)
+        reports.append(([r["output_rel_error"] for r in report.layers], {k: v.codes for k, v in qweights.items()}))
+    assert reports[0][0] == reports[1][0]
+    assert all(torch.equal(reports[0][1][k], reports[1][1][k]) for k in reports[0][1])
+
+
+def test_stream_reference_is_the_float_forward():
+    from lowbit.algorithms.base import LayerContext
+    from lowbit.models import adapter_for
+    from lowbit.testing.models import tiny_llama
+
+    model = tiny_llama(seed=0)
+    ad = adapter_for(model.config)
+    ids = torch.randint(0, 384, (6, 32), generator=torch.Generator().manual_seed(0))
+    xs, kws = pipeline.capture_layer_inputs(model, ad, ids, 2)
+    layer = ad.layers(model)[0]
+    ctx = LayerContext(0, ad.layer_prefix(0), layer, ad.groups(layer), QuantScheme(4, 32), xs, kws, report_batches=2)
+    seen = []
+    ctx.stream({"self_attn.q_proj": lambda b, a, kw: seen.append(b)}, reference=True)
+    assert seen == [0, 1, 2] and len(ctx.reference) == 2
+    want = ctx.forward(2)
+    assert all(torch.equal(a, b) for a, b in zip(ctx.reference, want))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
 def test_freed_activation_memory_goes_back_to_the_os():
     """After return_freed_memory(), freed 8 MiB activation-sized blocks that sit between live small
@@ -149,3 +188,18 @@ def test_freed_activation_memory_goes_back_to_the_os():
         keep.append(torch.ones(16 << 10))  # 64 KiB kept alive after each block
     del blocks
     assert rss_mib() - before < 24, "freed 8 MiB blocks stayed resident"
+
+
+def test_cache_root_follows_lowbit_cache(monkeypatch, tmp_path):
+    from lowbit.loading import ModelSource, _cached, cache_root
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    assert cache_root() == tmp_path
+    for off in ("off", "0", ""):
+        monkeypatch.setenv("LOWBIT_CACHE", off)
+        assert cache_root() is None
+    monkeypatch.delenv("LOWBIT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_root() == tmp_path / "lowbit"
+    src = ModelSource("x", str(tmp_path), "missing.gguf")  # no file: nothing cached, nothing to convert
+    assert _cached(src) == src

@@ -2,12 +2,25 @@
 
 Nothing on a load path unpickles: safetensors and GGUF only (``use_safetensors=True``), and
 remote code from a model repository runs only with ``trust_remote_code=True``.
+
+A GGUF file is parsed by transformers for its config, its tokenizer and its weights separately
+(~25 s for the demo model on 2 cores, most of it in the vocabulary). The first float32 load
+converts it once into a plain HF directory under the cache (``$LOWBIT_CACHE``, default
+``~/.cache/lowbit``; ``LOWBIT_CACHE=off`` disables it), keyed by the file's path, size and mtime
+and the transformers and gguf versions; later loads read that directory (a few seconds). The
+conversion is exact: the dequantized float32 weights, the same tokenizer, config and
+generation config.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from dataclasses import dataclass
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -60,8 +73,72 @@ def resolve(spec: str | None) -> ModelSource:
     raise ModelLoadError(f"model {spec!r} not found: not a directory, a .gguf file or a hub id (owner/name).")
 
 
+CACHE_VERSION = 1
+_DONE = "lowbit-converted.json"
+
+
+def cache_root() -> Path | None:
+    """lowbit's cache directory, or None when ``LOWBIT_CACHE`` is ``off`` (or 0, none, empty)."""
+    env = os.environ.get("LOWBIT_CACHE")
+    if env is not None:
+        return None if env.strip().lower() in ("", "0", "off", "none", "false") else Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lowbit"
+
+
+def _conversion_dir(src: ModelSource) -> Path | None:
+    """Where ``src``'s GGUF file is (or would be) converted to an HF directory; None: not cached."""
+    root = cache_root()
+    if not src.gguf_file or root is None:
+        return None
+    f = Path(src.path) / src.gguf_file
+    try:
+        st = f.stat()
+        versions = [metadata.version("transformers"), metadata.version("gguf")]
+    except (OSError, metadata.PackageNotFoundError):
+        return None
+    key = json.dumps([str(f.resolve()), st.st_size, st.st_mtime_ns, versions, CACHE_VERSION])
+    return root / "gguf" / f"{f.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _cached(src: ModelSource) -> ModelSource:
+    """``src``, or the HF directory an earlier float32 load converted its GGUF file to."""
+    d = _conversion_dir(src)
+    if d is not None and (d / _DONE).is_file():
+        return replace(src, path=str(d), gguf_file=None)
+    return src
+
+
+def _write_conversion(src: ModelSource, model) -> None:
+    """Save the GGUF-loaded float32 ``model`` with its tokenizer and configs as an HF directory,
+    atomically (a temporary directory renamed into place); any failure leaves no cache behind."""
+    d = _conversion_dir(src)
+    if d is None:
+        return
+    tmp = None
+    try:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.tmp-", dir=d.parent))
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        load_tokenizer(src).save_pretrained(str(tmp))
+        gen = load_generation_config(src)
+        if gen is not None:
+            gen.save_pretrained(str(tmp))
+        else:  # save_pretrained derives one from the config; the GGUF file gives none
+            (tmp / "generation_config.json").unlink(missing_ok=True)
+        (tmp / _DONE).write_text(json.dumps({"gguf": str(Path(src.path) / src.gguf_file), "version": CACHE_VERSION}) + "\n")
+        os.replace(tmp, d)  # another process may have won the race: then ours is dropped below
+        tmp = None
+    except (OSError, ValueError, RuntimeError):
+        pass  # no cache: the next load parses the GGUF file again
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_config(src: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoConfig
+
+    src = _cached(src)
 
     try:
         return AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.kwargs())
@@ -76,6 +153,8 @@ def load_config(src: ModelSource, trust_remote_code: bool = False):
 def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    src = _cached(src)
+
     try:
         return AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.kwargs())
     except (OSError, ValueError) as err:
@@ -87,6 +166,7 @@ def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remot
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    origin, src = src, _cached(src)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -106,12 +186,15 @@ def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remot
         # into --export-compatible): it is a plain float model now
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
+        if dtype == torch.float32:
+            _write_conversion(origin, model)
     return model.eval()
 
 
 def load_generation_config(src: ModelSource):
     from transformers import GenerationConfig
 
+    src = _cached(src)
     try:
         return GenerationConfig.from_pretrained(src.path, **src.kwargs())
     except (OSError, ValueError, TypeError):

@@ -175,8 +175,10 @@ def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], scheme:
     bar = tqdm(total=len(layers), desc="quantizing", unit="layer", disable=not progress)
     for i, layer in enumerate(layers):
         ctx = LayerContext(i, adapter.layer_prefix(i), layer, adapter.groups(layer), scheme, inputs, kwargs,
-                           qweights=qweights, compute_dtype=compute_dtype, blocks=adapter.blocks(layer))
-        ref = ctx.forward(report_batches) if needs_data else None
+                           qweights=qweights, compute_dtype=compute_dtype, blocks=adapter.blocks(layer),
+                           report_batches=report_batches)
+        if needs_data and not steps[0].records_reference:
+            ctx.reference_outputs()  # before any step changes the layer
         for s in steps:
             bar.set_postfix_str(f"layer {i} {s.name}")
             ctx.replays.clear()  # a step may change any weight: only the last step's replays reach the forward
@@ -185,6 +187,9 @@ def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], scheme:
             raise LowbitError(f"layer {i}: {', '.join(ctx.unquantized())} left unquantized by {steps[-1].name} (a bug).")
         row: dict[str, Any] = {"layer": i, **ctx.report}
         if needs_data:
+            ref = ctx.reference
+            if ref is None:
+                raise LowbitError(f"layer {i}: {steps[0].name} declares records_reference but recorded none (a bug).")
             inputs = ctx.forward()
             row["output_rel_error"] = _rel_error(ref, inputs[: len(ref)])
             row["error_samples"] = sum(x.shape[0] for x in ref)

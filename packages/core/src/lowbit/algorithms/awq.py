@@ -161,6 +161,7 @@ class AWQ(Quantizer):
                 raise UnsupportedSchemeError(f"awq {k} must be a positive integer, got {o[k]!r}.")
         if o["dump"] is not None and o["load"] is not None:
             raise UnsupportedSchemeError("--dump-awq and --load-awq exclude each other: search and dump, or load.")
+        self.records_reference = o["load"] is None  # the statistics pass streams the float layer
         if o["load"] is not None:
             self._loaded = read_results(o["load"])
             _check_scheme(self._loaded[1], scheme, o["load"])
@@ -264,7 +265,7 @@ class AWQ(Quantizer):
                         st.calls.append(_take_rows(args, kwargs, rows, batch_rows))
 
                 _add_hook(hooks, g.inspect, on_inspect)
-        ctx.stream(hooks)
+        ctx.stream(hooks, reference=True)
         return stats
 
     def _search_scales(self, ctx: LayerContext, g: LinearGroup, st: _GroupStats):

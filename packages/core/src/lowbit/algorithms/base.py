@@ -81,6 +81,8 @@ class LayerContext:
     blocks: dict[str, str] = field(default_factory=dict)
     replays: dict[str, Replay] = field(default_factory=dict)
     batch: int = 0
+    reference: list[torch.Tensor] | None = None  # the float layer's outputs on the first report batches
+    report_batches: int | None = None
 
     def module(self, path: str) -> nn.Module:
         return self.layer.get_submodule(path)
@@ -182,18 +184,32 @@ class LayerContext:
         return outs
 
     @torch.no_grad()
-    def stream(self, hooks: dict[str, Callable[[int, tuple, dict], None]], stop_when_all_seen: bool = True) -> None:
+    def reference_outputs(self) -> list[torch.Tensor]:
+        """The float layer's outputs on the first ``report_batches`` batches, for the error report:
+        recorded by a step's :meth:`stream` (``reference=True``) or computed now."""
+        if self.reference is None:
+            self.reference = self.forward(self.report_batches)
+        return self.reference
+
+    @torch.no_grad()
+    def stream(self, hooks: dict[str, Callable[[int, tuple, dict], None]], stop_when_all_seen: bool = True,
+               reference: bool = False) -> None:
         """Run the layer over every calibration batch, calling ``hooks[path](batch, args, kwargs)``
         with the inputs reaching each module; a batch's forward stops as soon as every hooked
-        module has fired (the rest of the layer is not computed)."""
+        module has fired (the rest of the layer is not computed). With ``reference`` (a step
+        streaming the untouched float layer) the report batches run to the end and their outputs
+        become :attr:`reference`, which then costs no forward of its own."""
         seen: set[str] = set()
         handles = []
+        record = reference and self.reference is None
+        n_ref = len(self.inputs) if self.report_batches is None else self.report_batches
+        outs: list[torch.Tensor] = []
 
         def make(path, fn):
             def hook(_mod, args, kwargs):
                 fn(self.batch, args, kwargs)
                 seen.add(path)
-                if stop_when_all_seen and len(seen) == len(hooks):
+                if stop_when_all_seen and len(seen) == len(hooks) and not (record and self.batch < n_ref):
                     raise _Stop
             return hook
 
@@ -203,12 +219,16 @@ class LayerContext:
             for x, kw in self._batches(None):
                 seen.clear()
                 try:
-                    self.layer(x, **kw)
+                    out = self.layer(x, **kw)
                 except _Stop:
-                    pass
+                    continue
+                if record and self.batch < n_ref:
+                    outs.append((out[0] if isinstance(out, tuple) else out).to(x.dtype))
         finally:
             for h in handles:
                 h.remove()
+        if record:
+            self.reference = outs
 
 
 class Quantizer:
@@ -223,6 +243,9 @@ class Quantizer:
     supported_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 8)
     supports_act_order: ClassVar[bool] = False
     needs_calibration: ClassVar[bool] = False
+    #: True when, run first, the step streams the untouched float layer with ``reference=True``
+    #: (:meth:`LayerContext.stream`), so the pass need not run a forward for the error report
+    records_reference: bool = False
     options: ClassVar[dict[str, Any]] = {}
     description: ClassVar[str] = ""
 
