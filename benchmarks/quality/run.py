@@ -69,6 +69,10 @@ def one_lowbit(method: str, scheme_name: str, a) -> dict:
 
         loaded = opts.get("awq", {}).get("load")
         search_tokens = (read_results(loaded)[1]["options"] if loaded else AWQ.options)["search_tokens"]
+    if a.compute_dtype == "auto":  # what `lowbit quantize` picks on this CPU; the row records the choice
+        from lowbit.pipeline import default_compute_dtype
+
+        a.compute_dtype = "bf16" if default_compute_dtype() == torch.bfloat16 else "fp32"
     compute = torch.float32 if a.compute_dtype == "fp32" else torch.bfloat16
     t0 = time.perf_counter()
     qm = quantize(None, method=method, scheme=scheme, nsamples=a.nsamples, seqlen=a.calib_seqlen,
@@ -157,6 +161,18 @@ def one_llmcompressor(method: str, a) -> dict:
             "peak_rss_mib": round(rss)}
 
 
+def _cpu() -> str:
+    """The CPU model and its matmul-relevant ISA (rows from different machines differ in time, not in PPL)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(isa) or 'no avx2'})"
+
+
 def _commit() -> str | None:
     """The lowbit commit the row was measured with (None outside a git checkout)."""
     try:
@@ -177,7 +193,7 @@ def child(a) -> None:
         method, _, scheme = rest.partition("@")
         row = one_lowbit(method, scheme, a)
     row.update({"nsamples": a.nsamples, "calib_seqlen": a.calib_seqlen, "compute_dtype": a.compute_dtype,
-                "threads": a.threads, "host": platform.node(), "cpus": os.cpu_count(),
+                "threads": a.threads, "host": platform.node(), "cpus": os.cpu_count(), "cpu": _cpu(),
                 "load_avg_end": round(os.getloadavg()[0], 1), "date": time.strftime("%Y-%m-%d %H:%M"),
                 "commit": commit})
     with RESULTS.open("a") as f:
@@ -240,8 +256,9 @@ def main(argv=None) -> int:
     p.add_argument("--seqlen", type=int, default=2048, help="evaluation window length")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--compute-dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="calibration matmul dtype (fp32: bf16 is emulated, ~8x slower, on CPUs without AMX/AVX512-BF16)")
+    p.add_argument("--compute-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="calibration matmul dtype; auto (lowbit's default) = bf16 where the CPU has AMX, else fp32 "
+                        "(without AMX bf16 matmuls are slower than fp32: ~0.6x with AVX512-BF16, ~1/8 with AVX2)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--dump-awq", action="store_true", help="awq rows dump their search to benchmarks/quality/awq/")
     p.add_argument("--reuse-awq", action="store_true", help="awq+gptq rows load the awq row's dump (no second search)")

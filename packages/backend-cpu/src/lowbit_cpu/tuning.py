@@ -4,7 +4,7 @@
 fused GEMV and dequantizes the weight tile by tile into a float buffer for one oneDNN/MKL
 matmul per tile. Below it the fused kernel (cost ~ linear in rows, bounded by SIMD decode and
 FMA throughput) wins; above it the BLAS matmul (cost ~ rows at near-peak FLOP/s plus one
-dequantization pass) wins. Keyed by whether the CPU has native bf16 matmul (AMX/AVX512-BF16)
+dequantization pass) wins. Keyed by whether the CPU has fast bf16 matmul (AMX)
 and by activation dtype. Override with ``LOWBIT_CPU_PREFILL_MIN_BATCH``.
 """
 

@@ -307,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
     q.add_argument("--trust-remote-code", action="store_true", help="allow a model repository's own code to run")
     q.add_argument("--compute-dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="matmul dtype for calibration forwards; auto = bf16 where the CPU has AMX or AVX512-BF16, "
-                   "else fp32 (default: auto)")
+                   help="matmul dtype for calibration forwards; auto = bf16 where the CPU has AMX, else fp32 "
+                   "(without AMX bf16 matmuls are slower than fp32) (default: auto)")
     g = q.add_argument_group("AWQ")
     g.add_argument("--awq-grid", type=int, default=20, help="scale search grid points (default: 20)")
     g.add_argument("--awq-duo-scaling", action="store_true", help="use both activation and weight statistics")

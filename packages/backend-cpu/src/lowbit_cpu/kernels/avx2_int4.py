@@ -8,8 +8,8 @@ Two paths, picked per call by the number of activation rows M (``tuning.PREFILL_
   far below the activations' own bf16/fp16 precision); fp32 activations use float FMAs.
 - prefill (M large): the weight is dequantized tile by tile (about 8 MiB of rows at a time, at
   most 8 tiles, in C) into one reused float buffer, and each tile goes through one BLAS matmul: bf16 where the CPU
-  has native bf16 matmul (AMX / AVX512-BF16, through oneDNN), else fp32 (MKL), since emulated
-  bf16 matmul is several times slower than fp32 there. Memory: the 4-bit weight plus one tile;
+  has AMX (through oneDNN), else fp32 (MKL), since without AMX bf16 matmul is slower than fp32
+  (emulated on AVX2, ~0.6x fp32 with AVX512-BF16 alone). Memory: the 4-bit weight plus one tile;
   no float copy of the weight is kept.
 
 Accumulation is fp32 on both paths; the result is cast to the activation dtype once at the end.
