@@ -203,3 +203,13 @@ def test_cache_root_follows_lowbit_cache(monkeypatch, tmp_path):
     assert cache_root() == tmp_path / "lowbit"
     src = ModelSource("x", str(tmp_path), "missing.gguf")  # no file: nothing cached, nothing to convert
     assert _cached(src) == src
+
+
+@pytest.mark.parametrize("flags, dtype", [
+    ({"avx2", "fma"}, torch.float32),  # bf16 emulated: ~8x slower than fp32
+    ({"avx2", "avx512f", "avx512_bf16"}, torch.float32),  # AVX512-BF16 without AMX: ~0.6x fp32 measured
+    ({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}, torch.bfloat16),
+    (set(), torch.float32),
+])
+def test_default_compute_dtype_is_bf16_only_with_amx(flags, dtype):
+    assert pipeline.default_compute_dtype(flags) == dtype

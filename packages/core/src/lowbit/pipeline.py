@@ -37,17 +37,19 @@ METHODS: dict[str, list[str]] = {
 }
 
 
-def default_compute_dtype() -> torch.dtype:
+def default_compute_dtype(flags: set[str] | None = None) -> torch.dtype:
     """bf16 where the CPU has AMX (its tiles multiply bf16 several times faster than fp32), else fp32.
 
     AVX512-BF16 alone is not enough: on a Xeon exposing it without AMX, PyTorch's bf16 GEMMs ran at
     ~145 GFLOPS against ~250 in fp32 (2 threads, 4096 x 576 x 1536), and on an AVX2-only CPU, where bf16
     is emulated, ~8x slower than fp32. fp32 is also the more accurate choice, so it is the fallback.
+    ``flags``: the CPU's flags (default: this machine's, from /proc/cpuinfo).
     """
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return torch.float32
+    if flags is None:
+        try:
+            flags = set(Path("/proc/cpuinfo").read_text().split())
+        except OSError:
+            return torch.float32
     return torch.bfloat16 if "amx_bf16" in flags else torch.float32
 
 
