@@ -109,6 +109,20 @@ def one_fp32(a) -> dict:
             "eval_seqlen": ppl["seqlen"], "peak_rss_mib": round(_peak_rss_mib())}
 
 
+def _cpu_only_pinning_fix(torch) -> None:
+    """llm-compressor 0.14's AWQ pins its cached activations (``pin_memory``, to speed host-to-GPU copies),
+    which raises "Cannot access accelerator device when none is available" on a CPU-only PyTorch. Pinning
+    changes no value, so where there is no accelerator it is skipped."""
+    if torch.cuda.is_available():
+        return
+    try:
+        from llmcompressor.pipelines.cache import IntermediatesCache
+    except ImportError:
+        return
+    if hasattr(IntermediatesCache, "pin_memory"):
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+
+
 def one_llmcompressor(method: str, a) -> dict:
     """llm-compressor's RTN / GPTQ / AWQ at W4 g64 asym on the same model, calibration and windows."""
     import torch
@@ -122,6 +136,7 @@ def one_llmcompressor(method: str, a) -> dict:
     from lowbit import calibration
     from lowbit.loading import load_model, load_tokenizer, resolve
 
+    _cpu_only_pinning_fix(torch)
     torch.set_num_threads(a.threads)
     src = resolve(None)
     tok = load_tokenizer(src)
