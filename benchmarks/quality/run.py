@@ -207,7 +207,8 @@ def child(a) -> None:
     else:
         method, _, scheme = rest.partition("@")
         row = one_lowbit(method, scheme, a)
-    row.update({"nsamples": a.nsamples, "calib_seqlen": a.calib_seqlen, "compute_dtype": a.compute_dtype,
+    row.update({"nsamples": a.nsamples, "calib_seqlen": a.calib_seqlen,
+                "compute_dtype": "fp32" if kind == "llmcompressor" else a.compute_dtype,  # its model is fp32
                 "threads": a.threads, "host": platform.node(), "cpus": os.cpu_count(), "cpu": _cpu(),
                 "load_avg_end": round(os.getloadavg()[0], 1), "date": time.strftime("%Y-%m-%d %H:%M"),
                 "commit": commit})
@@ -252,7 +253,9 @@ def table() -> str:
         method_s = method + (" (AWQ loaded)" if r.get("awq_loaded") else "")
         if tool == "lowbit" and "awq" in method:  # rows before the field searched on 4096 tokens
             method_s += f", search {r.get('awq_search_tokens') or 4096}"
-        if "gptq" in method and "act-order" not in method:  # rows before the column_order field: natural order
+        if tool == "llmcompressor" and method == "gptq":  # its GPTQModifier default, = lowbit's hessian order
+            method_s += ", actorder static"
+        elif "gptq" in method and "act-order" not in method:  # rows before the column_order field: natural order
             method_s += f", {r.get('column_order') or 'columns'} order"
         first8 = r.get("ppl_first8") or (r["ppl"] if r["windows"] == 8 else None)
         lines.append(f"| {tool} | {method_s} | {scheme} | {r['ppl']:.3f} | {r['windows']} × {r['eval_seqlen']} | "
