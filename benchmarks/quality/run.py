@@ -236,14 +236,21 @@ def _fmt(x, spec):
     return "–" if x is None else format(x, spec)
 
 
+def _machine(row: dict) -> str:
+    """Short CPU label; rows from before the ``cpu`` field were all measured on the AMD EPYC (Zen 3, AVX2)."""
+    cpu = row.get("cpu") or "AMD EPYC (avx2)"
+    return ("Xeon" if "Xeon" in cpu else "EPYC" if "EPYC" in cpu or "AMD" in cpu else cpu.split(" (")[0]) + \
+        (" AMX" if "amx_bf16" in cpu else " AVX-512" if "avx512f" in cpu else " AVX2" if "avx2" in cpu else "")
+
+
 def table() -> str:
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
     latest: dict = {}
     for r in rows:  # the newest row of each (tool, method, scheme, windows) wins
         latest[(r["tool"], r["method"], r["scheme"], r["windows"])] = r
     lines = ["| tool | method | scheme | PPL | windows × seqlen | PPL, first 8 windows | quant wall (s) | "
-             "AWQ / GPTQ step (s) | peak RSS (MiB) | mean layer err | load avg | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "AWQ / GPTQ step (s) | peak RSS (MiB) | mean layer err | load avg | commit | CPU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(["fp32"] + METHODS)}
     # full-set rows (most windows) first, then by scheme, tool and method
     for (tool, method, scheme, _), r in sorted(latest.items(), key=lambda kv: (-kv[0][3], kv[0][0] != "fp32", kv[0][2],
@@ -262,7 +269,7 @@ def table() -> str:
                      f"{_fmt(first8, '.3f')} | {_fmt(r.get('quant_wall_s'), '.0f')} | {st} | "
                      f"{_fmt(r.get('peak_rss_mib'), '.0f')} | "
                      f"{_fmt(r.get('mean_layer_err'), '.4f')} | {_fmt(r.get('load_avg_end'), '.1f')} | "
-                     f"{r.get('commit') or '–'} |")
+                     f"{r.get('commit') or '–'} | {_machine(r)} |")
     return "\n".join(lines)
 
 
