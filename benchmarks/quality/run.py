@@ -178,14 +178,10 @@ def one_llmcompressor(method: str, a) -> dict:
 
 def _cpu() -> str:
     """The CPU model and its matmul-relevant ISA (rows from different machines differ in time, not in PPL)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name} ({', '.join(isa) or 'no avx2'})"
+    from lowbit.bench import machine
+
+    m = machine()
+    return f"{m['cpu']} ({', '.join(m['isa']) or 'no avx2'})"
 
 
 def _commit() -> str | None:
