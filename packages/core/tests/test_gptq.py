@@ -8,7 +8,7 @@ import torch
 from test_awq import calib_ids, layer_error, outlier_llama, run_steps
 
 from lowbit.algorithms.awq import AWQ
-from lowbit.algorithms.gptq import GPTQ, add_gram_upper, gptq_quantize, symmetric_from_upper
+from lowbit.algorithms.gptq import GPTQ, add_gram_upper, gptq_quantize, gptq_quantize_many, symmetric_from_upper
 from lowbit.algorithms.rtn import RTN
 from lowbit.errors import UnsupportedSchemeError
 from lowbit.plugins import registry
@@ -38,6 +38,29 @@ def test_gram_from_the_upper_block_triangle(k):
     h = symmetric_from_upper(acc)
     assert torch.equal(h, h.T)
     torch.testing.assert_close(h, x.T @ x, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 32), QuantScheme(3, 32, act_order=True), QuantScheme(4, -1, sym=True)],
+                         ids=lambda s: s.describe())
+def test_one_sweep_for_weights_sharing_a_hessian_equals_separate_runs(scheme):
+    """q/k/v (gate/up) are quantized in one sweep of the columns: GPTQ is row by row, so each weight
+    gets its own run's codes, scales, zeros and g_idx, and its own loss (BLAS may order a block
+    update's sums differently for another width: at most a code in 10⁴ may flip at a tie)."""
+    g = torch.Generator().manual_seed(1)
+    x = correlated_inputs(k=96)
+    h = 2 * x.T @ x / x.shape[0]
+    ws = [torch.randn(n, 96, generator=g) for n in (40, 16, 24)]
+    bias = torch.randn(16, generator=g)
+    qws, losses = gptq_quantize_many(ws, h, scheme, block_size=32, biases=[None, bias, None])
+    for w, qw, loss, b in zip(ws, qws, losses, [None, bias, None], strict=True):
+        one, one_loss = gptq_quantize(w, h, scheme, block_size=32, bias=b)
+        assert qw.codes.shape == one.codes.shape and (qw.codes != one.codes).float().mean() <= 1e-4
+        assert torch.equal(qw.scales, one.scales) and torch.equal(qw.zeros, one.zeros)
+        assert (qw.g_idx is None) == (one.g_idx is None) and (qw.g_idx is None or torch.equal(qw.g_idx, one.g_idx))
+        assert qw.bias is b
+        assert loss == pytest.approx(one_loss, rel=1e-4)
+    with pytest.raises(ValueError, match="one input width"):
+        gptq_quantize_many([torch.randn(4, 96), torch.randn(4, 64)], h, scheme)
 
 
 def test_registered():

@@ -125,18 +125,21 @@ _LIBC: list = []
 def return_freed_memory() -> bool:
     """Give freed memory back to the OS (glibc on Linux; True when done); called between layers.
 
-    glibc raises its mmap threshold each time a large block is freed, after which per-batch
-    activations and per-linear temporaries come from heaps that fragment and never shrink. A fixed
-    4 MiB threshold plus ``malloc_trim`` after each layer keeps the pass's resident memory near its
-    live tensors. Process-wide, cheap, and results are unchanged."""
+    glibc raises its mmap threshold each time a large block is freed, after which heaps fragment and
+    never shrink; left at its 128 KiB start, every activation-sized tensor is a fresh mmap whose pages
+    fault in again (a quarter of a GPTQ pass's time went to the kernel). So the thresholds are fixed:
+    blocks under 64 MiB (a calibration batch's activations) come from the heap and stay mapped within
+    a layer (no trim under 512 MiB free), and ``malloc_trim`` after each layer returns what the layer
+    freed. Measured on a GPTQ W4 g64 pass (2 cores): 212 s against 234 s with a 4 MiB threshold, peak
+    RSS 2.0 GiB against 1.9. Process-wide, cheap, and results are unchanged."""
     if not sys.platform.startswith("linux"):
         return False
     if not _LIBC:
         try:
             libc = ctypes.CDLL("libc.so.6")
             m_trim_threshold, m_mmap_threshold = -1, -3
-            libc.mallopt(m_mmap_threshold, 4 << 20)
-            libc.mallopt(m_trim_threshold, 1 << 20)
+            libc.mallopt(m_mmap_threshold, 64 << 20)
+            libc.mallopt(m_trim_threshold, 512 << 20)
             _LIBC.append(libc)
         except (OSError, AttributeError):  # musl or no libc.so.6: keep the allocator's defaults
             _LIBC.append(None)

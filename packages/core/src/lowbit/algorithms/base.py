@@ -27,7 +27,9 @@ class LinearGroup:
     """Linears that read the same input, and the op that produces it.
 
     :param prev: path (inside the layer) of the op whose output feeds ``linears`` (a norm or a
-        linear), or None when no op can absorb a per-channel scale.
+        linear), or None when no op can absorb a per-channel scale. Nothing but ``linears`` (and
+        ``inspect``, which holds them) reads that output: AWQ folds scales into it, and a replayed
+        ``inspect`` block skips it.
     :param linears: paths inside the layer, e.g. ``["self_attn.q_proj", "self_attn.k_proj"]``.
     :param inspect: path of the module whose output measures the group's error (AWQ), e.g.
         ``"self_attn"``; None means the linears themselves.
@@ -47,12 +49,17 @@ class Replay:
     """A block (``self_attn``, ``mlp``) whose output is its output linear applied to inputs captured
     earlier, one tensor per calibration batch: valid once every other linear of the block is final.
 
-    The pass then computes ``linear(inputs[batch])`` instead of the whole block. The first call
-    runs the block for real and checks that it agrees; on disagreement, or an output carrying
-    more than the hidden state, the replay turns itself off."""
+    The pass then computes ``linear(inputs[batch])`` instead of the whole block, once per batch:
+    the output replaces the captured input and serves every later forward while the linear's
+    weight is unchanged. The op feeding the block (its group's ``prev``, a norm) is skipped too,
+    since only the block reads it. The first call runs the block for real and checks that it
+    agrees; on disagreement, or an output carrying more than the hidden state, the replay turns
+    itself off."""
 
     linear: str
-    inputs: list[torch.Tensor]
+    inputs: list[torch.Tensor | None]
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    version: int = -1  # the linear's weight._version the outputs hold
     width: int = 0  # the block returns a tensor (0) or a tuple of that many, all but the first None
     state: str = "unchecked"  # unchecked | on | off
 
@@ -125,16 +132,27 @@ class LayerContext:
         except AttributeError:  # an adapter that declares a block its layers lack: no replay
             return
         if block and len(inputs) == len(self.inputs):
-            self.replays[block] = Replay(linear, inputs)
+            self.replays[block] = Replay(linear, list(inputs), version=self.module(linear).weight._version)
+
+    def feed_of(self, block: str) -> str | None:
+        """The op whose output only ``block`` reads: the ``prev`` of the group ``block`` inspects."""
+        return next((g.prev for g in self.groups if g.inspect == block), None)
 
     def _replay_forward(self, block: nn.Module, rp: Replay):
         original = block.forward
         lin = self.module(rp.linear)
 
+        def output(b: int) -> torch.Tensor:
+            y = rp.outputs.get(b)
+            if y is None:
+                y = rp.outputs[b] = lin(rp.inputs[b])
+                rp.inputs[b] = None  # the output serves from now on
+            return y
+
         def forward(*args, **kwargs):
-            if rp.state == "off":
+            if rp.state == "off" or rp.state == "on" and not self._replay_valid(rp):
                 return original(*args, **kwargs)
-            y = lin(rp.inputs[self.batch])
+            y = output(self.batch)
             if rp.state == "on":
                 return (y, *[None] * (rp.width - 1)) if rp.width else y
             out = original(*args, **kwargs)
@@ -147,6 +165,23 @@ class LayerContext:
 
         return forward
 
+    def _replay_valid(self, rp: Replay) -> bool:
+        """False (and the replay off) once its linear's weight changed after the capture."""
+        if self.module(rp.linear).weight._version != rp.version:
+            rp.state = "off"
+        return rp.state != "off"
+
+    def _skipped_while_on(self, op: nn.Module, rp: Replay):
+        """``op``'s forward, returning its input untouched while ``rp`` replays the block it feeds."""
+        original = op.forward
+
+        def forward(*args, **kwargs):
+            if rp.state == "on" and self._replay_valid(rp):
+                return args[0] if args else kwargs["hidden_states"]
+            return original(*args, **kwargs)
+
+        return forward
+
     @contextmanager
     def _replaying(self):
         patched = []
@@ -155,10 +190,15 @@ class LayerContext:
                 block = self.module(path)
                 block.forward = self._replay_forward(block, rp)
                 patched.append(block)
+                feed = self.feed_of(path)
+                if feed is not None:
+                    op = self.module(feed)
+                    op.forward = self._skipped_while_on(op, rp)
+                    patched.append(op)
             yield
         finally:
-            for block in patched:
-                del block.forward  # back to the class's forward
+            for mod in patched:
+                del mod.forward  # back to the class's forward
 
     # -- running the layer --------------------------------------------------------------------------
 
