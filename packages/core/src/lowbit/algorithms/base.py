@@ -184,21 +184,27 @@ class LayerContext:
 
     @contextmanager
     def _replaying(self):
-        patched = []
+        patched: list[tuple[nn.Module, Any]] = []  # (module, the forward it had on the instance or None)
+
+        def patch(mod: nn.Module, forward) -> None:
+            patched.append((mod, mod.__dict__.get("forward")))
+            mod.forward = forward
+
         try:
             for path, rp in self.replays.items():
                 block = self.module(path)
-                block.forward = self._replay_forward(block, rp)
-                patched.append(block)
+                patch(block, self._replay_forward(block, rp))
                 feed = self.feed_of(path)
                 if feed is not None:
                     op = self.module(feed)
-                    op.forward = self._skipped_while_on(op, rp)
-                    patched.append(op)
+                    patch(op, self._skipped_while_on(op, rp))
             yield
         finally:
-            for mod in patched:
-                del mod.forward  # back to the class's forward
+            for mod, before in reversed(patched):  # an instance's own forward (accelerate's hooks) stays
+                if before is None:
+                    del mod.forward
+                else:
+                    mod.forward = before
 
     # -- running the layer --------------------------------------------------------------------------
 
