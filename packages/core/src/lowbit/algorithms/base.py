@@ -52,9 +52,10 @@ class Replay:
     The pass then computes ``linear(inputs[batch])`` instead of the whole block, once per batch:
     the output replaces the captured input and serves every later forward while the linear's
     weight is unchanged. The op feeding the block (its group's ``prev``, a norm) is skipped too,
-    since only the block reads it. The first call runs the block for real and checks that it
-    agrees; on disagreement, or an output carrying more than the hidden state, the replay turns
-    itself off."""
+    since only the block reads it. Whether the block's output really is the linear's output is
+    checked once: on the batch a step saw the block return (:meth:`LayerContext.check_block`), or
+    else on the first call, which runs the block for real. On disagreement, or an output carrying
+    more than the hidden state, the replay turns itself off."""
 
     linear: str
     inputs: list[torch.Tensor | None]
@@ -124,15 +125,27 @@ class LayerContext:
         inside = [p for p in self.linear_paths() if p.startswith(block + ".") and p != linear]
         return all(self.prefix + p in self.qweights for p in inside)
 
-    def replay(self, linear: str, inputs: list[torch.Tensor]) -> None:
-        """From now on compute ``linear``'s block as ``linear(inputs[batch])`` (see :class:`Replay`)."""
+    def replay(self, linear: str, inputs: list[torch.Tensor], checked: tuple[bool, int] | None = None) -> None:
+        """From now on compute ``linear``'s block as ``linear(inputs[batch])`` (see :class:`Replay`);
+        ``checked`` is :meth:`check_block`'s verdict, if a step took one."""
         block = self.block_of(linear)
         try:
             self.module(block or "")
         except AttributeError:  # an adapter that declares a block its layers lack: no replay
             return
         if block and len(inputs) == len(self.inputs):
-            self.replays[block] = Replay(linear, list(inputs), version=self.module(linear).weight._version)
+            rp = Replay(linear, list(inputs), version=self.module(linear).weight._version)
+            if checked is not None:
+                rp.state, rp.width = ("on" if checked[0] else "off"), checked[1]
+            self.replays[block] = rp
+
+    @torch.no_grad()
+    def check_block(self, linear: str, block_output: Any, linear_input: torch.Tensor) -> tuple[bool, int]:
+        """Whether ``linear``'s block returned ``linear(linear_input)`` (``block_output``, from the same
+        batch and weights): (agrees, the tuple width of the block's output, 0 for a tensor)."""
+        with self.autocast():
+            y = self.module(linear)(linear_input)
+        return _agrees(block_output, y)
 
     def feed_of(self, block: str) -> str | None:
         """The op whose output only ``block`` reads: the ``prev`` of the group ``block`` inspects."""
@@ -156,11 +169,8 @@ class LayerContext:
             if rp.state == "on":
                 return (y, *[None] * (rp.width - 1)) if rp.width else y
             out = original(*args, **kwargs)
-            first = out[0] if isinstance(out, tuple) else out
-            plain = not isinstance(out, tuple) or all(o is None for o in out[1:])
-            ok = plain and first.shape == y.shape and torch.allclose(first, y, rtol=1e-5, atol=1e-6)
+            ok, rp.width = _agrees(out, y)
             rp.state = "on" if ok else "off"
-            rp.width = len(out) if isinstance(out, tuple) else 0
             return out
 
         return forward
@@ -239,28 +249,44 @@ class LayerContext:
 
     @torch.no_grad()
     def stream(self, hooks: dict[str, Callable[[int, tuple, dict], None]], stop_when_all_seen: bool = True,
-               reference: bool = False) -> None:
+               reference: bool = False, first_outputs: dict[str, Callable[[Any], None]] | None = None) -> None:
         """Run the layer over every calibration batch, calling ``hooks[path](batch, args, kwargs)``
         with the inputs reaching each module; a batch's forward stops as soon as every hooked
-        module has fired (the rest of the layer is not computed). With ``reference`` (a step
-        streaming the untouched float layer) the report batches run to the end and their outputs
-        become :attr:`reference`, which then costs no forward of its own."""
+        module has fired (the rest of the layer is not computed). ``first_outputs[path](output)``
+        gets each listed module's output on the first batch, which runs on until they all returned.
+        With ``reference`` (a step streaming the untouched float layer) the report batches run to
+        the end and their outputs become :attr:`reference`, which then costs no forward of its own."""
         seen: set[str] = set()
         handles = []
         record = reference and self.reference is None
         n_ref = len(self.inputs) if self.report_batches is None else self.report_batches
         outs: list[torch.Tensor] = []
+        first_outputs = first_outputs or {}
+
+        def stop() -> None:
+            need = len(hooks) + (len(first_outputs) if self.batch == 0 else 0)
+            if stop_when_all_seen and len(seen) == need and not (record and self.batch < n_ref):
+                raise _Stop
 
         def make(path, fn):
             def hook(_mod, args, kwargs):
                 fn(self.batch, args, kwargs)
                 seen.add(path)
-                if stop_when_all_seen and len(seen) == len(hooks) and not (record and self.batch < n_ref):
-                    raise _Stop
+                stop()
+            return hook
+
+        def make_after(path, fn):
+            def hook(_mod, _args, output):
+                if self.batch == 0:
+                    fn(output)
+                    seen.add(path + " (output)")
+                    stop()
             return hook
 
         for path, fn in hooks.items():
             handles.append(self.module(path).register_forward_pre_hook(make(path, fn), with_kwargs=True))
+        for path, fn in first_outputs.items():
+            handles.append(self.module(path).register_forward_hook(make_after(path, fn)))
         try:
             for x, kw in self._batches(None):
                 seen.clear()
@@ -275,6 +301,15 @@ class LayerContext:
                 h.remove()
         if record:
             self.reference = outs
+
+
+def _agrees(block_output: Any, y: torch.Tensor) -> tuple[bool, int]:
+    """(``block_output`` is ``y``, or a tuple of ``y`` and Nones; the tuple's width, 0 for a tensor)."""
+    first = block_output[0] if isinstance(block_output, tuple) else block_output
+    plain = not isinstance(block_output, tuple) or all(o is None for o in block_output[1:])
+    ok = (plain and isinstance(first, torch.Tensor) and first.shape == y.shape
+          and torch.allclose(first, y, rtol=1e-5, atol=1e-6))
+    return ok, len(block_output) if isinstance(block_output, tuple) else 0
 
 
 class Quantizer:

@@ -32,6 +32,7 @@ values GPTQ compensated for.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -87,7 +88,7 @@ class GPTQ(Quantizer):
         for stage in stages:
             # linears of one stage that read the same input share a Hessian
             readers = [g for g in groups if g[0] in stage]
-            hess, kept = self._hessians(ctx, [g[0] for g in readers])
+            hess, kept, checked = self._hessians(ctx, [g[0] for g in readers])
             for g in readers:  # linears reading one input share a Hessian: one sweep of the columns
                 lins = [ctx.module(p) for p in g]
                 qws, losses = gptq_quantize_many(
@@ -99,16 +100,19 @@ class GPTQ(Quantizer):
                     errs[p] = loss
                     ctx.set_quantized(p, qw)
                     if p in kept:  # its block's output is now final: later stages skip the block
-                        ctx.replay(p, kept[p])
+                        ctx.replay(p, kept[p], checked.get(p))
         ctx.report["gptq_loss"] = {p.rsplit(".", 1)[-1]: float(f"{v:.4g}") for p, v in errs.items()}
         ctx.report["gptq_seconds"] = round(time.perf_counter() - t0, 2)
 
-    def _hessians(self, ctx: LayerContext, paths: list[str]) -> tuple[dict, dict]:
-        """``2 XᵀX / n`` for the input of each module in ``paths``, in one (early-stopped) pass, and
-        the inputs themselves of those that close a block (``ctx.replayable``), to replay it."""
+    def _hessians(self, ctx: LayerContext, paths: list[str]) -> tuple[dict, dict, dict]:
+        """``2 XᵀX / n`` for the input of each module in ``paths``, in one (early-stopped) pass; the
+        inputs themselves of those that close a block (``ctx.replayable``), to replay it; and for
+        those, whether the block's output is the linear's (``ctx.check_block``), from the first
+        batch, which runs on to the block's end (one more GEMM, not a forward of the block later)."""
         acc: dict[str, torch.Tensor] = {}
         count: dict[str, int] = {}
         kept: dict[str, list[torch.Tensor]] = {p: [] for p in paths if ctx.replayable(p)}
+        outputs: dict[str, Any] = {}
 
         def make(p):
             def fn(_b, args, kwargs):
@@ -123,8 +127,11 @@ class GPTQ(Quantizer):
                 count[p] = count.get(p, 0) + x2.shape[0]
             return fn
 
-        ctx.stream({p: make(p) for p in paths})
-        return {p: symmetric_from_upper(acc[p]).mul_(2.0 / count[p]) for p in paths}, kept
+        blocks = {ctx.block_of(p): p for p in kept}
+        ctx.stream({p: make(p) for p in paths},
+                   first_outputs={b: (lambda out, p=p: outputs.__setitem__(p, out)) for b, p in blocks.items()})
+        checked = {p: ctx.check_block(p, out, kept[p][0]) for p, out in outputs.items() if kept[p]}
+        return {p: symmetric_from_upper(acc[p]).mul_(2.0 / count[p]) for p in paths}, kept, checked
 
 
 def add_gram_upper(acc: torch.Tensor, x: torch.Tensor, block: int = 128) -> None:
@@ -196,6 +203,7 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessian: torch.Tensor, schem
     s_t = scales.float().T.contiguous()  # [NG, N]
     z_t = zeros.float().T.contiguous()
     row_loss = torch.zeros(n, dtype=torch.float64)
+    s_rows, z_rows = s_t.unbind(0), z_t.unbind(0)  # views: one dispatch each, not one per column
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         cnt = i2 - i1
@@ -204,6 +212,7 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessian: torch.Tensor, schem
         Err1 = torch.empty(cnt, n)
         Hinv1 = Hinv[i1:i2, i1:i2]
         neg_inv_diag = (-1 / torch.diag(Hinv1)).tolist()
+        cols, qs, errs = W1.unbind(0), Q1.unbind(0), Err1.unbind(0)
         for i in range(cnt):
             j = i1 + i
             if not static and j % gs == 0:
@@ -213,7 +222,7 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessian: torch.Tensor, schem
                 scales[:, g], zeros[:, g] = gsc[:, 0], gz[:, 0]
                 s_t[g], z_t[g] = gsc[:, 0].float(), gz[:, 0].float()
             g = pos_group[j]
-            col, q, err, s, z = W1[i], Q1[i], Err1[i], s_t[g], z_t[g]
+            col, q, err, s, z = cols[i], qs[i], errs[i], s_rows[g], z_rows[g]
             torch.div(col, s, out=q).round_().add_(z).clamp_(0, maxq)
             # err = (col - (q - z) s) / d, the error GPTQ moves onto the later columns
             torch.sub(q, z, out=err).mul_(s).sub_(col).mul_(neg_inv_diag[i])
