@@ -21,7 +21,11 @@ true-sequential    inside a layer, groups are quantized in order (q/k/v, o, gate
                    each Hessian taken from the layer with the earlier groups already quantized;
                    once o (down) is quantized the attention (MLP) block is replayed from
                    o's (down's) captured inputs instead of being recomputed by later stages
-                   and by the pass's forward to the next layer
+                   and by the pass's forward to the next layer, and the norm feeding it is
+                   skipped: each linear runs once per calibration batch (plus the first
+                   batch's check of each replay and the error report's float reference)
+shared Hessian     linears reading one input (q/k/v, gate/up) are quantized in one sweep of
+                   the columns (:func:`gptq_quantize_many`)
 =================  ==========================================================================
 
 Scales and zeros come from :func:`lowbit.primitives.choose_qparams` (fp16 scales) and codes are
