@@ -133,10 +133,12 @@ class LayerContext:
             self.module(block or "")
         except AttributeError:  # an adapter that declares a block its layers lack: no replay
             return
+        if checked is not None and not checked[0]:  # the block's output is not the linear's: no replay
+            return
         if block and len(inputs) == len(self.inputs):
             rp = Replay(linear, list(inputs), version=self.module(linear).weight._version)
             if checked is not None:
-                rp.state, rp.width = ("on" if checked[0] else "off"), checked[1]
+                rp.state, rp.width = "on", checked[1]
             self.replays[block] = rp
 
     @torch.no_grad()
