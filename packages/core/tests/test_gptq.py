@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_awq import calib_ids, layer_error, outlier_llama, run_steps
+from test_awq import calib_ids, layer_error, layer_inputs, outlier_llama, run_steps
 
 from lowbit.algorithms.awq import AWQ
+from lowbit.algorithms.base import LayerContext
 from lowbit.algorithms.gptq import GPTQ, add_gram_upper, gptq_quantize, gptq_quantize_many, symmetric_from_upper
 from lowbit.algorithms.rtn import RTN
 from lowbit.errors import UnsupportedSchemeError
+from lowbit.models import LLAMA_FAMILY
 from lowbit.plugins import registry
 from lowbit.primitives import quantize, quantize_codes
 from lowbit.scheme import QuantScheme
@@ -205,6 +207,26 @@ def test_replaying_finished_blocks_changes_nothing(scheme):
     # norm: gate/up, down stages and the forward → the two stages
     assert n1c0 == 5 * n * n_layers and n1c1 == 2 * n * n_layers
     assert n2c0 == 3 * n * n_layers and n2c1 == 2 * n * n_layers
+
+
+def test_a_replay_stops_when_its_linear_changes():
+    """A replayed block's cached outputs hold for the weight they came from: once the linear changes
+    (a later step writes it), the block, and the norm feeding it, run for real again."""
+    model, ids = outlier_llama(), calib_ids()
+    xs, kws = layer_inputs(model, ids, 0)
+    layer = LLAMA_FAMILY.layers(model)[0]
+    ctx = LayerContext(0, LLAMA_FAMILY.layer_prefix(0), layer, LLAMA_FAMILY.groups(layer), QuantScheme(4, 32),
+                       xs, kws, blocks=LLAMA_FAMILY.blocks(layer))
+    GPTQ(QuantScheme(4, 32)).apply(ctx)
+    assert {b: rp.state for b, rp in ctx.replays.items()} == {"self_attn": "on", "mlp": "on"}
+    replayed = ctx.forward()
+    with torch.no_grad():
+        layer.mlp.down_proj.weight.mul_(0.5)
+    changed = ctx.forward()
+    assert ctx.replays["mlp"].state == "off" and ctx.replays["self_attn"].state == "on"
+    ctx.replays.clear()
+    assert all(torch.equal(a, b) for a, b in zip(changed, ctx.forward(), strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(changed, replayed, strict=True))
 
 
 class _ScaledMLP(torch.nn.Module):
