@@ -126,8 +126,9 @@ def return_freed_memory() -> bool:
     """Give freed memory back to the OS (glibc on Linux; True when done); called between layers.
 
     glibc raises its mmap threshold each time a large block is freed, after which heaps fragment and
-    never shrink; left at its 128 KiB start, every activation-sized tensor is a fresh mmap whose pages
-    fault in again (a quarter of a GPTQ pass's time went to the kernel). So the thresholds are fixed:
+    never shrink; with a threshold below an activation's size (its 128 KiB start, or the 4 MiB used
+    before) every activation-sized tensor is a fresh mmap whose pages fault in again (a quarter of a
+    GPTQ pass's time went to the kernel). So the thresholds are fixed:
     blocks under 64 MiB (a calibration batch's activations) come from the heap and stay mapped within
     a layer (no trim under 512 MiB free), and ``malloc_trim`` after each layer returns what the layer
     freed. Measured on a GPTQ W4 g64 pass (2 cores): 212 s against 234 s with a 4 MiB threshold, peak

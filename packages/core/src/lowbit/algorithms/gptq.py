@@ -173,7 +173,7 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessian: torch.Tensor, schem
     rows = [w.shape[0] for w in weights]
     if len({w.shape[1] for w in weights}) != 1:
         raise ValueError(f"gptq_quantize_many needs weights of one input width, got {[list(w.shape) for w in weights]}.")
-    W = torch.cat([w.detach().float() for w in weights]).clone()
+    W = torch.cat([w.detach().float() for w in weights])  # a new tensor: the weights stay untouched
     n, k = W.shape
     scheme.check_shape(k)
     H = hessian.detach().float().clone()
