@@ -174,8 +174,10 @@ def one_llmcompressor(method: str, a) -> dict:
     from datasets import Dataset
 
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    scheme = {"config_groups": {"g0": {"targets": ["Linear"], "weights": {
-        "num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 64}}}}
+    weights = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 64}
+    if a.llmc_scale_dtype == "fp16":  # its scales rounded to fp16, as lowbit (and AutoAWQ's, GPTQ's formats) store them
+        weights["scale_dtype"] = torch.float16
+    scheme = {"config_groups": {"g0": {"targets": ["Linear"], "weights": weights}}}
     if method == "rtn":
         mods = [QuantizationModifier(ignore=["lm_head"], **scheme)]
     elif method == "gptq":
@@ -198,7 +200,7 @@ def one_llmcompressor(method: str, a) -> dict:
     return {"tool": "llmcompressor", "method": method, "scheme": "w4g64", "ppl": ppl["ppl"],
             "ppl_first8": ppl.get("ppl_first8"),
             "windows": ppl["windows"], "eval_seqlen": ppl["seqlen"], "quant_wall_s": round(wall, 1),
-            "peak_rss_mib": round(rss)}
+            "peak_rss_mib": round(rss), "scale_dtype": "fp16" if a.llmc_scale_dtype == "fp16" else "fp32"}
 
 
 def _cpu() -> str:
@@ -268,17 +270,19 @@ def table() -> str:
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
     latest: dict = {}
     for r in rows:  # the newest row of each (tool, method, scheme, windows) wins
-        latest[(r["tool"], r["method"], r["scheme"], r["windows"])] = r
+        method = r["method"] + (", fp16 scales" if r["tool"] == "llmcompressor" and r.get("scale_dtype") == "fp16" else "")
+        latest[(r["tool"], method, r["scheme"], r["windows"])] = r
     lines = ["| tool | method | scheme | PPL | windows × seqlen | PPL, first 8 windows | quant wall (s) | "
              "AWQ / GPTQ step (s) | peak RSS (MiB) | mean layer err | load avg | commit | CPU |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(["fp32"] + METHODS)}
     # full-set rows (most windows) first, then by scheme, tool and method
     for (tool, method, scheme, _), r in sorted(latest.items(), key=lambda kv: (-kv[0][3], kv[0][0] != "fp32", kv[0][2],
-                                                                                kv[0][0], order.get(kv[0][1], 9))):
+                                                                                kv[0][0], order.get(kv[0][1].split(",")[0], 9))):
         steps = r.get("step_seconds") or {}
         st = " / ".join(_fmt(steps.get(k) or None, ".0f") for k in ("awq_seconds", "gptq_seconds"))
         method_s = method + (" (AWQ loaded)" if r.get("awq_loaded") else "")
+        method = r["method"]
         if tool == "lowbit" and "awq" in method:  # rows before the field searched on 4096 tokens
             method_s += f", search {r.get('awq_search_tokens') or 4096}"
         if tool == "llmcompressor" and method == "gptq":  # its GPTQModifier default, = lowbit's hessian order
@@ -314,6 +318,9 @@ def main(argv=None) -> int:
     p.add_argument("--llmcompressor", nargs="?", const="rtn,gptq,awq", default="",
                    help="also run llm-compressor's methods (comma list of rtn, gptq, awq; all when given bare), "
                         "when it is installed; --methods '' runs only these")
+    p.add_argument("--llmc-scale-dtype", default="model", choices=["model", "fp16"],
+                   help="llm-compressor's scale precision: the model's (fp32, its default) or fp16 (its scale_dtype), "
+                        "the precision lowbit and the AutoAWQ / GPTQ formats store")
     p.add_argument("--save-llmcompressor", metavar="DIR", default="",
                    help="save llm-compressor's quantized (dequantized) weights to DIR before its evaluation")
     p.add_argument("--table", action="store_true", help="only rewrite RESULTS.md's table from results.jsonl")
@@ -326,7 +333,7 @@ def main(argv=None) -> int:
         passthrough = [f"--windows={a.windows}", f"--seqlen={a.seqlen}", f"--nsamples={a.nsamples}",
                        f"--calib-seqlen={a.calib_seqlen}", f"--compute-dtype={a.compute_dtype}",
                        f"--threads={a.threads}", f"--column-order={a.column_order}",
-                       f"--save-llmcompressor={a.save_llmcompressor}"] + (["--dump-awq"] if a.dump_awq else []) + \
+                       f"--save-llmcompressor={a.save_llmcompressor}", f"--llmc-scale-dtype={a.llmc_scale_dtype}"] + (["--dump-awq"] if a.dump_awq else []) + \
                       (["--reuse-awq"] if a.reuse_awq else [])
         for job in jobs(a):
             print(f"== {job}", flush=True)
