@@ -35,9 +35,9 @@ def main() -> None:
     a = p.parse_args()
 
     import torch
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
+    from run import freeze_fake_quant  # this folder's benchmark script
 
     from lowbit.evaluate import perplexity
     from lowbit.loading import load_model, load_tokenizer, resolve
@@ -62,12 +62,7 @@ def main() -> None:
     scheme = {"config_groups": {"g0": {"targets": ["Linear"], "weights": {
         "num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 64}}}}
     oneshot(model=model, recipe=[QuantizationModifier(ignore=["lm_head"], **scheme)])
-    with torch.no_grad():  # its fake-quantized weights, once, instead of on every forward
-        for mod in model.modules():
-            if getattr(mod, "quantization_scheme", None) is not None and hasattr(mod, "weight_scale"):
-                mod.weight.copy_(fake_quantize(mod.weight, mod.weight_scale, mod.weight_zero_point,
-                                               mod.quantization_scheme.weights))
-                mod.quantization_enabled = False
+    freeze_fake_quant(model)  # its fake-quantized weights, once, instead of on every forward
     evaluate("llmcompressor", model)
     res = paired(nll["lowbit"], nll["llmcompressor"])
     res.update({"ppl_lowbit": math.exp(sum(nll["lowbit"]) / len(nll["lowbit"])),
