@@ -139,3 +139,16 @@ def test_subprocess_exit_status_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "bits=7 is not supported" in proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quantize", "--compute-dtype", "fp8"], "lowbit quantize: error: argument --compute-dtype: invalid choice"),
+    (["quantize", "--bits", "four"], "lowbit quantize: error: argument --bits: invalid int value"),
+    (["eval"], "lowbit eval: error: the following arguments are required: WHAT; see 'lowbit eval --help'"),
+])
+def test_usage_mistakes_are_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2 and not out
+    assert err.startswith(message) and err.count("\n") == 1 and "usage:" not in err

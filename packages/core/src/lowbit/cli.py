@@ -275,8 +275,16 @@ def cmd_inspect(a) -> int:
 
 
 # ----------------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line on stderr and exit status 2, like every other lowbit error (argparse would
+    print the whole usage block first); the line names the ``--help`` that explains the options."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="lowbit",
         description="Low-bit weight quantization of LLMs: quantize (RTN, AWQ, GPTQ, AWQ+GPTQ), evaluate, "
         "run and export checkpoints that AutoAWQ, GPTQ and xFasterTransformer runtimes load.",
