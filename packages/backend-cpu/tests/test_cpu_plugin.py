@@ -66,9 +66,10 @@ def test_w3_falls_back_to_reference(fresh_plugins):
 
 def test_bf16_prefill_tiles_only_with_amx(monkeypatch):
     # AVX512-BF16 without AMX ran bf16 GEMMs at ~0.6x fp32 on a Xeon; only AMX makes bf16 the faster choice
+    from lowbit import cpuinfo as core_cpuinfo
     from lowbit_cpu import cpuinfo
 
-    monkeypatch.setattr(cpuinfo, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c", "avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(core_cpuinfo, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c", "avx512f", "avx512_bf16"}))
     assert not cpuinfo.has_fast_bf16_matmul()
-    monkeypatch.setattr(cpuinfo, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c", "amx_tile", "amx_bf16"}))
+    monkeypatch.setattr(core_cpuinfo, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c", "amx_tile", "amx_bf16"}))
     assert cpuinfo.has_fast_bf16_matmul()

@@ -17,7 +17,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .cpuinfo import cpu_name, isa
 from .errors import LowbitError
 
 DEFAULT_SHAPES = "4096x4096,4096x11008,11008x4096"
@@ -86,20 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def machine() -> dict:
-    name = platform.processor() or platform.machine()
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    isa = [x for x in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if x in flags]
-    return {"cpu": name, "isa": isa, "threads": torch.get_num_threads(), "logical_cpus": os.cpu_count(),
+    return {"cpu": cpu_name(), "isa": isa(), "threads": torch.get_num_threads(), "logical_cpus": os.cpu_count(),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "torch": torch.__version__}
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from . import calibration
 from .algorithms.base import LayerContext, Quantizer
+from .cpuinfo import has_fast_bf16_matmul
 from .errors import LowbitError, UnsupportedSchemeError
 from .exporting import check_formats
 from .io import atomic_dir, check_writable
@@ -38,19 +39,9 @@ METHODS: dict[str, list[str]] = {
 
 
 def default_compute_dtype(flags: set[str] | None = None) -> torch.dtype:
-    """bf16 where the CPU has AMX (its tiles multiply bf16 several times faster than fp32), else fp32.
-
-    AVX512-BF16 alone is not enough: on a Xeon exposing it without AMX, PyTorch's bf16 GEMMs ran at
-    ~145 GFLOPS against ~250 in fp32 (2 threads, 4096 x 576 x 1536), and on an AVX2-only CPU, where bf16
-    is emulated, ~8x slower than fp32. fp32 is also the more accurate choice, so it is the fallback.
-    ``flags``: the CPU's flags (default: this machine's, from /proc/cpuinfo).
-    """
-    if flags is None:
-        try:
-            flags = set(Path("/proc/cpuinfo").read_text().split())
-        except OSError:
-            return torch.float32
-    return torch.bfloat16 if "amx_bf16" in flags else torch.float32
+    """bf16 where the CPU has AMX (:func:`lowbit.cpuinfo.has_fast_bf16_matmul`), else fp32, which is also
+    the more accurate choice. ``flags``: the CPU's flags (default: this machine's, from /proc/cpuinfo)."""
+    return torch.bfloat16 if has_fast_bf16_matmul(flags) else torch.float32
 
 
 def make_steps(method: str, scheme: QuantScheme, step_options: dict[str, dict] | None = None,
