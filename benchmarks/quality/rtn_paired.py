@@ -32,6 +32,11 @@ def paired(a: list[float], b: list[float]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--windows", type=int, default=0, help="evaluation windows (0: the full test set)")
+    p.add_argument("--scale-dtype", default="fp32", choices=["fp32", "fp16"],
+                   help="llm-compressor's scale precision (fp16: its scale_dtype, what lowbit stores); "
+                        "fp16 writes rtn_paired_fp16.json")
+    p.add_argument("--lowbit-from", metavar="JSON",
+                   help="take lowbit's per-window NLLs from an earlier result (same code and windows) instead of evaluating again")
     a = p.parse_args()
 
     import torch
@@ -55,12 +60,17 @@ def main() -> None:
         nll[name] = r["window_nll"]
         print(f"{name}: PPL {r['ppl']:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
 
-    qm = quantize(None, method="rtn", scheme=QuantScheme(4, 64), progress=False)
-    evaluate("lowbit", build_float_model(qm, torch.float32))
-    del qm
+    if a.lowbit_from:
+        nll["lowbit"] = json.loads(Path(a.lowbit_from).read_text())["window_nll"]["lowbit"]
+    else:
+        qm = quantize(None, method="rtn", scheme=QuantScheme(4, 64), progress=False)
+        evaluate("lowbit", build_float_model(qm, torch.float32))
+        del qm
     model = load_model(src, torch.float32)
-    scheme = {"config_groups": {"g0": {"targets": ["Linear"], "weights": {
-        "num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 64}}}}
+    weights = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 64}
+    if a.scale_dtype == "fp16":
+        weights["scale_dtype"] = torch.float16
+    scheme = {"config_groups": {"g0": {"targets": ["Linear"], "weights": weights}}}
     oneshot(model=model, recipe=[QuantizationModifier(ignore=["lm_head"], **scheme)])
     freeze_fake_quant(model)  # its fake-quantized weights, once, instead of on every forward
     evaluate("llmcompressor", model)
@@ -68,7 +78,8 @@ def main() -> None:
     res.update({"ppl_lowbit": math.exp(sum(nll["lowbit"]) / len(nll["lowbit"])),
                 "ppl_llmcompressor": math.exp(sum(nll["llmcompressor"]) / len(nll["llmcompressor"]))})
     print(json.dumps(res))
-    (HERE / "rtn_paired.json").write_text(json.dumps({"summary": res, "window_nll": nll}))
+    out = "rtn_paired.json" if a.scale_dtype == "fp32" else f"rtn_paired_{a.scale_dtype}.json"
+    (HERE / out).write_text(json.dumps({"summary": res, "window_nll": nll}))
 
 
 if __name__ == "__main__":
