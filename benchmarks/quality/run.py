@@ -270,18 +270,18 @@ def table() -> str:
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
     latest: dict = {}
     for r in rows:  # the newest row of each (tool, method, scheme, windows) wins
-        method = r["method"] + (", fp16 scales" if r["tool"] == "llmcompressor" and r.get("scale_dtype") == "fp16" else "")
-        latest[(r["tool"], method, r["scheme"], r["windows"])] = r
+        label = r["method"] + (", fp16 scales" if r["tool"] == "llmcompressor" and r.get("scale_dtype") == "fp16" else "")
+        latest[(r["tool"], label, r["scheme"], r["windows"])] = r
     lines = ["| tool | method | scheme | PPL | windows × seqlen | PPL, first 8 windows | quant wall (s) | "
              "AWQ / GPTQ step (s) | peak RSS (MiB) | mean layer err | load avg | commit | CPU |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(["fp32"] + METHODS)}
     # full-set rows (most windows) first, then by scheme, tool and method
-    for (tool, method, scheme, _), r in sorted(latest.items(), key=lambda kv: (-kv[0][3], kv[0][0] != "fp32", kv[0][2],
+    for (tool, label, scheme, _), r in sorted(latest.items(), key=lambda kv: (-kv[0][3], kv[0][0] != "fp32", kv[0][2],
                                                                                 kv[0][0], order.get(kv[0][1].split(",")[0], 9))):
         steps = r.get("step_seconds") or {}
         st = " / ".join(_fmt(steps.get(k) or None, ".0f") for k in ("awq_seconds", "gptq_seconds"))
-        method_s = method + (" (AWQ loaded)" if r.get("awq_loaded") else "")
+        method_s = label + (" (AWQ loaded)" if r.get("awq_loaded") else "")
         method = r["method"]
         if tool == "lowbit" and "awq" in method:  # rows before the field searched on 4096 tokens
             method_s += f", search {r.get('awq_search_tokens') or 4096}"
