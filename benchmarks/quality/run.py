@@ -271,6 +271,8 @@ def table() -> str:
     latest: dict = {}
     for r in rows:  # the newest row of each (tool, method, scheme, windows) wins
         label = r["method"] + (", fp16 scales" if r["tool"] == "llmcompressor" and r.get("scale_dtype") == "fp16" else "")
+        if r.get("compute_dtype") == "bf16" and r["method"] != "rtn":  # AMX rows: calibration matmuls in bf16
+            label += ", bf16 matmuls"
         latest[(r["tool"], label, r["scheme"], r["windows"])] = r
     lines = ["| tool | method | scheme | PPL | windows × seqlen | PPL, first 8 windows | quant wall (s) | "
              "AWQ / GPTQ step (s) | peak RSS (MiB) | mean layer err | load avg | commit | CPU |",
