@@ -69,10 +69,10 @@ def one_lowbit(method: str, scheme_name: str, a) -> dict:
 
         loaded = opts.get("awq", {}).get("load")
         search_tokens = (read_results(loaded)[1]["options"] if loaded else AWQ.options)["search_tokens"]
-    if a.compute_dtype == "auto":  # what `lowbit quantize` picks on this CPU; the row records the choice
-        from lowbit.pipeline import default_compute_dtype
+    if a.compute_dtype == "auto":  # what `lowbit quantize --compute-dtype auto` picks here; the row records it
+        from lowbit.pipeline import fast_compute_dtype
 
-        a.compute_dtype = "bf16" if default_compute_dtype() == torch.bfloat16 else "fp32"
+        a.compute_dtype = "bf16" if fast_compute_dtype() == torch.bfloat16 else "fp32"
     compute = torch.float32 if a.compute_dtype == "fp32" else torch.bfloat16
     t0 = time.perf_counter()
     qm = quantize(None, method=method, scheme=scheme, nsamples=a.nsamples, seqlen=a.calib_seqlen,
@@ -308,9 +308,9 @@ def main(argv=None) -> int:
     p.add_argument("--seqlen", type=int, default=2048, help="evaluation window length")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--compute-dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="calibration matmul dtype; auto (lowbit's default) = bf16 where the CPU has AMX, else fp32 "
-                        "(without AMX bf16 matmuls are slower than fp32: ~0.6x with AVX512-BF16, ~1/8 with AVX2)")
+    p.add_argument("--compute-dtype", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="calibration matmul dtype (lowbit's default: fp32); auto = bf16 where the CPU has AMX, else "
+                        "fp32 (without AMX bf16 matmuls are slower than fp32: ~0.6x with AVX512-BF16, ~1/8 with AVX2)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--dump-awq", action="store_true", help="awq rows dump their search to benchmarks/quality/awq/")
     p.add_argument("--reuse-awq", action="store_true", help="awq+gptq rows load the awq row's dump (no second search)")

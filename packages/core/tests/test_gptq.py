@@ -282,3 +282,24 @@ class TestAWQThenGPTQConformance(QuantizerConformance):
     options = {"n_grid": 4}
     follow_with = "gptq"
     schemes = (QuantScheme(3, 32),)
+
+
+def test_observer_option_reaches_gptqs_scales():
+    """GPTQ's hessian order fixes each group's qparams up front: with observer mse they are the mse
+    observer's (not min/max's), and GPTQ still beats RTN with the same observer."""
+    x, w = correlated_inputs(), torch.randn(48, 64, generator=torch.Generator().manual_seed(5)) ** 3
+    h = 2 * x.T @ x / 512
+    scheme = QuantScheme(4, 32)
+    qw, _ = gptq_quantize(w, h, scheme, observer="mse")
+    rtn = quantize(w, scheme, observer="mse")
+    assert torch.equal(qw.scales, rtn.scales) and torch.equal(qw.zeros, rtn.zeros)
+    assert not torch.equal(qw.scales, quantize(w, scheme).scales)
+    assert proxy_error(x, w, qw) < proxy_error(x, w, rtn)
+    qc, _ = gptq_quantize(w, h, QuantScheme(4, 32, act_order=True), observer="mse")  # groups chosen as they come
+    assert torch.equal(quantize_codes(qc.dequantize(), qc.scales, qc.zeros, qc.scheme, qc.g_idx), qc.codes)
+
+
+@pytest.mark.parametrize("step", [GPTQ, RTN])
+def test_bad_observer(step):
+    with pytest.raises(UnsupportedSchemeError, match="observer must be one of minmax, mse"):
+        step(QuantScheme(4, 32), observer="absmax")

@@ -213,5 +213,5 @@ def test_cache_root_follows_lowbit_cache(monkeypatch, tmp_path):
     ({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}, torch.bfloat16),
     (set(), torch.float32),
 ])
-def test_default_compute_dtype_is_bf16_only_with_amx(flags, dtype):
-    assert pipeline.default_compute_dtype(flags) == dtype
+def test_auto_compute_dtype_is_bf16_only_with_amx(flags, dtype):
+    assert pipeline.fast_compute_dtype(flags) == dtype

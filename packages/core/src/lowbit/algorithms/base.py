@@ -363,3 +363,12 @@ class Quantizer:
 
     def finish(self) -> None:
         """Called once after the last layer (e.g. to write a dump of search results)."""
+
+
+def check_observer(step: Quantizer) -> None:
+    """A quantizing step's ``observer`` option must name one of :data:`lowbit.primitives.OBSERVERS`."""
+    from ..primitives import OBSERVERS
+
+    if step.opts["observer"] not in OBSERVERS:
+        raise UnsupportedSchemeError(f"{step.name} observer must be one of {', '.join(OBSERVERS)}, "
+                                     f"got {step.opts['observer']!r}; pass --observer minmax or --observer mse.")

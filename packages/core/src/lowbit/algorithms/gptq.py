@@ -45,7 +45,7 @@ from ..primitives import choose_qparams
 from ..qweight import QuantizedWeight
 from ..scheme import QuantScheme
 from .awq import _first_input
-from .base import LayerContext, Quantizer
+from .base import LayerContext, Quantizer, check_observer
 
 
 class GPTQ(Quantizer):
@@ -59,7 +59,7 @@ class GPTQ(Quantizer):
     needs_calibration = True
     description = "second-order error compensation (Hessian from calibration inputs)"
     options = {"damp": 0.01, "block_size": 128, "column_order": "hessian", "static_groups": False,
-               "true_sequential": True}
+               "true_sequential": True, "observer": "minmax"}
     column_orders = ("hessian", "columns")
 
     def check(self, scheme: QuantScheme) -> None:
@@ -75,6 +75,7 @@ class GPTQ(Quantizer):
         if self.opts["column_order"] not in self.column_orders:
             raise UnsupportedSchemeError(f"gptq column_order must be one of {', '.join(self.column_orders)}, "
                                          f"got {self.opts['column_order']!r}.")
+        check_observer(self)
 
     @torch.no_grad()
     def apply(self, ctx: LayerContext) -> None:
@@ -99,6 +100,7 @@ class GPTQ(Quantizer):
                     [lin.weight.detach() for lin in lins], hess.pop(g[0]), self.scheme,
                     damp=float(self.opts["damp"]), block_size=self.opts["block_size"],
                     column_order=self.opts["column_order"], static_groups=bool(self.opts["static_groups"]),
+                    observer=self.opts["observer"],
                     biases=[None if lin.bias is None else lin.bias.detach().clone() for lin in lins])
                 for p, qw, loss in zip(g, qws, losses):
                     errs[p] = loss
@@ -154,18 +156,19 @@ def symmetric_from_upper(acc: torch.Tensor) -> torch.Tensor:
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, *, damp: float = 0.01,
                   block_size: int = 128, column_order: str = "hessian", static_groups: bool = False,
-                  bias: torch.Tensor | None = None) -> tuple[QuantizedWeight, float]:
+                  observer: str = "minmax", bias: torch.Tensor | None = None) -> tuple[QuantizedWeight, float]:
     """GPTQ one ``[N, K]`` weight against ``hessian`` ``[K, K]``; returns the QuantizedWeight and the
     summed proxy loss ``Σ (w - q)² / U[j, j]²`` (GPTQ's own error measure)."""
     qws, losses = gptq_quantize_many([w], hessian, scheme, damp=damp, block_size=block_size,
-                                     column_order=column_order, static_groups=static_groups, biases=[bias])
+                                     column_order=column_order, static_groups=static_groups, observer=observer,
+                                     biases=[bias])
     return qws[0], losses[0]
 
 
 def gptq_quantize_many(weights: list[torch.Tensor], hessian: torch.Tensor, scheme: QuantScheme, *,
                        damp: float = 0.01, block_size: int = 128, column_order: str = "hessian",
-                       static_groups: bool = False, biases: list[torch.Tensor | None] | None = None,
-                       ) -> tuple[list[QuantizedWeight], list[float]]:
+                       static_groups: bool = False, observer: str = "minmax",
+                       biases: list[torch.Tensor | None] | None = None) -> tuple[list[QuantizedWeight], list[float]]:
     """GPTQ several weights that read the same input (q/k/v, gate/up) against their shared Hessian in
     one sweep of the columns. Every step of GPTQ is row by row (a row's error moves only that row's
     later columns, scales are per row), so each weight gets what its own run gives, for the Python
@@ -192,7 +195,7 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessian: torch.Tensor, schem
     scales = torch.zeros(n, ng, dtype=torch.float16)
     zeros = torch.zeros(n, ng, dtype=torch.uint8)
     if static:
-        scales, zeros = choose_qparams(W, scheme)
+        scales, zeros = choose_qparams(W, scheme, observer=observer)
     if perm is not None:
         W = W[:, perm]
         H = H[perm][:, perm]
@@ -221,7 +224,7 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessian: torch.Tensor, schem
             j = i1 + i
             if not static and j % gs == 0:
                 cur = torch.cat([W1[i:], Wt[i2:j + gs]], dim=0)[:gs].T
-                gsc, gz = choose_qparams(cur, QuantScheme(scheme.bits, -1, scheme.sym))
+                gsc, gz = choose_qparams(cur, QuantScheme(scheme.bits, -1, scheme.sym), observer=observer)
                 g = j // gs
                 scales[:, g], zeros[:, g] = gsc[:, 0], gz[:, 0]
                 s_t[g], z_t[g] = gsc[:, 0].float(), gz[:, 0].float()
