@@ -7,11 +7,17 @@ symmetric  (sym=True)   ``s = 2 * absmax / maxq`` (GPTQ's convention); ``z = 2**
 both                    ``q = clamp(round(w / s) + z, 0, maxq)``; ``w ≈ s * (q - z)``
 ======================  ===================================================================
 
-Scales are rounded to float16 *before* codes are computed, so the stored scales are exactly the
-ones the codes were chosen against; the zero point is taken from the unrounded scale, as llm-compressor
-does (chosen on the validation text: RTN W4 g64 on the demo model, 40 windows, 21.735 against 21.757
-with the zero taken from the fp16 scale; benchmarks/quality/RESULTS.md). Rounding is round-half-to-even
-(``torch.round``). The observed
+Scales are stored in float16 (every consumer format does). The zero point comes from the unrounded
+scale, as in llm-compressor, and so do RTN's codes (:func:`quantize`): a code is the nearest level of
+the exact grid, and a weight exactly halfway between two levels rounds half to even. Codes chosen
+against the fp16-rounded scale instead would break every such tie of a group the same way (the way the
+group's scale happened to round), a correlated error; against the exact scale, a code differs from the
+nearest level of the stored grid only within 15 · 2⁻¹¹ of a step of a tie. Both rules were chosen on
+the validation text (RTN W4 g64 on the demo model, whose weights are dequantized Q4_1 with many exact
+ties; 40 windows): 21.757 with zero and codes from the fp16 scale, 21.735 with the zero from the exact
+scale, 21.697 with codes from it too (fp32 scales throughout: 21.696); benchmarks/quality/RESULTS.md.
+GPTQ chooses its codes against the stored scales (its error feedback needs them). Rounding is
+round-half-to-even (``torch.round``). The observed
 range is the group's min and max, or with ``observer="mse"`` that range shrunk to the factor that
 minimizes the group's own error (:func:`mse_range`).
 """
@@ -45,6 +51,12 @@ def choose_qparams(
     ``xmin``/``xmax`` (``[N, NG]``) override the observed range (used by clipping searches); otherwise
     ``observer`` (one of :data:`OBSERVERS`) chooses it.
     """
+    exact, zeros = _qparams(w, scheme, xmin, xmax, observer)
+    return exact.half(), zeros
+
+
+def _qparams(w, scheme, xmin=None, xmax=None, observer="minmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """The scales before fp16 rounding (fp32) and the zeros (uint8) of :func:`choose_qparams`."""
     if observer not in OBSERVERS:
         raise ValueError(f"observer must be one of {', '.join(OBSERVERS)}, got {observer!r}.")
     if observer == "mse" and xmin is None and xmax is None:
@@ -54,15 +66,14 @@ def choose_qparams(
     hi = wg.amax(dim=-1) if xmax is None else xmax.float()
     if scheme.sym:
         absmax = torch.maximum(lo.abs(), hi.abs())
-        scales = (2 * absmax / scheme.maxq).clamp(min=_MIN_SCALE).half()
-        zeros = torch.full_like(scales, 1 << (scheme.bits - 1), dtype=torch.uint8)
+        exact = (2 * absmax / scheme.maxq).clamp(min=_MIN_SCALE)
+        zeros = torch.full_like(exact, 1 << (scheme.bits - 1), dtype=torch.uint8)
     else:
         lo = lo.clamp(max=0)
         hi = hi.clamp(min=0)
         exact = ((hi - lo) / scheme.maxq).clamp(min=_MIN_SCALE)
-        scales = exact.half()
         zeros = torch.round(-lo / exact).clamp(0, scheme.maxq).to(torch.uint8)
-    return scales, zeros
+    return exact, zeros
 
 
 def mse_range(w: torch.Tensor, scheme: QuantScheme, *, grid: int = 100, maxshrink: float = 0.2,
@@ -84,10 +95,10 @@ def mse_range(w: torch.Tensor, scheme: QuantScheme, *, grid: int = 100, maxshrin
     best_err = torch.full_like(lo, float("inf"))
     for i in range(int(round(maxshrink * grid)) + 1):
         p = 1 - i / grid
-        scales, zeros = choose_qparams(w, scheme, xmin=lo * p, xmax=hi * p)
-        s, z = scales.float()[..., None], zeros.float()[..., None]
-        q = torch.clamp(torch.round(wg / s) + z, 0, scheme.maxq)
-        err = ((q - z) * s - wg).abs_().pow_(norm).sum(dim=-1)
+        exact, zeros = _qparams(w, scheme, lo * p, hi * p)
+        z = zeros.float()[..., None]
+        q = torch.clamp(torch.round(wg / exact[..., None]) + z, 0, scheme.maxq)  # as quantize() chooses codes
+        err = ((q - z) * exact.half().float()[..., None] - wg).abs_().pow_(norm).sum(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_lo = torch.where(better, lo * p, best_lo)
@@ -115,8 +126,9 @@ def quantize(w: torch.Tensor, scheme: QuantScheme, bias: torch.Tensor | None = N
     """Round-to-nearest quantization of a float ``[N, K]`` weight (no act-order); ``observer``: see
     :func:`choose_qparams`."""
     scheme.check_shape(w.shape[1])
-    scales, zeros = choose_qparams(w, scheme, observer=observer)
-    codes = quantize_codes(w, scales, zeros, scheme)
+    exact, zeros = _qparams(w, scheme, observer=observer)
+    codes = quantize_codes(w, exact, zeros, scheme)  # against the exact scale: see the module docstring
+    scales = exact.half()
     return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, scheme=scheme, bias=bias)
 
 
