@@ -250,3 +250,20 @@ def test_no_calibration_batches_is_an_error():
 class TestAWQConformance(QuantizerConformance):
     quantizer = AWQ
     options = {"n_grid": 5}
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 64), QuantScheme(3, 32, sym=True), QuantScheme(4, -1)],
+                         ids=lambda s: s.describe())
+def test_search_quantizes_as_the_final_rtn_step(scheme):
+    """AWQ's searches score candidates with ``_fq``; it must give exactly the final RTN step's values, also
+    on weights with many exact ties (a dequantized 4-bit grid, like the demo model's Q4_1 weights)."""
+    from lowbit.algorithms.awq import _fq
+    from lowbit.primitives import fake_quantize
+
+    g = torch.Generator().manual_seed(7)
+    blocks = torch.randint(0, 16, (64, 256), generator=g).float()
+    d = torch.rand(64, 256 // 32, 1, generator=g).half().float() / 16  # per-32 step and minimum, fp16 as in Q4_1
+    m = -torch.rand(64, 256 // 32, 1, generator=g).half().float() / 2
+    w = (blocks.view(64, -1, 32) * d + m).view(64, 256)
+    for x in (w, torch.randn(64, 256, generator=g)):
+        assert torch.equal(_fq(x, scheme), fake_quantize(x, scheme))

@@ -14,7 +14,7 @@ from lowbit.algorithms.rtn import RTN
 from lowbit.errors import UnsupportedSchemeError
 from lowbit.models import LLAMA_FAMILY
 from lowbit.plugins import registry
-from lowbit.primitives import quantize, quantize_codes
+from lowbit.primitives import choose_qparams, quantize, quantize_codes
 from lowbit.scheme import QuantScheme
 from lowbit.testing import QuantizerConformance
 
@@ -99,7 +99,7 @@ def test_gptq_beats_rtn_on_a_linear(scheme, order):
 
 def test_hessian_column_order_keeps_plain_groups():
     """The default order quantizes strong columns first but fixes each group's scales up front
-    from the original weight: no g_idx, the scales are plain RTN's, and the codes differ from
+    from the original weight: no g_idx, the min/max scales and zeros, and the codes differ from
     the natural order's."""
     x, w = correlated_inputs(), torch.randn(48, 64, generator=torch.Generator().manual_seed(3))
     h = 2 * x.T @ x / 512
@@ -107,8 +107,8 @@ def test_hessian_column_order_keeps_plain_groups():
     qh, _ = gptq_quantize(w, h, scheme)
     qc, _ = gptq_quantize(w, h, scheme, column_order="columns")
     assert qh.g_idx is None and qh.has_trivial_g_idx()
-    rtn = quantize(w, scheme)
-    assert torch.equal(qh.scales, rtn.scales) and torch.equal(qh.zeros, rtn.zeros)
+    scales, zeros = choose_qparams(w, scheme)  # the stored grid of the original weight
+    assert torch.equal(qh.scales, scales) and torch.equal(qh.zeros, zeros)
     assert not torch.equal(qh.codes, qc.codes)
 
 
@@ -291,9 +291,10 @@ def test_observer_option_reaches_gptqs_scales():
     h = 2 * x.T @ x / 512
     scheme = QuantScheme(4, 32)
     qw, _ = gptq_quantize(w, h, scheme, observer="mse")
+    scales, zeros = choose_qparams(w, scheme, observer="mse")
+    assert torch.equal(qw.scales, scales) and torch.equal(qw.zeros, zeros)
+    assert not torch.equal(qw.scales, choose_qparams(w, scheme)[0])
     rtn = quantize(w, scheme, observer="mse")
-    assert torch.equal(qw.scales, rtn.scales) and torch.equal(qw.zeros, rtn.zeros)
-    assert not torch.equal(qw.scales, quantize(w, scheme).scales)
     assert proxy_error(x, w, qw) < proxy_error(x, w, rtn)
     qc, _ = gptq_quantize(w, h, QuantScheme(4, 32, act_order=True), observer="mse")  # groups chosen as they come
     assert torch.equal(quantize_codes(qc.dequantize(), qc.scales, qc.zeros, qc.scheme, qc.g_idx), qc.codes)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lowbit.errors import CheckpointError, UnsupportedSchemeError
-from lowbit.primitives import choose_qparams, mse_range, quantize, quantize_codes, sqnr_db
+from lowbit.primitives import choose_qparams, exact_qparams, mse_range, quantize, quantize_codes, sqnr_db
 from lowbit.qweight import QuantizedWeight
 from lowbit.scheme import QuantScheme
 
@@ -100,8 +100,8 @@ def test_mse_observer_lowers_each_groups_error(bits, gs, sym):
     assert group_err(mse).sum() < 0.97 * group_err(mm).sum()
     assert sqnr_db(w, mse.dequantize()) > sqnr_db(w, mm.dequantize())
     lo, hi = mse_range(w, scheme, maxshrink=0)
-    s, z = choose_qparams(w, scheme, xmin=lo, xmax=hi)
-    assert torch.equal(s, mm.scales) and torch.equal(z, mm.zeros)
+    s, z = exact_qparams(w, scheme, xmin=lo, xmax=hi)
+    assert torch.equal(s.half(), mm.scales) and torch.equal(z, mm.zeros)
     # each group's range is its min/max times one factor p in [1 - maxshrink, 1]
     lo, hi = mse_range(w, scheme)
     wg = w.reshape(96, scheme.num_groups(256), -1)

@@ -2,24 +2,24 @@
 
 ======================  ===================================================================
 asymmetric (sym=False)  ``xmin = min(w_group, 0)``, ``xmax = max(w_group, 0)``;
-                        ``s = (xmax - xmin) / maxq``; ``z = round(-xmin / s)`` (``s`` before fp16 rounding)
+                        ``s = (xmax - xmin) / maxq``; ``z = round(-xmin / s)``
 symmetric  (sym=True)   ``s = 2 * absmax / maxq`` (GPTQ's convention); ``z = 2**(bits-1)``
 both                    ``q = clamp(round(w / s) + z, 0, maxq)``; ``w ≈ s * (q - z)``
 ======================  ===================================================================
 
-Scales are stored in float16 (every consumer format does). The zero point comes from the unrounded
-scale, as in llm-compressor, and so do RTN's codes (:func:`quantize`): a code is the nearest level of
-the exact grid, and a weight exactly halfway between two levels rounds half to even. Codes chosen
-against the fp16-rounded scale instead would break every such tie of a group the same way (the way the
-group's scale happened to round), a correlated error; against the exact scale, a code differs from the
-nearest level of the stored grid only within 15 · 2⁻¹¹ of a step of a tie. Both rules were chosen on
-the validation text (RTN W4 g64 on the demo model, whose weights are dequantized Q4_1 with many exact
-ties; 40 windows): 21.757 with zero and codes from the fp16 scale, 21.735 with the zero from the exact
-scale, 21.697 with codes from it too (fp32 scales throughout: 21.696); benchmarks/quality/RESULTS.md.
-GPTQ chooses its codes against the stored scales (its error feedback needs them). Rounding is
-round-half-to-even (``torch.round``). The observed
-range is the group's min and max, or with ``observer="mse"`` that range shrunk to the factor that
-minimizes the group's own error (:func:`mse_range`).
+Scales are stored in float16 (every consumer format does). RTN (:func:`quantize`) quantizes on the
+exact grid, the scale before fp16 rounding (:func:`exact_qparams`): its zero point and codes come from
+that scale, so a weight exactly halfway between two levels rounds half to even, and only then is the
+scale rounded for storage. Codes chosen against the fp16-rounded scale instead break every such tie of
+a group the same way (the way the group's scale happened to round), a correlated error; the demo model's
+weights (dequantized Q4_1) have many exact ties. Against the exact scale a code differs from the nearest
+level of the stored grid only within ``maxq · 2⁻¹¹`` of a step of a tie. Chosen on the validation text
+(RTN W4 g64 on the demo model, 40 windows): 21.757 with zero and codes from the fp16 scale, 21.697 from
+the exact scale, 21.696 with fp32 scales kept (benchmarks/quality/RESULTS.md). GPTQ quantizes on the
+stored grid (:func:`choose_qparams`: zero point and codes from the fp16 scale), because its error
+feedback must compensate the values that are stored. Rounding is round-half-to-even (``torch.round``).
+The observed range is the group's min and max, or with ``observer="mse"`` that range shrunk to the
+factor that minimizes the group's own error (:func:`mse_range`).
 """
 
 from __future__ import annotations
@@ -46,17 +46,27 @@ def choose_qparams(
     w: torch.Tensor, scheme: QuantScheme, *, xmin: torch.Tensor | None = None, xmax: torch.Tensor | None = None,
     observer: str = "minmax",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales (fp16) and zeros (uint8), each ``[N, NG]``, for the ``[N, K]`` float weight ``w``.
+    """Scales (fp16) and zeros (uint8), each ``[N, NG]``, for the ``[N, K]`` float weight ``w``: the
+    stored grid, the zero point being the best integer for the fp16 scale (GPTQ quantizes on this grid).
 
     ``xmin``/``xmax`` (``[N, NG]``) override the observed range (used by clipping searches); otherwise
     ``observer`` (one of :data:`OBSERVERS`) chooses it.
     """
-    exact, zeros = _qparams(w, scheme, xmin, xmax, observer)
-    return exact.half(), zeros
+    exact, lo = _exact_scales(w, scheme, xmin, xmax, observer)
+    scales = exact.half()
+    return scales, _zeros(lo, scales.float(), scheme)
 
 
-def _qparams(w, scheme, xmin=None, xmax=None, observer="minmax") -> tuple[torch.Tensor, torch.Tensor]:
-    """The scales before fp16 rounding (fp32) and the zeros (uint8) of :func:`choose_qparams`."""
+def exact_qparams(w: torch.Tensor, scheme: QuantScheme, *, xmin: torch.Tensor | None = None,
+                  xmax: torch.Tensor | None = None, observer: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact grid RTN quantizes on (module docstring): fp32 scales before fp16 rounding, and the
+    zeros (uint8) for them. Arguments as :func:`choose_qparams`; ``scales.half()`` is what is stored."""
+    exact, lo = _exact_scales(w, scheme, xmin, xmax, observer)
+    return exact, _zeros(lo, exact, scheme)
+
+
+def _exact_scales(w, scheme, xmin, xmax, observer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 scales ``[N, NG]`` of the observed ranges, and (asymmetric) the ranges' lower ends."""
     if observer not in OBSERVERS:
         raise ValueError(f"observer must be one of {', '.join(OBSERVERS)}, got {observer!r}.")
     if observer == "mse" and xmin is None and xmax is None:
@@ -65,15 +75,15 @@ def _qparams(w, scheme, xmin=None, xmax=None, observer="minmax") -> tuple[torch.
     lo = wg.amin(dim=-1) if xmin is None else xmin.float()
     hi = wg.amax(dim=-1) if xmax is None else xmax.float()
     if scheme.sym:
-        absmax = torch.maximum(lo.abs(), hi.abs())
-        exact = (2 * absmax / scheme.maxq).clamp(min=_MIN_SCALE)
-        zeros = torch.full_like(exact, 1 << (scheme.bits - 1), dtype=torch.uint8)
-    else:
-        lo = lo.clamp(max=0)
-        hi = hi.clamp(min=0)
-        exact = ((hi - lo) / scheme.maxq).clamp(min=_MIN_SCALE)
-        zeros = torch.round(-lo / exact).clamp(0, scheme.maxq).to(torch.uint8)
-    return exact, zeros
+        return (2 * torch.maximum(lo.abs(), hi.abs()) / scheme.maxq).clamp(min=_MIN_SCALE), None
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    return ((hi - lo) / scheme.maxq).clamp(min=_MIN_SCALE), lo
+
+
+def _zeros(lo: torch.Tensor | None, scales: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    if lo is None:  # symmetric: the middle code
+        return torch.full(scales.shape, 1 << (scheme.bits - 1), dtype=torch.uint8)
+    return torch.round(-lo / scales).clamp(0, scheme.maxq).to(torch.uint8)
 
 
 def mse_range(w: torch.Tensor, scheme: QuantScheme, *, grid: int = 100, maxshrink: float = 0.2,
@@ -84,7 +94,7 @@ def mse_range(w: torch.Tensor, scheme: QuantScheme, *, grid: int = 100, maxshrin
     ``p = 1, 1 - 1/grid, …, 1 - maxshrink``, and the ``p`` with the lowest ``Σ |w - ŵ|^norm`` over the group
     wins (ties keep the wider range). This is the "MSE" observer of GPTQ's reference quantizer and of
     llm-compressor (``norm`` 2.4, ``grid`` 100; llm-compressor shrinks by at most 0.2, GPTQ's reference
-    by 0.8). The error is measured with the fp16 scales :func:`choose_qparams` stores. Returns ``(xmin,
+    by 0.8). The error is measured as :func:`quantize` would quantize, with the fp16 scales stored. Returns ``(xmin,
     xmax)``, each ``[N, NG]``, for ``choose_qparams(w, scheme, xmin=…, xmax=…)``.
     """
     if grid < 1 or not 0 <= maxshrink < 1 or norm <= 0:
@@ -95,7 +105,7 @@ def mse_range(w: torch.Tensor, scheme: QuantScheme, *, grid: int = 100, maxshrin
     best_err = torch.full_like(lo, float("inf"))
     for i in range(int(round(maxshrink * grid)) + 1):
         p = 1 - i / grid
-        exact, zeros = _qparams(w, scheme, lo * p, hi * p)
+        exact, zeros = exact_qparams(w, scheme, xmin=lo * p, xmax=hi * p)
         z = zeros.float()[..., None]
         q = torch.clamp(torch.round(wg / exact[..., None]) + z, 0, scheme.maxq)  # as quantize() chooses codes
         err = ((q - z) * exact.half().float()[..., None] - wg).abs_().pow_(norm).sum(dim=-1)
@@ -126,7 +136,7 @@ def quantize(w: torch.Tensor, scheme: QuantScheme, bias: torch.Tensor | None = N
     """Round-to-nearest quantization of a float ``[N, K]`` weight (no act-order); ``observer``: see
     :func:`choose_qparams`."""
     scheme.check_shape(w.shape[1])
-    exact, zeros = _qparams(w, scheme, observer=observer)
+    exact, zeros = exact_qparams(w, scheme, observer=observer)
     codes = quantize_codes(w, exact, zeros, scheme)  # against the exact scale: see the module docstring
     scales = exact.half()
     return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, scheme=scheme, bias=bias)

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, LowbitError, UnsupportedSchemeError
-from ..primitives import choose_qparams
+from ..primitives import exact_qparams
 from ..scheme import QuantScheme
 from .base import LayerContext, LinearGroup, Quantizer
 
@@ -81,11 +81,10 @@ def _fq(w: torch.Tensor, scheme: QuantScheme, xmin: torch.Tensor | None = None,
     it hundreds of times. ``xmin``/``xmax`` ([N, NG]) give the group ranges when they are known."""
     n, k = w.shape
     gs = k if scheme.group_size == -1 else scheme.group_size
-    scales, zeros = choose_qparams(w, scheme, xmin=xmin, xmax=xmax)
-    s = scales.float()[..., None]
+    exact, zeros = exact_qparams(w, scheme, xmin=xmin, xmax=xmax)
     z = zeros.float()[..., None]
-    q = w.float().reshape(n, k // gs, gs).div(s).round_().add_(z).clamp_(0, scheme.maxq)
-    return q.sub_(z).mul_(s).reshape(n, k)
+    q = w.float().reshape(n, k // gs, gs).div(exact[..., None]).round_().add_(z).clamp_(0, scheme.maxq)
+    return q.sub_(z).mul_(exact.half().float()[..., None]).reshape(n, k)
 
 
 class _GroupStats:
