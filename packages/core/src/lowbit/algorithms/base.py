@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedSchemeError
+from ..primitives import OBSERVERS
 from ..qweight import QuantizedWeight
 from ..scheme import QuantScheme
 
@@ -367,8 +368,6 @@ class Quantizer:
 
 def check_observer(step: Quantizer) -> None:
     """A quantizing step's ``observer`` option must name one of :data:`lowbit.primitives.OBSERVERS`."""
-    from ..primitives import OBSERVERS
-
     if step.opts["observer"] not in OBSERVERS:
         raise UnsupportedSchemeError(f"{step.name} observer must be one of {', '.join(OBSERVERS)}, "
                                      f"got {step.opts['observer']!r}; pass --observer minmax or --observer mse.")
