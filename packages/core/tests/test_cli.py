@@ -111,14 +111,18 @@ def test_unwritable_or_occupied_output(capsys, tiny_dir, tmp_path):
 
 
 def test_failure_while_writing_leaves_nothing(capsys, tiny_dir, tmp_path, monkeypatch):
-    from lowbit.checkpoint import LowbitCheckpoint
+    from lowbit.checkpoint import CheckpointWriter
     from lowbit.errors import CheckpointError
 
-    def broken(self, qmodel, out_dir):
-        (out_dir / "partial.bin").write_bytes(b"half")
-        raise CheckpointError("disk full (simulated)")
+    def broken(self, *args):  # the second layer's write fails, after the first was written
+        if getattr(self, "_calls", 0):
+            (self.out_dir / "partial.bin").write_bytes(b"half")
+            raise CheckpointError("disk full (simulated)")
+        original(self, *args)
+        self._calls = 1
 
-    monkeypatch.setattr(LowbitCheckpoint, "write", broken)
+    original = CheckpointWriter.add
+    monkeypatch.setattr(CheckpointWriter, "add", broken)
     code, _, err = run(capsys, "quantize", str(tiny_dir), "--out", str(tmp_path / "o"), "--no-progress")
     assert code == 2 and "disk full" in err
     assert list(tmp_path.iterdir()) == []

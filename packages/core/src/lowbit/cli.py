@@ -65,15 +65,15 @@ def cmd_quantize(a) -> int:
                   compute_dtype=pipeline.fast_compute_dtype() if a.compute_dtype == "auto" else _dtype(a.compute_dtype),
                   progress=not a.no_progress)
     if a.export_compatible:
-        out = pipeline.export_compatible(a.model, a.export_compatible, method=method, **common)
+        out = pipeline.export_compatible(a.model, a.export_compatible, method=method, device=a.device, **common)
         result = {"export_compatible": str(out)}
     else:
         formats = [f.strip() for f in a.format.split(",") if f.strip()]
         out = Path(a.out or f"out/{_model_slug(a.model)}-{method.replace('+', '-')}-w{a.bits}"
                    f"{'g' + str(a.group_size) if a.group_size != -1 else 'pc'}")
-        qm = pipeline.quantize(a.model, method=method, out=out, formats=formats, **common)
+        qm = pipeline.quantize(a.model, method=method, out=out, formats=formats, device=a.device, **common)
         result = {"out": {f: str(out / f) for f in ["lowbit"] + [f for f in formats if f != "lowbit"]},
-                  "scheme": scheme.to_dict(), "method": method, "tensor_hash": qm.tensor_hash(),
+                  "scheme": scheme.to_dict(), "method": method, "tensor_hash": qm.manifest.get("tensor_hash") or qm.tensor_hash(),
                   "seconds": qm.manifest["report"]["seconds"], "calibration": qm.manifest["calibration"]}
         errs = [r["output_rel_error"] for r in qm.manifest["report"]["layers"] if "output_rel_error" in r]
         if errs:
@@ -342,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "up front, so the checkpoint keeps plain group order (llm-compressor's actorder=static); "
                    "columns: the weight's own order (AutoGPTQ's desc_act=False) (default: hessian)")
     g.add_argument("--static-groups", action="store_true", help="with --act-order, fix group qparams before reordering")
+    q.add_argument("--device", default="cpu",
+                   help="where calibration runs (AWQ search, GPTQ Hessians and updates, layer forwards): cpu, cuda "
+                        "or cuda:N; layers move there one at a time (default: cpu)")
     q.add_argument("--json", action="store_true", help="print the result as JSON")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)

@@ -4,12 +4,15 @@ safetensors files (``format: pt`` metadata, sharded with an index when large). N
 from __future__ import annotations
 
 import json
+import shutil
+import struct
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .errors import CheckpointError
 
@@ -35,53 +38,156 @@ def write_extras(qmodel, out_dir: Path) -> None:
         qmodel.generation_config.save_pretrained(str(out_dir))
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 prefix: str = "model") -> list[str]:
-    """Write ``tensors`` as ``model.safetensors`` or as shards plus an index; returns file names."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensors[name]
-        size += nbytes
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / f"{prefix}.safetensors"), metadata=meta)
-        return [f"{prefix}.safetensors"]
-    names, weight_map = [], {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"{prefix}-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / fname), metadata=meta)
-        names.append(fname)
-        weight_map.update({k: fname for k in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return names
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class ShardWriter:
+    """Write safetensors shards one tensor at a time, so memory holds one tensor, never a shard.
+
+    Tensors go to a shard in the order they are added; a new shard starts when the next tensor
+    would take the current one past ``max_shard_bytes``. A shard's bytes are appended to a data
+    file as they come; :meth:`close` writes each shard's header (only known once the shard is
+    complete) followed by its data, names the files ``model.safetensors`` or
+    ``model-0000N-of-0000M.safetensors`` and writes the index, as transformers does. The files are
+    plain safetensors (``format: pt`` metadata) that ``safetensors.safe_open`` validates.
+    """
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, prefix: str = "model"):
+        self.out_dir, self.max_shard_bytes, self.prefix = Path(out_dir), max_shard_bytes, prefix
+        self._shards: list[dict] = []  # {"data": Path, "header": {name: entry}, "size": int}
+        self._fh = None
+        self._names: set[str] = set()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise ValueError(f"tensor {name} written twice")
+        t = tensor.detach().contiguous().cpu()
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"tensor {name}: dtype {t.dtype} has no safetensors code")
+        nbytes = t.numel() * t.element_size()
+        if not self._shards or (self._shards[-1]["size"] and self._shards[-1]["size"] + nbytes > self.max_shard_bytes):
+            self._new_shard()
+        shard = self._shards[-1]
+        shard["header"][name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                                 "data_offsets": [shard["size"], shard["size"] + nbytes]}
+        if nbytes:
+            self._fh.write(t.view(torch.uint8).reshape(-1).numpy().tobytes() if t.dim() else
+                           t.reshape(1).view(torch.uint8).numpy().tobytes())
+        shard["size"] += nbytes
+        self._names.add(name)
+
+    def _new_shard(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        data = self.out_dir / f".{self.prefix}-shard{len(self._shards):05d}.data"
+        self._fh = open(data, "wb")
+        self._shards.append({"data": data, "header": {}, "size": 0})
+
+    def close(self) -> list[str]:
+        """Finish every shard (and the index when there are several); returns the file names."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if not self._shards:
+            self._new_shard()
+            self._fh.close()
+            self._fh = None
+        n = len(self._shards)
+        names = [f"{self.prefix}.safetensors"] if n == 1 else [
+            f"{self.prefix}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        for shard, fname in zip(self._shards, names):
+            header = {"__metadata__": {"format": "pt"}, **shard["header"]}
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            with open(self.out_dir / fname, "wb") as out, open(shard["data"], "rb") as data:
+                out.write(struct.pack("<Q", len(raw)))
+                out.write(raw)
+                shutil.copyfileobj(data, out, 16 << 20)
+            shard["data"].unlink()
+        if n > 1:
+            weight_map = {k: fname for shard, fname in zip(self._shards, names) for k in shard["header"]}
+            total = sum(shard["size"] for shard in self._shards)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.out_dir / f"{self.prefix}.safetensors.index.json").write_text(
+                json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return names
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], out_dir: Path,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, prefix: str = "model") -> list[str]:
+    """Write ``tensors`` as ``model.safetensors`` or as shards plus an index; returns file names.
+
+    A mapping is written in name order; an iterable of ``(name, tensor)`` pairs in its own order,
+    one tensor in memory at a time (a lazy mapping's values, or packed tensors made on the fly)."""
+    items = ((k, tensors[k]) for k in sorted(tensors)) if isinstance(tensors, Mapping) else tensors
+    writer = ShardWriter(out_dir, max_shard_bytes, prefix)
+    for name, t in items:
+        writer.add(name, t)
+    return writer.close()
+
+
+def safetensors_files(path: Path, prefix: str = "model") -> tuple[list[Path], Path | None]:
+    """The safetensors files of a directory (from its index when it has one) and the index."""
+    index = path / f"{prefix}.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {err}") from err
+        return [path / f for f in sorted(set(weight_map.values()))], index
+    return sorted(path.glob("*.safetensors")), None
+
+
+class LazyTensors(Mapping):
+    """Every tensor of a directory's safetensors files, read on access (memory-mapped), one at a
+    time: a whole checkpoint can be walked without holding it. Opening checks every file's header
+    (a missing or truncated shard fails here, before any work)."""
+
+    def __init__(self, path: Path, prefix: str = "model", error=CheckpointError):
+        from safetensors import safe_open
+
+        files, index = safetensors_files(Path(path), prefix)
+        if not files:
+            raise error(f"{path} holds no .safetensors files.")
+        self._where: dict[str, Any] = {}
+        self._handles = []
+        for f in files:
+            if not f.exists():
+                raise error(f"{f.name} is listed in {index.name if index else 'the index'} but missing from {path}.")
+            try:
+                h = safe_open(str(f), framework="pt")
+            except (SafetensorError, OSError, ValueError) as err:
+                raise error(f"{f} is unreadable or truncated ({err}); re-download or re-export it.") from err
+            self._handles.append(h)
+            for k in h.keys():
+                self._where[k] = h
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._where[name].get_slice(name).get_shape())
 
 
 def load_tensors(path: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
     """Every tensor of a directory's safetensors (single file or index + shards)."""
-    index = path / f"{prefix}.safetensors.index.json"
-    files: list[Path]
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {err}") from err
-        files = [path / f for f in sorted(set(weight_map.values()))]
-    else:
-        files = sorted(path.glob("*.safetensors"))
+    files, index = safetensors_files(path, prefix)
     if not files:
         raise CheckpointError(f"{path} holds no .safetensors files.")
     out: dict[str, torch.Tensor] = {}
     for f in files:
         if not f.exists():
-            raise CheckpointError(f"{f.name} is listed in {index.name} but missing from {path}.")
+            raise CheckpointError(f"{f.name} is listed in {index.name if index else 'the index'} but missing from {path}.")
         try:
             out.update(load_file(str(f)))
         except (SafetensorError, OSError, ValueError) as err:

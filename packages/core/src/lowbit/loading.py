@@ -191,6 +191,22 @@ def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remot
     return model.eval()
 
 
+def resolve_local(src: ModelSource, trust_remote_code: bool = False) -> Path | None:
+    """A local directory holding ``src``'s float weights as safetensors, or None (a hub id, or a
+    GGUF file with the cache off). A GGUF file is converted into the cache first (one whole load,
+    :func:`load_model`), so later passes read its layers one at a time."""
+    if src.gguf_file:
+        cached = _cached(src)
+        if cached.gguf_file and _conversion_dir(src) is not None:
+            load_model(src, torch.float32, trust_remote_code)  # writes the conversion
+            cached = _cached(src)
+        return None if cached.gguf_file else Path(cached.path)
+    p = Path(src.path)
+    if p.is_dir() and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file()):
+        return p
+    return None
+
+
 def load_generation_config(src: ModelSource):
     from transformers import GenerationConfig
 

@@ -8,8 +8,10 @@ forward passes entirely.
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,15 +22,25 @@ from tqdm.auto import tqdm
 
 from . import calibration
 from .algorithms.base import LayerContext, Quantizer
+from .checkpoint import CheckpointWriter, LowbitCheckpoint
 from .cpuinfo import has_fast_bf16_matmul
 from .errors import LowbitError, UnsupportedSchemeError
 from .exporting import check_formats
 from .io import atomic_dir, check_writable
-from .loading import ModelSource, load_config, load_generation_config, load_model, load_tokenizer, resolve
+from .loading import (
+    ModelSource,
+    load_config,
+    load_generation_config,
+    load_model,
+    load_tokenizer,
+    resolve,
+    resolve_local,
+)
 from .models import Adapter, adapter_for
 from .plugins import registry
 from .qmodel import QuantizedModel
 from .scheme import QuantScheme
+from .weights import WeightSource, empty_model, materialize, materialize_named, missing_tensors, release
 
 METHODS: dict[str, list[str]] = {
     "rtn": ["rtn"],
@@ -150,10 +162,61 @@ def _rel_error(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
     return (num / max(den, 1e-30)) ** 0.5
 
 
+def _to(obj, device: torch.device):
+    """``obj`` (tensors in lists, tuples and dicts) on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def rss_bytes() -> tuple[int, int]:
+    """(current, peak) resident set size of this process in bytes (0 where unknown)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"), peak
+    except (OSError, ValueError, IndexError):
+        return 0, peak
+
+
+def _outer_names(model: nn.Module, adapter: Adapter) -> list[str]:
+    """Parameters outside the decoder layers that the forward up to layer 0 reads (all but the head)."""
+    head = model.get_output_embeddings()
+    skip = [adapter.layers_path + "."] + [n + "." for n, m in model.named_modules() if head is not None and m is head]
+    return [n for n, _ in model.named_parameters() if not n.startswith(tuple(skip))]
+
+
+def layer_float_tensors(layer: nn.Module, prefix: str, qweights: dict) -> dict[str, torch.Tensor]:
+    """A finished layer's tensors that no QuantizedWeight holds (norms, biases of float linears), on the CPU."""
+    out = {}
+    for name, t in layer.state_dict().items():
+        mod, _, leaf = (prefix + name).rpartition(".")
+        if mod in qweights and leaf in ("weight", "bias"):
+            continue
+        out[prefix + name] = t.detach().to("cpu", copy=True)
+    return out
+
+
 def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], scheme: QuantScheme,
              ids: torch.Tensor | None, batch_size: int = 8, compute_dtype: torch.dtype = torch.float32,
-             progress: bool = True, report_batches: int | None = 1) -> tuple[dict, PassReport]:
+             progress: bool = True, report_batches: int | None = 1, source: Mapping[str, torch.Tensor] | None = None,
+             on_layer: Callable[[int, dict, dict], None] | None = None,
+             device: torch.device | str = "cpu") -> tuple[dict, PassReport]:
     """Run ``steps`` on every decoder layer; returns (qweights by module path, report).
+
+    ``model`` is either a float model in memory or, with ``source``, a skeleton whose parameters are
+    on the meta device (:func:`lowbit.weights.empty_model`): then each layer is filled from
+    ``source`` just before its steps and emptied after, and the parameters outside the layers only
+    for the calibration capture, so one layer's weights are in memory at a time. ``on_layer(index,
+    qweights, float_tensors)`` receives each finished layer's quantized linears and other tensors,
+    which are then not kept (the returned qweights are empty); without it every layer's qweights
+    are returned. ``device``: where layers and activations go for the steps (one layer at a time).
 
     ``compute_dtype``: the calibration forwards' matmul dtype (bf16: see :func:`fast_compute_dtype`). Each layer's output
     error (quantized vs float layer, on the same quantized-model inputs) is measured on the first
@@ -161,20 +224,32 @@ def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], scheme:
     defaults), so the float reference costs a fraction of a forward."""
     t0 = time.perf_counter()
     return_freed_memory()
+    device = torch.device(device)
     layers = adapter.layers(model)
     needs_data = any(s.needs_calibration for s in steps)
     quantizes = steps[-1].quantizes
+    outer = _outer_names(model, adapter) if source is not None else []
     if needs_data:
+        materialize_named(model, outer, source)
         inputs, kwargs = capture_layer_inputs(model, adapter, ids, batch_size)
+        inputs, kwargs = _to(inputs, device), _to(kwargs, device)
+        release(model, outer)
     else:
         inputs, kwargs = [], []
-    for s in steps:
-        s.prepare(model, adapter)
     qweights: dict = {}
     report = PassReport()
     bar = tqdm(total=len(layers), desc="quantizing", unit="layer", disable=not progress)
     for i, layer in enumerate(layers):
-        ctx = LayerContext(i, adapter.layer_prefix(i), layer, adapter.groups(layer), scheme, inputs, kwargs,
+        t_layer = time.perf_counter()
+        prefix = adapter.layer_prefix(i)
+        if source is not None:
+            materialize(layer, prefix, source, torch.float32, device)
+        elif device.type != "cpu":
+            layer.to(device)
+        if i == 0:
+            for s in steps:
+                s.prepare(model, adapter)
+        ctx = LayerContext(i, prefix, layer, adapter.groups(layer), scheme, inputs, kwargs,
                            qweights=qweights, compute_dtype=compute_dtype, blocks=adapter.blocks(layer),
                            report_batches=report_batches)
         if needs_data and not steps[0].records_reference:
@@ -193,10 +268,22 @@ def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], scheme:
             inputs = ctx.forward()
             row["output_rel_error"] = _rel_error(ref, inputs[: len(ref)])
             row["error_samples"] = sum(x.shape[0] for x in ref)
-            bar.set_postfix_str(f"layer {i} err {row['output_rel_error']:.4f}")
-        report.layers.append(row)
         ctx.replays.clear()  # captured activations go before the trim, not with the next layer's context
+        del ctx
+        if on_layer is not None:
+            mine = {k: qweights.pop(k) for k in [k for k in qweights if k.startswith(prefix)]}
+            on_layer(i, _to(mine, torch.device("cpu")), layer_float_tensors(layer, prefix, mine))
+        if source is not None:
+            release(layer)
+        elif device.type != "cpu":
+            layer.to("cpu")
         return_freed_memory()
+        rss, peak = rss_bytes()
+        row["seconds"] = round(time.perf_counter() - t_layer, 3)
+        row["rss_mib"], row["peak_rss_mib"] = rss >> 20, peak >> 20
+        report.layers.append(row)
+        err = f" err {row['output_rel_error']:.4f}" if "output_rel_error" in row else ""
+        bar.set_postfix_str(f"layer {i} {row['seconds']:.1f}s rss {rss / 2**30:.2f} GiB{err}")
         bar.update()
     bar.close()
     for s in steps:
@@ -233,7 +320,8 @@ class Plan:
 
 def plan(model: str | None, method: str, scheme: QuantScheme, formats: list[str] | None = None,
          out: str | Path | None = None, step_options: dict | None = None, overwrite: bool = False,
-         trust_remote_code: bool = False, export_compatible: bool = False) -> Plan:
+         trust_remote_code: bool = False, export_compatible: bool = False, device: str = "cpu") -> Plan:
+    check_device(device)
     steps = make_steps(method, scheme, step_options, quantize=not export_compatible)
     src = resolve(model)
     config = load_config(src, trust_remote_code)
@@ -249,16 +337,56 @@ def plan(model: str | None, method: str, scheme: QuantScheme, formats: list[str]
     return Plan(src, config, adapter, steps, scheme, formats, out)
 
 
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch.device, or one line saying why it cannot run the calibration here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise UnsupportedSchemeError(f"--device {device!r} is not a device ({err}); use cpu, cuda or cuda:N.") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise UnsupportedSchemeError(f"--device {device} is not supported; use cpu, cuda or cuda:N.")
+    if not torch.cuda.is_available():
+        raise UnsupportedSchemeError(f"--device {device}: no CUDA device is visible to this torch "
+                                     f"({torch.__version__}); use --device cpu or a CUDA build of torch.")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UnsupportedSchemeError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here.")
+    return dev
+
+
+def weights_of(src: ModelSource, config, trust_remote_code: bool = False) -> tuple[nn.Module, WeightSource | None]:
+    """(model, source) for the pass: a skeleton and its local safetensors shards when the model's
+    tensors are named as its modules (streamed, one layer in memory at a time), else the whole
+    float model loaded by transformers and no source. A GGUF file streams from the float32
+    directory its first load converts it to (lowbit's cache); with the cache off it loads whole."""
+    local = resolve_local(src, trust_remote_code)
+    if local is not None:
+        source = WeightSource.from_dir(local)
+        skeleton = empty_model(config, trust_remote_code)
+        if not missing_tensors(skeleton, source):
+            return skeleton, source
+        del skeleton  # e.g. checkpoints whose names transformers converts on load (fused MoE experts)
+    return load_model(src, torch.float32, trust_remote_code), None
+
+
 def quantize(model: str | None = None, *, method: str = "rtn", scheme: QuantScheme | None = None,
              calib: str = "wikitext2", nsamples: int = 128, seqlen: int = 512, batch_size: int = 8,
              step_options: dict[str, dict] | None = None, formats: list[str] | None = None,
              out: str | Path | None = None, overwrite: bool = False, trust_remote_code: bool = False,
-             compute_dtype: torch.dtype = torch.float32, progress: bool = True) -> QuantizedModel:
+             compute_dtype: torch.dtype = torch.float32, progress: bool = True,
+             device: str = "cpu") -> QuantizedModel:
     """Quantize ``model`` (None: the demo model) and, with ``out``, write ``out/<format>`` for each
-    of ``formats`` (lowbit's own checkpoint is always written first)."""
+    of ``formats`` (lowbit's own checkpoint is always written first).
+
+    A model in local safetensors shards is streamed (:func:`weights_of`): one decoder layer in memory
+    at a time, and with ``out`` each finished layer goes straight to the lowbit checkpoint's shards,
+    from which the other formats are written one tensor at a time, so memory does not grow with the
+    number of layers. Without ``out`` the result is returned in memory. ``device``: where the
+    calibration work runs (``cpu``, ``cuda``, ``cuda:1``), one layer at a time."""
     scheme = scheme or QuantScheme()
     formats = ["lowbit"] + [f for f in (formats or []) if f != "lowbit"]
-    p = plan(model, method, scheme, formats, out, step_options, overwrite, trust_remote_code)
+    p = plan(model, method, scheme, formats, out, step_options, overwrite, trust_remote_code, device=device)
     return_freed_memory()
     tokenizer = load_tokenizer(p.source, trust_remote_code)
     ids = None
@@ -266,41 +394,81 @@ def quantize(model: str | None = None, *, method: str = "rtn", scheme: QuantSche
     if any(s.needs_calibration for s in p.steps):
         ids = calibration.samples(tokenizer, calibration.load_text(calib), nsamples, seqlen)
         calib_info = calibration.fingerprint(calib, ids)
-    fmodel = load_model(p.source, torch.float32, trust_remote_code)
-    qweights, report = run_pass(fmodel, p.adapter, p.steps, scheme, ids, batch_size, compute_dtype, progress)
+    fmodel, source = weights_of(p.source, p.config, trust_remote_code)
     manifest = {
         "source": {"model": p.source.spec, "path": p.source.path, "gguf_file": p.source.gguf_file},
         "recipe": {"method": method, "steps": [{"name": s.name, "options": _jsonable(s.opts)} for s in p.steps]},
         "calibration": calib_info,
-        "report": {"seconds": round(report.seconds, 2), "layers": report.layers},
     }
-    qmodel = QuantizedModel(fmodel.config, scheme, qweights, float_tensors_of(fmodel, qweights), tokenizer,
-                            load_generation_config(p.source), manifest)
-    if out is not None:
-        write(qmodel, formats, Path(out), overwrite)
+    generation_config = load_generation_config(p.source)
+    run = dict(batch_size=batch_size, compute_dtype=compute_dtype, progress=progress, source=source, device=device)
+    if out is None:
+        qweights: dict = {}
+        floats: dict = {}
+
+        def keep(_i: int, q: dict, f: dict) -> None:
+            qweights.update(q)
+            floats.update(f)
+
+        _, report = run_pass(fmodel, p.adapter, p.steps, scheme, ids, on_layer=keep, **run)
+        floats.update(outer_float_tensors(fmodel, p.adapter, source))
+        manifest["report"] = {"seconds": round(report.seconds, 2), "layers": report.layers}
+        return QuantizedModel(fmodel.config, scheme, qweights, floats, tokenizer, generation_config, manifest)
+    out = Path(out)
+    with atomic_dir(out, overwrite) as tmp:
+        (tmp / "lowbit").mkdir()
+        writer = CheckpointWriter(tmp / "lowbit")
+        _, report = run_pass(fmodel, p.adapter, p.steps, scheme, ids,
+                             on_layer=lambda _i, q, f: writer.add(q, f), **run)
+        writer.add({}, outer_float_tensors(fmodel, p.adapter, source))
+        manifest["report"] = {"seconds": round(report.seconds, 2), "layers": report.layers}
+        writer.finish(fmodel.config, scheme, manifest, tokenizer, generation_config)
+        del fmodel, source
+        return_freed_memory()
+        for f in formats[1:]:
+            (tmp / f).mkdir()
+            registry("exporters").get(f)().write(_open_lowbit(tmp / "lowbit", tokenizer, generation_config), tmp / f)
+    return _open_lowbit(out / "lowbit", tokenizer, generation_config)
+
+
+def _open_lowbit(path: Path, tokenizer, generation_config) -> QuantizedModel:
+    """A lowbit checkpoint just written, read lazily (tensors on access) with its tokenizer."""
+    qmodel = LowbitCheckpoint().read(path, lazy=True)
+    qmodel.tokenizer, qmodel.generation_config = tokenizer, generation_config
     return qmodel
 
 
-def write(qmodel: QuantizedModel, formats: list[str], out: Path, overwrite: bool = False) -> dict[str, Path]:
-    """Write every format into ``out/<format>``, atomically as a whole."""
-    with atomic_dir(out, overwrite) as tmp:
-        for f in formats:
-            (tmp / f).mkdir()
-            registry("exporters").get(f)().write(qmodel, tmp / f)
-    return {f: out / f for f in formats}
+def outer_float_tensors(model: nn.Module, adapter: Adapter, source: Mapping[str, torch.Tensor] | None
+                        ) -> dict[str, torch.Tensor]:
+    """Float32 tensors outside the decoder layers (embeddings, final norm, an untied lm_head) from
+    ``source`` or, without one, from ``model``."""
+    inside = adapter.layers_path + "."
+    out = {}
+    for name, t in model.state_dict().items():
+        if name.startswith(inside):
+            continue
+        if source is not None and name in source:
+            t = source[name]
+        if t.device.type == "meta":
+            continue  # a tied lm_head the source does not hold
+        out[name] = t.detach().to(torch.float32 if t.is_floating_point() else t.dtype, copy=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        out.pop("lm_head.weight", None)
+    return out
 
 
 def export_compatible(model: str | None, out: str | Path, *, method: str = "awq", scheme: QuantScheme,
                       calib: str = "wikitext2", nsamples: int = 128, seqlen: int = 512, batch_size: int = 8,
                       step_options: dict | None = None, overwrite: bool = False, trust_remote_code: bool = False,
-                      compute_dtype: torch.dtype = torch.float32, progress: bool = True) -> Path:
+                      compute_dtype: torch.dtype = torch.float32, progress: bool = True, device: str = "cpu") -> Path:
     """Run only the recipe's transform steps (AWQ scaling and clipping) and save the float model as
     a plain HF checkpoint with no quantization_config, for any other GPTQ tool."""
-    p = plan(model, method, scheme, [], out, step_options, overwrite, trust_remote_code, export_compatible=True)
+    p = plan(model, method, scheme, [], out, step_options, overwrite, trust_remote_code, export_compatible=True,
+             device=device)
     tokenizer = load_tokenizer(p.source, trust_remote_code)
     ids = calibration.samples(tokenizer, calibration.load_text(calib), nsamples, seqlen)
     fmodel = load_model(p.source, torch.float32, trust_remote_code)
-    run_pass(fmodel, p.adapter, p.steps, scheme, ids, batch_size, compute_dtype, progress)
+    run_pass(fmodel, p.adapter, p.steps, scheme, ids, batch_size, compute_dtype, progress, device=device)
     with atomic_dir(out, overwrite) as tmp:
         fmodel.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))

@@ -205,20 +205,28 @@ class HFQuantFormat(Exporter):
         if reason:
             raise UnsupportedSchemeError(f"cannot write {qmodel.scheme.describe()} as {self.name}: {reason}.")
         packer = self.packer_cls()
-        tensors: dict[str, torch.Tensor] = dict(qmodel.float_tensors)
-        for mod, qw in sorted(qmodel.qweights.items()):
+        for mod in sorted(qmodel.qweights):  # every check before any tensor is written
+            qw = qmodel.qweights[mod]
             check_sym_zeros(qw, mod)
             reason = packer.check(qw.scheme, qw.in_features, qw.out_features)
             if reason:
                 raise UnsupportedSchemeError(f"cannot write {mod} as {self.name}: {reason}.")
-            for leaf, t in packer.pack(qw).items():
-                tensors[f"{mod}.{leaf}"] = t
-            if qw.bias is not None:
-                tensors[f"{mod}.bias"] = qw.bias.to(self.bias_dtype)
-            for leaf in ("weight",):
-                tensors.pop(f"{mod}.{leaf}", None)
+
+        def tensors():  # one module's tensors in memory at a time (the model may be read lazily)
+            for name in sorted(qmodel.float_tensors):
+                mod, _, leaf = name.rpartition(".")
+                if mod in qmodel.qweights and (leaf == "weight" or leaf == "bias" and qmodel.qweights[mod].bias is not None):
+                    continue  # the packed weight (and the quantized module's own bias) replace it
+                yield name, qmodel.float_tensors[name]
+            for mod in sorted(qmodel.qweights):
+                qw = qmodel.qweights[mod]
+                for leaf, t in packer.pack(qw).items():
+                    yield f"{mod}.{leaf}", t
+                if qw.bias is not None:
+                    yield f"{mod}.bias", qw.bias.to(self.bias_dtype)
+
         qc = self.quantization_config(qmodel)
-        save_tensors(tensors, out_dir, max_shard_bytes=self.max_shard_bytes)
+        save_tensors(tensors(), out_dir, max_shard_bytes=self.max_shard_bytes)
         write_config(qmodel.config, out_dir, quantization_config=qc)
         self.extra_files(qmodel, qc, out_dir)
         write_extras(qmodel, out_dir)

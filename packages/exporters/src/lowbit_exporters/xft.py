@@ -59,6 +59,28 @@ _NORMS = {"input_layernorm.weight": "input_layernorm.weight",
           "post_attention_layernorm.weight": "post_attention_layernorm.weight"}
 
 
+class _Remaining:
+    """The entries of a (possibly lazy) mapping not popped yet, each read only when popped."""
+
+    def __init__(self, mapping):
+        self._m, self._left = mapping, set(mapping)
+
+    def pop(self, key, default=None):
+        if key not in self._left:
+            return default
+        self._left.discard(key)
+        return self._m[key]
+
+    def __bool__(self) -> bool:
+        return bool(self._left)
+
+    def __len__(self) -> int:
+        return len(self._left)
+
+    def __iter__(self):
+        return iter(sorted(self._left))
+
+
 def _write_bin(t: torch.Tensor, path: Path) -> None:
     t.detach().contiguous().cpu().view(torch.uint8).numpy().tofile(path)
 
@@ -159,7 +181,7 @@ class XFTExporter(Exporter):
         reason = self.check(scheme, config)
         if reason:
             raise UnsupportedSchemeError(f"cannot write {scheme.describe()} as xft: {reason}.")
-        floats = dict(qmodel.float_tensors)
+        floats = _Remaining(qmodel.float_tensors)  # read on access: the model may be read lazily
         embed = floats.pop("model.embed_tokens.weight", None)
         norm = floats.pop("model.norm.weight", None)
         if embed is None or norm is None:
@@ -172,7 +194,7 @@ class XFTExporter(Exporter):
             lm_head = embed
         fdtype = self.float_dtype or (embed.dtype if embed.dtype in _DTYPE_NAMES else torch.float32)
         layers = int(_get(config, "num_hidden_layers"))
-        qweights = dict(qmodel.qweights)
+        qweights = _Remaining(qmodel.qweights)
         for L in range(layers):
             pre = f"model.layers.{L}."
             for stem, leaves in _MATRICES.items():

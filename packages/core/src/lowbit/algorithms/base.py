@@ -230,7 +230,8 @@ class LayerContext:
     def autocast(self):
         """Matmuls in ``compute_dtype`` (bf16 → AMX on Xeon) when it is not float32."""
         enabled = self.compute_dtype != torch.float32
-        return torch.autocast("cpu", dtype=self.compute_dtype, enabled=enabled)
+        device_type = next(self.layer.parameters()).device.type
+        return torch.autocast(device_type, dtype=self.compute_dtype, enabled=enabled)
 
     @torch.no_grad()
     def forward(self, batches: int | None = None) -> list[torch.Tensor]:

@@ -1,0 +1,156 @@
+"""The streaming pass: layers read one at a time from safetensors shards, results written shard by shard."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lowbit import pipeline
+from lowbit.checkpoint import CheckpointWriter, LowbitCheckpoint
+from lowbit.errors import ModelLoadError
+from lowbit.loading import load_model, resolve
+from lowbit.models import adapter_for
+from lowbit.scheme import QuantScheme
+from lowbit.testing.models import save_tiny_llama, tiny_llama, tiny_tokenizer
+from lowbit.weights import is_materialized
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory):
+    """A 4-layer tiny llama saved in bf16 as 3 safetensors shards (plus index) with its tokenizer."""
+    path = tmp_path_factory.mktemp("models") / "sharded"
+    model = tiny_llama(seed=3, num_hidden_layers=4).to(torch.bfloat16)
+    model.save_pretrained(str(path), safe_serialization=True, max_shard_size="500KB")
+    tiny_tokenizer().save_pretrained(str(path))
+    shards = sorted(path.glob("model-*.safetensors"))
+    assert len(shards) == 3, [s.name for s in shards]
+    return path
+
+
+def _in_memory(path, method, scheme, **options):
+    """The same recipe on the whole float model in memory (the pass with no source)."""
+    src = resolve(str(path))
+    from lowbit.calibration import load_text, samples
+    from lowbit.loading import load_tokenizer
+
+    model = load_model(src)
+    ids = samples(load_tokenizer(src), load_text("wikitext2"), 8, 64)
+    steps = pipeline.make_steps(method, scheme, options)
+    qweights, _ = pipeline.run_pass(model, adapter_for(model.config), steps, scheme, ids, batch_size=4, progress=False)
+    return qweights, pipeline.float_tensors_of(model, qweights)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_streamed_equals_in_memory(sharded_dir, tmp_path, method):
+    scheme = QuantScheme(4, 32)
+    qm = pipeline.quantize(str(sharded_dir), method=method, scheme=scheme, nsamples=8, seqlen=64, batch_size=4,
+                           out=tmp_path / "o", progress=False)
+    assert not isinstance(qm.qweights, dict)  # read back lazily from the written shards
+    want_q, want_f = _in_memory(sharded_dir, method, scheme)
+    got = LowbitCheckpoint().read(tmp_path / "o" / "lowbit")
+    assert sorted(got.qweights) == sorted(want_q) and len(want_q) == 4 * 7
+    for name, qw in want_q.items():
+        assert qw.equal(got.qweights[name]), (name, qw.diff(got.qweights[name]))
+    assert sorted(got.float_tensors) == sorted(want_f)
+    for name, t in want_f.items():
+        assert torch.equal(got.float_tensors[name], t), name
+    layers = json.loads((tmp_path / "o" / "lowbit" / "lowbit.json").read_text())["report"]["layers"]
+    assert [r["layer"] for r in layers] == [0, 1, 2, 3]
+    assert all(r["seconds"] >= 0 and r["peak_rss_mib"] >= r["rss_mib"] > 0 for r in layers)
+
+
+def test_never_more_than_two_layers_in_memory(sharded_dir, tmp_path, monkeypatch):
+    seen = []
+    original = pipeline.materialize
+
+    def counting(module, prefix, source, *args, **kwargs):
+        model_layers = counting.layers
+        seen.append(sum(is_materialized(layer) for layer in model_layers))
+        original(module, prefix, source, *args, **kwargs)
+        seen.append(sum(is_materialized(layer) for layer in model_layers))
+
+    original_weights_of = pipeline.weights_of
+
+    def weights_of(*args, **kwargs):
+        model, source = original_weights_of(*args, **kwargs)
+        counting.layers = list(adapter_for(model.config).layers(model))
+        assert source is not None, "a local sharded model should stream"
+        assert not any(is_materialized(layer) for layer in counting.layers)
+        return model, source
+
+    monkeypatch.setattr(pipeline, "materialize", counting)
+    monkeypatch.setattr(pipeline, "weights_of", weights_of)
+    pipeline.quantize(str(sharded_dir), method="gptq", scheme=QuantScheme(4, 32), nsamples=4, seqlen=64,
+                      batch_size=2, out=tmp_path / "o", progress=False)
+    assert len(seen) == 8 and max(seen) <= 2, seen
+    assert seen[1::2] == [1, 1, 1, 1]  # each layer is released before the next is read
+
+
+def test_lowbit_checkpoint_in_shards_reads_back(sharded_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(CheckpointWriter, "max_shard_bytes", 100_000)
+    qm = pipeline.quantize(str(sharded_dir), method="rtn", scheme=QuantScheme(4, 32), out=tmp_path / "o",
+                           progress=False)
+    out = tmp_path / "o" / "lowbit"
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {s.name for s in shards}
+    full = LowbitCheckpoint().read(out)  # checks the manifest's tensor_hash
+    assert full.tensor_hash() == qm.manifest["tensor_hash"]
+    assert not list(out.glob(".*"))  # no shard data files left behind
+
+
+def test_missing_or_truncated_shard_is_one_line(sharded_dir, tmp_path, capsys):
+    import shutil
+
+    from lowbit.cli import main
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sharded_dir, broken)
+    shard = sorted(broken.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    assert main(["quantize", str(broken), "--out", str(tmp_path / "o1"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and shard.name in err and "truncated" in err
+    shard.unlink()
+    assert main(["quantize", str(broken), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and shard.name in err and "missing" in err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["broken"]
+
+
+def test_checkpoint_whose_names_differ_loads_whole(tmp_path):
+    """A checkpoint whose tensor names are not the modules' (here: renamed) cannot stream: the pass
+    loads it through transformers instead, which then fails loudly rather than quantizing garbage."""
+    path = save_tiny_llama(tmp_path / "m")
+    from safetensors.torch import load_file, save_file
+
+    f = path / "model.safetensors"
+    tensors = {k.replace("model.layers.1.", "model.layers.9."): v for k, v in load_file(str(f)).items()}
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    model, source = pipeline.weights_of(resolve(str(path)), tiny_llama().config)
+    assert source is None and is_materialized(model)
+
+
+def test_device_is_checked_before_work(sharded_dir, tmp_path):
+    from lowbit.errors import UnsupportedSchemeError
+
+    with pytest.raises(UnsupportedSchemeError, match="no CUDA device|cuda"):
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is present")
+        pipeline.quantize(str(sharded_dir), out=tmp_path / "o", device="cuda", progress=False)
+    with pytest.raises(UnsupportedSchemeError, match="not a device|not supported"):
+        pipeline.quantize(str(sharded_dir), out=tmp_path / "o", device="tpu9", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_source_missing_a_tensor_is_a_load_error(sharded_dir):
+    from lowbit.weights import WeightSource, empty_model, materialize
+
+    model = empty_model(tiny_llama(num_hidden_layers=4).config)
+    source = {k: v for k, v in WeightSource.from_dir(sharded_dir).items() if "layers.2.mlp.up_proj" not in k}
+    layer = adapter_for(model.config).layers(model)[2]
+    with pytest.raises(ModelLoadError, match="layers.2.mlp.up_proj"):
+        materialize(layer, "model.layers.2.", source)
