@@ -155,6 +155,12 @@ class _LazyFloats(Mapping):
             raise KeyError(name)
         return self._t[name]
 
+    def chunked(self, name: str):
+        """``name`` as row chunks (:class:`lowbit.hf.TensorChunks`), for writing it without holding it."""
+        if name not in self._names:
+            raise KeyError(name)
+        return self._t.chunked(name)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
 

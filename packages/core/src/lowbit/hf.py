@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,21 @@ _ST_DTYPES = {
 }
 
 
+@dataclass
+class TensorChunks:
+    """A tensor written without holding it whole: its dtype and shape, and ``chunks()`` yielding
+    consecutive row blocks (along dim 0) that together make it (an embedding of a large vocabulary
+    cast to float32 is over 1 GB)."""
+
+    dtype: torch.dtype
+    shape: list[int]
+    chunks: Callable[[], Iterator[torch.Tensor]]
+
+
+#: rows per chunk are chosen to keep a chunk near this size
+CHUNK_BYTES = 64 * 1024**2
+
+
 class ShardWriter:
     """Write safetensors shards one tensor at a time, so memory holds one tensor, never a shard.
 
@@ -62,21 +78,32 @@ class ShardWriter:
         self._fh = None
         self._names: set[str] = set()
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: torch.Tensor | TensorChunks) -> None:
         if name in self._names:
             raise ValueError(f"tensor {name} written twice")
-        t = tensor.detach().contiguous().cpu()
-        if t.dtype not in _ST_DTYPES:
-            raise ValueError(f"tensor {name}: dtype {t.dtype} has no safetensors code")
-        nbytes = t.numel() * t.element_size()
+        if isinstance(tensor, TensorChunks):
+            dtype, shape, chunks = tensor.dtype, list(tensor.shape), tensor.chunks()
+        else:
+            dtype, shape, chunks = tensor.dtype, list(tensor.shape), iter([tensor])
+        if dtype not in _ST_DTYPES:
+            raise ValueError(f"tensor {name}: dtype {dtype} has no safetensors code")
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * dtype.itemsize
         if not self._shards or (self._shards[-1]["size"] and self._shards[-1]["size"] + nbytes > self.max_shard_bytes):
             self._new_shard()
         shard = self._shards[-1]
-        shard["header"][name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+        written = 0
+        for chunk in chunks:
+            c = chunk.detach().to("cpu", dtype).contiguous().reshape(-1)
+            if c.numel():
+                self._fh.write(c.view(torch.uint8).numpy().data)  # no copy of the tensor's bytes
+            written += c.numel() * c.element_size()
+        if written != nbytes:
+            raise ValueError(f"tensor {name}: {written} bytes written for {dtype} {shape} ({nbytes} expected)")
+        shard["header"][name] = {"dtype": _ST_DTYPES[dtype], "shape": shape,
                                  "data_offsets": [shard["size"], shard["size"] + nbytes]}
-        if nbytes:
-            self._fh.write(t.view(torch.uint8).reshape(-1).numpy().tobytes() if t.dim() else
-                           t.reshape(1).view(torch.uint8).numpy().tobytes())
         shard["size"] += nbytes
         self._names.add(name)
 
@@ -142,32 +169,83 @@ def safetensors_files(path: Path, prefix: str = "model") -> tuple[list[Path], Pa
     return sorted(path.glob("*.safetensors")), None
 
 
+_ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
+_MAX_HEADER = 100 * 1024**2
+
+
+class _SafetensorsFile:
+    """One safetensors file's header, checked, and its tensors read with plain reads (no memory map:
+    pages of a mapped checkpoint would stay in the process's RSS once read, growing with every layer)."""
+
+    def __init__(self, path: Path, error):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+            if not 0 < n <= min(_MAX_HEADER, size - 8):
+                raise error(f"{path} is not a safetensors file or is truncated (header size {n}, file {size} bytes); "
+                            "re-download or re-export it.")
+            try:
+                header = json.loads(f.read(n))
+            except (ValueError, UnicodeDecodeError) as err:
+                raise error(f"{path} has a corrupt safetensors header ({err}); re-download or re-export it.") from None
+        if not isinstance(header, dict):
+            raise error(f"{path} has a corrupt safetensors header; re-download or re-export it.")
+        header.pop("__metadata__", None)
+        self.base, self.entries, end = 8 + n, {}, 0
+        for name, e in header.items():
+            try:
+                dtype = _ST_CODES[e["dtype"]]
+                shape = [int(d) for d in e["shape"]]
+                start, stop = (int(x) for x in e["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise error(f"{path}: tensor {name!r} has a corrupt header entry; re-download or re-export it.") from None
+            numel = 1
+            for d in shape:
+                numel *= d
+            if min(shape, default=0) < 0 or not 0 <= start <= stop or stop - start != numel * dtype.itemsize:
+                raise error(f"{path}: tensor {name!r} has inconsistent offsets {start}..{stop} for "
+                            f"{e['dtype']} {shape}; re-download or re-export it.")
+            self.entries[name] = (dtype, shape, start, stop)
+            end = max(end, stop)
+        if self.base + end != size:
+            raise error(f"{path} is truncated or has trailing bytes ({size} bytes, its header describes "
+                        f"{self.base + end}); re-download or re-export it.")
+
+    def read(self, name: str) -> torch.Tensor:
+        dtype, shape, start, stop = self.entries[name]
+        buf = bytearray(stop - start)
+        with open(self.path, "rb") as f:
+            f.seek(self.base + start)
+            f.readinto(buf)
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
+
+
 class LazyTensors(Mapping):
-    """Every tensor of a directory's safetensors files, read on access (memory-mapped), one at a
-    time: a whole checkpoint can be walked without holding it. Opening checks every file's header
-    (a missing or truncated shard fails here, before any work)."""
+    """Every tensor of a directory's safetensors files, read on access, one at a time: a whole
+    checkpoint can be walked without holding it. Opening checks every file's header (a missing or
+    truncated shard fails here, before any work)."""
 
     def __init__(self, path: Path, prefix: str = "model", error=CheckpointError):
-        from safetensors import safe_open
-
         files, index = safetensors_files(Path(path), prefix)
         if not files:
             raise error(f"{path} holds no .safetensors files.")
-        self._where: dict[str, Any] = {}
-        self._handles = []
+        self._where: dict[str, _SafetensorsFile] = {}
         for f in files:
             if not f.exists():
                 raise error(f"{f.name} is listed in {index.name if index else 'the index'} but missing from {path}.")
             try:
-                h = safe_open(str(f), framework="pt")
-            except (SafetensorError, OSError, ValueError) as err:
-                raise error(f"{f} is unreadable or truncated ({err}); re-download or re-export it.") from err
-            self._handles.append(h)
-            for k in h.keys():
-                self._where[k] = h
+                sf = _SafetensorsFile(f, error)
+            except OSError as err:
+                raise error(f"{f} is unreadable ({err}).") from err
+            for k in sf.entries:
+                self._where[k] = sf
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._where[name].get_tensor(name)
+        return self._where[name].read(name)
 
     def __iter__(self):
         return iter(self._where)
@@ -176,7 +254,29 @@ class LazyTensors(Mapping):
         return len(self._where)
 
     def shape(self, name: str) -> list[int]:
-        return list(self._where[name].get_slice(name).get_shape())
+        return list(self._where[name].entries[name][1])
+
+    def chunked(self, name: str, dtype: torch.dtype | None = None) -> TensorChunks:
+        """``name`` as row blocks of about :data:`CHUNK_BYTES`, cast to ``dtype`` (default: as stored)."""
+        sf = self._where[name]
+        stored, shape, start, stop = sf.entries[name]
+        dtype = dtype or stored
+        if not shape:
+            return TensorChunks(dtype, shape, lambda: iter([self[name]]))
+        row = (stop - start) // max(shape[0], 1)
+        rows = max(1, CHUNK_BYTES // max(row * max(dtype.itemsize // stored.itemsize, 1), 1))
+
+        def chunks() -> Iterator[torch.Tensor]:
+            with open(sf.path, "rb") as f:
+                for r0 in range(0, shape[0], rows):
+                    n = min(rows, shape[0] - r0)
+                    buf = bytearray(n * row)
+                    f.seek(sf.base + start + r0 * row)
+                    f.readinto(buf)
+                    t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+                    yield t.view(stored).reshape([n, *shape[1:]]).to(dtype)
+
+        return TensorChunks(dtype, shape, chunks)
 
 
 def load_tensors(path: Path, prefix: str = "model") -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ from .checkpoint import CheckpointWriter, LowbitCheckpoint
 from .cpuinfo import has_fast_bf16_matmul
 from .errors import LowbitError, UnsupportedSchemeError
 from .exporting import check_formats
+from .hf import TensorChunks
 from .io import atomic_dir, check_writable
 from .loading import (
     ModelSource,
@@ -230,8 +231,18 @@ def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], scheme:
     quantizes = steps[-1].quantizes
     outer = _outer_names(model, adapter) if source is not None else []
     if needs_data:
-        materialize_named(model, outer, source)
-        inputs, kwargs = capture_layer_inputs(model, adapter, ids, batch_size)
+        # embedding tables stay as stored (a large vocabulary in fp32 is over a GB) and their rows are
+        # cast to float32 as they are looked up: exactly the values of a float32 table
+        tables = [n for n in outer if isinstance(model.get_submodule(n.rpartition(".")[0]), nn.Embedding)]
+        materialize_named(model, [n for n in outer if n not in tables], source)
+        materialize_named(model, tables, source, dtype=None)
+        upcasts = [model.get_submodule(n.rpartition(".")[0]).register_forward_hook(lambda _m, _a, y: y.float())
+                   for n in tables] if source is not None else []
+        try:
+            inputs, kwargs = capture_layer_inputs(model, adapter, ids, batch_size)
+        finally:
+            for h in upcasts:
+                h.remove()
         inputs, kwargs = _to(inputs, device), _to(kwargs, device)
         release(model, outer)
     else:
@@ -420,7 +431,7 @@ def quantize(model: str | None = None, *, method: str = "rtn", scheme: QuantSche
         writer = CheckpointWriter(tmp / "lowbit")
         _, report = run_pass(fmodel, p.adapter, p.steps, scheme, ids,
                              on_layer=lambda _i, q, f: writer.add(q, f), **run)
-        writer.add({}, outer_float_tensors(fmodel, p.adapter, source))
+        writer.add({}, outer_float_tensors(fmodel, p.adapter, source, chunked=True))
         manifest["report"] = {"seconds": round(report.seconds, 2), "layers": report.layers}
         writer.finish(fmodel.config, scheme, manifest, tokenizer, generation_config)
         del fmodel, source
@@ -438,20 +449,20 @@ def _open_lowbit(path: Path, tokenizer, generation_config) -> QuantizedModel:
     return qmodel
 
 
-def outer_float_tensors(model: nn.Module, adapter: Adapter, source: Mapping[str, torch.Tensor] | None
-                        ) -> dict[str, torch.Tensor]:
+def outer_float_tensors(model: nn.Module, adapter: Adapter, source: WeightSource | None, chunked: bool = False
+                        ) -> dict[str, torch.Tensor | TensorChunks]:
     """Float32 tensors outside the decoder layers (embeddings, final norm, an untied lm_head) from
-    ``source`` or, without one, from ``model``."""
+    ``source`` or, without one, from ``model``; ``chunked``: as row chunks read when written."""
     inside = adapter.layers_path + "."
-    out = {}
+    out: dict[str, torch.Tensor | TensorChunks] = {}
     for name, t in model.state_dict().items():
         if name.startswith(inside):
             continue
+        dtype = torch.float32 if t.is_floating_point() else t.dtype
         if source is not None and name in source:
-            t = source[name]
-        if t.device.type == "meta":
-            continue  # a tied lm_head the source does not hold
-        out[name] = t.detach().to(torch.float32 if t.is_floating_point() else t.dtype, copy=True)
+            out[name] = source.chunked(name, dtype) if chunked else source[name].to(dtype)
+        elif t.device.type != "meta":  # (a tied lm_head the source does not hold stays out)
+            out[name] = t.detach().to(dtype, copy=True)
     if getattr(model.config, "tie_word_embeddings", False):
         out.pop("lm_head.weight", None)
     return out

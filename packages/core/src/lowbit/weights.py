@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError
-from .hf import LazyTensors
+from .hf import LazyTensors, TensorChunks
 
 
 class WeightSource(Mapping):
@@ -37,6 +37,12 @@ class WeightSource(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._tensors[name]
+
+    def chunked(self, name: str, dtype: torch.dtype) -> torch.Tensor | TensorChunks:
+        """``name`` cast to ``dtype``, as row chunks when read from files (never whole in memory)."""
+        if isinstance(self._tensors, LazyTensors):
+            return self._tensors.chunked(name, dtype)
+        return self._tensors[name].to(dtype)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
@@ -87,10 +93,10 @@ def missing_tensors(model: nn.Module, source: Mapping[str, torch.Tensor]) -> lis
 
 
 def materialize_named(module: nn.Module, names: list[str], source: Mapping[str, torch.Tensor] | None,
-                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                      dtype: torch.dtype | None = torch.float32, device: torch.device | str = "cpu",
                       prefix: str = "") -> None:
-    """Fill the parameters ``names`` of ``module`` from ``source[prefix + name]`` (nothing when
-    ``source`` is None: the module is already in memory)."""
+    """Fill the parameters ``names`` of ``module`` from ``source[prefix + name]`` cast to ``dtype``
+    (None: as stored); nothing when ``source`` is None (the module is already in memory)."""
     if source is None:
         return
     params = dict(module.named_parameters(remove_duplicate=False))
@@ -104,7 +110,7 @@ def materialize_named(module: nn.Module, names: list[str], source: Mapping[str, 
                                  f"{list(params[name].shape)}; config and weights disagree.")
         owner, _, leaf = name.rpartition(".")
         mod = module.get_submodule(owner) if owner else module
-        mod._parameters[leaf] = nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
+        mod._parameters[leaf] = nn.Parameter(t.to(device=device, dtype=dtype or t.dtype), requires_grad=False)
 
 
 def materialize(module: nn.Module, prefix: str, source: Mapping[str, torch.Tensor] | None,

@@ -217,7 +217,8 @@ class HFQuantFormat(Exporter):
                 mod, _, leaf = name.rpartition(".")
                 if mod in qmodel.qweights and (leaf == "weight" or leaf == "bias" and qmodel.qweights[mod].bias is not None):
                     continue  # the packed weight (and the quantized module's own bias) replace it
-                yield name, qmodel.float_tensors[name]
+                chunked = getattr(qmodel.float_tensors, "chunked", None)  # a lazily read model
+                yield name, chunked(name) if chunked else qmodel.float_tensors[name]
             for mod in sorted(qmodel.qweights):
                 qw = qmodel.qweights[mod]
                 for leaf, t in packer.pack(qw).items():

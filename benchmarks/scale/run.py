@@ -1,0 +1,180 @@
+"""Peak memory and time of the streaming pass against model size (synthetic llama models).
+
+Builds random llama models of real 1B, 3B and 7B shapes once (bf16 safetensors shards in a cache
+directory; weights drawn one tensor at a time, N(0, 0.02) like transformers' init, norms 1), then
+runs ``lowbit quantize`` on each in a fresh subprocess and records its wall time, its peak RSS
+(the kernel's high-water mark for the child) and the per-layer time and RSS from the checkpoint's
+report. The output directory is deleted after each run.
+
+    python benchmarks/scale/run.py                        # all sizes, rtn and gptq
+    python benchmarks/scale/run.py --sizes 1b --methods rtn
+    python benchmarks/scale/run.py --table                # regenerate RESULTS.md's table from results.jsonl
+
+Disk: 1B 2.5 GB, 3B 6.4 GB, 7B 13.5 GB of bf16 shards (``--cache``, default ~/.cache/lowbit/scale),
+plus the run's output (up to ~15 GB for 7B with two export formats) while it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results.jsonl"
+
+#: shapes of public models (Llama 3.2 1B and 3B, Llama 2 7B)
+SIZES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
+}
+METHODS = {
+    "rtn": ["--method", "rtn"],
+    "gptq": ["--method", "gptq", "--nsamples", "8", "--seqlen", "512", "--batch-size", "4"],
+}
+
+
+def build(size: str, cache: Path) -> Path:
+    """The synthetic model's directory, written once (atomically) and reused."""
+    import torch
+    from transformers import LlamaConfig
+
+    from lowbit.hf import ShardWriter
+    from lowbit.testing.models import tiny_tokenizer
+    from lowbit.weights import empty_model
+
+    path = cache / size
+    if (path / "config.json").is_file():
+        return path
+    config = LlamaConfig(max_position_embeddings=4096, rms_norm_eps=1e-5, **SIZES[size])
+    model = empty_model(config)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{size}.tmp-", dir=cache))
+    gen = torch.Generator().manual_seed(0)
+    writer = ShardWriter(tmp, max_shard_bytes=2 * 1024**3)
+    for name, p in model.named_parameters():
+        t = torch.ones(p.shape) if p.dim() == 1 else torch.empty(p.shape).normal_(0, 0.02, generator=gen)
+        writer.add(name, t.to(torch.bfloat16))
+        del t
+    writer.close()
+    config.dtype = "bfloat16"
+    config.save_pretrained(str(tmp))
+    tiny_tokenizer().save_pretrained(str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def run_one(size: str, method: str, model_dir: Path, work: Path, group_size: int, formats: str,
+            extra: list[str]) -> dict:
+    out = work / f"{size}-{method}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "lowbit.cli", "quantize", str(model_dir), *METHODS[method], "--bits", "4",
+           "--group-size", str(group_size), "--format", formats, "--out", str(out), "--json", *extra]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    manifest = json.loads((out / "lowbit" / "lowbit.json").read_text())
+    layers = manifest["report"]["layers"]
+    out_bytes = {f: sum(p.stat().st_size for p in (out / f).rglob("*") if p.is_file()) for f in os.listdir(out)}
+    shutil.rmtree(out)
+    from lowbit.cpuinfo import cpu_name
+
+    return {
+        "size": size, "method": method, "group_size": group_size, "formats": formats, "extra": extra,
+        "layers": len(layers), "params_b": None, "disk_gb": round(disk_bytes(model_dir) / 1e9, 2),
+        "wall_s": round(wall, 1), "pass_s": manifest["report"]["seconds"],
+        "layer_s_median": round(statistics.median(r["seconds"] for r in layers), 2),
+        "layer_rss_mib_max": max(r["rss_mib"] for r in layers),
+        "layer_rss_mib_first": layers[0]["rss_mib"], "layer_rss_mib_last": layers[-1]["rss_mib"],
+        "peak_rss_mib": peak_kib >> 10, "peak_rss_mib_before": before >> 10,
+        "out_gb": {f: round(b / 1e9, 2) for f, b in out_bytes.items()},
+        "cpu": cpu_name(), "threads": os.cpu_count(), "load": [round(x, 1) for x in os.getloadavg()],
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def params_of(size: str) -> float:
+    c = SIZES[size]
+    h, i, n, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    hd = h // c["num_attention_heads"]
+    kv = c["num_key_value_heads"] * hd
+    layer = h * h * 2 + h * kv * 2 + 3 * h * i + 2 * h
+    return (n * layer + v * h * (1 if c["tie_word_embeddings"] else 2) + h) / 1e9
+
+
+def layer_bound_mib(size: str, method: str) -> int:
+    """The issue's bound: one decoder layer in fp32 + calibration activations + 1 GiB."""
+    c = SIZES[size]
+    h, i = c["hidden_size"], c["intermediate_size"]
+    hd = h // c["num_attention_heads"]
+    kv = c["num_key_value_heads"] * hd
+    layer = (h * h * 2 + h * kv * 2 + 3 * h * i) * 4
+    acts = 8 * 512 * h * 4 * 2 if method == "gptq" else 0  # the layer's inputs and outputs
+    return (layer + acts) // 2**20 + 1024
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | params | layers | bf16 on disk | method | wall | pass | per layer (median) | "
+             "RSS after layer 1 / last | peak RSS | bound (layer fp32 + acts + 1 GiB) |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['size']} | {params_of(r['size']):.2f} B | {r['layers']} | {r['disk_gb']} GB | {r['method']} "
+            f"g{r['group_size']} | {r['wall_s']:.0f} s | {r['pass_s']:.0f} s | {r['layer_s_median']:.1f} s | "
+            f"{r['layer_rss_mib_first']} / {r['layer_rss_mib_last']} MiB | **{r['peak_rss_mib']} MiB** | "
+            f"{layer_bound_mib(r['size'], r['method'])} MiB |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1b,3b,7b")
+    ap.add_argument("--methods", default="rtn,gptq")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--format", default="lowbit,autoawq,gptq-v2")
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("LOWBIT_SCALE_CACHE",
+                                                                      Path.home() / ".cache/lowbit/scale")))
+    ap.add_argument("--work", type=Path, default=None, help="where outputs go while a run lasts (default: the cache)")
+    ap.add_argument("--extra", default="", help="more flags for lowbit quantize, e.g. '--compute-dtype bf16'")
+    ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--table", action="store_true", help="print the table of results.jsonl and exit")
+    a = ap.parse_args()
+    if a.table:
+        print(table([json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()]))
+        return
+    a.cache.mkdir(parents=True, exist_ok=True)
+    work = a.work or a.cache
+    for size in a.sizes.split(","):
+        t0 = time.perf_counter()
+        path = build(size, a.cache)
+        print(f"{size}: {path} ({disk_bytes(path) / 1e9:.1f} GB, ready in {time.perf_counter() - t0:.0f} s)", flush=True)
+        if a.build_only:
+            continue
+        for method in a.methods.split(","):
+            row = run_one(size, method, path, work, a.group_size, a.format, a.extra.split())
+            print(json.dumps(row), flush=True)
+            with RESULTS.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
