@@ -111,6 +111,8 @@ def test_unwritable_or_occupied_output(capsys, tiny_dir, tmp_path):
 
 
 def test_failure_while_writing_leaves_nothing(capsys, tiny_dir, tmp_path, monkeypatch):
+    """A write that fails half way leaves no output and no temporary directory; the finished layers
+    stay in the work directory, from which --resume completes the run without quantizing again."""
     from lowbit.checkpoint import CheckpointWriter
     from lowbit.errors import CheckpointError
 
@@ -121,11 +123,15 @@ def test_failure_while_writing_leaves_nothing(capsys, tiny_dir, tmp_path, monkey
         original(self, *args)
         self._calls = 1
 
-    original = CheckpointWriter.add
-    monkeypatch.setattr(CheckpointWriter, "add", broken)
+    original = CheckpointWriter.add_tensors
+    monkeypatch.setattr(CheckpointWriter, "add_tensors", broken)
     code, _, err = run(capsys, "quantize", str(tiny_dir), "--out", str(tmp_path / "o"), "--no-progress")
     assert code == 2 and "disk full" in err
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".o.work"]
+    monkeypatch.setattr(CheckpointWriter, "add_tensors", original)
+    code, _, err = run(capsys, "quantize", str(tiny_dir), "--out", str(tmp_path / "o"), "--no-progress", "--resume")
+    assert code == 0 and "resuming at layer 2 of 2" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
 def test_foreign_or_missing_checkpoint(capsys, tmp_path):

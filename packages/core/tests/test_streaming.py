@@ -154,3 +154,43 @@ def test_source_missing_a_tensor_is_a_load_error(sharded_dir):
     layer = adapter_for(model.config).layers(model)[2]
     with pytest.raises(ModelLoadError, match="layers.2.mlp.up_proj"):
         materialize(layer, "model.layers.2.", source)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
+def test_resume_after_kill_gives_identical_bits(sharded_dir, tmp_path, monkeypatch, method):
+    """A run killed after layer 2 of 4 leaves its work directory; --resume finishes it from layer 2
+    (layers 0 and 1 are not redone) with the same bits as an uninterrupted run."""
+    from lowbit.workdir import WorkDir
+
+    opts = dict(method=method, scheme=QuantScheme(4, 32), nsamples=8, seqlen=64, batch_size=4, progress=False)
+    whole = pipeline.quantize(str(sharded_dir), out=tmp_path / "whole", **opts)
+
+    class Killed(BaseException):  # what SIGKILL leaves: nothing after this point runs
+        pass
+
+    save = WorkDir.save_layer
+
+    def dies_after_two(self, index, *args):
+        save(self, index, *args)
+        if index == 1:
+            raise Killed
+
+    monkeypatch.setattr(WorkDir, "save_layer", dies_after_two)
+    with pytest.raises(Killed):
+        pipeline.quantize(str(sharded_dir), out=tmp_path / "o", **opts)
+    assert not (tmp_path / "o").exists() and (tmp_path / ".o.work" / "state.json").is_file()
+    monkeypatch.setattr(WorkDir, "save_layer", save)
+
+    done = []
+    original = pipeline.materialize
+    monkeypatch.setattr(pipeline, "materialize", lambda m, prefix, *a, **k: (done.append(prefix), original(m, prefix, *a, **k)))
+    with pytest.raises(Exception, match="other settings"):  # a resume with other settings is refused
+        pipeline.quantize(str(sharded_dir), out=tmp_path / "o", resume=True, **{**opts, "nsamples": 4})
+    done.clear()
+    resumed = pipeline.quantize(str(sharded_dir), out=tmp_path / "o", resume=True, **opts)
+    assert "model.layers.0." in done and "model.layers.1." not in done  # layer 0 only for the steps' probe
+    assert done.count("model.layers.2.") == 1 and done.count("model.layers.3.") == 1
+    assert resumed.manifest["tensor_hash"] == whole.manifest["tensor_hash"]
+    a, b = LowbitCheckpoint().read(tmp_path / "o" / "lowbit"), LowbitCheckpoint().read(tmp_path / "whole" / "lowbit")
+    assert a.diff(b) == {} and all(torch.equal(a.float_tensors[k], b.float_tensors[k]) for k in b.float_tensors)
+    assert not (tmp_path / ".o.work").exists()

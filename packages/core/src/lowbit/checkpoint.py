@@ -107,6 +107,13 @@ class CheckpointWriter:
                 self._tensors.add(f"{mod}.{part}", t)
             self._modules.append(mod)
 
+    def add_tensors(self, tensors: Mapping[str, torch.Tensor], modules: list[str]) -> None:
+        """Tensors already under the checkpoint's names (``<module>.codes`` ... and float tensors),
+        ``modules`` being the quantized modules among them (a run's per-layer work files)."""
+        for name in sorted(tensors):
+            self._tensors.add(name, tensors[name])
+        self._modules.extend(modules)
+
     def finish(self, config, scheme: QuantScheme, manifest: dict, tokenizer=None, generation_config=None) -> None:
         self._tensors.close()
         write_config(config, self.out_dir)

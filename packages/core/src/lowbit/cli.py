@@ -71,7 +71,8 @@ def cmd_quantize(a) -> int:
         formats = [f.strip() for f in a.format.split(",") if f.strip()]
         out = Path(a.out or f"out/{_model_slug(a.model)}-{method.replace('+', '-')}-w{a.bits}"
                    f"{'g' + str(a.group_size) if a.group_size != -1 else 'pc'}")
-        qm = pipeline.quantize(a.model, method=method, out=out, formats=formats, device=a.device, **common)
+        qm = pipeline.quantize(a.model, method=method, out=out, formats=formats, device=a.device, resume=a.resume,
+                               **common)
         result = {"out": {f: str(out / f) for f in ["lowbit"] + [f for f in formats if f != "lowbit"]},
                   "scheme": scheme.to_dict(), "method": method, "tensor_hash": qm.manifest.get("tensor_hash") or qm.tensor_hash(),
                   "seconds": qm.manifest["report"]["seconds"], "calibration": qm.manifest["calibration"]}
@@ -345,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu",
                    help="where calibration runs (AWQ search, GPTQ Hessians and updates, layer forwards): cpu, cuda "
                         "or cuda:N; layers move there one at a time (default: cpu)")
+    q.add_argument("--resume", action="store_true",
+                   help="continue a killed run into the same --out from its last finished layer (kept in .OUT.work "
+                        "beside it); the other flags must be the same. Without it, a leftover work directory is discarded")
     q.add_argument("--json", action="store_true", help="print the result as JSON")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)

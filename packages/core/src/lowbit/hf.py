@@ -166,7 +166,8 @@ def safetensors_files(path: Path, prefix: str = "model") -> tuple[list[Path], Pa
         except (ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index} is not a valid safetensors index: {err}") from err
         return [path / f for f in sorted(set(weight_map.values()))], index
-    return sorted(path.glob("*.safetensors")), None
+    single = path / f"{prefix}.safetensors"
+    return ([single] if single.is_file() else sorted(path.glob("*.safetensors"))), None
 
 
 _ST_CODES = {v: k for k, v in _ST_DTYPES.items()}

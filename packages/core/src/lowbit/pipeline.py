@@ -42,6 +42,7 @@ from .plugins import registry
 from .qmodel import QuantizedModel
 from .scheme import QuantScheme
 from .weights import WeightSource, empty_model, materialize, materialize_named, missing_tensors, release
+from .workdir import WorkDir, work_dir_for
 
 METHODS: dict[str, list[str]] = {
     "rtn": ["rtn"],
@@ -207,17 +208,21 @@ def layer_float_tensors(layer: nn.Module, prefix: str, qweights: dict) -> dict[s
 def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], scheme: QuantScheme,
              ids: torch.Tensor | None, batch_size: int = 8, compute_dtype: torch.dtype = torch.float32,
              progress: bool = True, report_batches: int | None = 1, source: Mapping[str, torch.Tensor] | None = None,
-             on_layer: Callable[[int, dict, dict], None] | None = None,
-             device: torch.device | str = "cpu") -> tuple[dict, PassReport]:
+             on_layer: Callable[[int, dict, dict, list | None, dict], None] | None = None,
+             device: torch.device | str = "cpu", start: int = 0,
+             start_inputs: list[torch.Tensor] | None = None) -> tuple[dict, PassReport]:
     """Run ``steps`` on every decoder layer; returns (qweights by module path, report).
 
     ``model`` is either a float model in memory or, with ``source``, a skeleton whose parameters are
     on the meta device (:func:`lowbit.weights.empty_model`): then each layer is filled from
     ``source`` just before its steps and emptied after, and the parameters outside the layers only
     for the calibration capture, so one layer's weights are in memory at a time. ``on_layer(index,
-    qweights, float_tensors)`` receives each finished layer's quantized linears and other tensors,
-    which are then not kept (the returned qweights are empty); without it every layer's qweights
-    are returned. ``device``: where layers and activations go for the steps (one layer at a time).
+    qweights, float_tensors, next_inputs, report_row)`` receives each finished layer's quantized
+    linears, its other tensors, the calibration activations it hands on (None without calibration)
+    and its report row; they are then not kept (the returned qweights are empty); without it every
+    layer's qweights are returned. ``device``: where layers and activations go for the steps (one
+    layer at a time). ``start``, ``start_inputs``: begin at that layer with those activations (a
+    resumed run; the layers before it are not touched).
 
     ``compute_dtype``: the calibration forwards' matmul dtype (bf16: see :func:`fast_compute_dtype`). Each layer's output
     error (quantized vs float layer, on the same quantized-model inputs) is measured on the first
@@ -243,6 +248,8 @@ def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], scheme:
         finally:
             for h in upcasts:
                 h.remove()
+        if start_inputs is not None:
+            inputs = start_inputs
         inputs, kwargs = _to(inputs, device), _to(kwargs, device)
         release(model, outer)
     else:
@@ -250,16 +257,23 @@ def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], scheme:
     qweights: dict = {}
     report = PassReport()
     bar = tqdm(total=len(layers), desc="quantizing", unit="layer", disable=not progress)
+    bar.update(start)
     for i, layer in enumerate(layers):
+        if i < start:
+            continue
         t_layer = time.perf_counter()
         prefix = adapter.layer_prefix(i)
         if source is not None:
             materialize(layer, prefix, source, torch.float32, device)
         elif device.type != "cpu":
             layer.to(device)
-        if i == 0:
+        if i == start:  # steps may look at layer 0's weights (AWQ's results-file probe)
+            if start and source is not None:
+                materialize(layers[0], adapter.layer_prefix(0), source, torch.float32)
             for s in steps:
                 s.prepare(model, adapter)
+            if start and source is not None:
+                release(layers[0])
         ctx = LayerContext(i, prefix, layer, adapter.groups(layer), scheme, inputs, kwargs,
                            qweights=qweights, compute_dtype=compute_dtype, blocks=adapter.blocks(layer),
                            report_batches=report_batches)
@@ -283,7 +297,7 @@ def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], scheme:
         del ctx
         if on_layer is not None:
             mine = {k: qweights.pop(k) for k in [k for k in qweights if k.startswith(prefix)]}
-            on_layer(i, _to(mine, torch.device("cpu")), layer_float_tensors(layer, prefix, mine))
+            done = (_to(mine, torch.device("cpu")), layer_float_tensors(layer, prefix, mine))
         if source is not None:
             release(layer)
         elif device.type != "cpu":
@@ -292,6 +306,9 @@ def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], scheme:
         rss, peak = rss_bytes()
         row["seconds"] = round(time.perf_counter() - t_layer, 3)
         row["rss_mib"], row["peak_rss_mib"] = rss >> 20, peak >> 20
+        if on_layer is not None:
+            on_layer(i, *done, _to(inputs, torch.device("cpu")) if needs_data else None, row)
+            del done
         report.layers.append(row)
         err = f" err {row['output_rel_error']:.4f}" if "output_rel_error" in row else ""
         bar.set_postfix_str(f"layer {i} {row['seconds']:.1f}s rss {rss / 2**30:.2f} GiB{err}")
@@ -386,7 +403,7 @@ def quantize(model: str | None = None, *, method: str = "rtn", scheme: QuantSche
              step_options: dict[str, dict] | None = None, formats: list[str] | None = None,
              out: str | Path | None = None, overwrite: bool = False, trust_remote_code: bool = False,
              compute_dtype: torch.dtype = torch.float32, progress: bool = True,
-             device: str = "cpu") -> QuantizedModel:
+             device: str = "cpu", resume: bool = False) -> QuantizedModel:
     """Quantize ``model`` (None: the demo model) and, with ``out``, write ``out/<format>`` for each
     of ``formats`` (lowbit's own checkpoint is always written first).
 
@@ -394,7 +411,12 @@ def quantize(model: str | None = None, *, method: str = "rtn", scheme: QuantSche
     at a time, and with ``out`` each finished layer goes straight to the lowbit checkpoint's shards,
     from which the other formats are written one tensor at a time, so memory does not grow with the
     number of layers. Without ``out`` the result is returned in memory. ``device``: where the
-    calibration work runs (``cpu``, ``cuda``, ``cuda:1``), one layer at a time."""
+    calibration work runs (``cpu``, ``cuda``, ``cuda:1``), one layer at a time.
+
+    With ``out``, every finished layer is also kept in a work directory beside it
+    (:mod:`lowbit.workdir`); ``resume`` continues a killed run from its last finished layer (same
+    settings required), giving the same bits as an uninterrupted run. The work directory goes once
+    the output is complete."""
     scheme = scheme or QuantScheme()
     formats = ["lowbit"] + [f for f in (formats or []) if f != "lowbit"]
     p = plan(model, method, scheme, formats, out, step_options, overwrite, trust_remote_code, device=device)
@@ -417,7 +439,7 @@ def quantize(model: str | None = None, *, method: str = "rtn", scheme: QuantSche
         qweights: dict = {}
         floats: dict = {}
 
-        def keep(_i: int, q: dict, f: dict) -> None:
+        def keep(_i: int, q: dict, f: dict, _inputs, _row) -> None:
             qweights.update(q)
             floats.update(f)
 
@@ -426,20 +448,42 @@ def quantize(model: str | None = None, *, method: str = "rtn", scheme: QuantSche
         manifest["report"] = {"seconds": round(report.seconds, 2), "layers": report.layers}
         return QuantizedModel(fmodel.config, scheme, qweights, floats, tokenizer, generation_config, manifest)
     out = Path(out)
+    work = WorkDir(work_dir_for(out), {
+        "model": manifest["source"], "files": _files_identity(p.source), "recipe": manifest["recipe"],
+        "scheme": scheme.to_dict(), "calibration": calib_info, "batch_size": batch_size,
+        "compute_dtype": str(compute_dtype), "device": torch.device(device).type,
+    })
+    start = work.start(resume)
+    start_inputs = work.inputs() if start and ids is not None else None
+    if start:
+        print(f"resuming at layer {start} of {len(p.adapter.layers(fmodel))} from {work.path}", file=sys.stderr)
+    _, report = run_pass(fmodel, p.adapter, p.steps, scheme, ids, on_layer=work.save_layer, start=start,
+                         start_inputs=start_inputs, **run)
+    manifest["report"] = {"seconds": round(report.seconds, 2), "layers": work.rows}
     with atomic_dir(out, overwrite) as tmp:
         (tmp / "lowbit").mkdir()
         writer = CheckpointWriter(tmp / "lowbit")
-        _, report = run_pass(fmodel, p.adapter, p.steps, scheme, ids,
-                             on_layer=lambda _i, q, f: writer.add(q, f), **run)
+        for i in range(len(work.rows)):
+            layer = work.layer(i)
+            writer.add_tensors(layer, work.modules[i])
         writer.add({}, outer_float_tensors(fmodel, p.adapter, source, chunked=True))
-        manifest["report"] = {"seconds": round(report.seconds, 2), "layers": report.layers}
         writer.finish(fmodel.config, scheme, manifest, tokenizer, generation_config)
         del fmodel, source
         return_freed_memory()
         for f in formats[1:]:
             (tmp / f).mkdir()
             registry("exporters").get(f)().write(_open_lowbit(tmp / "lowbit", tokenizer, generation_config), tmp / f)
+    work.remove()
     return _open_lowbit(out / "lowbit", tokenizer, generation_config)
+
+
+def _files_identity(src: ModelSource) -> list:
+    """Name, size and modification time of the model's weight files (a resume must see the same ones)."""
+    path = Path(src.path)
+    if not path.is_dir():
+        return [src.path]
+    files = [path / src.gguf_file] if src.gguf_file else sorted(path.glob("*.safetensors"))
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
 
 
 def _open_lowbit(path: Path, tokenizer, generation_config) -> QuantizedModel:
