@@ -105,6 +105,23 @@ def test_sharded_export(tmp_path, monkeypatch):
     assert_same_model(qm, read_checkpoint(out))
 
 
+@pytest.mark.parametrize("fmt, scheme", [("autoawq", QuantScheme(4, 32)), ("gptq-v2", QuantScheme(4, 32)),
+                                         ("xft", QuantScheme(4, -1))])
+def test_export_from_a_lazily_read_checkpoint(tmp_path, monkeypatch, fmt, scheme):
+    """The streaming pass writes other formats from its lowbit checkpoint read lazily (tensors on
+    access, floats in row chunks): the files must decode exactly as an export of the eager model."""
+    from lowbit.checkpoint import LowbitCheckpoint
+    from lowbit.hf import CHUNK_BYTES
+
+    monkeypatch.setattr("lowbit.hf.CHUNK_BYTES", 1000)  # several chunks per float tensor
+    assert CHUNK_BYTES > 1000
+    qm = tiny_qmodel(scheme, seed=5)
+    export(qm, "lowbit", tmp_path / "lb")
+    lazy = LowbitCheckpoint().read(tmp_path / "lb", lazy=True)
+    assert not isinstance(lazy.qweights, dict) and not isinstance(lazy.float_tensors, dict)
+    assert_same_model(read_checkpoint(export(qm, fmt, tmp_path / "eager")), read_checkpoint(export(lazy, fmt, tmp_path / "lazy")))
+
+
 def test_xft_directory_content(tmp_path):
     qm = tiny_qmodel(QuantScheme(4, -1), tie_word_embeddings=True)
     out = export(qm, "xft", tmp_path / "x")
