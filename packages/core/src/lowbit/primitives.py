@@ -82,7 +82,7 @@ def _exact_scales(w, scheme, xmin, xmax, observer) -> tuple[torch.Tensor, torch.
 
 def _zeros(lo: torch.Tensor | None, scales: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     if lo is None:  # symmetric: the middle code
-        return torch.full(scales.shape, 1 << (scheme.bits - 1), dtype=torch.uint8)
+        return torch.full(scales.shape, 1 << (scheme.bits - 1), dtype=torch.uint8, device=scales.device)
     return torch.round(-lo / scales).clamp(0, scheme.maxq).to(torch.uint8)
 
 

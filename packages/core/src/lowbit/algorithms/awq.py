@@ -67,7 +67,7 @@ def gram(x: torch.Tensor, stride: int = 1, group_size: int | None = None) -> tor
     at ``gs / K`` of the cost."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)[::stride].float().contiguous()  # a strided operand runs ~2x slower
-    with torch.autocast("cpu", enabled=False):
+    with torch.autocast(x.device.type, enabled=False):
         if group_size is None or group_size == k:
             return x2.T @ x2 if group_size is None else (x2.T @ x2)[None]
         xb = x2.view(-1, k // group_size, group_size).transpose(0, 1)  # [NG, T, gs]
@@ -101,6 +101,8 @@ class _GroupStats:
     def add(self, xf: torch.Tensor, stride: int) -> None:
         # per batch in float32 (a few thousand tokens), accumulated in float64: an fp64 reduction
         # over the batch costs ~8x the fp32 one
+        if self.abs_sum.device != xf.device:  # calibration on a GPU (--device)
+            self.abs_sum, self.gram = self.abs_sum.to(xf.device), self.gram.to(xf.device)
         self.abs_sum += xf.abs().sum(0)
         self.tokens += xf.shape[0]
         self.gram += gram(xf, stride, self.block)
@@ -253,7 +255,7 @@ class AWQ(Quantizer):
 
             def on_linear(b, args, kwargs, st=st):
                 x = _first_input(args, kwargs)
-                with torch.autocast("cpu", enabled=False):
+                with torch.autocast(x.device.type, enabled=False):
                     st.add(x.reshape(-1, x.shape[-1]).float(), stride)
 
             _add_hook(hooks, g.linears[0], on_linear)
@@ -276,7 +278,7 @@ class AWQ(Quantizer):
         if _linear_inspect(g):
             def loss_of(s):
                 total = 0.0
-                with torch.autocast("cpu", enabled=False):
+                with torch.autocast(st.gram.device.type, enabled=False):
                     for w in orig:
                         d = w.float() - _fq(w.float() * s, self.scheme) / s
                         total += float(((d @ st.gram) * d).sum())
@@ -441,7 +443,7 @@ def clip_search(w: torch.Tensor, blocks: torch.Tensor, scheme: QuantScheme, n_gr
     org_max = torch.maximum(lo.abs(), hi.abs())
     best = org_max.clone()
     best_err = torch.full_like(org_max, math.inf)
-    with torch.autocast("cpu", enabled=False):
+    with torch.autocast(w.device.type, enabled=False):
         for i in range(max(1, int(max_shrink * n_grid))):
             mv = org_max * (1 - i / n_grid)
             wc = torch.maximum(torch.minimum(wg, mv[..., None]), -mv[..., None]).reshape(n, k)

@@ -125,10 +125,10 @@ class GPTQ(Quantizer):
                 x = _first_input(args, kwargs)
                 if p in kept:
                     kept[p].append(x)
-                with torch.autocast("cpu", enabled=False):
+                with torch.autocast(x.device.type, enabled=False):
                     x2 = x.reshape(-1, x.shape[-1]).float()
                     if p not in acc:
-                        acc[p] = torch.zeros(x2.shape[1], x2.shape[1])
+                        acc[p] = torch.zeros(x2.shape[1], x2.shape[1], device=x2.device)
                     add_gram_upper(acc[p], x2)
                 count[p] = count.get(p, 0) + x2.shape[0]
             return fn
@@ -192,31 +192,31 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessian: torch.Tensor, schem
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if hessian_order else None
     # act-order keeps dynamic groups (g_idx) unless asked; the hessian column order alone fixes them
     static = static_groups or scheme.group_size == -1 or not scheme.act_order and hessian_order
-    scales = torch.zeros(n, ng, dtype=torch.float16)
-    zeros = torch.zeros(n, ng, dtype=torch.uint8)
+    scales = torch.zeros(n, ng, dtype=torch.float16, device=W.device)
+    zeros = torch.zeros(n, ng, dtype=torch.uint8, device=W.device)
     if static:
         scales, zeros = choose_qparams(W, scheme, observer=observer)
     if perm is not None:
         W = W[:, perm]
         H = H[perm][:, perm]
     # group of the column at each (possibly permuted) position
-    orig_col = perm if perm is not None else torch.arange(k)
+    orig_col = perm if perm is not None else torch.arange(k, device=W.device)
     pos_group = (orig_col // gs if static else torch.arange(k) // gs).tolist()
 
     Hinv = _inverse_cholesky(H, damp)
     # work on Wᵀ so that a column of W is a contiguous row (rank-1 updates are GEMMs)
     Wt = W.T.contiguous()
-    codes_t = torch.zeros(k, n, dtype=torch.uint8)
+    codes_t = torch.zeros(k, n, dtype=torch.uint8, device=W.device)
     s_t = scales.float().T.contiguous()  # [NG, N]
     z_t = zeros.float().T.contiguous()
-    row_loss = torch.zeros(n, dtype=torch.float64)
+    row_loss = torch.zeros(n, dtype=torch.float64, device=W.device)
     s_rows, z_rows = s_t.unbind(0), z_t.unbind(0)  # views: one dispatch each, not one per column
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         cnt = i2 - i1
         W1 = Wt[i1:i2].clone()
-        Q1 = torch.empty(cnt, n)  # the block's codes, as floats
-        Err1 = torch.empty(cnt, n)
+        Q1 = torch.empty(cnt, n, device=W.device)  # the block's codes, as floats
+        Err1 = torch.empty(cnt, n, device=W.device)
         Hinv1 = Hinv[i1:i2, i1:i2]
         neg_inv_diag = (-1 / torch.diag(Hinv1)).tolist()
         cols, qs, errs = W1.unbind(0), Q1.unbind(0), Err1.unbind(0)
@@ -262,7 +262,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + λI)⁻¹``, λ = damp · mean(diag H), raising λ ×10 up to 3
     times when the factorisation fails."""
     mean_diag = float(torch.diag(H).mean())
-    eye = torch.eye(H.shape[0])
+    eye = torch.eye(H.shape[0], device=H.device)
     for attempt in range(4):
         lam = damp * (10 ** attempt) * mean_diag
         L, info = torch.linalg.cholesky_ex(H + lam * eye)
