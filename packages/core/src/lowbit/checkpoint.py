@@ -56,10 +56,10 @@ class LowbitCheckpoint(Exporter):
         writer.add(qmodel.qweights, qmodel.float_tensors)
         writer.finish(qmodel.config, qmodel.scheme, qmodel.manifest, qmodel.tokenizer, qmodel.generation_config)
 
-    def read(self, path: Path, lazy: bool = False) -> QuantizedModel:
-        """The checkpoint at ``path``, checked against the manifest's tensor_hash. ``lazy``: tensors are
-        read from the (memory-mapped) files on access, one at a time, and the hash is not checked
-        (for walking a checkpoint larger than memory, e.g. to export it)."""
+    def read(self, path: Path, lazy: bool = False, verify: bool = True) -> QuantizedModel:
+        """The checkpoint at ``path``, checked against the manifest's tensor_hash (``verify``). ``lazy``:
+        tensors are read from the files on access, one at a time (for walking a checkpoint larger
+        than memory, e.g. to export it; the hash check then reads them once more)."""
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except (OSError, ValueError) as err:
@@ -71,7 +71,11 @@ class LowbitCheckpoint(Exporter):
             )
         scheme = QuantScheme.from_dict(manifest["scheme"])
         if lazy:
-            return _lazy_model(path, manifest, scheme)
+            qmodel = _lazy_model(path, manifest, scheme)
+            qmodel.tokenizer, qmodel.generation_config = load_extras(path)
+            if verify and manifest.get("tensor_hash") and manifest["tensor_hash"] != qmodel.tensor_hash():
+                raise CheckpointError(f"{path}: quantized tensors do not match the manifest's tensor_hash (corrupt).")
+            return qmodel
         tensors = load_tensors(path)
         qweights = {}
         for mod in manifest["quantized_modules"]:

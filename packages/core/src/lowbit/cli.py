@@ -224,7 +224,7 @@ def cmd_kernels(a) -> int:
 def cmd_export(a) -> int:
     from .exporting import export, read_checkpoint
 
-    qm = read_checkpoint(a.checkpoint)
+    qm = read_checkpoint(a.checkpoint, lazy=True)
     out = Path(a.out or f"{a.checkpoint.rstrip('/')}-{a.format}")
     export(qm, a.format, out, overwrite=a.overwrite)
     if a.json:

@@ -87,10 +87,13 @@ def detect_format(path: Path | str) -> str:
     )
 
 
-def read_checkpoint(path: Path | str, fmt: str | None = None) -> QuantizedModel:
-    """Read any checkpoint a registered format recognises."""
+def read_checkpoint(path: Path | str, fmt: str | None = None, lazy: bool = False) -> QuantizedModel:
+    """Read any checkpoint a registered format recognises; ``lazy``: where the format can (lowbit's
+    own), tensors are read on access, so a checkpoint larger than memory can be exported."""
     fmt = fmt or detect_format(path)
     try:
+        if lazy and fmt == "lowbit":
+            return registry("exporters").get(fmt)().read(Path(path), lazy=True)
         return registry("exporters").get(fmt)().read(Path(path))
     except (CheckpointError, UnsupportedSchemeError):
         raise

@@ -488,7 +488,7 @@ def _files_identity(src: ModelSource) -> list:
 
 def _open_lowbit(path: Path, tokenizer, generation_config) -> QuantizedModel:
     """A lowbit checkpoint just written, read lazily (tensors on access) with its tokenizer."""
-    qmodel = LowbitCheckpoint().read(path, lazy=True)
+    qmodel = LowbitCheckpoint().read(path, lazy=True, verify=False)
     qmodel.tokenizer, qmodel.generation_config = tokenizer, generation_config
     return qmodel
 
