@@ -108,8 +108,14 @@ def run_one(size: str, method: str, model_dir: Path, work: Path, group_size: int
         "peak_rss_mib": peak_kib >> 10, "peak_rss_mib_before": before >> 10,
         "out_gb": {f: round(b / 1e9, 2) for f, b in out_bytes.items()},
         "cpu": cpu_name(), "threads": os.cpu_count(), "load": [round(x, 1) for x in os.getloadavg()],
+        "commit": _commit(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
+
+
+def _commit() -> str | None:
+    proc = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() or None
 
 
 def params_of(size: str) -> float:
