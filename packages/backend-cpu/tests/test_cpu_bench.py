@@ -55,7 +55,7 @@ def tiny_checkpoint(tmp_path_factory):
 def test_model_bench_on_tiny_checkpoint(tiny_checkpoint):
     report = bench.model_bench(tiny_checkpoint, prompt_len=8, new_tokens=2, repeat=1)
     quant, flt = report["rows"]
-    assert set(quant["kernels"]) <= {"cpu.avx2_int4", "cpu.torch_int4", "cpu.ipex_woq"}
+    assert set(quant["kernels"]) <= {"cpu.vnni_int4", "cpu.avx2_int4", "cpu.torch_int4", "cpu.ipex_woq"}
     assert sum(quant["kernels"].values()) == 14  # 2 layers x 7 linears
     assert quant["weights_bytes"] < flt["weights_bytes"]
     assert quant["disk_bytes"] > 0 and flt["disk_bytes"] is None
