@@ -219,3 +219,20 @@ def test_vnni_prefill_path_and_act_order(monkeypatch):
     for batch in (3, 4, 20):
         err = _rel_err(VnniInt4Kernel, QuantScheme(4, 64, act_order=True), batch, torch.bfloat16, seed=batch)
         assert err <= DEFAULT_RTOL[torch.bfloat16], (batch, err)
+
+
+@pytest.mark.parametrize("lookup", [False, True], ids=["avx2", "avx512-lookup"])
+def test_bf16_tile_dequant_equals_fp32_then_cast(lookup):
+    """The prefill tiles dequantized straight to bf16 hold exactly the fp32 dequantization rounded to bf16."""
+    if lookup:
+        _vnni_or_skip()
+    from lowbit_cpu import native
+
+    for gs, k in ((64, 576), (128, 1024), (-1, 576)):
+        qw = make_qweight(48, k, QuantScheme(4, gs), seed=k)
+        kern = Avx2Int4Kernel(qw, torch.device("cpu"), torch.bfloat16)
+        f32 = native.dequant_rows(kern.packed, kern.scales, kern.zs, torch.empty(40, k), 8, 48, kern.group, 1)
+        bf = native.dequant_rows(kern.packed, kern.scales, kern.zs, torch.empty(40, k, dtype=torch.bfloat16), 8, 48,
+                                 kern.group, 1, lookup)
+        assert torch.equal(bf, f32.bfloat16()), gs
+        assert torch.allclose(f32, qw.dequantize(torch.float32)[8:48], rtol=1e-6, atol=1e-6)

@@ -170,3 +170,42 @@ void lowbit_int4_linear_vnni(const void *x, int xdt, void *y, int ydt, const flo
         }
     }
 }
+
+/* out [n1 - n0, K] bfloat16 = dequantized rows n0..n1 of the weight (the prefill path, bf16 matmul on AMX).
+ * A table lookup instead of float arithmetic: per run of 64 columns, the 16 values j * s - z * s
+ * (j = 0..15) of its group are rounded to bf16 once (round to nearest even, as a float-to-bf16 cast)
+ * and VPERMW maps each 16-bit lane of codes to its value: 4 lookups per 64 weights. Same values as
+ * dequantizing in fp32 and casting to bf16. */
+void lowbit_int4_dequant_bf16_vnni(const uint8_t *packed, const float *scales, const float *zs, uint16_t *out,
+                                   int64_t n0, int64_t n1, int64_t K, int64_t group, int nthreads) {
+    const int64_t ng = K / group;
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t *wrow = packed + n * (K / 2);
+        uint16_t *orow = out + (n - n0) * K;
+        const __m256i mask = _mm256_set1_epi16(0x000F);
+        int64_t gcur = -1;
+        __m256i table = _mm256_setzero_si256();
+        for (int64_t k = 0; k < K; k += 64) {
+            const int64_t g = k / group;
+            if (g != gcur) {
+                gcur = g;
+                const __m512 v = _mm512_fmsub_ps(iota, _mm512_set1_ps(scales[n * ng + g]), _mm512_set1_ps(zs[n * ng + g]));
+                __m512i u = _mm512_castps_si512(v);
+                const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+                u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+                table = _mm512_cvtepi32_epi16(u);
+            }
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(wrow + k / 2));
+            const __m256i c0 = _mm256_and_si256(w, mask);
+            const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask);
+            const __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(w, 8), mask);
+            const __m256i c3 = _mm256_srli_epi16(w, 12);
+            _mm256_storeu_si256((__m256i *)(orow + k), _mm256_permutexvar_epi16(c0, table));
+            _mm256_storeu_si256((__m256i *)(orow + k + 16), _mm256_permutexvar_epi16(c1, table));
+            _mm256_storeu_si256((__m256i *)(orow + k + 32), _mm256_permutexvar_epi16(c2, table));
+            _mm256_storeu_si256((__m256i *)(orow + k + 48), _mm256_permutexvar_epi16(c3, table));
+        }
+    }
+}

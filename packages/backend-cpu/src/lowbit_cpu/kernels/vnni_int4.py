@@ -47,6 +47,7 @@ class VnniInt4Kernel(Avx2Int4Kernel):
     def __init__(self, qweight, device: torch.device, dtype: torch.dtype):
         super().__init__(qweight, device, dtype)
         native.vnni_library()  # build once now, not on the first forward
+        self.lookup_dequant = True
 
     def _scratch(self, m: int) -> torch.Tensor:
         need = native.vnni_scratch_bytes(m, self.in_features, self.group)
@@ -64,7 +65,7 @@ class VnniInt4Kernel(Avx2Int4Kernel):
         if m >= self.prefill_min_batch:
             y = self._prefill(x2, torch.get_num_threads())
             if self.bias is not None:
-                y += self.bias
+                y = y.float() + self.bias
             return y.to(self.dtype).reshape(*lead, self.out_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
