@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from torch import nn
@@ -98,7 +99,10 @@ def quantize_lm_head(model: nn.Module, mode: str, device: torch.device | str = "
     bias = None if head.bias is None else head.bias.detach().float()
     qw = quantize(head.weight.detach().float(), scheme, bias=bias)
     if getattr(model.config, "tie_word_embeddings", False):
-        model.config.tie_word_embeddings = False  # the embedding keeps the float tensor; nothing re-ties it
+        # the embedding keeps the float tensor; a copy of the config (it may be shared, e.g. with the
+        # checkpoint's QuantizedModel) records that nothing is tied any more
+        model.config = copy.copy(model.config)
+        model.config.tie_word_embeddings = False
     model.set_output_embeddings(QuantLinear(qw, device, dtype))
     return model
 
