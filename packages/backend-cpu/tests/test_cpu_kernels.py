@@ -9,7 +9,14 @@ from lowbit.kernels.reference import ReferenceKernel
 from lowbit.scheme import QuantScheme
 from lowbit.testing import KernelConformance
 from lowbit.testing.kernels import DEFAULT_RTOL, make_qweight
-from lowbit_cpu.kernels import Avx2Int4Kernel, IpexWoqKernel, TorchInt4Kernel, TorchInt8Kernel, VnniInt4Kernel
+from lowbit_cpu.kernels import (
+    Avx2Int4Kernel,
+    IpexWoqKernel,
+    TorchInt4Kernel,
+    TorchInt8Kernel,
+    VnniInt4Kernel,
+    VnniInt8Kernel,
+)
 
 
 class TestAvx2Int4(KernelConformance):
@@ -35,6 +42,16 @@ class TestVnniInt4(KernelConformance):
     kernel = VnniInt4Kernel
     group_sizes = (64, 128, -1, 32)  # group 32 is declined (checked to give a reason)
     shape = (72, 1152)  # N not a multiple of 16; odd K/64 (a trailing run) is checked below at K = 576
+
+
+class TestVnniInt8(KernelConformance):
+    """8-bit weights on VNNI: same activation rounding and tolerance argument as TestVnniInt4."""
+
+    kernel = VnniInt8Kernel
+    bits = (8, 4)  # 4-bit is declined with a reason
+    basic_bits = 8
+    group_sizes = (-1, 64, 128, 32)
+    shape = (72, 1152)
 
 
 class TestIpexWoq(KernelConformance):
@@ -172,6 +189,7 @@ def test_vnni_activation_layout_and_rounding():
                 order += [r * 64 + c for j in range(16) for c in (half[0] + j, half[1] + j)]
     assert sorted(order) == list(range(576))
     assert torch.equal(x8.float(), q[:, order])
+    assert torch.equal(native.quant_x_vnni(x, 64, natural=True)[0].float(), q)  # the 8-bit kernel's column order
     assert torch.allclose(xs, scale)
     run_sums = (q.reshape(3, nr, 64) * scale[..., None]).sum(-1)
     assert torch.allclose(xsum, run_sums, rtol=1e-5, atol=1e-4)
@@ -236,3 +254,37 @@ def test_bf16_tile_dequant_equals_fp32_then_cast(lookup):
                                  kern.group, 1, lookup)
         assert torch.equal(bf, f32.bfloat16()), gs
         assert torch.allclose(f32, qw.dequantize(torch.float32)[8:48], rtol=1e-6, atol=1e-6)
+
+
+def test_quantize_lm_head_at_load():
+    """nn.quantize_lm_head: the lm_head becomes a QuantLinear whose logits stay close to the float ones
+    (int8 per channel: well under 1 % relative error), a tied config is copied, bad modes are refused."""
+    from lowbit.errors import LowbitError
+    from lowbit.nn import QuantLinear, quantize_lm_head
+    from lowbit.testing.models import tiny_llama
+
+    model = tiny_llama(seed=0).eval()
+    ids = torch.randint(0, 384, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = model(ids).logits.float()
+        quantize_lm_head(model, "int8", dtype=torch.float32)
+        assert isinstance(model.lm_head, QuantLinear) and model.lm_head.scheme.bits == 8
+        out = model(ids).logits.float()
+    assert float((out - ref).norm() / ref.norm()) < 1e-2
+    tied = tiny_llama(seed=0, tie_word_embeddings=True)
+    cfg = tied.config
+    quantize_lm_head(tied, "int4", dtype=torch.float32)
+    assert cfg.tie_word_embeddings and not tied.config.tie_word_embeddings  # the shared config is untouched
+    with pytest.raises(LowbitError, match="not one of"):
+        quantize_lm_head(tiny_llama(seed=0), "int3")
+
+
+def test_vnni_int8_prefill_and_decode_agree(monkeypatch):
+    """Decode (VNNI) and prefill (bf16 matmul over dequantized row blocks) paths of cpu.vnni_int8 both
+    stay within the bf16 tolerance, with a bias and act-order."""
+    _vnni_or_skip()
+    for path in ("1000000", "1"):
+        monkeypatch.setenv("LOWBIT_CPU_PREFILL_MIN_BATCH", path)
+        for batch in (1, 6):
+            err = _rel_err(VnniInt8Kernel, QuantScheme(8, 64, act_order=True), batch, torch.bfloat16, seed=batch)
+            assert err <= DEFAULT_RTOL[torch.bfloat16], (path, batch, err)

@@ -12,13 +12,13 @@ W4 = KernelSpec(QuantScheme(4, 64), in_features=576, out_features=1536, dtype=to
 
 def test_kernels_registered_with_origin(fresh_plugins):
     names = registry("kernels").names()
-    for name in ("cpu.vnni_int4", "cpu.avx2_int4", "cpu.torch_int4", "cpu.torch_int8", "cpu.ipex_woq"):
+    for name in ("cpu.vnni_int4", "cpu.vnni_int8", "cpu.avx2_int4", "cpu.torch_int4", "cpu.torch_int8", "cpu.ipex_woq"):
         assert name in names
         assert registry("kernels").origin(name) == "backend-cpu"
 
 
 def test_priorities_above_reference(fresh_plugins):
-    for name in ("cpu.vnni_int4", "cpu.avx2_int4", "cpu.torch_int4", "cpu.torch_int8", "cpu.ipex_woq"):
+    for name in ("cpu.vnni_int4", "cpu.vnni_int8", "cpu.avx2_int4", "cpu.torch_int4", "cpu.torch_int8", "cpu.ipex_woq"):
         assert registry("kernels").get(name).priority > registry("kernels").get("reference").priority
 
 

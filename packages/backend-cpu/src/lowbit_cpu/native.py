@@ -47,7 +47,8 @@ _SIGNATURES = {
                                ctypes.c_int],
 }
 _VNNI_SIGNATURES = {
-    "lowbit_vnni_quant_x": [_P, ctypes.c_int, _P, _P, _P, _I, _I, _I],
+    "lowbit_vnni_quant_x": [_P, ctypes.c_int, _P, _P, _P, _I, _I, _I, ctypes.c_int],
+    "lowbit_int8_linear_vnni": [_P, ctypes.c_int, _P, ctypes.c_int, _P, _P, _P, _P, _I, _I, _I, _I, _P, ctypes.c_int],
     "lowbit_int4_linear_vnni": [_P, ctypes.c_int, _P, ctypes.c_int, _P, _P, _P, _P, _I, _I, _I, _I, _P, ctypes.c_int],
     "lowbit_int4_dequant_bf16_vnni": [_P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_int],
 }
@@ -218,29 +219,32 @@ def vnni_scratch_bytes(m: int, k: int, group: int) -> int:
 
 
 def linear_vnni(x: torch.Tensor, packed, scales, zs, bias: torch.Tensor | None, group: int, threads: int,
-                out_dtype: torch.dtype, scratch: torch.Tensor | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype, scratch: torch.Tensor | None = None, bits: int = 4) -> torch.Tensor:
     """``x`` contiguous ``[M, K]`` (fp32/bf16/fp16) → ``[M, N]`` in ``out_dtype``, bias added, in one native
     call: x rounded to int8 per run of 64 columns (scale max|x|/127), VPDPBUSD int32 dot products with
-    the int4 codes, fp32 accumulation. ``scratch``: uint8, at least ``vnni_scratch_bytes(M, K, group)``."""
+    the int4 codes (``packed``, nib64 layout) or, with ``bits=8``, the uint8 codes ``[N, K]``; fp32
+    accumulation. ``scratch``: uint8, at least ``vnni_scratch_bytes(M, K, group)``."""
     m, k = x.shape
     n = packed.shape[0]
     if scratch is None:
         scratch = torch.empty(vnni_scratch_bytes(m, k, group), dtype=torch.uint8)
     y = torch.empty(m, n, dtype=out_dtype)
-    vnni_library().lowbit_int4_linear_vnni(
+    lib = vnni_library()
+    fn = lib.lowbit_int8_linear_vnni if bits == 8 else lib.lowbit_int4_linear_vnni
+    fn(
         x.data_ptr(), DTYPE_CODES[x.dtype], y.data_ptr(), DTYPE_CODES[out_dtype],
         None if bias is None else bias.data_ptr(), packed.data_ptr(), scales.data_ptr(), zs.data_ptr(),
         m, n, k, group, scratch.data_ptr(), threads)
     return y
 
 
-def quant_x_vnni(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The VNNI kernel's activation quantization alone (for tests): ``(x8 [M, K] int8 in the kernel's
-    permuted order, run scales [M, K/64], group sums [M, K/group])``."""
+def quant_x_vnni(x: torch.Tensor, group: int, natural: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The VNNI kernels' activation quantization alone (for tests): ``(x8 [M, K] int8 in the int4 kernel's
+    permuted order, or column order with ``natural``, run scales [M, K/64], group sums [M, K/group])``."""
     m, k = x.shape
     x8 = torch.empty(m, k, dtype=torch.int8)
     xs = torch.empty(m, k // 64, dtype=torch.float32)
     xsum = torch.empty(m, k // group, dtype=torch.float32)
     vnni_library().lowbit_vnni_quant_x(x.data_ptr(), DTYPE_CODES[x.dtype], x8.data_ptr(), xs.data_ptr(),
-                                       xsum.data_ptr(), m, k, group)
+                                       xsum.data_ptr(), m, k, group, int(natural))
     return x8, xs, xsum

@@ -97,7 +97,12 @@ def quantize_lm_head(model: nn.Module, mode: str, device: torch.device | str = "
     bits, gs, sym = LM_HEAD_SCHEMES[mode]
     scheme = QuantScheme(bits, gs if head.in_features % gs == 0 else -1, sym=sym)
     bias = None if head.bias is None else head.bias.detach().float()
-    qw = quantize(head.weight.detach().float(), scheme, bias=bias)
+    w = head.weight.detach()
+    parts = [quantize(w[i:i + 4096].float(), scheme) for i in range(0, w.shape[0], 4096)]  # rows are independent;
+    # chunks keep the fp32 temporaries of RTN small (the whole 49152 x 576 head would add ~0.5 GB of peak RSS)
+    qw = QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
+                         torch.cat([p.zeros for p in parts]), scheme, bias=bias)
+    del parts
     if getattr(model.config, "tie_word_embeddings", False):
         # the embedding keeps the float tensor; a copy of the config (it may be shared, e.g. with the
         # checkpoint's QuantizedModel) records that nothing is tied any more

@@ -60,10 +60,11 @@ static inline int64_t hi_offset(int64_t r, int64_t nr) {
     return (2 * p + 1 < nr) ? p * 128 + 64 + (r & 1) * 32 : p * 128 + 32;
 }
 
-/* x [M, K] (dtype dt) → x8 [M, K] int8 in the permuted pair layout, xs [M, K/64] run scales,
- * xsum [M, K/group] group sums of the dequantized int8 values. */
+/* x [M, K] (dtype dt) → x8 [M, K] int8 (in the permuted pair layout of the int4 kernel, or in column
+ * order with natural != 0: the int8-weight kernel), xs [M, K/64] run scales, xsum [M, K/group] group
+ * sums of the dequantized int8 values. */
 void lowbit_vnni_quant_x(const void *x, int dt, int8_t *x8, float *xs, float *xsum, int64_t M, int64_t K,
-                         int64_t group) {
+                         int64_t group, int natural) {
     const int64_t nr = K / 64, ng = K / group, rpg = group / 64;
     for (int64_t m = 0; m < M; ++m) {
         for (int64_t g = 0; g < ng; ++g) xsum[m * ng + g] = 0.f;
@@ -88,6 +89,15 @@ void lowbit_vnni_quant_x(const void *x, int dt, int8_t *x8, float *xs, float *xs
             const __m128i a = _mm512_cvtepi32_epi8(q[0]), b = _mm512_cvtepi32_epi8(q[1]);
             const __m128i c = _mm512_cvtepi32_epi8(q[2]), d = _mm512_cvtepi32_epi8(q[3]);
             int8_t *row = x8 + m * K;
+            if (natural) {
+                _mm_storeu_si128((__m128i *)(row + r * 64), a);
+                _mm_storeu_si128((__m128i *)(row + r * 64 + 16), b);
+                _mm_storeu_si128((__m128i *)(row + r * 64 + 32), c);
+                _mm_storeu_si128((__m128i *)(row + r * 64 + 48), d);
+                xs[m * nr + r] = sc;
+                xsum[m * ng + r / rpg] += sc * (float)_mm512_reduce_add_epi32(isum);
+                continue;
+            }
             int8_t *lo = row + lo_offset(r, nr), *hi = row + hi_offset(r, nr);
             _mm_storeu_si128((__m128i *)lo, _mm_unpacklo_epi8(a, c));        /* cols 0,32,1,33,...,7,39 */
             _mm_storeu_si128((__m128i *)(lo + 16), _mm_unpackhi_epi8(a, c)); /* cols 8,40,...,15,47 */
@@ -153,7 +163,7 @@ void lowbit_int4_linear_vnni(const void *x, int xdt, void *y, int ydt, const flo
     int8_t *x8 = (int8_t *)scratch;
     float *xs = (float *)(x8 + M * K);
     float *xsum = xs + M * nr;
-    lowbit_vnni_quant_x(x, xdt, x8, xs, xsum, M, K, group);
+    lowbit_vnni_quant_x(x, xdt, x8, xs, xsum, M, K, group, 0);
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; ++n) {
         const uint8_t *wrow = packed + n * (K / 2);
@@ -206,6 +216,58 @@ void lowbit_int4_dequant_bf16_vnni(const uint8_t *packed, const float *scales, c
             _mm256_storeu_si256((__m256i *)(orow + k + 16), _mm256_permutexvar_epi16(c1, table));
             _mm256_storeu_si256((__m256i *)(orow + k + 32), _mm256_permutexvar_epi16(c2, table));
             _mm256_storeu_si256((__m256i *)(orow + k + 48), _mm256_permutexvar_epi16(c3, table));
+        }
+    }
+}
+
+/* ---- 8-bit weights ---------------------------------------------------------------------------
+ * codes uint8 [N, K] in column order (0..255, zero point z: w = (q - z) * s), activations int8 per run
+ * of 64 columns as above but in column order: one 512-bit VPDPBUSD per run (64 * 255 * 127 < 2^31). */
+static inline __attribute__((always_inline)) void row_vnni8(
+    int MB, const int8_t *x8, int64_t K, const float *xs, int64_t nr, const float *xsum, int64_t ng,
+    const uint8_t *wrow, const float *srow, const float *zsrow, int64_t group, void *y, int ydt, float bias,
+    int64_t ldy, int64_t yoff) {
+    __m512 acc[4];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t r = 0; r < nr; ++r) {
+        const __m512i w = _mm512_loadu_si512((const void *)(wrow + r * 64));
+        const float s = srow[(r * 64) / group];
+        for (int m = 0; m < MB; ++m) {
+            const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w,
+                                                  _mm512_loadu_si512((const void *)(x8 + m * K + r * 64)));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(s * xs[m * nr + r]), acc[m]);
+        }
+    }
+    for (int m = 0; m < MB; ++m) {
+        float corr = 0.f;
+        for (int64_t g = 0; g < ng; ++g) corr += zsrow[g] * xsum[m * ng + g];
+        store1(y, ydt, m * ldy + yoff, _mm512_reduce_add_ps(acc[m]) - corr + bias);
+    }
+}
+
+/* y [M, N] (dtype ydt) = x [M, K] (dtype xdt) @ W^T + bias, int8 activations x 8-bit weights (codes [N, K]).
+ * K % 64 == 0, group in {64, 128, K}; scratch: M*K + M*(K/64 + K/group)*4 bytes. */
+void lowbit_int8_linear_vnni(const void *x, int xdt, void *y, int ydt, const float *bias, const uint8_t *codes,
+                             const float *scales, const float *zs, int64_t M, int64_t N, int64_t K, int64_t group,
+                             void *scratch, int nthreads) {
+    const int64_t nr = K / 64, ng = K / group;
+    int8_t *x8 = (int8_t *)scratch;
+    float *xs = (float *)(x8 + M * K);
+    float *xsum = xs + M * nr;
+    lowbit_vnni_quant_x(x, xdt, x8, xs, xsum, M, K, group, 1);
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t *wrow = codes + n * K;
+        const float *srow = scales + n * ng, *zsrow = zs + n * ng;
+        const float bn = bias ? bias[n] : 0.f;
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4)
+            row_vnni8(4, x8 + m * K, K, xs + m * nr, nr, xsum + m * ng, ng, wrow, srow, zsrow, group, y, ydt, bn, N, m * N + n);
+        switch (M - m) {
+        case 3: row_vnni8(3, x8 + m * K, K, xs + m * nr, nr, xsum + m * ng, ng, wrow, srow, zsrow, group, y, ydt, bn, N, m * N + n); break;
+        case 2: row_vnni8(2, x8 + m * K, K, xs + m * nr, nr, xsum + m * ng, ng, wrow, srow, zsrow, group, y, ydt, bn, N, m * N + n); break;
+        case 1: row_vnni8(1, x8 + m * K, K, xs + m * nr, nr, xsum + m * ng, ng, wrow, srow, zsrow, group, y, ydt, bn, N, m * N + n); break;
+        default: break;
         }
     }
 }

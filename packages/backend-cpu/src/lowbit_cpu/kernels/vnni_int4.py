@@ -17,12 +17,15 @@ path quantizes activations the same way (8 bits per block of 32).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
-from lowbit.kernels.base import KernelSpec
+from lowbit.kernels.base import Kernel, KernelSpec
 
-from .. import native
+from .. import cpuinfo, native, tuning
 from .avx2_int4 import SMALL_WORK, Avx2Int4Kernel
+from .common import float_bias, group_of, sort_act_order
 
 
 class VnniInt4Kernel(Avx2Int4Kernel):
@@ -73,3 +76,92 @@ class VnniInt4Kernel(Avx2Int4Kernel):
         y = native.linear_vnni(x2, self.packed, self.scales, self.zs, self.bias, self.group, threads, self.dtype,
                                self._scratch(m))
         return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
+
+
+class VnniInt8Kernel(Kernel):
+    """cpu.vnni_int8: 8-bit weights x int8 activations on AVX-512 VNNI (decode), for 8-bit checkpoints and
+    an lm_head quantized to int8 at load time (``lowbit.nn.quantize_lm_head``).
+
+    Same activation rounding, tolerance argument and bf16-only rule as :class:`VnniInt4Kernel`; the weight
+    is the uint8 codes as they are (1 byte per weight), one 512-bit VPDPBUSD per 64 columns. From
+    ``PREFILL_MIN_BATCH`` rows on, row blocks of the weight are dequantized to bf16 in torch and run by
+    one matmul each (oneDNN, AMX where present).
+    """
+
+    name = "cpu.vnni_int8"
+    priority = 35
+    device_types = ("cpu",)
+    supported_bits = (8,)
+    supported_group_sizes = (64, 128, -1)
+    supported_dtypes = (torch.bfloat16,)
+    description = "AVX-512 VNNI 8-bit x int8-activation GEMV for decode (bf16 activations); bf16 matmul for prefill"
+    PREFILL_ROWS = 4096  # weight rows dequantized per prefill block
+
+    @classmethod
+    def probe(cls, device: torch.device) -> str | None:
+        return super().probe(device) or native.vnni_unavailable_reason()
+
+    @classmethod
+    def can_implement(cls, spec: KernelSpec) -> str | None:
+        reason = super().can_implement(spec)
+        if reason is not None and "group sizes" in reason:
+            reason += " (activations are quantized per 64 columns, so groups must hold whole runs of 64)"
+        if reason is None and spec.in_features % 64:
+            reason = f"needs in_features to be a multiple of 64, got {spec.in_features}"
+        return reason
+
+    def __init__(self, qweight, device: torch.device, dtype: torch.dtype):
+        super().__init__(qweight, device, dtype)
+        self.codes, self.perm = sort_act_order(qweight)
+        self.group = group_of(qweight)
+        self.scales = qweight.scales.float().contiguous()
+        self.zs = (qweight.zeros.float() * self.scales).contiguous()
+        self.bias = float_bias(qweight)
+        self.prefill_min_batch = tuning.prefill_min_batch(cpuinfo.has_fast_bf16_matmul(), dtype)
+        native.vnni_library()
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def _scratch(self, m: int) -> torch.Tensor:
+        need = native.vnni_scratch_bytes(m, self.in_features, self.group)
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.numel() < need:
+            buf = self._local.buf = torch.empty(need, dtype=torch.uint8)
+        return buf
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)
+        m = x2.shape[0]
+        if m >= self.prefill_min_batch:
+            y = self._prefill(x2.to(self.dtype).contiguous())
+        else:
+            if not x2.is_contiguous():
+                x2 = x2.contiguous()
+            threads = 1 if m * self.out_features * self.in_features < SMALL_WORK else torch.get_num_threads()
+            y = native.linear_vnni(x2, self.codes, self.scales, self.zs, self.bias, self.group, threads, self.dtype,
+                                   self._scratch(m), bits=8)
+        return y.reshape(*lead, self.out_features)
+
+    def _prefill(self, x2: torch.Tensor) -> torch.Tensor:
+        n, gs = self.out_features, self.group
+        y = torch.empty(x2.shape[0], n, dtype=self.dtype)
+        for n0 in range(0, n, self.PREFILL_ROWS):
+            n1 = min(n, n0 + self.PREFILL_ROWS)
+            s = self.scales[n0:n1].repeat_interleave(gs, dim=1)
+            zs = self.zs[n0:n1].repeat_interleave(gs, dim=1)
+            w = (self.codes[n0:n1].float() * s - zs).to(self.dtype)
+            y[:, n0:n1] = torch.mm(x2, w.t())
+        if self.bias is not None:
+            y = (y.float() + self.bias).to(self.dtype)
+        return y
