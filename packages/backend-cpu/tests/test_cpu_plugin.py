@@ -12,13 +12,13 @@ W4 = KernelSpec(QuantScheme(4, 64), in_features=576, out_features=1536, dtype=to
 
 def test_kernels_registered_with_origin(fresh_plugins):
     names = registry("kernels").names()
-    for name in ("cpu.avx2_int4", "cpu.torch_int4", "cpu.torch_int8", "cpu.ipex_woq"):
+    for name in ("cpu.vnni_int4", "cpu.vnni_int8", "cpu.avx2_int4", "cpu.torch_int4", "cpu.torch_int8", "cpu.ipex_woq"):
         assert name in names
         assert registry("kernels").origin(name) == "backend-cpu"
 
 
 def test_priorities_above_reference(fresh_plugins):
-    for name in ("cpu.avx2_int4", "cpu.torch_int4", "cpu.torch_int8", "cpu.ipex_woq"):
+    for name in ("cpu.vnni_int4", "cpu.vnni_int8", "cpu.avx2_int4", "cpu.torch_int4", "cpu.torch_int8", "cpu.ipex_woq"):
         assert registry("kernels").get(name).priority > registry("kernels").get("reference").priority
 
 
@@ -46,7 +46,7 @@ def test_disabled_kernels_moves_the_choice(fresh_plugins):
     reasons = {k.name: r for k, r in kernel_reasons(W4, torch.device("cpu"))}
     assert reasons[first] == "disabled by LOWBIT_DISABLED_KERNELS"
     assert select_kernel(W4, "cpu").name != first
-    fresh_plugins.setenv("LOWBIT_DISABLED_KERNELS", "cpu.avx2_int4,cpu.torch_int4,cpu.ipex_woq")
+    fresh_plugins.setenv("LOWBIT_DISABLED_KERNELS", "cpu.vnni_int4,cpu.avx2_int4,cpu.torch_int4,cpu.ipex_woq")
     reset_plugin_manager()
     assert _cpu_choice(W4) == "reference"
     assert not select_kernel(W4, "cpu").name.startswith("cpu.")

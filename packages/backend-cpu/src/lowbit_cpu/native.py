@@ -1,4 +1,9 @@
-"""The native AVX2 kernels in ``csrc/int4_avx2.c``: compiled on first use, loaded with ctypes.
+"""The native kernels in ``csrc/``: compiled on first use, loaded with ctypes.
+
+``int4_avx2.c`` (AVX2/FMA/F16C: the fused GEMV and the prefill tile dequantization) and
+``int4_vnni.c`` (AVX-512 VNNI: int8-activation GEMV) are separate shared objects, each built with
+its own ISA flags, so the AVX2 one never contains AVX-512 instructions; the VNNI one is built and
+loaded only where the CPU reports the instructions it uses (picked at run time, not at install).
 
 The C file needs no Python or torch headers, so it builds in about a second with any gcc or
 clang (``$CC``, else ``cc``/``gcc``/``clang`` on PATH). The shared object is cached under
@@ -26,15 +31,26 @@ from . import cpuinfo
 
 SOURCE = Path(__file__).parent / "csrc" / "int4_avx2.c"
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+VNNI_SOURCE = Path(__file__).parent / "csrc" / "int4_vnni.c"
+VNNI_CFLAGS = [*CFLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
+# /proc/cpuinfo flags the VNNI kernel's instructions need
+VNNI_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _SIGNATURES = {
     "lowbit_int4_linear_f32": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _P, ctypes.c_int],
     "lowbit_int4_dequant": [_P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_int],
+    "lowbit_int4_dequant_bf16": [_P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_int],
     "lowbit_quant_x_i16": [_P, ctypes.c_int, _P, _P, _P, _I, _I, _I, _I],
     "lowbit_int4_linear_i16": [_P, ctypes.c_int, _P, ctypes.c_int, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P,
                                ctypes.c_int],
+}
+_VNNI_SIGNATURES = {
+    "lowbit_vnni_quant_x": [_P, ctypes.c_int, _P, _P, _P, _I, _I, _I, ctypes.c_int],
+    "lowbit_int8_linear_vnni": [_P, ctypes.c_int, _P, ctypes.c_int, _P, _P, _P, _P, _I, _I, _I, _I, _P, ctypes.c_int],
+    "lowbit_int4_linear_vnni": [_P, ctypes.c_int, _P, ctypes.c_int, _P, _P, _P, _P, _I, _I, _I, _I, _P, ctypes.c_int],
+    "lowbit_int4_dequant_bf16_vnni": [_P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_int],
 }
 
 
@@ -49,13 +65,13 @@ def compiler() -> str | None:
     return None
 
 
-def _library_path() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    return cache_dir() / f"lowbit_int4_avx2-{digest}.so"
+def _library_path(source: Path = SOURCE, cflags: list[str] = CFLAGS) -> Path:
+    digest = hashlib.sha256(source.read_bytes() + " ".join(cflags).encode()).hexdigest()[:16]
+    return cache_dir() / f"lowbit_{source.stem}-{digest}.so"
 
 
 def unavailable_reason() -> str | None:
-    """None when the native kernels can be built (or are cached) and run here, else why not."""
+    """None when the AVX2 kernels can be built (or are cached) and run here, else why not."""
     if not cpuinfo.is_x86_64():
         return "needs an x86-64 CPU"
     if not cpuinfo.has_avx2_fma():
@@ -65,36 +81,70 @@ def unavailable_reason() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=1)
-def library() -> ctypes.CDLL:
-    """Build (once, cached on disk) and load the kernels."""
+def vnni_unavailable_reason() -> str | None:
+    """None when the AVX-512 VNNI kernel can be built (or is cached) and run here, else why not."""
     reason = unavailable_reason()
     if reason is not None:
-        raise MissingDependencyError(f"lowbit-backend-cpu native kernels: {reason}.")
-    path = _library_path()
+        return reason
+    missing = [f for f in VNNI_FLAGS if f not in cpuinfo.cpu_flags()]
+    if missing:
+        return f"needs AVX-512 VNNI ({', '.join(missing)} missing); this CPU is {cpuinfo.describe()}"
+    if not _library_path(VNNI_SOURCE, VNNI_CFLAGS).exists() and compiler() is None:
+        return "needs a C compiler to build its AVX-512 VNNI kernel once (install gcc, or set CC)"
+    return None
+
+
+def build(source: Path, cflags: list[str], out: Path) -> None:
+    """Compile ``source`` into the shared object ``out``, atomically (a temporary file, then a rename)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cc = compiler()
+    if cc is None:
+        raise MissingDependencyError(f"building {source.name} needs a C compiler (install gcc, or set CC).")
+    cmd = [cc, *cflags, "-o", tmp, str(source)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise MissingDependencyError(
+                f"building {source.name} failed ({' '.join(cmd)}): {proc.stderr.strip()[:500]}; "
+                "set CC to a working gcc/clang or disable the kernel with LOWBIT_DISABLED_KERNELS."
+            )
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(source: Path, cflags: list[str], signatures: dict) -> ctypes.CDLL:
+    path = _library_path(source, cflags)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-        os.close(fd)
-        cmd = [compiler(), *CFLAGS, "-o", tmp, str(SOURCE)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                raise MissingDependencyError(
-                    f"building the AVX2 kernels failed ({' '.join(cmd)}): {proc.stderr.strip()[:500]}; "
-                    "set CC to a working gcc/clang or disable the kernel with LOWBIT_DISABLED_KERNELS=cpu.avx2_int4."
-                )
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        build(source, cflags, path)
     torch.empty(0)  # torch (and its libgomp.so.1) is loaded before the library resolves its OpenMP symbols
     lib = ctypes.CDLL(str(path))
-    for name, argtypes in _SIGNATURES.items():
+    for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = None
     return lib
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL:
+    """Build (once, cached on disk) and load the AVX2 kernels."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise MissingDependencyError(f"lowbit-backend-cpu native kernels: {reason}.")
+    return _load(SOURCE, CFLAGS, _SIGNATURES)
+
+
+@functools.lru_cache(maxsize=1)
+def vnni_library() -> ctypes.CDLL:
+    """Build (once, cached on disk) and load the AVX-512 VNNI kernel; only where the CPU has it."""
+    reason = vnni_unavailable_reason()
+    if reason is not None:
+        raise MissingDependencyError(f"lowbit-backend-cpu VNNI kernel: {reason}.")
+    return _load(VNNI_SOURCE, VNNI_CFLAGS, _VNNI_SIGNATURES)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -150,9 +200,51 @@ def scratch_bytes_i16(m: int, k: int, group: int, block: int) -> int:
     return m * k * 2 + m * (k // block + k // group) * 4
 
 
-def dequant_rows(packed, scales, zs, out: torch.Tensor, n0: int, n1: int, group: int, threads: int) -> torch.Tensor:
-    """Rows ``n0:n1`` of the float32 weight into ``out`` (contiguous ``[n1 - n0, K]``)."""
+def dequant_rows(packed, scales, zs, out: torch.Tensor, n0: int, n1: int, group: int, threads: int,
+                 lookup: bool = False) -> torch.Tensor:
+    """Rows ``n0:n1`` of the weight into ``out`` (contiguous ``[n1 - n0, K]``, float32 or bfloat16);
+    ``lookup``: bf16 through the AVX-512 table lookup of the VNNI library (same values, faster)."""
     k = packed.shape[1] * 2
-    library().lowbit_int4_dequant(packed.data_ptr(), scales.data_ptr(), zs.data_ptr(), out.data_ptr(), n0, n1, k,
+    if out.dtype == torch.bfloat16:
+        fn = vnni_library().lowbit_int4_dequant_bf16_vnni if lookup else library().lowbit_int4_dequant_bf16
+    else:
+        fn = library().lowbit_int4_dequant
+    fn(packed.data_ptr(), scales.data_ptr(), zs.data_ptr(), out.data_ptr(), n0, n1, k,
                                   group, threads)
     return out
+
+
+def vnni_scratch_bytes(m: int, k: int, group: int) -> int:
+    return m * k + m * (k // 64 + k // group) * 4
+
+
+def linear_vnni(x: torch.Tensor, packed, scales, zs, bias: torch.Tensor | None, group: int, threads: int,
+                out_dtype: torch.dtype, scratch: torch.Tensor | None = None, bits: int = 4) -> torch.Tensor:
+    """``x`` contiguous ``[M, K]`` (fp32/bf16/fp16) → ``[M, N]`` in ``out_dtype``, bias added, in one native
+    call: x rounded to int8 per run of 64 columns (scale max|x|/127), VPDPBUSD int32 dot products with
+    the int4 codes (``packed``, nib64 layout) or, with ``bits=8``, the uint8 codes ``[N, K]``; fp32
+    accumulation. ``scratch``: uint8, at least ``vnni_scratch_bytes(M, K, group)``."""
+    m, k = x.shape
+    n = packed.shape[0]
+    if scratch is None:
+        scratch = torch.empty(vnni_scratch_bytes(m, k, group), dtype=torch.uint8)
+    y = torch.empty(m, n, dtype=out_dtype)
+    lib = vnni_library()
+    fn = lib.lowbit_int8_linear_vnni if bits == 8 else lib.lowbit_int4_linear_vnni
+    fn(
+        x.data_ptr(), DTYPE_CODES[x.dtype], y.data_ptr(), DTYPE_CODES[out_dtype],
+        None if bias is None else bias.data_ptr(), packed.data_ptr(), scales.data_ptr(), zs.data_ptr(),
+        m, n, k, group, scratch.data_ptr(), threads)
+    return y
+
+
+def quant_x_vnni(x: torch.Tensor, group: int, natural: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The VNNI kernels' activation quantization alone (for tests): ``(x8 [M, K] int8 in the int4 kernel's
+    permuted order, or column order with ``natural``, run scales [M, K/64], group sums [M, K/group])``."""
+    m, k = x.shape
+    x8 = torch.empty(m, k, dtype=torch.int8)
+    xs = torch.empty(m, k // 64, dtype=torch.float32)
+    xsum = torch.empty(m, k // group, dtype=torch.float32)
+    vnni_library().lowbit_vnni_quant_x(x.data_ptr(), DTYPE_CODES[x.dtype], x8.data_ptr(), xs.data_ptr(),
+                                       xsum.data_ptr(), m, k, group, int(natural))
+    return x8, xs, xsum

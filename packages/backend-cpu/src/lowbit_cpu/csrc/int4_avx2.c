@@ -161,6 +161,38 @@ void lowbit_int4_dequant(const uint8_t *packed, const float *scales, const float
     }
 }
 
+/* 8 floats → 8 bf16 (round to nearest even; the weights are finite) in the low 128 bits */
+static inline __m128i ps_to_bf16(__m256 f) {
+    __m256i u = _mm256_castps_si256(f);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+}
+
+/* out [n1 - n0, K] bfloat16 = dequantized rows n0..n1 (the prefill path where bf16 matmuls run on AMX):
+ * one pass, half the bytes of the fp32 tile, and no separate cast before the matmul */
+void lowbit_int4_dequant_bf16(const uint8_t *packed, const float *scales, const float *zs, uint16_t *out,
+                              int64_t n0, int64_t n1, int64_t K, int64_t group, int nthreads) {
+    const int64_t ng = K / group;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t *wrow = packed + n * (K / 2);
+        uint16_t *orow = out + (n - n0) * K;
+        for (int64_t k = 0; k < K; k += 64) {
+            __m256i q[4];
+            nib64(wrow + k / 2, &q[0], &q[1], &q[2], &q[3]);
+            for (int h = 0; h < 4; ++h) {
+                const int64_t g = n * ng + (k + 16 * h) / group;
+                const __m256 vs = _mm256_set1_ps(scales[g]), vz = _mm256_set1_ps(zs[g]);
+                __m256 a, b;
+                u16_to_ps(q[h], &a, &b);
+                _mm_storeu_si128((__m128i *)(orow + k + 16 * h), ps_to_bf16(_mm256_fmsub_ps(a, vs, vz)));
+                _mm_storeu_si128((__m128i *)(orow + k + 16 * h + 8), ps_to_bf16(_mm256_fmsub_ps(b, vs, vz)));
+            }
+        }
+    }
+}
+
 /* ---- int16 activations (bf16 / fp16 callers) -----------------------------------------------
  * x is rounded to int16 with one scale per (row, block of `block` columns), block | group, so a
  * row's dot product runs on vpmaddwd. The rounding error is at most 2^-16 of the block's

@@ -29,6 +29,19 @@ from .common import float_bias, group_of, sort_act_order
 
 SMALL_WORK = 1 << 17  # rows x out x in below which the fused path runs on one thread
 
+# One prefill tile buffer per thread, shared by every layer (they run one after another): a fresh
+# multi-MiB allocation per call is returned to the OS and page-faulted back in each time, which cost
+# as much as dequantizing the tile.
+_tiles = threading.local()
+
+
+def _tile_buffer(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    buf = getattr(_tiles, str(dtype), None)
+    if buf is None or buf.numel() < rows * k:
+        buf = torch.empty(rows * k, dtype=dtype)
+        setattr(_tiles, str(dtype), buf)
+    return buf[: rows * k].view(rows, k)
+
 
 class Avx2Int4Kernel(Kernel):
     name = "cpu.avx2_int4"
@@ -64,6 +77,7 @@ class Avx2Int4Kernel(Kernel):
         self.prefill_dtype = torch.bfloat16 if native_bf16 and dtype == torch.bfloat16 else torch.float32
         self.prefill_min_batch = tuning.prefill_min_batch(native_bf16, dtype)
         self.tile_rows = tuning.tile_rows(self.out_features, k)
+        self.lookup_dequant = False  # bf16 tiles by table lookup (AVX-512, cpu.vnni_int4 only)
         native.library()  # build once now, not on the first forward
         self._local = threading.local()  # per-thread scratch of the decode path, reused across calls
 
@@ -104,18 +118,23 @@ class Avx2Int4Kernel(Kernel):
             return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
         y = self._prefill(x2, torch.get_num_threads())
         if self.bias is not None:
-            y += self.bias
+            y = y.float() + self.bias
         return y.to(self.dtype).reshape(*lead, self.out_features)
 
     def _prefill(self, x2: torch.Tensor, threads: int) -> torch.Tensor:
+        """``[M, N]`` in the tile dtype: each tile dequantized straight into the matmul's dtype (bf16 on
+        AMX: one pass, half the bytes) in a shared buffer, then one BLAS matmul per tile."""
         n, k = self.out_features, self.in_features
         xc = x2.to(self.prefill_dtype).contiguous()
+        buf = _tile_buffer(min(self.tile_rows, n), k, self.prefill_dtype)
+        if n <= self.tile_rows:  # one tile: x @ w^T straight into [M, N]
+            w = native.dequant_rows(self.packed, self.scales, self.zs, buf, 0, n, self.group, threads,
+                                    self.lookup_dequant)
+            return torch.mm(xc, w.t())
         yt = torch.empty(n, xc.shape[0], dtype=self.prefill_dtype)
-        buf = torch.empty(min(self.tile_rows, n), k, dtype=torch.float32)
         for n0 in range(0, n, self.tile_rows):
             n1 = min(n, n0 + self.tile_rows)
-            w = native.dequant_rows(self.packed, self.scales, self.zs, buf[: n1 - n0], n0, n1, self.group, threads)
-            if self.prefill_dtype != torch.float32:
-                w = w.to(self.prefill_dtype)
+            w = native.dequant_rows(self.packed, self.scales, self.zs, buf[: n1 - n0], n0, n1, self.group, threads,
+                                    self.lookup_dequant)
             torch.mm(w, xc.t(), out=yt[n0:n1])
-        return yt.t().float().contiguous()
+        return yt.t().contiguous()
