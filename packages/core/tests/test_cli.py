@@ -55,7 +55,7 @@ def narrow_dir(tmp_path_factory):
 BAD = [
     (["--bits", "5"], "bits=5 is not supported; supported: 2, 3, 4, 8"),
     (["--group-size", "100"], "group_size=100 is not supported"),
-    (["--group-size", "128"], "does not divide q/k/v_proj, gate/up_proj's 96 input features"),
+    (["--group-size", "128"], "does not divide self_attn.q_proj, self_attn.k_proj, self_attn.v_proj (+3 more)'s 96 input features"),
     (["--method", "magic"], "unknown method 'magic'; known:"),
     (["--method", "rtn", "--act-order"], "act-order needs --method gptq"),
     (["--format", "nope"], "unknown exporter 'nope'; known:"),

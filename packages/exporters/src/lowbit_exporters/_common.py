@@ -21,38 +21,44 @@ from lowbit.hf import (
     write_config,
     write_extras,
 )
+from lowbit.models import adapter_or_none, config_get
 from lowbit.packing import Packer
 
-# Leaf names of a llama-family decoder layer's linears, relative to ``model.layers.<i>``.
-LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
+
 def _get(config, key, default=None):
-    if config is None:
-        return default
-    if isinstance(config, dict):
-        return config.get(key, default)
-    return getattr(config, key, default)
+    return config_get(config, key, default)
 
 
 def linear_shapes(config) -> dict[str, tuple[int, int]]:
-    """``(N, K)`` (out, in) of each llama-family linear, keyed by its leaf path in a decoder layer;
-    empty when the config lacks the fields (then callers check shapes per tensor instead)."""
-    hidden = _get(config, "hidden_size")
-    heads = _get(config, "num_attention_heads")
-    inter = _get(config, "intermediate_size")
-    if not (hidden and heads and inter):
-        return {}
-    kv = _get(config, "num_key_value_heads") or heads
-    head_dim = _get(config, "head_dim") or hidden // heads
-    q, kvd = heads * head_dim, kv * head_dim
-    return {
-        "self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kvd, hidden), "self_attn.v_proj": (kvd, hidden),
-        "self_attn.o_proj": (hidden, q), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
-        "mlp.down_proj": (hidden, inter),
-    }
+    """``(N, K)`` (out, in) of each quantized linear, keyed by its leaf path in a decoder layer, as
+    the config's architecture adapter gives them; empty when no adapter serves the model type or
+    the config lacks the sizes (then callers check shapes per tensor instead)."""
+    adapter = adapter_or_none(config)
+    return adapter.linear_shapes(config) if adapter is not None else {}
+
+
+def checkpoint_name(config, name: str) -> str:
+    """The name AutoAWQ / GPTQModel give lowbit's tensor or module ``name`` (the adapter's renames)."""
+    adapter = adapter_or_none(config)
+    return adapter.checkpoint_name(name) if adapter is not None else name
+
+
+def lowbit_name(config, name: str) -> str:
+    """Inverse of :func:`checkpoint_name`."""
+    adapter = adapter_or_none(config)
+    return adapter.lowbit_name(name) if adapter is not None else name
+
+
+def layer_leaf(config, name: str) -> str | None:
+    """``name``'s path inside its decoder layer, or None outside the decoder layers."""
+    adapter = adapter_or_none(config)
+    if adapter is not None:
+        return adapter.layer_leaf(name)
+    m = _LAYER_RE.match(name)
+    return m.group(2) if m else None
 
 
 def shape_problem(config, need, what: str) -> str | None:
@@ -133,10 +139,10 @@ def split_modules(tensors: dict[str, torch.Tensor], parts: tuple[str, ...], path
 
 def check_module_shape(path: Path, config, mod: str, n: int, k: int) -> None:
     """CheckpointError when a quantized module's (N, K) disagrees with the HF config."""
-    m = _LAYER_RE.match(mod)
-    if not m:
+    leaf = layer_leaf(config, mod)
+    if leaf is None:
         return
-    expected = linear_shapes(config).get(m.group(2))
+    expected = linear_shapes(config).get(leaf)
     if expected and expected != (n, k):
         raise CheckpointError(
             f"{path}: {mod} holds a {n}x{k} (out x in) weight but config.json implies {expected[0]}x{expected[1]}; "
@@ -166,12 +172,13 @@ def check_sym_zeros(qw: QuantizedWeight, where: str) -> None:
 
 
 def unquantized_block_linears(qmodel: QuantizedModel) -> list[str]:
-    """Leaf paths of 2-D float weights inside decoder layers (linears left in float)."""
+    """Leaf paths (as checkpoints name them) of 2-D float weights inside decoder layers: linears left
+    in float, such as a MoE router."""
     out = set()
     for name, t in qmodel.float_tensors.items():
-        m = _LAYER_RE.match(name)
-        if m and name.endswith(".weight") and t.dim() == 2:
-            out.add(m.group(2)[: -len(".weight")])
+        leaf = layer_leaf(qmodel.config, checkpoint_name(qmodel.config, name))
+        if leaf and name.endswith(".weight") and t.dim() == 2:
+            out.add(leaf[: -len(".weight")])
     return sorted(out)
 
 
@@ -205,8 +212,10 @@ class HFQuantFormat(Exporter):
         if reason:
             raise UnsupportedSchemeError(f"cannot write {qmodel.scheme.describe()} as {self.name}: {reason}.")
         packer = self.packer_cls()
-        tensors: dict[str, torch.Tensor] = dict(qmodel.float_tensors)
-        for mod, qw in sorted(qmodel.qweights.items()):
+        name = lambda n: checkpoint_name(qmodel.config, n)  # noqa: E731
+        tensors: dict[str, torch.Tensor] = {name(n): t for n, t in qmodel.float_tensors.items()}
+        for lowbit_mod, qw in sorted(qmodel.qweights.items()):
+            mod = name(lowbit_mod)
             check_sym_zeros(qw, mod)
             reason = packer.check(qw.scheme, qw.in_features, qw.out_features)
             if reason:
@@ -235,6 +244,8 @@ class HFQuantFormat(Exporter):
         config = load_config(path)
         tensors = load_tensors(path)
         packed, floats = split_modules(tensors, self.parts, path)
+        packed = {lowbit_name(config, m): p for m, p in packed.items()}
+        floats = {lowbit_name(config, n): t for n, t in floats.items()}
         if not packed:
             raise CheckpointError(f"{path} holds no quantized modules (no *.qweight tensors); "
                                   f"it is not a {self.name} checkpoint.")

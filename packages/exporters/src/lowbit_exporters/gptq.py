@@ -25,7 +25,16 @@ from lowbit import CheckpointError, QuantizedModel, QuantizedWeight, QuantScheme
 from lowbit.packing import Packer
 
 from ._bits import pack_bits, unpack_bits
-from ._common import HFQuantFormat, first, make_scheme, quant_config, shape_problem, unquantized_block_linears
+from ._common import (
+    HFQuantFormat,
+    checkpoint_name,
+    first,
+    layer_leaf,
+    make_scheme,
+    quant_config,
+    shape_problem,
+    unquantized_block_linears,
+)
 
 FORMAT_V1 = "gptq"
 FORMAT_V2 = "gptq_v2"
@@ -180,7 +189,8 @@ class GPTQExporter(HFQuantFormat):
         }
         rest = unquantized_block_linears(qmodel)
         if rest:  # optimum replaces every Linear of a block unless told which ones are quantized
-            layer0 = sorted({m.split(".", 3)[3] for m in qmodel.qweights if m.startswith("model.layers.")})
+            leaves = (layer_leaf(qmodel.config, checkpoint_name(qmodel.config, m)) for m in qmodel.qweights)
+            layer0 = sorted({leaf for leaf in leaves if leaf})
             qc["modules_in_block_to_quantize"] = [layer0]
         return qc
 

@@ -256,7 +256,7 @@ class AWQ(Quantizer):
                 with torch.autocast("cpu", enabled=False):
                     st.add(x.reshape(-1, x.shape[-1]).float(), stride)
 
-            _add_hook(hooks, g.linears[0], on_linear)
+            _add_hook(hooks, g.source or g.linears[0], on_linear)
             if g.prev is not None and not _linear_inspect(g):
 
                 def on_inspect(b, args, kwargs, st=st):
@@ -416,10 +416,13 @@ def fold_scales(ctx: LayerContext, g: LinearGroup, s: torch.Tensor) -> None:
             raise UnsupportedSchemeError(
                 f"awq cannot fold scales into {ctx.prefix}{g.prev} ({type(prev).__name__}): it needs a norm with a "
                 f"[{n}] weight or a linear; use --method gptq or rtn for this architecture.")
-        weight.div_(s.to(weight.dtype))
+        if g.norm_offset:  # x̂·(offset + w) / s = x̂·(offset + w'), w' = (offset + w) / s - offset
+            weight.add_(g.norm_offset).div_(s.to(weight.dtype)).sub_(g.norm_offset)
+        else:
+            weight.div_(s.to(weight.dtype))
         if getattr(prev, "bias", None) is not None:
             prev.bias.div_(s.to(prev.bias.dtype))
-    for p in g.linears:
+    for p in (*g.linears, *g.also_scaled):
         w = ctx.module(p).weight
         w.mul_(s.view(1, -1).to(w.dtype))
 

@@ -39,6 +39,30 @@ class LinearGroup:
     prev: str | None
     linears: list[str]
     inspect: str | None = None
+    #: ``prev`` is a norm computing ``x̂ · (offset + w)`` (Gemma: 1.0); folding a scale ``s`` into it
+    #: must give ``(offset + w) / s``, i.e. ``w' = (offset + w) / s - offset``
+    norm_offset: float = 0.0
+    #: module whose input is the group's input, when it is not the first linear's (a MoE block: each
+    #: expert sees only its routed tokens, the block sees them all)
+    source: str | None = None
+    #: float linears that also read ``prev``'s output (a MoE router): AWQ scales their input columns
+    #: with the group's, so the float layer computes the same function; they are never quantized
+    also_scaled: tuple[str, ...] = ()
+    #: True when only linears under one parent module share an input (MoE experts): GPTQ then takes
+    #: one Hessian per parent instead of one for the group
+    inputs_per_parent: bool = False
+    #: groups with the same label have inputs that do not depend on each other's linears (one MoE
+    #: expert's down_proj and another's): GPTQ quantizes them in one calibration pass; None: own pass
+    stage: str | None = None
+
+    def input_sets(self) -> list[list[str]]:
+        """The linears grouped by the input they actually read (one set unless ``inputs_per_parent``)."""
+        if not self.inputs_per_parent:
+            return [list(self.linears)]
+        sets: dict[str, list[str]] = {}
+        for p in self.linears:
+            sets.setdefault(p.rpartition(".")[0], []).append(p)
+        return list(sets.values())
 
 
 class _Stop(Exception):

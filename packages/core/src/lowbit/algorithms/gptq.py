@@ -83,16 +83,27 @@ class GPTQ(Quantizer):
         if not ctx.inputs:
             raise LowbitError("gptq needs calibration data; got no calibration batches (pass --nsamples 128).")
         todo = set(ctx.unquantized())
-        groups = [[p for p in g.linears if p in todo] for g in ctx.groups]
-        groups = [g for g in groups if g]
-        for g in groups:
-            for p in g:
-                self.scheme.check_shape(ctx.module(p).in_features, ctx.prefix + p)
-        stages = groups if self.opts["true_sequential"] else [[p for g in groups for p in g]]
-        errs = {}
+        # stages of sets of linears that read one input (and share a Hessian)
+        stages: list[list[list[str]]] = []
+        label = None
+        for g in ctx.groups:
+            sets = [[p for p in linears if p in todo] for linears in g.input_sets()]
+            sets = [s for s in sets if s]
+            if not sets:
+                continue
+            if stages and g.stage is not None and g.stage == label:
+                stages[-1].extend(sets)
+            else:
+                stages.append(sets)
+            label = g.stage
         for stage in stages:
-            # linears of one stage that read the same input share a Hessian
-            readers = [g for g in groups if g[0] in stage]
+            for g in stage:
+                for p in g:
+                    self.scheme.check_shape(ctx.module(p).in_features, ctx.prefix + p)
+        if not self.opts["true_sequential"]:
+            stages = [[g for stage in stages for g in stage]]
+        errs = {}
+        for readers in stages:
             hess, kept, checked = self._hessians(ctx, [g[0] for g in readers])
             for g in readers:  # linears reading one input share a Hessian: one sweep of the columns
                 lins = [ctx.module(p) for p in g]
@@ -137,7 +148,14 @@ class GPTQ(Quantizer):
         ctx.stream({p: make(p) for p in paths},
                    first_outputs={b: (lambda out, p=p: outputs.__setitem__(p, out)) for b, p in blocks.items()})
         checked = {p: ctx.check_block(p, out, kept[p][0]) for p, out in outputs.items() if kept[p]}
-        return {p: symmetric_from_upper(acc[p]).mul_(2.0 / count[p]) for p in paths}, kept, checked
+        hess = {}
+        for p in paths:
+            if p in acc:
+                hess[p] = symmetric_from_upper(acc[p]).mul_(2.0 / count[p])
+            else:  # no calibration token reached it (a MoE expert nobody routed to): H = I, i.e. RTN
+                hess[p] = torch.eye(ctx.module(p).in_features)
+                ctx.report.setdefault("gptq_unrouted", []).append(p)
+        return hess, kept, checked
 
 
 def add_gram_upper(acc: torch.Tensor, x: torch.Tensor, block: int = 128) -> None:
