@@ -105,7 +105,7 @@ def pack(qw: QuantizedWeight, device: torch.device | str = "cpu") -> TritonPacke
         g = qw.g_idx.long()
         order = torch.sort(g, stable=True).indices
         codes = codes[:, order]
-        gs = k if qw.scheme.group_size == -1 else qw.scheme.group_size
+        gs = qw.scheme.group_width(k)
         perm = order.to(torch.int32)
         if not torch.equal(g[order], torch.arange(k) // gs):
             g_sorted = g[order].to(torch.int32)

@@ -52,10 +52,6 @@ FORMAT_VERSION = 1
 _NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv")
 
 
-def _group_width(scheme: QuantScheme, k: int) -> int:
-    return k if scheme.group_size == -1 else scheme.group_size
-
-
 def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
@@ -80,7 +76,7 @@ def _fq(w: torch.Tensor, scheme: QuantScheme, xmin: torch.Tensor | None = None,
     QuantizedWeight or gathering per-column scales, in place on one fresh buffer: the search calls
     it hundreds of times. ``xmin``/``xmax`` ([N, NG]) give the group ranges when they are known."""
     n, k = w.shape
-    gs = k if scheme.group_size == -1 else scheme.group_size
+    gs = scheme.group_width(k)
     exact, zeros = exact_qparams(w, scheme, xmin=xmin, xmax=xmax)
     z = zeros.float()[..., None]
     q = w.float().reshape(n, k // gs, gs).div(exact[..., None]).round_().add_(z).clamp_(0, scheme.maxq)
@@ -217,7 +213,7 @@ class AWQ(Quantizer):
                     if any(t in path.rsplit(".", 1)[-1] for t in _NO_CLIP):
                         continue
                     lin = ctx.module(path)
-                    blocks = stats[gi].diagonal_blocks(_group_width(self.scheme, lin.in_features))
+                    blocks = stats[gi].diagonal_blocks(self.scheme.group_width(lin.in_features))
                     mv = clip_search(lin.weight, blocks, self.scheme, self.opts["n_grid"],
                                      float(self.opts["max_shrink"]))
                     apply_clip(lin.weight, mv, self.scheme)
@@ -246,7 +242,7 @@ class AWQ(Quantizer):
         for g in ctx.groups:
             k = ctx.module(g.linears[0]).in_features
             full = g.prev is not None and _linear_inspect(g)  # its scale search reads the whole Gram
-            stats.append(_GroupStats(k, None if full else _group_width(self.scheme, k)))
+            stats.append(_GroupStats(k, None if full else self.scheme.group_width(k)))
         hooks: dict[str, Callable] = {}
         for gi, g in enumerate(ctx.groups):
             st = stats[gi]
@@ -384,7 +380,7 @@ def _weight_mean(weights: list[torch.Tensor], scheme: QuantScheme) -> torch.Tens
     """Duo scaling's weight statistic: mean over rows of ``|w| / max|w|`` within each group."""
     w = torch.cat([x.float() for x in weights], dim=0)
     k = w.shape[1]
-    gs = k if scheme.group_size == -1 else scheme.group_size
+    gs = scheme.group_width(k)
     wg = w.abs().reshape(-1, gs)
     wg = wg / (wg.amax(dim=1, keepdim=True) + 1e-6)
     return wg.reshape(w.shape).mean(0)
@@ -434,7 +430,7 @@ def clip_search(w: torch.Tensor, blocks: torch.Tensor, scheme: QuantScheme, n_gr
     of the Gram matrix of the linear's input, see :func:`gram`)."""
     w = w.detach().float()
     n, k = w.shape
-    gs = k if scheme.group_size == -1 else scheme.group_size
+    gs = scheme.group_width(k)
     ng = k // gs
     if blocks.shape != (ng, gs, gs):
         raise ValueError(f"clip_search needs the Gram's diagonal blocks [{ng}, {gs}, {gs}], got {list(blocks.shape)}.")
@@ -462,7 +458,7 @@ def clip_search(w: torch.Tensor, blocks: torch.Tensor, scheme: QuantScheme, n_gr
 def apply_clip(weight: torch.Tensor, max_val: torch.Tensor, scheme: QuantScheme) -> None:
     """Clamp each (row, group) of ``weight`` to ``[-max_val, max_val]`` in place."""
     n, k = weight.shape
-    gs = k if scheme.group_size == -1 else scheme.group_size
+    gs = scheme.group_width(k)
     wg = weight.view(n, k // gs, gs)
     mv = max_val.to(weight.dtype)[..., None]
     wg.copy_(torch.maximum(torch.minimum(wg, mv), -mv))

@@ -198,7 +198,7 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessian: torch.Tensor, schem
     n, k = W.shape
     scheme.check_shape(k)
     H = hessian.detach().float().clone()
-    gs = k if scheme.group_size == -1 else scheme.group_size
+    gs = scheme.group_width(k)
     ng = k // gs
     maxq = scheme.maxq
 

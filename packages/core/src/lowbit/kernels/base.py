@@ -49,6 +49,8 @@ class Kernel:
     supports_act_order: ClassVar[bool] = True
     supports_sym: ClassVar[bool] = True
     supports_asym: ClassVar[bool] = True
+    #: runs a weight whose last group is partial (group size not dividing in_features)
+    supports_partial_groups: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     @classmethod
@@ -66,6 +68,9 @@ class Kernel:
             return f"supports bits {cls.supported_bits}, got {s.bits}"
         if s.group_size not in cls.supported_group_sizes:
             return f"supports group sizes {cls.supported_group_sizes}, got {s.group_size}"
+        if s.group_size != -1 and spec.in_features % s.group_size and not cls.supports_partial_groups:
+            return (f"needs group size {s.group_size} to divide in_features {spec.in_features} "
+                    "(this checkpoint's last group is partial)")
         if spec.dtype not in cls.supported_dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in cls.supported_dtypes)
             return f"supports activations {names}, got {str(spec.dtype).replace('torch.', '')}"

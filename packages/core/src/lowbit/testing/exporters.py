@@ -71,7 +71,7 @@ def tiny_quantized_model(scheme: QuantScheme, seed: int = 0, tokenizer: bool = T
                 scheme.check_shape(k, path)
                 g_idx = None
                 if scheme.act_order:
-                    gs = k if scheme.group_size == -1 else scheme.group_size
+                    gs = scheme.group_width(k)
                     g_idx = torch.empty(k, dtype=torch.int32)
                     g_idx[torch.randperm(k, generator=gen)] = (torch.arange(k) // gs).to(torch.int32)
                 scales, zeros = choose_qparams(w, scheme)

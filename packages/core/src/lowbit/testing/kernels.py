@@ -30,7 +30,7 @@ def make_qweight(n: int, k: int, scheme: QuantScheme, seed: int = 0, bias: bool 
     w = torch.randn(n, k, generator=gen)
     g_idx = None
     if scheme.act_order:
-        gs = k if scheme.group_size == -1 else scheme.group_size
+        gs = scheme.group_width(k)
         perm = torch.randperm(k, generator=gen)
         g_idx = torch.empty(k, dtype=torch.int32)
         g_idx[perm] = (torch.arange(k) // gs).to(torch.int32)
