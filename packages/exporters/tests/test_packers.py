@@ -10,7 +10,7 @@ import torch
 from exporters_testlib import random_qweight
 
 from lowbit import QuantScheme, UnsupportedSchemeError, registry
-from lowbit_exporters._bits import pack_bits, unpack_bits
+from lowbit.packing import pack_bits, unpack_bits
 
 PACKERS = ("autoawq-gemm", "autoawq-gemv", "gptq", "gptq-v2")
 
@@ -85,3 +85,25 @@ def test_gptq_v1_refuses_zero_point_zero():
         registry("packers").get("gptq")().pack(qw)
     back = registry("packers").get("gptq-v2")()
     assert back.unpack(back.pack(qw), qw.scheme, 128, 32).equal(qw)
+
+
+def test_exporters_write_through_the_registered_packer(monkeypatch, tmp_path):
+    """The GPTQ writer asks registry("packers") for its layout: a packer registered under that name
+    (here a spy around the real one) is the one that packs."""
+    from exporters_testlib import tiny_qmodel
+
+    from lowbit import export, registry
+    from lowbit_exporters.gptq import GPTQPacker
+
+    calls = []
+
+    class Spy(GPTQPacker):
+        def pack(self, qw):
+            calls.append(qw.out_features)
+            return super().pack(qw)
+
+    reg = registry("packers")
+    monkeypatch.setitem(reg._items, "gptq", Spy)
+    qm = tiny_qmodel(QuantScheme(4, 64, sym=True))
+    export(qm, "gptq", tmp_path / "g")
+    assert len(calls) == len(qm.qweights)

@@ -23,6 +23,7 @@ from lowbit.hf import (
 )
 from lowbit.models import adapter_or_none, config_get
 from lowbit.packing import Packer
+from lowbit.plugins import registry
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -185,15 +186,21 @@ def unquantized_block_linears(qmodel: QuantizedModel) -> list[str]:
 class HFQuantFormat(Exporter):
     """Skeleton of a format that is an HF directory with packed safetensors per quantized linear.
 
-    Subclasses set ``packer_cls``, ``parts`` and implement ``quantization_config`` (what goes to
+    Subclasses set ``layout`` (the name of the registered packer they write), ``parts`` and implement ``quantization_config`` (what goes to
     config.json) and ``parse`` (quantization config → scheme + packer).
     """
 
-    packer_cls: ClassVar[type[Packer]]
+    #: the layout written: a packer's name in ``registry("packers")``, so a plugin's packer is used
+    layout: ClassVar[str]
     parts: ClassVar[tuple[str, ...]] = ("qweight", "qzeros", "scales", "g_idx", "bias")
     max_shard_bytes: ClassVar[int] = DEFAULT_SHARD_BYTES
     #: the dtype biases are stored in (what the consumers' layers hold)
     bias_dtype: ClassVar[torch.dtype] = torch.float16
+
+    @classmethod
+    def packer(cls, layout: str | None = None) -> type[Packer]:
+        """The registered packer of ``layout`` (default: the one this format writes)."""
+        return registry("packers").get(layout or cls.layout)
 
     # -- subclass hooks ------------------------------------------------------------------------
     def quantization_config(self, qmodel: QuantizedModel) -> dict:
@@ -211,7 +218,7 @@ class HFQuantFormat(Exporter):
         reason = self.check(qmodel.scheme, qmodel.config)
         if reason:
             raise UnsupportedSchemeError(f"cannot write {qmodel.scheme.describe()} as {self.name}: {reason}.")
-        packer = self.packer_cls()
+        packer = self.packer()()
         name = lambda n: checkpoint_name(qmodel.config, n)  # noqa: E731
         tensors: dict[str, torch.Tensor] = {name(n): t for n, t in qmodel.float_tensors.items()}
         for lowbit_mod, qw in sorted(qmodel.qweights.items()):

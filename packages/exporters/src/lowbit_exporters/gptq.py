@@ -22,9 +22,8 @@ from typing import ClassVar
 import torch
 
 from lowbit import CheckpointError, QuantizedModel, QuantizedWeight, QuantScheme, UnsupportedSchemeError
-from lowbit.packing import Packer
+from lowbit.packing import Packer, pack_bits, unpack_bits
 
-from ._bits import pack_bits, unpack_bits
 from ._common import (
     HFQuantFormat,
     checkpoint_name,
@@ -144,7 +143,7 @@ class GPTQExporter(HFQuantFormat):
 
     name = "gptq"
     description = "GPTQ v1 (AutoGPTQ/GPTQModel/vLLM/transformers), zeros stored minus one; 2/3/4/8-bit, sym"
-    packer_cls: ClassVar[type[GPTQPacker]] = GPTQPacker
+    layout: ClassVar[str] = GPTQPacker.name
     checkpoint_format: ClassVar[str] = FORMAT_V1
 
     @classmethod
@@ -207,7 +206,7 @@ class GPTQExporter(HFQuantFormat):
         bits = first(qc, "bits", "w_bit")
         group = first(qc, "group_size", "q_group_size", default=-1)
         desc_act = bool(first(qc, "desc_act", default=False))
-        packer = GPTQv2Packer() if fmt == FORMAT_V2 else GPTQPacker()
+        packer = self.packer(GPTQv2Packer.name if fmt == FORMAT_V2 else GPTQPacker.name)()
         sym = qc.get("sym")
         if sym is None:  # infer from the zeros (GPTQModel would warn and assume sym)
             scheme = make_scheme(path, bits, group, False, desc_act)
@@ -250,7 +249,7 @@ class GPTQv2Exporter(GPTQExporter):
 
     name = "gptq-v2"
     description = "GPTQ v2 (GPTQModel/transformers/vLLM), raw zeros; 2/3/4/8-bit, sym or asym"
-    packer_cls = GPTQv2Packer
+    layout = GPTQv2Packer.name
     checkpoint_format = FORMAT_V2
 
 

@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import LowbitError
 from ..qweight import QuantizedWeight
 from ..scheme import QuantScheme
 
@@ -51,6 +52,9 @@ class Kernel:
     supports_asym: ClassVar[bool] = True
     #: runs a weight whose last group is partial (group size not dividing in_features)
     supports_partial_groups: ClassVar[bool] = False
+    #: the layout the kernel repacks weights into: a packer's name in ``registry("packers")`` (None:
+    #: the kernel keeps its own form); :meth:`packer` looks it up, so a plugin's packer is used
+    layout: ClassVar[str | None] = None
     description: ClassVar[str] = ""
 
     @classmethod
@@ -81,6 +85,15 @@ class Kernel:
         if not s.sym and not cls.supports_asym:
             return "does not support asymmetric weights"
         return None
+
+    @classmethod
+    def packer(cls):
+        """The registered :class:`lowbit.Packer` of :attr:`layout`."""
+        from ..plugins import registry
+
+        if cls.layout is None:
+            raise LowbitError(f"kernel {cls.name} declares no layout; set its layout to a registered packer's name.")
+        return registry("packers").get(cls.layout)
 
     def __init__(self, qweight: QuantizedWeight, device: torch.device, dtype: torch.dtype):
         """Prepare: repack ``qweight`` once into the kernel's own layout on ``device``."""
