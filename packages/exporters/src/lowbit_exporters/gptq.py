@@ -83,8 +83,8 @@ class GPTQPacker(Packer):
             raise UnsupportedSchemeError(f"cannot pack {qw.scheme.describe()} as {self.name}: {reason}.")
         if self.zero_offset and qw.zeros.numel() and int(qw.zeros.min()) < self.zero_offset:
             raise UnsupportedSchemeError(
-                "GPTQ v1 cannot store a zero point of 0 (it stores zero-1, and readers decode the wrapped "
-                "field differently, formats.md §2.3); write format gptq-v2 or quantize with --sym."
+                "GPTQ v1 cannot store a zero point of 0 (it stores zero-1, and vLLM, AutoGPTQ and GPTQModel "
+                "decode the wrapped field differently); write format gptq-v2 or quantize with --sym."
             )
         zeros = (qw.zeros.to(torch.int16) - self.zero_offset) & qw.scheme.maxq
         return {
@@ -151,7 +151,8 @@ class GPTQExporter(HFQuantFormat):
         if scheme.bits not in GPTQPacker.supported_bits:
             return f"GPTQ holds bits 2, 3, 4, 8, got {scheme.bits}"
         if cls.checkpoint_format == FORMAT_V1 and not scheme.sym:
-            return ("GPTQ v1 stores zero-1 and readers disagree on a zero point of 0 (formats.md §2.3), so it "
+            return ("GPTQ v1 stores zero-1 and readers disagree on a zero point of 0 (docs/formats.md, "
+                    "Choosing a format), so it "
                     "holds symmetric schemes only; use --format gptq-v2 for asymmetric, or quantize with --sym")
         return shape_problem(config, _shape_need, "GPTQ")
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ..algorithms.base import LinearGroup
+from ..algorithms.context import LinearGroup
 from ..errors import ModelLoadError
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from ..algorithms.base import LinearGroup
+from ..algorithms.context import LinearGroup
 from ._experts import split_experts
 from .base import Adapter, config_get
 from .llama import attention_groups, attention_shapes, mlp_groups, mlp_shapes
