@@ -128,8 +128,7 @@ class AWQ(Quantizer):
     Options: ``n_grid`` points of the α grid (and of the clip grid), ``duo_scaling``, ``clip``,
     ``dump`` (path to write the search results), ``load`` (path of results to apply instead of
     searching), ``search_tokens`` (tokens the norm-fed groups' inspect module is run on per grid
-    point: whole samples, from evenly spaced batches or the first rows of one; 2048 picked the same
-    α as 4096 in all 9 groups of demo layers 3/15/27 at W4 g64, at about half the search time),
+    point: whole samples, from evenly spaced batches or the first rows of one; benchmarks/NOTES.md),
     ``gram_tokens`` (tokens of the Gram matrices), ``max_shrink`` (largest clip shrink).
     """
 

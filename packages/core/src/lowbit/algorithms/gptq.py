@@ -118,7 +118,9 @@ class GPTQ(Quantizer):
                     ctx.set_quantized(p, qw)
                     if p in kept:  # its block's output is now final: later stages skip the block
                         ctx.replay(p, kept[p], checked.get(p))
-        ctx.report["gptq_loss"] = {p.rsplit(".", 1)[-1]: float(f"{v:.4g}") for p, v in errs.items()}
+        leaves = [p.rsplit(".", 1)[-1] for p in errs]  # MoE experts repeat leaf names: keep their paths
+        ctx.report["gptq_loss"] = {(p.rsplit(".", 1)[-1] if leaves.count(p.rsplit(".", 1)[-1]) == 1 else p):
+                                   float(f"{v:.4g}") for p, v in errs.items()}
         ctx.report["gptq_seconds"] = round(time.perf_counter() - t0, 2)
 
     def _hessians(self, ctx: LayerContext, paths: list[str]) -> tuple[dict, dict, dict]:
@@ -160,8 +162,7 @@ class GPTQ(Quantizer):
 
 def add_gram_upper(acc: torch.Tensor, x: torch.Tensor, block: int = 128) -> None:
     """``acc += xᵀx`` on the upper block triangle only (column blocks of ``block``); :func:`symmetric_from_upper`
-    mirrors it. Measured (2 cores, 4096 tokens): 0.67 of the full product's time at 576 columns, 0.60 at 1536
-    (wider blocks do fewer, larger GEMMs but more of the lower triangle: 384 gave 0.79 and 0.72)."""
+    mirrors it (about two thirds of the full product's time; benchmarks/NOTES.md)."""
     k = x.shape[1]
     for i in range(0, k, block):
         acc[i:i + block, i:].addmm_(x[:, i:i + block].T, x[:, i:])
@@ -285,7 +286,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
         lam = damp * (10 ** attempt) * mean_diag
         L, info = torch.linalg.cholesky_ex(H + lam * eye)
         if int(info) == 0:
-            Hinv = torch.cholesky_solve(eye, L)  # = cholesky_inverse(L), which is ~30x slower on CPU here
+            Hinv = torch.cholesky_solve(eye, L)  # = cholesky_inverse(L), much slower on CPU
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info) == 0:
                 return U
