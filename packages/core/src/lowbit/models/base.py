@@ -50,6 +50,17 @@ class Adapter:
     #: HF model types xFT's runtime knows for this family (its config.ini section)
     xft_model_types: ClassVar[tuple[str, ...]] = ()
 
+    def __init__(self, name: str | None = None, model_types: tuple[str, ...] | None = None,
+                 layers_path: str | None = None):
+        """Override the class's ``name``, ``model_types`` or ``layers_path`` for this instance: a family
+        laid out like llama's is ``LlamaAdapter("granite", ("granite",))``."""
+        if name is not None:
+            self.name = name
+        if model_types is not None:
+            self.model_types = tuple(model_types)
+        if layers_path is not None:
+            self.layers_path = layers_path
+
     # -- the module tree ------------------------------------------------------------------------
 
     def prepare(self, model: nn.Module) -> None:
