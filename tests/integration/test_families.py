@@ -16,7 +16,7 @@ from lowbit.testing.models import save_tiny_model
 
 # (family, method): rtn everywhere, gptq and awq spread so each family runs a calibrated method
 CASES = [("phi3", "rtn"), ("phi3", "gptq"), ("gemma2", "awq"), ("gemma3_text", "gptq"), ("mixtral", "rtn"),
-         ("mixtral", "gptq"), ("mixtral", "awq"), ("qwen2_moe", "awq"), ("qwen3_moe", "gptq")]
+         ("mixtral", "gptq"), ("mixtral", "awq"), ("qwen2_moe", "awq"), ("qwen3_moe", "gptq"), ("gemma3", "gptq")]
 #: a quantized and a float tensor of layer 0 in the AutoAWQ/GPTQ files, as AutoAWQ / GPTQModel name them
 NAMES = {
     "phi3": ("model.layers.0.self_attn.qkv_proj.qweight", "model.layers.0.input_layernorm.weight"),
@@ -25,6 +25,8 @@ NAMES = {
     "mixtral": ("model.layers.0.block_sparse_moe.experts.3.w2.qweight", "model.layers.0.block_sparse_moe.gate.weight"),
     "qwen2_moe": ("model.layers.0.mlp.experts.3.down_proj.qweight", "model.layers.0.mlp.shared_expert_gate.weight"),
     "qwen3_moe": ("model.layers.0.mlp.experts.3.up_proj.qweight", "model.layers.0.mlp.gate.weight"),
+    "gemma3": ("model.language_model.layers.1.self_attn.o_proj.qweight",
+               "model.vision_tower.encoder.layers.0.self_attn.q_proj.weight"),
 }
 
 
@@ -59,6 +61,9 @@ def test_family_quantizes_exports_and_reads_back_identical(family_dirs, tmp_path
     cfg = json.loads((out / "autoawq/config.json").read_text())["quantization_config"]
     if model_type in ("mixtral", "qwen3_moe"):
         assert cfg["modules_to_not_convert"] == [fname.split(".", 3)[3].rsplit(".", 1)[0]]
+    if model_type == "gemma3":  # the vision tower stays float, and consumers are told so
+        assert not any("vision_tower" in m for m in qm.qweights) and len(qm.qweights) == 2 * 7
+        assert {"vision_tower", "multi_modal_projector"} <= set(cfg["modules_to_not_convert"])
     # the quantized model (QuantLinear, reference kernel) computes what its dequantized float twin does
     loaded = read_checkpoint(out / "gptq")
     ids = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from .base import Adapter, adapter_for, adapter_or_none, config_get
-from .gemma import GemmaAdapter
+from .gemma import Gemma3VisionAdapter, GemmaAdapter
 from .llama import LLAMA_FAMILY, LlamaAdapter
 from .mixtral import MixtralAdapter
 from .phi3 import Phi3Adapter
 from .qwen_moe import QwenMoeAdapter
 
 #: the adapters lowbit registers itself (``_builtin``)
-BUILTIN = (LLAMA_FAMILY, Phi3Adapter(), GemmaAdapter(), MixtralAdapter(), QwenMoeAdapter())
+BUILTIN = (LLAMA_FAMILY, Phi3Adapter(), GemmaAdapter(), Gemma3VisionAdapter(), MixtralAdapter(), QwenMoeAdapter())
 
-__all__ = ["BUILTIN", "LLAMA_FAMILY", "Adapter", "GemmaAdapter", "LlamaAdapter", "MixtralAdapter", "Phi3Adapter",
+__all__ = ["BUILTIN", "LLAMA_FAMILY", "Adapter", "Gemma3VisionAdapter", "GemmaAdapter", "LlamaAdapter", "MixtralAdapter", "Phi3Adapter",
            "QwenMoeAdapter", "adapter_for", "adapter_or_none", "config_get"]

@@ -49,6 +49,9 @@ class Adapter:
     xft_matrices: ClassVar[dict[str, tuple[str, ...]] | None] = None
     #: HF model types xFT's runtime knows for this family (its config.ini section)
     xft_model_types: ClassVar[tuple[str, ...]] = ()
+    #: modules outside the decoder layers that stay float and that a consumer must not convert to
+    #: quantized linears (a vision tower); AutoAWQ-style configs list them in modules_to_not_convert
+    float_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, name: str | None = None, model_types: tuple[str, ...] | None = None,
                  layers_path: str | None = None):

@@ -1,4 +1,5 @@
-"""Gemma 1/2/3 (text): llama-like linears, RMSNorms that compute ``x̂ · (1 + w)``.
+"""Gemma 1/2/3: llama-like linears, RMSNorms that compute ``x̂ · (1 + w)``; Gemma 3 with its vision
+tower (``model_type: gemma3``) quantizes the language model's decoder layers only.
 
 The norm offset matters to AWQ: folding a scale ``s`` into a Gemma norm gives
 ``w' = (1 + w) / s - 1``, not ``w / s``. Gemma 2 and 3 normalise the attention and MLP outputs too
@@ -36,3 +37,17 @@ class GemmaAdapter(Adapter):
         if not (att and inter):
             return {}
         return {**att, **mlp_shapes(config_get(config, "hidden_size"), inter)}
+
+
+class Gemma3VisionAdapter(GemmaAdapter):
+    """Gemma 3 image-text (``Gemma3ForConditionalGeneration``): the decoder layers under
+    ``model.language_model``; the vision tower and the projector stay float, and AutoAWQ-style
+    checkpoints list them in ``modules_to_not_convert``."""
+
+    name = "gemma3-vision"
+    model_types = ("gemma3",)
+    layers_path = "model.language_model.layers"
+    float_modules = ("vision_tower", "multi_modal_projector")
+
+    def linear_shapes(self, config: Any) -> dict[str, tuple[int, int]]:
+        return super().linear_shapes(config_get(config, "text_config"))

@@ -56,6 +56,10 @@ TINY_FAMILIES: dict[str, dict] = {
     "gemma2": {"query_pre_attn_scalar": 32},
     "gemma3_text": {"query_pre_attn_scalar": 32, "sliding_window": 64},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "gemma3": {"text_config": {"query_pre_attn_scalar": 32, "sliding_window": 64},
+               "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                                 "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+               "mm_tokens_per_image": 4, "boi_token_index": 380, "eoi_token_index": 381, "image_token_index": 382},
     "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
                   "shared_expert_intermediate_size": 128},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64},
@@ -69,7 +73,11 @@ def tiny_config(model_type: str, **overrides):
     cfg = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, head_dim=32, vocab_size=384, max_position_embeddings=512,
                tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    cfg.update(TINY_FAMILIES.get(model_type, {}))
+    family = dict(TINY_FAMILIES.get(model_type, {}))
+    if "vision_config" in family:  # an image-text model: the tiny sizes describe its text model
+        text = {**cfg, **family.pop("text_config", {}), **overrides}
+        return AutoConfig.for_model(model_type, text_config=text, **family)
+    cfg.update(family)
     cfg.update(overrides)
     return AutoConfig.for_model(model_type, **cfg)
 
