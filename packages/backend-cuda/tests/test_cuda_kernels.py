@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cuda_support import DEVICE, DTYPES, ON_GPU, RTOL, needs_triton_runner, random_qweight, reference, rel_err
+from cuda_support import DEVICE, DTYPES, ON_GPU, RTOL, needs_triton_runner, reference, rel_err
 
 from lowbit import KernelSpec, QuantScheme
-from lowbit.testing import KernelConformance
+from lowbit.testing import KernelConformance, random_qweight
 from lowbit_cuda.errors import LaunchError
 from lowbit_cuda.kernel import TritonW4A16Kernel
 from lowbit_cuda.kernels.w4a16_gemm import w4a16_gemm

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cuda_support import random_qweight
 
 from lowbit import QuantScheme, UnsupportedSchemeError
 from lowbit.errors import CheckpointError
 from lowbit.plugins import registry
+from lowbit.testing import random_qweight
 from lowbit_cuda.packing import TritonPacker, pack, pack_codes, unpack, unpack_codes
 
 

@@ -55,7 +55,7 @@ def narrow_dir(tmp_path_factory):
 BAD = [
     (["--bits", "5"], "bits=5 is not supported; supported: 2, 3, 4, 8"),
     (["--group-size", "100"], "group_size=100 is not supported"),
-    (["--group-size", "128"], "does not divide q/k/v_proj, gate/up_proj's 96 input features"),
+    (["--group-size", "128"], "does not divide self_attn.q_proj, self_attn.k_proj, self_attn.v_proj (+3 more)'s 96 input features"),
     (["--method", "magic"], "unknown method 'magic'; known:"),
     (["--method", "rtn", "--act-order"], "act-order needs --method gptq"),
     (["--format", "nope"], "unknown exporter 'nope'; known:"),
@@ -80,7 +80,9 @@ def test_unknown_model_and_architecture(capsys, tmp_path):
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 1, "n_head": 2}))
     code, _, err = run(capsys, "quantize", str(d), "--no-progress")
-    assert code == 2 and "architecture 'gpt2' is not supported; supported: llama" in err
+    assert code == 2 and "architecture 'gpt2' is not supported; supported: " in err and err.count("\n") == 1
+    for known in ("gemma2", "llama", "mixtral", "phi3", "qwen2_moe", "qwen3_moe"):
+        assert known in err
     (tmp_path / "nocfg").mkdir()
     code, _, err = run(capsys, "quantize", str(tmp_path / "nocfg"), "--no-progress")
     assert code == 2 and "no config.json" in err

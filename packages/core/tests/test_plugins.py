@@ -151,3 +151,87 @@ def test_kernel_on_wrong_device_gives_reason():
         device_types = ("cuda",)
 
     assert "runs on cuda, not cpu" in CudaOnly.probe(torch.device("cpu"))
+
+
+def _plugin_module(monkeypatch, module_name: str, ep_name: str, **hooks):
+    """An entry point ``ep_name`` backed by an in-memory module whose hooks are ``hooks``."""
+    from importlib import metadata
+
+    mod = types.ModuleType(module_name)
+    for name, fn in hooks.items():
+        setattr(mod, name, lowbit.hookimpl(fn))
+    monkeypatch.setitem(sys.modules, module_name, mod)
+    ep = metadata.EntryPoint(ep_name, module_name, "lowbit")
+    real = metadata.entry_points
+    monkeypatch.setattr(metadata, "entry_points", lambda **kw: metadata.EntryPoints(list(real(group="lowbit")) + [ep])
+                        if kw.get("group") == "lowbit" else real(**kw))
+
+
+def test_every_hook_registers_through_a_fake_plugin_and_is_used(monkeypatch):
+    """One thing of each kind from a third-party entry point, each reached by the code that uses it."""
+    from lowbit.algorithms.rtn import RTN
+    from lowbit.checkpoint import LowbitCheckpoint
+    from lowbit.exporting import check_formats
+    from lowbit.models import LlamaAdapter, adapter_for
+    from lowbit.packing import Packer
+    from lowbit.pipeline import make_steps
+    from lowbit.primitives import quantize
+    from lowbit.qweight import QuantizedWeight
+
+    packed = []
+
+    class SpyPacker(Packer):
+        name = "fake-layout"
+
+        def pack(self, qw):
+            packed.append(qw.out_features)
+            return {"w": qw.dequantize()}
+
+    class FakeKernel(Kernel):
+        name = "fake.layout_kernel"
+        priority = 1000
+        layout = "fake-layout"
+
+        def __init__(self, qweight, device, dtype):
+            super().__init__(qweight, device, dtype)
+            self.w = self.packer()().pack(qweight)["w"].to(dtype)
+
+        def forward(self, x):
+            return x @ self.w.T
+
+    class FakeRTN(RTN):
+        name = "fake-rtn"
+
+    class FakeFormat(LowbitCheckpoint):
+        name = "fake-format"
+
+        @classmethod
+        def check(cls, scheme, config=None):
+            return None if scheme.bits == 4 else "fake-format holds 4-bit only"
+
+    class FakeAdapter(LlamaAdapter):
+        name = "fake-arch"
+        model_types = ("fakellama",)
+
+    _plugin_module(
+        monkeypatch, "lowbit_every_hook", "every-hook",
+        lowbit_register_packers=lambda register: register.add(SpyPacker),
+        lowbit_register_kernels=lambda register: register.add(FakeKernel),
+        lowbit_register_quantizers=lambda register: register.add(FakeRTN),
+        lowbit_register_exporters=lambda register: register.add(FakeFormat),
+        lowbit_register_architectures=lambda register: register.add(FakeAdapter()),
+    )
+    for kind, name in (("packers", "fake-layout"), ("kernels", "fake.layout_kernel"), ("quantizers", "fake-rtn"),
+                       ("exporters", "fake-format"), ("architectures", "fakellama")):
+        assert registry(kind).origin(name) == "every-hook", kind
+    assert [type(s) for s in make_steps("fake-rtn", QuantScheme(4, 64))] == [FakeRTN]
+    with pytest.raises(LowbitError, match="fake-format: fake-format holds 4-bit only"):
+        check_formats(["fake-format"], QuantScheme(3, 64))
+    assert adapter_for({"model_type": "fakellama"}).name == "fake-arch"
+    w = torch.randn(64, 128)
+    qw: QuantizedWeight = quantize(w, QuantScheme(4, 64))
+    kernel = select_kernel(KernelSpec.of(qw, torch.float32))
+    assert kernel is FakeKernel
+    y = kernel(qw, torch.device("cpu"), torch.float32).forward(torch.ones(2, 128))
+    assert packed == [64]  # the kernel repacked through the registered packer of its layout
+    torch.testing.assert_close(y, torch.ones(2, 128) @ qw.dequantize().T)

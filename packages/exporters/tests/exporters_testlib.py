@@ -9,37 +9,10 @@ import torch
 
 from lowbit import QuantizedModel, QuantizedWeight, QuantScheme
 from lowbit.primitives import quantize, quantize_codes
+from lowbit.testing import act_order_g_idx
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-def act_order_g_idx(k: int, group_size: int, gen: torch.Generator) -> torch.Tensor:
-    """GPTQ's desc_act assignment for a random column order: g_idx[k] = position of k // G."""
-    gs = k if group_size == -1 else group_size
-    perm = torch.randperm(k, generator=gen)
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(k)
-    return (inv // gs).to(torch.int32)
-
-
-def random_qweight(scheme: QuantScheme, n: int = 64, k: int = 128, seed: int = 0, bias: bool = False) -> QuantizedWeight:
-    """Random codes/zeros/scales that include the edge values formats.md §7 asks for:
-    z = 0 and z = 2**b − 1 (asym), q = 0 and q = 2**b − 1, non-power-of-two fp16 scales, ≥2 groups,
-    and a permuted g_idx under act-order."""
-    gen = torch.Generator().manual_seed(seed)
-    ng = scheme.num_groups(k)
-    codes = torch.randint(0, scheme.maxq + 1, (n, k), generator=gen, dtype=torch.int64).to(torch.uint8)
-    codes[0, 0], codes[-1, -1] = 0, scheme.maxq
-    if scheme.sym:
-        zeros = torch.full((n, ng), 1 << (scheme.bits - 1), dtype=torch.uint8)
-    else:
-        zeros = torch.randint(0, scheme.maxq + 1, (n, ng), generator=gen, dtype=torch.int64).to(torch.uint8)
-        zeros[0, 0], zeros[-1, -1] = 0, scheme.maxq
-    scales = (torch.rand(n, ng, generator=gen) * 0.1 + 1e-3).half()
-    g_idx = act_order_g_idx(k, scheme.group_size, gen) if scheme.act_order else None
-    b = torch.randn(n, generator=gen).half() if bias else None
-    return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, scheme=scheme, g_idx=g_idx, bias=b)
 
 
 def tiny_config(arch: str = "llama", **overrides):
@@ -70,7 +43,7 @@ def tiny_qmodel(scheme: QuantScheme, seed: int = 0, arch: str = "llama", **overr
             bias = None if lin.bias is None else lin.bias.detach().clone()
             qw = quantize(w, scheme, bias=bias)
             if scheme.act_order:
-                g_idx = act_order_g_idx(w.shape[1], scheme.group_size, gen)
+                g_idx = act_order_g_idx(w.shape[1], scheme, gen)
                 qw = QuantizedWeight(codes=quantize_codes(w, qw.scales, qw.zeros, scheme, g_idx), scales=qw.scales,
                                      zeros=qw.zeros, scheme=scheme, g_idx=g_idx, bias=bias)
             qweights[path] = qw

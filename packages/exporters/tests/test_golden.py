@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lowbit import QuantizedWeight, QuantScheme
-from lowbit_exporters._bits import pack_bits, unpack_bits
+from lowbit.packing import pack_bits, unpack_bits
 from lowbit_exporters.autoawq import AwqGemmPacker, AwqGemvPacker, gemv_zeros_width
 from lowbit_exporters.gptq import GPTQPacker, GPTQv2Packer
 from lowbit_exporters.xft import xft_matrix

@@ -7,10 +7,10 @@ import itertools
 
 import pytest
 import torch
-from exporters_testlib import random_qweight
 
 from lowbit import QuantScheme, UnsupportedSchemeError, registry
-from lowbit_exporters._bits import pack_bits, unpack_bits
+from lowbit.packing import pack_bits, unpack_bits
+from lowbit.testing import random_qweight
 
 PACKERS = ("autoawq-gemm", "autoawq-gemv", "gptq", "gptq-v2")
 
@@ -27,7 +27,8 @@ def cases():
 @pytest.mark.parametrize("name, scheme", list(cases()))
 def test_pack_unpack_identity(name, scheme):
     packer = registry("packers").get(name)()
-    qw = random_qweight(scheme, n=96, k=256, seed=hash((name, scheme)) % 1000, bias=True)
+    qw = random_qweight(96, 256, scheme, seed=hash((name, scheme)) % 1000, bias=True, edges=True,
+                        bias_dtype=torch.float16)
     if name == "gptq" and not scheme.sym:  # v1 cannot store a zero of 0 (formats.md §2.3)
         qw.zeros.clamp_(min=1)
     packed = packer.pack(qw)
@@ -73,15 +74,37 @@ def test_gptq_shape_needs_multiples_of_32():
     cls = registry("packers").get("gptq")
     assert "multiples of 32" in cls.check(QuantScheme(4, -1), 48, 64)
     assert "multiples of 32" in cls.check(QuantScheme(4, -1), 64, 40)
-    qw = random_qweight(QuantScheme(4, -1, sym=True), n=40, k=64)
+    qw = random_qweight(40, 64, QuantScheme(4, -1, sym=True), edges=True)
     with pytest.raises(UnsupportedSchemeError, match="multiples of 32"):
         cls().pack(qw)
 
 
 def test_gptq_v1_refuses_zero_point_zero():
-    qw = random_qweight(QuantScheme(4, 64), n=32, k=128)
+    qw = random_qweight(32, 128, QuantScheme(4, 64), edges=True)
     assert int(qw.zeros.min()) == 0
     with pytest.raises(UnsupportedSchemeError, match="gptq-v2"):
         registry("packers").get("gptq")().pack(qw)
     back = registry("packers").get("gptq-v2")()
     assert back.unpack(back.pack(qw), qw.scheme, 128, 32).equal(qw)
+
+
+def test_exporters_write_through_the_registered_packer(monkeypatch, tmp_path):
+    """The GPTQ writer asks registry("packers") for its layout: a packer registered under that name
+    (here a spy around the real one) is the one that packs."""
+    from exporters_testlib import tiny_qmodel
+
+    from lowbit import export, registry
+    from lowbit_exporters.gptq import GPTQPacker
+
+    calls = []
+
+    class Spy(GPTQPacker):
+        def pack(self, qw):
+            calls.append(qw.out_features)
+            return super().pack(qw)
+
+    reg = registry("packers")
+    monkeypatch.setitem(reg._items, "gptq", Spy)
+    qm = tiny_qmodel(QuantScheme(4, 64, sym=True))
+    export(qm, "gptq", tmp_path / "g")
+    assert len(calls) == len(qm.qweights)

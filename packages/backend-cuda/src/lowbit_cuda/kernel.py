@@ -1,7 +1,7 @@
 """The Triton W4A16 kernel as lowbit sees it: declared support, probe, one-time repack, dispatch.
 
-``__init__`` repacks the QuantizedWeight once into ``triton-kpack`` (lowbit_cuda.packing) on the
-GPU; ``forward`` flattens ``x`` to ``[M, K]`` and sends batches up to ``configs.GEMV_MAX_BATCH``
+``__init__`` repacks the QuantizedWeight once into the layout named by ``layout`` (``triton-kpack``,
+lowbit_cuda.packing), through the packer registered under that name, and moves it to the GPU; ``forward`` flattens ``x`` to ``[M, K]`` and sends batches up to ``configs.GEMV_MAX_BATCH``
 rows to the split-K GEMV (decode) and larger ones to the tiled GEMM (prefill).
 """
 
@@ -12,7 +12,7 @@ import torch
 from lowbit import Kernel, KernelSpec, QuantizedWeight
 
 from . import configs
-from .packing import check_scheme, pack
+from .packing import TritonPacker, check_scheme, packed_weight
 from .probe import probe_cuda
 
 
@@ -26,6 +26,7 @@ class TritonW4A16Kernel(Kernel):
     supports_act_order = True
     supports_sym = True
     supports_asym = True
+    layout = TritonPacker.name
     description = "Triton: split-K GEMV for batch <= 16, tiled GEMM above; int4 (and int2/int8) dequantized in registers"
 
     @classmethod
@@ -38,7 +39,8 @@ class TritonW4A16Kernel(Kernel):
 
     def __init__(self, qweight: QuantizedWeight, device: torch.device, dtype: torch.dtype):
         super().__init__(qweight, device, dtype)
-        self.packed = pack(qweight, device)
+        tensors = self.packer()().pack(qweight)
+        self.packed = packed_weight(tensors, qweight.scheme, qweight.in_features, qweight.out_features, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .kernels.w4a16_gemm import w4a16_gemm

@@ -36,6 +36,7 @@ import torch
 
 from lowbit import Packer, QuantizedWeight, QuantScheme
 from lowbit.errors import CheckpointError, UnsupportedSchemeError
+from lowbit.packing import pack_bits, unpack_bits
 
 SUPPORTED_BITS = (2, 4, 8)
 
@@ -65,25 +66,18 @@ class TritonPackedWeight:
 
 
 def pack_codes(codes_kn: torch.Tensor, bits: int) -> torch.Tensor:
-    """``uint8 [K, N]`` codes → ``int32 [ceil(K / P), N]`` words, ``P = 32 // bits`` rows per word."""
+    """``uint8 [K, N]`` codes → ``int32 [ceil(K / P), N]`` words, ``P = 32 // bits`` rows per word
+    (:func:`lowbit.packing.pack_bits` along K, the last word padded with code 0)."""
     p = 32 // bits
     k, n = codes_kn.shape
-    rows = -(-k // p) * p
-    c = torch.zeros(rows, n, dtype=torch.int64)
-    c[:k] = codes_kn.to(torch.int64)
-    c = c.view(rows // p, p, n)
-    shifts = (torch.arange(p, dtype=torch.int64) * bits).view(1, p, 1)
-    words = (c << shifts).sum(dim=1)  # disjoint bit fields: the sum is an OR
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    padded = torch.zeros(n, -(-k // p) * p, dtype=torch.uint8)
+    padded[:, :k] = codes_kn.t()
+    return pack_bits(padded, bits).t().contiguous()
 
 
 def unpack_codes(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: ``int32 [ceil(K / P), N]`` → ``uint8 [K, N]``."""
-    p = 32 // bits
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    shifts = (torch.arange(p, dtype=torch.int64) * bits).view(1, p, 1)
-    c = (w.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
-    return c.reshape(-1, words.shape[1])[:k].to(torch.uint8)
+    return unpack_bits(words.t().contiguous(), bits, k).t().contiguous()
 
 
 def check_scheme(scheme: QuantScheme) -> str | None:
@@ -105,7 +99,7 @@ def pack(qw: QuantizedWeight, device: torch.device | str = "cpu") -> TritonPacke
         g = qw.g_idx.long()
         order = torch.sort(g, stable=True).indices
         codes = codes[:, order]
-        gs = k if qw.scheme.group_size == -1 else qw.scheme.group_size
+        gs = qw.scheme.group_width(k)
         perm = order.to(torch.int32)
         if not torch.equal(g[order], torch.arange(k) // gs):
             g_sorted = g[order].to(torch.int32)
@@ -176,16 +170,13 @@ class TritonPacker(Packer):
                 f"triton-kpack qweight shape {list(tensors['qweight'].shape)} != [{words}, {out_features}] "
                 f"for {scheme.describe()} {out_features}x{in_features}; check the scheme and shape passed."
             )
-        p = TritonPackedWeight(
-            qweight=tensors["qweight"],
-            scales=tensors["scales"],
-            zeros=tensors.get("zeros"),
-            perm=tensors.get("perm"),
-            g_idx=tensors.get("g_idx"),
-            bias=tensors.get("bias"),
-            bits=scheme.bits,
-            group_size=scheme.group_size,
-            in_features=in_features,
-            out_features=out_features,
-        )
-        return unpack(p, scheme)
+        return unpack(packed_weight(tensors, scheme, in_features, out_features), scheme)
+
+
+def packed_weight(tensors: dict[str, torch.Tensor], scheme: QuantScheme, in_features: int, out_features: int,
+                  device: torch.device | str | None = None) -> TritonPackedWeight:
+    """The kernels' :class:`TritonPackedWeight` from a ``triton-kpack`` packer's named tensors (on ``device``)."""
+    to = (lambda t: t) if device is None else (lambda t: t.to(torch.device(device)))
+    opt = {key: None if tensors.get(key) is None else to(tensors[key]) for key in ("zeros", "perm", "g_idx", "bias")}
+    return TritonPackedWeight(qweight=to(tensors["qweight"]), scales=to(tensors["scales"]), **opt, bits=scheme.bits,
+                              group_size=scheme.group_size, in_features=in_features, out_features=out_features)

@@ -17,9 +17,10 @@ from .errors import (
     UnsupportedSchemeError,
 )
 from .exporting import Exporter, export, read_checkpoint
+from .hookspecs import hookimpl
 from .kernels.base import Kernel, KernelSpec
 from .packing import Packer
-from .plugins import get_plugin_manager, hookimpl, registry
+from .plugins import get_plugin_manager, registry
 from .qmodel import QuantizedModel
 from .qweight import QuantizedWeight
 from .scheme import QuantScheme

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .plugins import hookimpl
+from .hookspecs import hookimpl
 
 
 @hookimpl
@@ -32,6 +32,7 @@ def lowbit_register_exporters(register):
 
 @hookimpl
 def lowbit_register_architectures(register):
-    from .models import LLAMA_FAMILY
+    from .models import BUILTIN
 
-    register.add(LLAMA_FAMILY)
+    for adapter in BUILTIN:
+        register.add(adapter)

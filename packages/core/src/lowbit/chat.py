@@ -30,7 +30,7 @@ HELP = "commands: /reset clears the history, /history shows it, /exit quits (als
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import DTYPES
+    from .runtime import DTYPES
 
     p.description = (
         "Chat with a quantized checkpoint in the terminal: the model's chat template, history across turns, "
@@ -245,9 +245,9 @@ def chat_loop(model, qm, args, inp=None, out=None) -> int:
 def run(args) -> int:
     import torch
 
-    from .cli import _load_runtime
     from .exporting import detect_format
     from .nn import kernels_used
+    from .runtime import load_runtime
 
     if args.max_new_tokens < 1:
         raise LowbitError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
@@ -256,7 +256,7 @@ def run(args) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     fmt = detect_format(args.checkpoint)
-    qm, model = _load_runtime(args.checkpoint, args.dtype, args.kernel)
+    qm, model = load_runtime(args.checkpoint, args.dtype, args.kernel)
     kernels = ", ".join(f"{k} x{n}" for k, n in kernels_used(model).items()) or "none"
     print(f"lowbit chat: {args.checkpoint} ({fmt}, {qm.scheme.describe()}, {args.dtype}; kernels: {kernels})")
     print(HELP)

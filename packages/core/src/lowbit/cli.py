@@ -14,15 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import LowbitError
-
-DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-          "fp16": "float16", "float16": "float16"}
-
-
-def _dtype(name: str):
-    import torch
-
-    return getattr(torch, DTYPES[name])
+from .runtime import DTYPES, dtype_of, load_runtime
 
 
 def _print_json(data) -> None:
@@ -62,7 +54,7 @@ def cmd_quantize(a) -> int:
         raise LowbitError(f"--dump-awq/--load-awq need an AWQ method (awq or awq+gptq), got --method {method}.")
     common = dict(scheme=scheme, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size,
                   step_options=opts, overwrite=a.overwrite, trust_remote_code=a.trust_remote_code,
-                  compute_dtype=pipeline.fast_compute_dtype() if a.compute_dtype == "auto" else _dtype(a.compute_dtype),
+                  compute_dtype=pipeline.fast_compute_dtype() if a.compute_dtype == "auto" else dtype_of(a.compute_dtype),
                   progress=not a.no_progress)
     if a.export_compatible:
         out = pipeline.export_compatible(a.model, a.export_compatible, method=method, device=a.device, **common)
@@ -94,17 +86,6 @@ def _model_slug(model: str | None) -> str:
 
 
 # ----------------------------------------------------------------------------------- runtime
-def _load_runtime(path: str, dtype_name: str, kernel: str | None, lm_head: str = "float"):
-    from .exporting import read_checkpoint
-    from .nn import build_model
-
-    qm = read_checkpoint(path)
-    if qm.tokenizer is None:
-        raise LowbitError(f"{path} has no tokenizer files; copy the model's tokenizer into it.")
-    model = build_model(qm, "cpu", _dtype(dtype_name), kernel, lm_head=lm_head)
-    return qm, model
-
-
 def cmd_eval_ppl(a) -> int:
     import torch
 
@@ -112,7 +93,7 @@ def cmd_eval_ppl(a) -> int:
     from .loading import load_model, resolve
     from .nn import kernels_used
 
-    qm, model = _load_runtime(a.checkpoint, a.dtype, a.kernel)
+    qm, model = load_runtime(a.checkpoint, a.dtype, a.kernel)
     seqlen = min(a.seqlen, getattr(qm.config, "max_position_embeddings", a.seqlen))
     text = Path(a.text).read_text(encoding="utf-8") if a.text else eval_text()
     windows = window_ids(qm.tokenizer, text, seqlen)
@@ -152,7 +133,7 @@ def cmd_generate(a) -> int:
     import torch
     from transformers import TextStreamer
 
-    qm, model = _load_runtime(a.checkpoint, a.dtype, a.kernel, a.lm_head)
+    qm, model = load_runtime(a.checkpoint, a.dtype, a.kernel, a.lm_head)
     ids = _prompt_ids(qm.tokenizer, a.prompt, a.raw)
     streamer = None if a.json else TextStreamer(qm.tokenizer, skip_prompt=True, skip_special_tokens=True)
     sample = a.temperature > 0
@@ -203,7 +184,7 @@ def cmd_kernels(a) -> int:
     spec = None
     if a.bits:
         spec = KernelSpec(QuantScheme(a.bits, a.group_size, sym=a.sym), a.in_features, a.out_features,
-                          _dtype(a.dtype), act_order=a.act_order)
+                          dtype_of(a.dtype), act_order=a.act_order)
     rows = []
     for cls, reason in kernel_reasons(spec, device):
         rows.append({"kernel": cls.name, "plugin": registry("kernels").origin(cls.name), "priority": cls.priority,

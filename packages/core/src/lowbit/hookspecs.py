@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from .registry import Registrar
 
 hookspec = pluggy.HookspecMarker("lowbit")
+#: marks a plugin's hook implementations (re-exported as ``lowbit.hookimpl``)
+hookimpl = pluggy.HookimplMarker("lowbit")
 
 
 @hookspec

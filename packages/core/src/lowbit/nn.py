@@ -10,6 +10,7 @@ from torch import nn
 
 from .errors import CheckpointError
 from .kernels.base import KernelSpec
+from .models import adapter_or_none
 from .qmodel import QuantizedModel
 from .qweight import QuantizedWeight
 from .selection import select_kernel
@@ -53,6 +54,9 @@ def _skeleton(qmodel: QuantizedModel, dtype: torch.dtype) -> nn.Module:
 
     with _no_init():
         model = AutoModelForCausalLM.from_config(qmodel.config, dtype=dtype)
+    adapter = adapter_or_none(qmodel.config)
+    if adapter is not None:  # the module tree lowbit quantized (MoE experts split into linears)
+        adapter.prepare(model)
     return model.eval()
 
 

@@ -81,14 +81,9 @@ def make_steps(method: str, scheme: QuantScheme, step_options: dict[str, dict] |
 
 
 def linear_in_features(config) -> dict[str, int]:
-    """Input width of each llama-family linear, from the config alone (checked before loading)."""
-    hidden = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    return {
-        "q/k/v_proj, gate/up_proj": hidden,
-        "o_proj": config.num_attention_heads * head_dim,
-        "down_proj": config.intermediate_size,
-    }
+    """Input width of each linear the config's architecture quantizes, from the config alone
+    (checked before loading); the adapter owns the family's shapes."""
+    return adapter_for(config).in_features(config)
 
 
 @dataclass

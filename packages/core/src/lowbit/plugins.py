@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -19,7 +21,9 @@ from .errors import LowbitError
 from .registry import Registrar, Registry
 
 ENTRY_POINT_GROUP = "lowbit"
-hookimpl = pluggy.HookimplMarker("lowbit")
+#: lowbit's own hook implementations, loaded by name like any plugin's entry point
+BUILTIN_MODULE = "lowbit._builtin"
+_reset_callbacks: list[Callable[[], None]] = []
 
 KINDS = {
     "quantizers": ("quantizer", "lowbit_register_quantizers"),
@@ -30,8 +34,16 @@ KINDS = {
 }
 
 
-def _env_list(var: str) -> set[str]:
+def env_list(var: str) -> set[str]:
+    """The comma-separated names in environment variable ``var`` (blanks dropped)."""
     return {x.strip() for x in os.environ.get(var, "").split(",") if x.strip()}
+
+
+def _version() -> str:
+    try:
+        return metadata.version("lowbit")
+    except metadata.PackageNotFoundError:  # run from a source tree
+        return "unknown"
 
 
 @dataclass
@@ -52,12 +64,11 @@ class PluginManager:
         self._load()
 
     def _load(self) -> None:
-        from . import __version__, _builtin
-
-        self._register(_builtin, PluginInfo("lowbit", "lowbit", __version__, _builtin.__name__, "loaded"))
+        builtin = importlib.import_module(BUILTIN_MODULE)
+        self._register(builtin, PluginInfo("lowbit", "lowbit", _version(), BUILTIN_MODULE, "loaded"))
         if os.environ.get("LOWBIT_DISABLE_PLUGIN_AUTOLOAD", "").strip() not in ("", "0", "false"):
             return
-        disabled = _env_list("LOWBIT_DISABLED_PLUGINS")
+        disabled = env_list("LOWBIT_DISABLED_PLUGINS")
         for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             dist = ep.dist.name if ep.dist else "?"
             version = ep.dist.version if ep.dist else "?"
@@ -103,9 +114,14 @@ def reset_plugin_manager() -> None:
     """Forget loaded plugins (tests use it after changing the LOWBIT_* switches)."""
     global _manager
     _manager = None
-    from . import selection
+    for callback in _reset_callbacks:
+        callback()
 
-    selection.clear_cache()
+
+def on_reset(callback: Callable[[], None]) -> None:
+    """Call ``callback`` whenever the plugins are forgotten (caches of what they registered)."""
+    if callback not in _reset_callbacks:
+        _reset_callbacks.append(callback)
 
 
 def registry(kind: str) -> Registry:

@@ -122,7 +122,7 @@ def quantize_codes(
     """``uint8 [N, K]`` codes of ``w`` against given per-group scales and zeros."""
     k = w.shape[1]
     if g_idx is None:
-        gs = k if scheme.group_size == -1 else scheme.group_size
+        gs = scheme.group_width(k)
         gi = torch.arange(k, device=w.device) // gs
     else:
         gi = g_idx.long()

@@ -7,6 +7,9 @@ Dequantization (formats.md §0.1)::
 
     W[n, k] = float32(codes[n, k] - zeros[n, g(k)]) * float32(scales[n, g(k)])
     g(k) = g_idx[k]  if g_idx is not None  else  k // group_size   (0 for per channel)
+
+A last group may be partial (``NG = ceil(K / group_size)``), as in GPTQModel's checkpoints of
+models whose K the group size does not divide; lowbit's own quantizers never make one.
 """
 
 from __future__ import annotations
@@ -60,8 +63,6 @@ class QuantizedWeight:
         problems = []
         if self.codes.dim() != 2 or self.codes.dtype != torch.uint8:
             problems.append(f"codes must be uint8 [N, K], got {self.codes.dtype} {list(self.codes.shape)}")
-        elif self.scheme.group_size != -1 and k % self.scheme.group_size:
-            problems.append(f"group_size {self.scheme.group_size} does not divide K={k}")
         else:
             if list(self.scales.shape) != [n, ng]:
                 problems.append(f"scales shape {list(self.scales.shape)} != [N={n}, NG={ng}]")
@@ -86,17 +87,14 @@ class QuantizedWeight:
         if self.g_idx is not None:
             return self.g_idx.long()
         k = self.in_features
-        if self.scheme.group_size == -1:
-            return torch.zeros(k, dtype=torch.long)
-        return torch.arange(k) // self.scheme.group_size
+        return torch.arange(k) // self.scheme.group_width(k)
 
     def has_trivial_g_idx(self) -> bool:
         """True when g_idx is absent or equal to ``k // group_size`` (no act-order permutation)."""
         if self.g_idx is None:
             return True
         k = self.in_features
-        gs = k if self.scheme.group_size == -1 else self.scheme.group_size
-        return bool(torch.equal(self.g_idx.long(), torch.arange(k) // gs))
+        return bool(torch.equal(self.g_idx.long(), torch.arange(k) // self.scheme.group_width(k)))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float ``[N, K]`` weight, computed in fp32 then cast once to ``dtype``."""

@@ -52,8 +52,14 @@ class QuantScheme:
     def maxq(self) -> int:
         return (1 << self.bits) - 1
 
+    def group_width(self, in_features: int) -> int:
+        """Input columns per group: ``group_size``, or all of them per channel."""
+        return in_features if self.group_size == -1 else self.group_size
+
     def num_groups(self, in_features: int) -> int:
-        return 1 if self.group_size == -1 else in_features // self.group_size
+        """Groups along K; a last, partial group counts (GPTQModel writes K=576 at group 128 as 5
+        groups; lowbit reads such checkpoints but quantizes only when the group size divides K)."""
+        return -(-in_features // self.group_width(in_features))
 
     def check_shape(self, in_features: int, name: str = "layer") -> None:
         """Raise if ``group_size`` does not divide ``in_features``."""

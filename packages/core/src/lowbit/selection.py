@@ -6,13 +6,11 @@ forward path.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .errors import NoKernelError
 from .kernels.base import Kernel, KernelSpec
-from .plugins import registry
+from .plugins import env_list, on_reset, registry
 
 _probe_cache: dict[tuple[str, str], str | None] = {}
 _choice_cache: dict[tuple, type[Kernel]] = {}
@@ -23,8 +21,11 @@ def clear_cache() -> None:
     _choice_cache.clear()
 
 
+on_reset(clear_cache)
+
+
 def disabled_kernels() -> set[str]:
-    return {x.strip() for x in os.environ.get("LOWBIT_DISABLED_KERNELS", "").split(",") if x.strip()}
+    return env_list("LOWBIT_DISABLED_KERNELS")
 
 
 def _probe(cls: type[Kernel], device: torch.device) -> str | None:

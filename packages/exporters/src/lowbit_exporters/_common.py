@@ -21,38 +21,45 @@ from lowbit.hf import (
     write_config,
     write_extras,
 )
+from lowbit.models import adapter_or_none, config_get
 from lowbit.packing import Packer
+from lowbit.plugins import registry
 
-# Leaf names of a llama-family decoder layer's linears, relative to ``model.layers.<i>``.
-LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
+
 def _get(config, key, default=None):
-    if config is None:
-        return default
-    if isinstance(config, dict):
-        return config.get(key, default)
-    return getattr(config, key, default)
+    return config_get(config, key, default)
 
 
 def linear_shapes(config) -> dict[str, tuple[int, int]]:
-    """``(N, K)`` (out, in) of each llama-family linear, keyed by its leaf path in a decoder layer;
-    empty when the config lacks the fields (then callers check shapes per tensor instead)."""
-    hidden = _get(config, "hidden_size")
-    heads = _get(config, "num_attention_heads")
-    inter = _get(config, "intermediate_size")
-    if not (hidden and heads and inter):
-        return {}
-    kv = _get(config, "num_key_value_heads") or heads
-    head_dim = _get(config, "head_dim") or hidden // heads
-    q, kvd = heads * head_dim, kv * head_dim
-    return {
-        "self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kvd, hidden), "self_attn.v_proj": (kvd, hidden),
-        "self_attn.o_proj": (hidden, q), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
-        "mlp.down_proj": (hidden, inter),
-    }
+    """``(N, K)`` (out, in) of each quantized linear, keyed by its leaf path in a decoder layer, as
+    the config's architecture adapter gives them; empty when no adapter serves the model type or
+    the config lacks the sizes (then callers check shapes per tensor instead)."""
+    adapter = adapter_or_none(config)
+    return adapter.linear_shapes(config) if adapter is not None else {}
+
+
+def checkpoint_name(config, name: str) -> str:
+    """The name AutoAWQ / GPTQModel give lowbit's tensor or module ``name`` (the adapter's renames)."""
+    adapter = adapter_or_none(config)
+    return adapter.checkpoint_name(name) if adapter is not None else name
+
+
+def lowbit_name(config, name: str) -> str:
+    """Inverse of :func:`checkpoint_name`."""
+    adapter = adapter_or_none(config)
+    return adapter.lowbit_name(name) if adapter is not None else name
+
+
+def layer_leaf(config, name: str) -> str | None:
+    """``name``'s path inside its decoder layer, or None outside the decoder layers."""
+    adapter = adapter_or_none(config)
+    if adapter is not None:
+        return adapter.layer_leaf(name)
+    m = _LAYER_RE.match(name)
+    return m.group(2) if m else None
 
 
 def shape_problem(config, need, what: str) -> str | None:
@@ -133,10 +140,10 @@ def split_modules(tensors: dict[str, torch.Tensor], parts: tuple[str, ...], path
 
 def check_module_shape(path: Path, config, mod: str, n: int, k: int) -> None:
     """CheckpointError when a quantized module's (N, K) disagrees with the HF config."""
-    m = _LAYER_RE.match(mod)
-    if not m:
+    leaf = layer_leaf(config, mod)
+    if leaf is None:
         return
-    expected = linear_shapes(config).get(m.group(2))
+    expected = linear_shapes(config).get(leaf)
     if expected and expected != (n, k):
         raise CheckpointError(
             f"{path}: {mod} holds a {n}x{k} (out x in) weight but config.json implies {expected[0]}x{expected[1]}; "
@@ -166,27 +173,35 @@ def check_sym_zeros(qw: QuantizedWeight, where: str) -> None:
 
 
 def unquantized_block_linears(qmodel: QuantizedModel) -> list[str]:
-    """Leaf paths of 2-D float weights inside decoder layers (linears left in float)."""
+    """Leaf paths (as checkpoints name them) of 2-D float weights inside decoder layers: linears left
+    in float, such as a MoE router; then the adapter's float modules outside the layers (a vision tower)."""
     out = set()
     for name, t in qmodel.float_tensors.items():
-        m = _LAYER_RE.match(name)
-        if m and name.endswith(".weight") and t.dim() == 2:
-            out.add(m.group(2)[: -len(".weight")])
-    return sorted(out)
+        leaf = layer_leaf(qmodel.config, checkpoint_name(qmodel.config, name))
+        if leaf and name.endswith(".weight") and t.dim() == 2:
+            out.add(leaf[: -len(".weight")])
+    adapter = adapter_or_none(qmodel.config)
+    return sorted(out) + list(adapter.float_modules if adapter is not None else ())
 
 
 class HFQuantFormat(Exporter):
     """Skeleton of a format that is an HF directory with packed safetensors per quantized linear.
 
-    Subclasses set ``packer_cls``, ``parts`` and implement ``quantization_config`` (what goes to
+    Subclasses set ``layout`` (the name of the registered packer they write), ``parts`` and implement ``quantization_config`` (what goes to
     config.json) and ``parse`` (quantization config → scheme + packer).
     """
 
-    packer_cls: ClassVar[type[Packer]]
+    #: the layout written: a packer's name in ``registry("packers")``, so a plugin's packer is used
+    layout: ClassVar[str]
     parts: ClassVar[tuple[str, ...]] = ("qweight", "qzeros", "scales", "g_idx", "bias")
     max_shard_bytes: ClassVar[int] = DEFAULT_SHARD_BYTES
     #: the dtype biases are stored in (what the consumers' layers hold)
     bias_dtype: ClassVar[torch.dtype] = torch.float16
+
+    @classmethod
+    def packer(cls, layout: str | None = None) -> type[Packer]:
+        """The registered packer of ``layout`` (default: the one this format writes)."""
+        return registry("packers").get(layout or cls.layout)
 
     # -- subclass hooks ------------------------------------------------------------------------
     def quantization_config(self, qmodel: QuantizedModel) -> dict:
@@ -204,27 +219,28 @@ class HFQuantFormat(Exporter):
         reason = self.check(qmodel.scheme, qmodel.config)
         if reason:
             raise UnsupportedSchemeError(f"cannot write {qmodel.scheme.describe()} as {self.name}: {reason}.")
-        packer = self.packer_cls()
+        packer = self.packer()()
+        name = lambda n: checkpoint_name(qmodel.config, n)  # noqa: E731
         for mod in sorted(qmodel.qweights):  # every check before any tensor is written
             qw = qmodel.qweights[mod]
-            check_sym_zeros(qw, mod)
+            check_sym_zeros(qw, name(mod))
             reason = packer.check(qw.scheme, qw.in_features, qw.out_features)
             if reason:
-                raise UnsupportedSchemeError(f"cannot write {mod} as {self.name}: {reason}.")
+                raise UnsupportedSchemeError(f"cannot write {name(mod)} as {self.name}: {reason}.")
 
         def tensors():  # one module's tensors in memory at a time (the model may be read lazily)
-            for name in sorted(qmodel.float_tensors):
-                mod, _, leaf = name.rpartition(".")
+            for n in sorted(qmodel.float_tensors):
+                mod, _, leaf = n.rpartition(".")
                 if mod in qmodel.qweights and (leaf == "weight" or leaf == "bias" and qmodel.qweights[mod].bias is not None):
                     continue  # the packed weight (and the quantized module's own bias) replace it
                 chunked = getattr(qmodel.float_tensors, "chunked", None)  # a lazily read model
-                yield name, chunked(name) if chunked else qmodel.float_tensors[name]
+                yield name(n), chunked(n) if chunked else qmodel.float_tensors[n]
             for mod in sorted(qmodel.qweights):
                 qw = qmodel.qweights[mod]
                 for leaf, t in packer.pack(qw).items():
-                    yield f"{mod}.{leaf}", t
+                    yield f"{name(mod)}.{leaf}", t
                 if qw.bias is not None:
-                    yield f"{mod}.bias", qw.bias.to(self.bias_dtype)
+                    yield f"{name(mod)}.bias", qw.bias.to(self.bias_dtype)
 
         qc = self.quantization_config(qmodel)
         save_tensors(tensors(), out_dir, max_shard_bytes=self.max_shard_bytes)
@@ -244,6 +260,8 @@ class HFQuantFormat(Exporter):
         config = load_config(path)
         tensors = load_tensors(path)
         packed, floats = split_modules(tensors, self.parts, path)
+        packed = {lowbit_name(config, m): p for m, p in packed.items()}
+        floats = {lowbit_name(config, n): t for n, t in floats.items()}
         if not packed:
             raise CheckpointError(f"{path} holds no quantized modules (no *.qweight tensors); "
                                   f"it is not a {self.name} checkpoint.")

@@ -19,9 +19,8 @@ from typing import ClassVar
 import torch
 
 from lowbit import CheckpointError, QuantizedModel, QuantizedWeight, QuantScheme, UnsupportedSchemeError
-from lowbit.packing import Packer
+from lowbit.packing import Packer, pack_bits, unpack_bits
 
-from ._bits import pack_bits, unpack_bits
 from ._common import HFQuantFormat, first, make_scheme, quant_config, shape_problem, unquantized_block_linears
 
 #: logical column stored at nibble i of an AWQ-GEMM word
@@ -184,7 +183,7 @@ class AutoAWQExporter(HFQuantFormat):
     name = "autoawq"
     description = "AutoAWQ GEMM (vLLM/transformers+gptqmodel/AutoAWQ), 4-bit, interleaved nibbles"
     parts = ("qweight", "qzeros", "scales", "bias")
-    packer_cls: ClassVar[type[Packer]] = AwqGemmPacker
+    layout: ClassVar[str] = AwqGemmPacker.name
     version: ClassVar[str] = "gemm"
 
     @classmethod
@@ -192,10 +191,11 @@ class AutoAWQExporter(HFQuantFormat):
         reason = _check_awq(scheme)
         if reason:
             return reason
-        if scheme.group_size not in cls.packer_cls.supported_group_sizes:
+        packer = cls.packer()
+        if scheme.group_size not in packer.supported_group_sizes:
             return (f"AutoAWQ {cls.version.upper()} holds group sizes "
-                    f"{', '.join(map(str, cls.packer_cls.supported_group_sizes))}, got {scheme.group_size}")
-        return shape_problem(config, lambda n, k: cls.packer_cls.check(scheme, k, n), "AutoAWQ")
+                    f"{', '.join(map(str, packer.supported_group_sizes))}, got {scheme.group_size}")
+        return shape_problem(config, lambda n, k: packer.check(scheme, k, n), "AutoAWQ")
 
     @classmethod
     def detect(cls, path: Path) -> bool:
@@ -219,7 +219,7 @@ class AutoAWQExporter(HFQuantFormat):
 
     def parse(self, path, qc, packed):
         version = _version_of(qc)
-        packers = {"gemm": AwqGemmPacker, "gemv": AwqGemvPacker}
+        packers = {"gemm": AwqGemmPacker.name, "gemv": AwqGemvPacker.name}
         if version not in packers:
             raise CheckpointError(f"{path}: AutoAWQ version {version!r} is not readable by lowbit "
                                   f"(reads gemm, gemv); re-export it with AutoAWQ as gemm.")
@@ -230,7 +230,7 @@ class AutoAWQExporter(HFQuantFormat):
         zero_point = first(qc, "zero_point", default=None)
         if zero_point is None:
             zero_point = not first(qc, "sym", default=False)
-        return make_scheme(path, bits, group, not zero_point, False), packers[version]()
+        return make_scheme(path, bits, group, not zero_point, False), self.packer(packers[version])()
 
     def shape_of(self, parts, scheme, packer):
         if "qweight" not in parts or "scales" not in parts:
@@ -238,7 +238,7 @@ class AutoAWQExporter(HFQuantFormat):
         qweight, scales = parts["qweight"], parts["scales"]
         if qweight.dim() != 2 or scales.dim() != 2:
             raise CheckpointError(f"qweight {list(qweight.shape)} / scales {list(scales.shape)} are not 2-D")
-        if isinstance(packer, AwqGemvPacker):  # qweight [N, K/8]
+        if packer.name == AwqGemvPacker.name:  # qweight [N, K/8]
             return qweight.shape[1] * 8, qweight.shape[0]
         return qweight.shape[0], scales.shape[1]  # GEMM: qweight [K, N/8], scales [NG, N]
 
@@ -267,5 +267,5 @@ class AutoAWQGemvExporter(AutoAWQExporter):
 
     name = "autoawq-gemv"
     description = "AutoAWQ GEMV (AutoAWQ/transformers+gptqmodel), 4-bit, sequential nibbles, padded zeros"
-    packer_cls = AwqGemvPacker
+    layout = AwqGemvPacker.name
     version = "gemv"

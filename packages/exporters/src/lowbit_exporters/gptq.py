@@ -22,10 +22,18 @@ from typing import ClassVar
 import torch
 
 from lowbit import CheckpointError, QuantizedModel, QuantizedWeight, QuantScheme, UnsupportedSchemeError
-from lowbit.packing import Packer
+from lowbit.packing import Packer, pack_bits, unpack_bits
 
-from ._bits import pack_bits, unpack_bits
-from ._common import HFQuantFormat, first, make_scheme, quant_config, shape_problem, unquantized_block_linears
+from ._common import (
+    HFQuantFormat,
+    checkpoint_name,
+    first,
+    layer_leaf,
+    make_scheme,
+    quant_config,
+    shape_problem,
+    unquantized_block_linears,
+)
 
 FORMAT_V1 = "gptq"
 FORMAT_V2 = "gptq_v2"
@@ -75,8 +83,8 @@ class GPTQPacker(Packer):
             raise UnsupportedSchemeError(f"cannot pack {qw.scheme.describe()} as {self.name}: {reason}.")
         if self.zero_offset and qw.zeros.numel() and int(qw.zeros.min()) < self.zero_offset:
             raise UnsupportedSchemeError(
-                "GPTQ v1 cannot store a zero point of 0 (it stores zero-1, and readers decode the wrapped "
-                "field differently, formats.md §2.3); write format gptq-v2 or quantize with --sym."
+                "GPTQ v1 cannot store a zero point of 0 (it stores zero-1, and vLLM, AutoGPTQ and GPTQModel "
+                "decode the wrapped field differently); write format gptq-v2 or quantize with --sym."
             )
         zeros = (qw.zeros.to(torch.int16) - self.zero_offset) & qw.scheme.maxq
         return {
@@ -135,7 +143,7 @@ class GPTQExporter(HFQuantFormat):
 
     name = "gptq"
     description = "GPTQ v1 (AutoGPTQ/GPTQModel/vLLM/transformers), zeros stored minus one; 2/3/4/8-bit, sym"
-    packer_cls: ClassVar[type[GPTQPacker]] = GPTQPacker
+    layout: ClassVar[str] = GPTQPacker.name
     checkpoint_format: ClassVar[str] = FORMAT_V1
 
     @classmethod
@@ -143,7 +151,8 @@ class GPTQExporter(HFQuantFormat):
         if scheme.bits not in GPTQPacker.supported_bits:
             return f"GPTQ holds bits 2, 3, 4, 8, got {scheme.bits}"
         if cls.checkpoint_format == FORMAT_V1 and not scheme.sym:
-            return ("GPTQ v1 stores zero-1 and readers disagree on a zero point of 0 (formats.md §2.3), so it "
+            return ("GPTQ v1 stores zero-1 and readers disagree on a zero point of 0 (docs/formats.md, "
+                    "Choosing a format), so it "
                     "holds symmetric schemes only; use --format gptq-v2 for asymmetric, or quantize with --sym")
         return shape_problem(config, _shape_need, "GPTQ")
 
@@ -180,7 +189,8 @@ class GPTQExporter(HFQuantFormat):
         }
         rest = unquantized_block_linears(qmodel)
         if rest:  # optimum replaces every Linear of a block unless told which ones are quantized
-            layer0 = sorted({m.split(".", 3)[3] for m in qmodel.qweights if m.startswith("model.layers.")})
+            leaves = (layer_leaf(qmodel.config, checkpoint_name(qmodel.config, m)) for m in qmodel.qweights)
+            layer0 = sorted({leaf for leaf in leaves if leaf})
             qc["modules_in_block_to_quantize"] = [layer0]
         return qc
 
@@ -197,7 +207,7 @@ class GPTQExporter(HFQuantFormat):
         bits = first(qc, "bits", "w_bit")
         group = first(qc, "group_size", "q_group_size", default=-1)
         desc_act = bool(first(qc, "desc_act", default=False))
-        packer = GPTQv2Packer() if fmt == FORMAT_V2 else GPTQPacker()
+        packer = self.packer(GPTQv2Packer.name if fmt == FORMAT_V2 else GPTQPacker.name)()
         sym = qc.get("sym")
         if sym is None:  # infer from the zeros (GPTQModel would warn and assume sym)
             scheme = make_scheme(path, bits, group, False, desc_act)
@@ -240,7 +250,7 @@ class GPTQv2Exporter(GPTQExporter):
 
     name = "gptq-v2"
     description = "GPTQ v2 (GPTQModel/transformers/vLLM), raw zeros; 2/3/4/8-bit, sym or asym"
-    packer_cls = GPTQv2Packer
+    layout = GPTQv2Packer.name
     checkpoint_format = FORMAT_V2
 
 

@@ -40,21 +40,23 @@ import torch
 
 from lowbit import CheckpointError, Exporter, QuantizedModel, QuantizedWeight, QuantScheme, UnsupportedSchemeError
 from lowbit.hf import load_config, load_extras, write_config, write_extras
+from lowbit.models import adapter_for, adapter_or_none
+from lowbit.plugins import registry
 
 from ._common import _get, check_sym_zeros, linear_shapes, strip_quantization_config
 
+
+def _matrices(config) -> dict[str, tuple[str, ...]]:
+    """xFT file stem → the lowbit leaf paths fused into it, from the architecture adapter."""
+    return adapter_for(config).xft_matrices or {}
+
+
+def _xft_model_types() -> tuple[str, ...]:
+    return tuple(sorted({t for _, a in registry("architectures").items() if a.xft_matrices for t in a.xft_model_types}))
+
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-_MODEL_TYPES = ("llama", "qwen2")
 _REQUIRED = ("head_num", "size_per_head", "inter_size", "num_layer", "vocab_size", "activation_type")
-#: xFT file stem (under model.layers.L.) → HF leaf paths fused into it, in column order
-_MATRICES = {
-    "attention.query_key_value": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "attention.dense": ("self_attn.o_proj",),
-    "mlp.gate_proj": ("mlp.gate_proj",),
-    "mlp.up_proj": ("mlp.up_proj",),
-    "mlp.down_proj": ("mlp.down_proj",),
-}
 _NORMS = {"input_layernorm.weight": "input_layernorm.weight",
           "post_attention_layernorm.weight": "post_attention_layernorm.weight"}
 
@@ -152,8 +154,12 @@ class XFTExporter(Exporter):
             return f"xFT holds 4-bit (uint4) and 8-bit (int8) weights, got {scheme.bits}-bit"
         if config is not None:
             mt = _get(config, "model_type")
-            if mt not in _MODEL_TYPES:
-                return f"xFT export supports model types {', '.join(_MODEL_TYPES)}, got {mt!r}"
+            adapter = adapter_or_none(config)
+            if adapter is None:
+                return f"xFT export supports model types {', '.join(_xft_model_types())}, got {mt!r}"
+            reason = adapter.xft_refusal(config)
+            if reason:
+                return reason
             if mt == "llama" and (_get(config, "attention_bias", False) or _get(config, "mlp_bias", False)):
                 return "xFT holds a bias only on the fused q/k/v projection; this llama has o_proj/MLP biases"
             if scheme.bits == 4:
@@ -195,9 +201,10 @@ class XFTExporter(Exporter):
         fdtype = self.float_dtype or (embed.dtype if embed.dtype in _DTYPE_NAMES else torch.float32)
         layers = int(_get(config, "num_hidden_layers"))
         qweights = _Remaining(qmodel.qweights)
+        matrices = _matrices(config)
         for L in range(layers):
             pre = f"model.layers.{L}."
-            for stem, leaves in _MATRICES.items():
+            for stem, leaves in matrices.items():
                 parts = []
                 for leaf in leaves:
                     qw = qweights.pop(pre + leaf, None)
@@ -343,15 +350,16 @@ class XFTExporter(Exporter):
         elif not same:
             raise CheckpointError(f"{path}: config.json ties lm_head to the embeddings but model.lm_head.weight.bin "
                                   "differs from model.wte.bin; config and tensors disagree.")
-        q, kvd = heads * head_dim, kv * head_dim
-        out_sizes = {"attention.query_key_value": (q, kvd, kvd), "attention.dense": (hidden,),
-                     "mlp.gate_proj": (inter,), "mlp.up_proj": (inter,), "mlp.down_proj": (hidden,)}
-        in_sizes = {"attention.query_key_value": hidden, "attention.dense": q, "mlp.gate_proj": hidden,
-                    "mlp.up_proj": hidden, "mlp.down_proj": inter}
+        if adapter_or_none(config) is None or adapter_for(config).xft_refusal(config):
+            raise CheckpointError(f"{path}: model type {_get(config, 'model_type')!r} has no xFT layout lowbit reads "
+                                  f"({', '.join(_xft_model_types())}).")
+        matrices, shapes = _matrices(config), linear_shapes(config)
+        out_sizes = {stem: tuple(shapes[leaf][0] for leaf in leaves) for stem, leaves in matrices.items()}
+        in_sizes = {stem: shapes[leaves[0]][1] for stem, leaves in matrices.items()}
         raw: dict[str, tuple] = {}
         for L in range(layers):
             pre = f"model.layers.{L}."
-            for stem in _MATRICES:
+            for stem in matrices:
                 raw[(pre, stem)] = self._read_matrix(path, pre + stem, bits, in_sizes[stem], out_sizes[stem], fdtype)
             for src, dst in _NORMS.items():
                 floats[pre + dst] = _read_bin(path / f"{pre}{src}.bin", fdtype, (hidden,))
@@ -362,7 +370,7 @@ class XFTExporter(Exporter):
         qweights = {}
         for (pre, stem), (codes, scales, zeros, bias, splits) in raw.items():
             col = 0
-            for leaf, n in zip(_MATRICES[stem], splits):
+            for leaf, n in zip(matrices[stem], splits):
                 b = None if bias is None else bias[col:col + n].clone()
                 qw = QuantizedWeight(codes=codes[col:col + n].contiguous(), scales=scales[col:col + n, None].contiguous(),
                                      zeros=zeros[col:col + n, None].contiguous(), scheme=scheme, bias=b)
@@ -425,9 +433,9 @@ class XFTExporter(Exporter):
             return config
         from transformers import AutoConfig
 
-        if mtype not in _MODEL_TYPES:
+        if mtype not in _xft_model_types():
             raise CheckpointError(f"{path}/config.ini section [{mtype}] is not a model type lowbit reads "
-                                  f"({', '.join(_MODEL_TYPES)}).")
+                                  f"({', '.join(_xft_model_types())}).")
         kw = dict(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
                   intermediate_size=inter, num_hidden_layers=layers, vocab_size=vocab,
                   max_position_embeddings=int(sec.get("max_pos_seq_len", 2048)),

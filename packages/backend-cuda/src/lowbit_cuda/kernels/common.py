@@ -1,5 +1,6 @@
 """What the GEMM and the GEMV kernels share: the in-register dequantization of one weight tile,
-the activation-tile load (through the act-order permutation), and the launchers' checks."""
+the activation-tile load (through the act-order permutation), the tile product and store (their
+body), and the launcher; the two kernels differ only in how program ids map to tiles."""
 
 from __future__ import annotations
 
@@ -138,3 +139,86 @@ def auto_split_k(tiles_mn: int, k_tiles: int, device: torch.device) -> int:
 def dummy(w: TritonPackedWeight) -> torch.Tensor:
     """A pointer argument for a constexpr-disabled input (never read)."""
     return w.scales
+
+
+@triton.jit
+def tile_product(
+    x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, perm_ptr, offs_m, offs_n, pid_k,
+    M, N, K, GROUP_SIZE, stride_xm,
+    BITS: tl.constexpr, SYM: tl.constexpr, GROUP_PER_ROW: tl.constexpr, HAS_PERM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    ROW_BROADCAST: tl.constexpr,
+):
+    """The body both kernels share: ``x[offs_m, K-split] @ dequant(W)[K-split, offs_n]`` in fp32, K
+    tiles interleaved over the ``SPLIT_K`` splits. ``ROW_BROADCAST`` (one row, ``BLOCK_M == 1``):
+    a broadcast multiply-add instead of ``tl.dot`` (no tensor cores needed for one row)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
+        k0 = kt * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = load_x_tile(x_ptr, perm_ptr, offs_m, offs_k, M, K, stride_xm, HAS_PERM)
+        w = dequant_tile(w_ptr, s_ptr, z_ptr, g_ptr, offs_k, offs_n, k0, N, K, GROUP_SIZE, BITS, SYM, GROUP_PER_ROW)
+        if ROW_BROADCAST:
+            acc += tl.sum(tl.trans(x.to(tl.float32)) * w, axis=0, keep_dims=True)
+        else:
+            acc = tl.dot(x, w.to(x.dtype), acc)
+    return acc
+
+
+@triton.jit
+def store_tile(acc, b_ptr, y_ptr, offs_m, offs_n, pid_k, M, N, stride_ym,
+               HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Add the bias (once, by the first split) and store the tile, or add it atomically into the
+    fp32 buffer the splits share."""
+    mask_n = offs_n < N
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0)
+        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=mask)
+
+
+def launch(kernel, name: str, kind: str, config_keys: tuple[str, ...], x: torch.Tensor, w: TritonPackedWeight,
+           config: dict | None, grid, **constexprs) -> torch.Tensor:
+    """The launcher both kernels share: checks, the per-GPU config (``configs.lookup(kind, M)``) unless
+    given, the split-K choice, the output buffer, and the launch on ``grid(m, n, block_m, block_n,
+    split_k)``; ``constexprs``: the kernel's own compile-time arguments."""
+    from .. import configs
+
+    x = check_launch(x, w, name)
+    m, k, n = x.shape[0], w.in_features, w.out_features
+    if config is None:
+        config = configs.lookup(kind, m, device_name(x.device))
+    check_config(config, config_keys, name)
+    block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
+    block_k = effective_block_k(config["BLOCK_K"], w)
+    k_tiles = triton.cdiv(k, block_k)
+    tiles_mn = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split_k = min(config["SPLIT_K"] or auto_split_k(tiles_mn, k_tiles, x.device), k_tiles)
+    if split_k == 1:
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:
+        y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    extra = {key: config[key] for key in config_keys if key not in CONFIG_COMMON}
+    kernel[grid(m, n, block_m, block_n, split_k)](
+        x, w.qweight, w.scales,
+        dummy(w) if w.zeros is None else w.zeros,
+        dummy(w) if w.g_idx is None else w.g_idx,
+        dummy(w) if w.perm is None else w.perm,
+        dummy(w) if w.bias is None else w.bias,
+        y,
+        m, n, k, k if w.group_size == -1 else w.group_size, x.stride(0), y.stride(0),
+        BITS=w.bits, SYM=w.zeros is None, GROUP_PER_ROW=w.g_idx is not None, HAS_PERM=w.perm is not None,
+        HAS_BIAS=w.bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, **extra, **constexprs,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return y if split_k == 1 else y.to(x.dtype)
+
+
+#: config keys every launch reads itself; the rest of a kernel's CONFIG_KEYS are its constexprs
+CONFIG_COMMON = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")

@@ -23,20 +23,16 @@ clip search        (not q/k: attention scores are too sensitive) per output row 
                    weights are clamped to ``[-max, max]``.
 =================  =========================================================================
 
-``dump`` writes the searched scales and clip values as safetensors (metadata and a ``.json``
-sidecar say which model, scheme and options they were made for); ``load`` applies such a file
-instead of searching, after checking it was made for this model and scheme.
+``dump`` writes the searched scales and clip values (awq_results.py: which model, scheme and options
+they were made for); ``load`` applies such a file instead of searching, after checking it was made
+for this model and scheme.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,15 +41,19 @@ from torch import nn
 from ..errors import CheckpointError, LowbitError, UnsupportedSchemeError
 from ..primitives import exact_qparams
 from ..scheme import QuantScheme
-from .base import LayerContext, LinearGroup, Quantizer
+from .awq_results import (
+    FORMAT,
+    FORMAT_VERSION,
+    check_identity,
+    check_scheme,
+    model_identity,
+    read_results,
+    write_results,
+)
+from .base import Quantizer
+from .context import LayerContext, LinearGroup
 
-FORMAT = "lowbit-awq"
-FORMAT_VERSION = 1
 _NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv")
-
-
-def _group_width(scheme: QuantScheme, k: int) -> int:
-    return k if scheme.group_size == -1 else scheme.group_size
 
 
 def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -80,7 +80,7 @@ def _fq(w: torch.Tensor, scheme: QuantScheme, xmin: torch.Tensor | None = None,
     QuantizedWeight or gathering per-column scales, in place on one fresh buffer: the search calls
     it hundreds of times. ``xmin``/``xmax`` ([N, NG]) give the group ranges when they are known."""
     n, k = w.shape
-    gs = k if scheme.group_size == -1 else scheme.group_size
+    gs = scheme.group_width(k)
     exact, zeros = exact_qparams(w, scheme, xmin=xmin, xmax=xmax)
     z = zeros.float()[..., None]
     q = w.float().reshape(n, k // gs, gs).div(exact[..., None]).round_().add_(z).clamp_(0, scheme.maxq)
@@ -130,8 +130,7 @@ class AWQ(Quantizer):
     Options: ``n_grid`` points of the α grid (and of the clip grid), ``duo_scaling``, ``clip``,
     ``dump`` (path to write the search results), ``load`` (path of results to apply instead of
     searching), ``search_tokens`` (tokens the norm-fed groups' inspect module is run on per grid
-    point: whole samples, from evenly spaced batches or the first rows of one; 2048 picked the same
-    α as 4096 in all 9 groups of demo layers 3/15/27 at W4 g64, at about half the search time),
+    point: whole samples, from evenly spaced batches or the first rows of one; benchmarks/NOTES.md),
     ``gram_tokens`` (tokens of the Gram matrices), ``max_shrink`` (largest clip shrink).
     """
 
@@ -154,7 +153,7 @@ class AWQ(Quantizer):
         super().check(scheme)
         o = self.opts
         if not isinstance(o["n_grid"], int) or o["n_grid"] < 2:
-            raise UnsupportedSchemeError(f"awq n_grid must be an integer >= 2, got {o['n_grid']!r}; pass --n-grid 20.")
+            raise UnsupportedSchemeError(f"awq n_grid must be an integer >= 2, got {o['n_grid']!r}; pass --awq-grid 20.")
         if not 0 <= float(o["max_shrink"]) < 1:
             raise UnsupportedSchemeError(f"awq max_shrink must be in [0, 1), got {o['max_shrink']!r}; default 0.5.")
         for k in ("search_tokens", "gram_tokens"):
@@ -165,14 +164,14 @@ class AWQ(Quantizer):
         self.records_reference = o["load"] is None  # the statistics pass streams the float layer
         if o["load"] is not None:
             self._loaded = read_results(o["load"])
-            _check_scheme(self._loaded[1], scheme, o["load"])
+            check_scheme(self._loaded[1], scheme, o["load"])
 
     # -- whole-model hooks ------------------------------------------------------------------------
 
     def prepare(self, model: nn.Module, adapter: Any) -> None:
         self._identity, self._probe = model_identity(model, adapter)
         if self._loaded is not None:
-            _check_identity(self._loaded, self._identity, self._probe, self.opts["load"])
+            check_identity(self._loaded, self._identity, self._probe, self.opts["load"])
 
     def finish(self) -> None:
         if self.opts["dump"] is not None:
@@ -219,7 +218,7 @@ class AWQ(Quantizer):
                     if any(t in path.rsplit(".", 1)[-1] for t in _NO_CLIP):
                         continue
                     lin = ctx.module(path)
-                    blocks = stats[gi].diagonal_blocks(_group_width(self.scheme, lin.in_features))
+                    blocks = stats[gi].diagonal_blocks(self.scheme.group_width(lin.in_features))
                     mv = clip_search(lin.weight, blocks, self.scheme, self.opts["n_grid"],
                                      float(self.opts["max_shrink"]))
                     apply_clip(lin.weight, mv, self.scheme)
@@ -248,7 +247,7 @@ class AWQ(Quantizer):
         for g in ctx.groups:
             k = ctx.module(g.linears[0]).in_features
             full = g.prev is not None and _linear_inspect(g)  # its scale search reads the whole Gram
-            stats.append(_GroupStats(k, None if full else _group_width(self.scheme, k)))
+            stats.append(_GroupStats(k, None if full else self.scheme.group_width(k)))
         hooks: dict[str, Callable] = {}
         for gi, g in enumerate(ctx.groups):
             st = stats[gi]
@@ -258,7 +257,7 @@ class AWQ(Quantizer):
                 with torch.autocast(x.device.type, enabled=False):
                     st.add(x.reshape(-1, x.shape[-1]).float(), stride)
 
-            _add_hook(hooks, g.linears[0], on_linear)
+            _add_hook(hooks, g.source or g.linears[0], on_linear)
             if g.prev is not None and not _linear_inspect(g):
 
                 def on_inspect(b, args, kwargs, st=st):
@@ -386,7 +385,7 @@ def _weight_mean(weights: list[torch.Tensor], scheme: QuantScheme) -> torch.Tens
     """Duo scaling's weight statistic: mean over rows of ``|w| / max|w|`` within each group."""
     w = torch.cat([x.float() for x in weights], dim=0)
     k = w.shape[1]
-    gs = k if scheme.group_size == -1 else scheme.group_size
+    gs = scheme.group_width(k)
     wg = w.abs().reshape(-1, gs)
     wg = wg / (wg.amax(dim=1, keepdim=True) + 1e-6)
     return wg.reshape(w.shape).mean(0)
@@ -418,10 +417,13 @@ def fold_scales(ctx: LayerContext, g: LinearGroup, s: torch.Tensor) -> None:
             raise UnsupportedSchemeError(
                 f"awq cannot fold scales into {ctx.prefix}{g.prev} ({type(prev).__name__}): it needs a norm with a "
                 f"[{n}] weight or a linear; use --method gptq or rtn for this architecture.")
-        weight.div_(s.to(weight.dtype))
+        if g.norm_offset:  # x̂·(offset + w) / s = x̂·(offset + w'), w' = (offset + w) / s - offset
+            weight.add_(g.norm_offset).div_(s.to(weight.dtype)).sub_(g.norm_offset)
+        else:
+            weight.div_(s.to(weight.dtype))
         if getattr(prev, "bias", None) is not None:
             prev.bias.div_(s.to(prev.bias.dtype))
-    for p in g.linears:
+    for p in (*g.linears, *g.also_scaled):
         w = ctx.module(p).weight
         w.mul_(s.view(1, -1).to(w.dtype))
 
@@ -433,7 +435,7 @@ def clip_search(w: torch.Tensor, blocks: torch.Tensor, scheme: QuantScheme, n_gr
     of the Gram matrix of the linear's input, see :func:`gram`)."""
     w = w.detach().float()
     n, k = w.shape
-    gs = k if scheme.group_size == -1 else scheme.group_size
+    gs = scheme.group_width(k)
     ng = k // gs
     if blocks.shape != (ng, gs, gs):
         raise ValueError(f"clip_search needs the Gram's diagonal blocks [{ng}, {gs}, {gs}], got {list(blocks.shape)}.")
@@ -461,106 +463,10 @@ def clip_search(w: torch.Tensor, blocks: torch.Tensor, scheme: QuantScheme, n_gr
 def apply_clip(weight: torch.Tensor, max_val: torch.Tensor, scheme: QuantScheme) -> None:
     """Clamp each (row, group) of ``weight`` to ``[-max_val, max_val]`` in place."""
     n, k = weight.shape
-    gs = k if scheme.group_size == -1 else scheme.group_size
+    gs = scheme.group_width(k)
     wg = weight.view(n, k // gs, gs)
     mv = max_val.to(weight.dtype)[..., None]
     wg.copy_(torch.maximum(torch.minimum(wg, mv), -mv))
 
 
 # -- results files -----------------------------------------------------------------------------------
-
-
-def model_identity(model: nn.Module, adapter: Any) -> tuple[dict, torch.Tensor]:
-    """Names and shapes of every linear the adapter quantizes, a hash of the architecture's config
-    fields, and a small probe of the first linear's weights (to tell same-shaped models apart)."""
-    linears: dict[str, list[int]] = {}
-    layers = adapter.layers(model)
-    first = None
-    for i, layer in enumerate(layers):
-        for g in adapter.groups(layer):
-            for p in g.linears:
-                w = layer.get_submodule(p).weight
-                linears[adapter.layer_prefix(i) + p] = list(w.shape)
-                if first is None:
-                    first = w
-    cfg = getattr(model, "config", None)
-    fields = {k: getattr(cfg, k, None) for k in ("model_type", "hidden_size", "intermediate_size",
-                                                  "num_hidden_layers", "num_attention_heads",
-                                                  "num_key_value_heads", "head_dim", "vocab_size")}
-    fields = {k: v for k, v in fields.items() if isinstance(v, (int, str))}
-    chash = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-    probe = first.detach()[:8, :64].float().clone() if first is not None else torch.zeros(0)
-    return {"config": fields, "config_hash": chash, "linears": linears}, probe
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_suffix(".json") if path.suffix == ".safetensors" else path.with_name(path.name + ".json")
-
-
-def write_results(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write ``path`` (safetensors, the json in its metadata) and ``path``'s .json sidecar atomically."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    text = json.dumps(meta, indent=1, sort_keys=True)
-    try:
-        path.absolute().parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp_json = path.with_name(f".{_sidecar(path).name}.tmp-{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp), metadata={FORMAT: text})
-        tmp_json.write_text(text + "\n")
-        os.replace(tmp_json, _sidecar(path))
-        os.replace(tmp, path)
-    except OSError as e:
-        raise LowbitError(f"cannot write the awq dump {path}: {e.strerror or e}; pick another --dump-awq path.") from e
-
-
-def read_results(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a file written by :func:`write_results` (no pickle: safetensors + json)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"load-awq file {path} does not exist; pass a file written by --dump-awq.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get(FORMAT, "null"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, ValueError, RuntimeError) as e:  # safetensors raises SafetensorError (a ValueError/OSError)
-        raise CheckpointError(f"load-awq file {path} is not a safetensors file written by --dump-awq ({e}).") from e
-    except Exception as e:  # noqa: BLE001 - safetensors' own error type is not importable everywhere
-        raise CheckpointError(f"load-awq file {path} is not a safetensors file written by --dump-awq ({e}).") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an awq dump (no {FORMAT} metadata); pass a file written by --dump-awq.")
-    if meta.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"awq dump {path} has version {meta.get('version')}; this lowbit reads {FORMAT_VERSION}.")
-    for rec in meta["layers"].values():
-        keys = [g["scales"] for g in rec["groups"]] + list(rec["clip"].values())
-        missing = [k for k in keys if k not in tensors]
-        if missing:
-            raise CheckpointError(f"awq dump {path} is truncated: tensor {missing[0]} is missing; dump it again.")
-    return tensors, meta
-
-
-def _check_scheme(meta: dict, scheme: QuantScheme, path) -> None:
-    made = QuantScheme.from_dict(meta["scheme"])
-    if (made.bits, made.group_size, made.sym) != (scheme.bits, scheme.group_size, scheme.sym):
-        raise UnsupportedSchemeError(
-            f"load-awq file {path} was searched for {made.describe()}, asked for {scheme.describe()}; "
-            "AWQ scales and clips are specific to bits, group size and symmetry: pass the same scheme or search again.")
-
-
-def _check_identity(loaded, identity: dict, probe: torch.Tensor, path) -> None:
-    tensors, meta = loaded
-    made = meta.get("model") or {}
-    want, have = made.get("linears", {}), identity["linears"]
-    if want != have:
-        diff = sorted(set(want) ^ set(have))
-        what = (f"{diff[0]} is in only one of them" if diff else
-                next(f"{k} is {want[k]} there, {have[k]} here" for k in have if want.get(k) != have[k]))
-        raise CheckpointError(f"load-awq file {path} was made for another model ({made.get('config', {}).get('model_type')}"
-                              f" {made.get('config_hash')}; {what}); search again without --load-awq.")
-    saved = tensors.get("probe.weight")
-    if saved is not None and (saved.shape != probe.shape or not torch.allclose(saved, probe, rtol=1e-2, atol=1e-3)):
-        raise CheckpointError(f"load-awq file {path} was made for another model with the same shapes (its weights "
-                              "differ); search again without --load-awq.")

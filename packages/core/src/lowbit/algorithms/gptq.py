@@ -83,16 +83,27 @@ class GPTQ(Quantizer):
         if not ctx.inputs:
             raise LowbitError("gptq needs calibration data; got no calibration batches (pass --nsamples 128).")
         todo = set(ctx.unquantized())
-        groups = [[p for p in g.linears if p in todo] for g in ctx.groups]
-        groups = [g for g in groups if g]
-        for g in groups:
-            for p in g:
-                self.scheme.check_shape(ctx.module(p).in_features, ctx.prefix + p)
-        stages = groups if self.opts["true_sequential"] else [[p for g in groups for p in g]]
-        errs = {}
+        # stages of sets of linears that read one input (and share a Hessian)
+        stages: list[list[list[str]]] = []
+        label = None
+        for g in ctx.groups:
+            sets = [[p for p in linears if p in todo] for linears in g.input_sets()]
+            sets = [s for s in sets if s]
+            if not sets:
+                continue
+            if stages and g.stage is not None and g.stage == label:
+                stages[-1].extend(sets)
+            else:
+                stages.append(sets)
+            label = g.stage
         for stage in stages:
-            # linears of one stage that read the same input share a Hessian
-            readers = [g for g in groups if g[0] in stage]
+            for g in stage:
+                for p in g:
+                    self.scheme.check_shape(ctx.module(p).in_features, ctx.prefix + p)
+        if not self.opts["true_sequential"]:
+            stages = [[g for stage in stages for g in stage]]
+        errs = {}
+        for readers in stages:
             hess, kept, checked = self._hessians(ctx, [g[0] for g in readers])
             for g in readers:  # linears reading one input share a Hessian: one sweep of the columns
                 lins = [ctx.module(p) for p in g]
@@ -107,7 +118,9 @@ class GPTQ(Quantizer):
                     ctx.set_quantized(p, qw)
                     if p in kept:  # its block's output is now final: later stages skip the block
                         ctx.replay(p, kept[p], checked.get(p))
-        ctx.report["gptq_loss"] = {p.rsplit(".", 1)[-1]: float(f"{v:.4g}") for p, v in errs.items()}
+        leaves = [p.rsplit(".", 1)[-1] for p in errs]  # MoE experts repeat leaf names: keep their paths
+        ctx.report["gptq_loss"] = {(p.rsplit(".", 1)[-1] if leaves.count(p.rsplit(".", 1)[-1]) == 1 else p):
+                                   float(f"{v:.4g}") for p, v in errs.items()}
         ctx.report["gptq_seconds"] = round(time.perf_counter() - t0, 2)
 
     def _hessians(self, ctx: LayerContext, paths: list[str]) -> tuple[dict, dict, dict]:
@@ -137,13 +150,19 @@ class GPTQ(Quantizer):
         ctx.stream({p: make(p) for p in paths},
                    first_outputs={b: (lambda out, p=p: outputs.__setitem__(p, out)) for b, p in blocks.items()})
         checked = {p: ctx.check_block(p, out, kept[p][0]) for p, out in outputs.items() if kept[p]}
-        return {p: symmetric_from_upper(acc[p]).mul_(2.0 / count[p]) for p in paths}, kept, checked
+        hess = {}
+        for p in paths:
+            if p in acc:
+                hess[p] = symmetric_from_upper(acc[p]).mul_(2.0 / count[p])
+            else:  # no calibration token reached it (a MoE expert nobody routed to): H = I, i.e. RTN
+                hess[p] = torch.eye(ctx.module(p).in_features)
+                ctx.report.setdefault("gptq_unrouted", []).append(p)
+        return hess, kept, checked
 
 
 def add_gram_upper(acc: torch.Tensor, x: torch.Tensor, block: int = 128) -> None:
     """``acc += xᵀx`` on the upper block triangle only (column blocks of ``block``); :func:`symmetric_from_upper`
-    mirrors it. Measured (2 cores, 4096 tokens): 0.67 of the full product's time at 576 columns, 0.60 at 1536
-    (wider blocks do fewer, larger GEMMs but more of the lower triangle: 384 gave 0.79 and 0.72)."""
+    mirrors it (about two thirds of the full product's time; benchmarks/NOTES.md)."""
     k = x.shape[1]
     for i in range(0, k, block):
         acc[i:i + block, i:].addmm_(x[:, i:i + block].T, x[:, i:])
@@ -180,7 +199,7 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessian: torch.Tensor, schem
     n, k = W.shape
     scheme.check_shape(k)
     H = hessian.detach().float().clone()
-    gs = k if scheme.group_size == -1 else scheme.group_size
+    gs = scheme.group_width(k)
     ng = k // gs
     maxq = scheme.maxq
 
@@ -267,7 +286,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
         lam = damp * (10 ** attempt) * mean_diag
         L, info = torch.linalg.cholesky_ex(H + lam * eye)
         if int(info) == 0:
-            Hinv = torch.cholesky_solve(eye, L)  # = cholesky_inverse(L), which is ~30x slower on CPU here
+            Hinv = torch.cholesky_solve(eye, L)  # = cholesky_inverse(L), much slower on CPU
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info) == 0:
                 return U

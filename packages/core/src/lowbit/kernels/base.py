@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import LowbitError
 from ..qweight import QuantizedWeight
 from ..scheme import QuantScheme
 
@@ -49,6 +50,11 @@ class Kernel:
     supports_act_order: ClassVar[bool] = True
     supports_sym: ClassVar[bool] = True
     supports_asym: ClassVar[bool] = True
+    #: runs a weight whose last group is partial (group size not dividing in_features)
+    supports_partial_groups: ClassVar[bool] = False
+    #: the layout the kernel repacks weights into: a packer's name in ``registry("packers")`` (None:
+    #: the kernel keeps its own form); :meth:`packer` looks it up, so a plugin's packer is used
+    layout: ClassVar[str | None] = None
     description: ClassVar[str] = ""
 
     @classmethod
@@ -66,6 +72,9 @@ class Kernel:
             return f"supports bits {cls.supported_bits}, got {s.bits}"
         if s.group_size not in cls.supported_group_sizes:
             return f"supports group sizes {cls.supported_group_sizes}, got {s.group_size}"
+        if s.group_size != -1 and spec.in_features % s.group_size and not cls.supports_partial_groups:
+            return (f"needs group size {s.group_size} to divide in_features {spec.in_features} "
+                    "(this checkpoint's last group is partial)")
         if spec.dtype not in cls.supported_dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in cls.supported_dtypes)
             return f"supports activations {names}, got {str(spec.dtype).replace('torch.', '')}"
@@ -76,6 +85,15 @@ class Kernel:
         if not s.sym and not cls.supports_asym:
             return "does not support asymmetric weights"
         return None
+
+    @classmethod
+    def packer(cls):
+        """The registered :class:`lowbit.Packer` of :attr:`layout`."""
+        from ..plugins import registry
+
+        if cls.layout is None:
+            raise LowbitError(f"kernel {cls.name} declares no layout; set its layout to a registered packer's name.")
+        return registry("packers").get(cls.layout)
 
     def __init__(self, qweight: QuantizedWeight, device: torch.device, dtype: torch.dtype):
         """Prepare: repack ``qweight`` once into the kernel's own layout on ``device``."""

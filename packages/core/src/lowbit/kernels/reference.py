@@ -14,6 +14,7 @@ class ReferenceKernel(Kernel):
     priority = 0
     device_types = ("cpu", "cuda", "xpu", "mps")
     description = "dequantize to the activation dtype at load, then torch matmul"
+    supports_partial_groups = True
 
     def __init__(self, qweight: QuantizedWeight, device: torch.device, dtype: torch.dtype):
         super().__init__(qweight, device, dtype)

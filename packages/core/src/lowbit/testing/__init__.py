@@ -23,13 +23,16 @@ from .exporters import ExporterConformance, tiny_quantized_model
 from .kernels import KernelConformance, make_qweight
 from .packers import PackerConformance, scheme_grid
 from .quantizers import QuantizerConformance
+from .qweights import act_order_g_idx, random_qweight
 
 __all__ = [
     "ExporterConformance",
     "KernelConformance",
     "PackerConformance",
     "QuantizerConformance",
+    "act_order_g_idx",
     "make_qweight",
+    "random_qweight",
     "scheme_grid",
     "tiny_quantized_model",
 ]

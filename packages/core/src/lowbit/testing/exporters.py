@@ -71,7 +71,7 @@ def tiny_quantized_model(scheme: QuantScheme, seed: int = 0, tokenizer: bool = T
                 scheme.check_shape(k, path)
                 g_idx = None
                 if scheme.act_order:
-                    gs = k if scheme.group_size == -1 else scheme.group_size
+                    gs = scheme.group_width(k)
                     g_idx = torch.empty(k, dtype=torch.int32)
                     g_idx[torch.randperm(k, generator=gen)] = (torch.arange(k) // gs).to(torch.int32)
                 scales, zeros = choose_qparams(w, scheme)
@@ -156,6 +156,11 @@ class ExporterConformance:
             else:
                 assert torch.equal(got, t), f"{name} differs"
 
+    def pytest_generate_tests(self, metafunc):
+        """Parameters from this subclass's ``schemes``."""
+        if "scheme" in metafunc.fixturenames and metafunc.function.__name__ == "test_write_read_equal":
+            metafunc.parametrize("scheme", self.schemes, ids=_ids)
+
     # ---------------------------------------------------------------- tests
     def test_declares_itself(self):
         assert self.exporter.name, "an exporter needs a name (what --format refers to)"
@@ -167,11 +172,8 @@ class ExporterConformance:
         reason = self.exporter.check(scheme, None)
         assert reason is None or (isinstance(reason, str) and reason.strip()), repr(reason)
 
-    @pytest.mark.parametrize("index", range(len(DEFAULT_SCHEMES)))
-    def test_write_read_equal(self, index, tmp_path):
-        if index >= len(self.schemes):
-            pytest.skip("fewer schemes in this suite")
-        qm = self.model_for(self.schemes[index])
+    def test_write_read_equal(self, scheme, tmp_path):
+        qm = self.model_for(scheme)
         self._accepted_or_skip(qm)
         out = self.write(qm, tmp_path / "ckpt")
         self.assert_same_model(qm, self.exporter().read(out))

@@ -30,7 +30,7 @@ def make_qweight(n: int, k: int, scheme: QuantScheme, seed: int = 0, bias: bool 
     w = torch.randn(n, k, generator=gen)
     g_idx = None
     if scheme.act_order:
-        gs = k if scheme.group_size == -1 else scheme.group_size
+        gs = scheme.group_width(k)
         perm = torch.randperm(k, generator=gen)
         g_idx = torch.empty(k, dtype=torch.int32)
         g_idx[perm] = (torch.arange(k) // gs).to(torch.int32)
@@ -73,25 +73,21 @@ class KernelConformance:
         err = (out.float() - ref).norm() / ref.norm()
         assert err <= self.rtol[dtype], f"{spec.describe()} batch {batch}: relative error {err:.2e} > {self.rtol[dtype]:.0e}"
 
-    @pytest.mark.parametrize("act_order", [False, True])
-    @pytest.mark.parametrize("sym", [False, True])
-    def test_bits_group_sizes(self, sym, act_order):
-        self._probe_or_skip()
-        checked, declined = [], []
-        for bits, gs in itertools.product(self.bits, self.group_sizes):
-            scheme = QuantScheme(bits, gs, sym=sym, act_order=act_order)
-            try:
-                self._check(scheme, self.batches[0], self.dtypes[0])
-                checked.append(scheme.describe())
-            except pytest.skip.Exception as skip:
-                declined.append(str(skip))
-        if not checked:
-            pytest.skip(f"{self.kernel.name} declines every scheme here: {declined[0]}")
+    def pytest_generate_tests(self, metafunc):
+        """Parameters from this subclass's ``bits``, ``group_sizes`` and ``dtypes``."""
+        name = metafunc.function.__name__
+        if name == "test_bits_group_sizes":
+            schemes = [QuantScheme(b, g, sym=s, act_order=a) for b, g, s, a in
+                       itertools.product(self.bits, self.group_sizes, (False, True), (False, True))]
+            metafunc.parametrize("scheme", schemes, ids=lambda s: s.describe().replace(" ", "-"))
+        elif name == "test_batches_and_dtypes":
+            metafunc.parametrize("dtype", self.dtypes, ids=str)
 
-    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+    def test_bits_group_sizes(self, scheme):
+        """Each scheme of the suite against the reference kernel; a declined one is skipped with its reason."""
+        self._check(scheme, self.batches[0], self.dtypes[0])
+
     def test_batches_and_dtypes(self, dtype):
-        if dtype not in self.dtypes:
-            pytest.skip(f"{dtype} not in this suite's dtypes")
         for batch in self.batches:
             self._check(QuantScheme(self.basic_bits, self.group_sizes[0]), batch, dtype)
 

@@ -66,7 +66,7 @@ def test_packer_suite_catches_a_broken_layout():
     suite = PackerConformance()
     suite.packer = DropsTopBit
     with pytest.raises(AssertionError, match="unpack\\(pack\\(w\\)\\) != w"):
-        suite.test_extreme_values(4)
+        suite.test_extreme_values(QuantScheme(4, 64))
 
 
 class NoReason(KPackedInt32):
