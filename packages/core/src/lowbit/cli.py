@@ -222,10 +222,13 @@ def cmd_kernels(a) -> int:
 # ----------------------------------------------------------------------------------- formats
 def cmd_export(a) -> int:
     from .exporting import export, read_checkpoint
+    from .io import check_writable, output_lock
 
-    qm = read_checkpoint(a.checkpoint)
     out = Path(a.out or f"{a.checkpoint.rstrip('/')}-{a.format}")
-    export(qm, a.format, out, overwrite=a.overwrite)
+    with output_lock(out):  # the output is ours from the first check to the final rename
+        check_writable(out, a.overwrite)
+        qm = read_checkpoint(a.checkpoint)
+        export(qm, a.format, out, overwrite=a.overwrite)
     if a.json:
         _print_json({"out": str(out), "format": a.format})
     else:
@@ -261,7 +264,9 @@ def cmd_inspect(a) -> int:
     from .plugins import registry
 
     fmt = detect_format(a.checkpoint)
-    info = registry("exporters").get(fmt)().inspect(Path(a.checkpoint))
+    exporter = registry("exporters").get(fmt)()
+    info = exporter.inspect(Path(a.checkpoint))
+    info.setdefault("verified", exporter.verified(Path(a.checkpoint)))
     if a.json:
         _print_json(info)
         return 0
@@ -443,8 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     except LowbitError as err:
         print(f"lowbit: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lowbit: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # output directories are atomic: a partial one was removed on the way out
+        print("lowbit: interrupted; no partial output was left behind", file=sys.stderr)
         return 130
 
 

@@ -15,6 +15,9 @@ from .errors import CheckpointError
 
 SAFE_INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 4 * 1024**3
+#: the tokenizer files transformers may open in a checkpoint directory
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 
 
 def write_config(config, out_dir: Path, quantization_config: dict | None = None, **extra: Any) -> None:
@@ -50,12 +53,12 @@ def save_tensors(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_byte
         size += nbytes
     meta = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], str(out_dir / f"{prefix}.safetensors"), metadata=meta)
+        _save(shards[0], out_dir / f"{prefix}.safetensors", meta)
         return [f"{prefix}.safetensors"]
     names, weight_map = [], {}
     for i, shard in enumerate(shards, 1):
         fname = f"{prefix}-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / fname), metadata=meta)
+        _save(shard, out_dir / fname, meta)
         names.append(fname)
         weight_map.update({k: fname for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -64,18 +67,57 @@ def save_tensors(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_byte
     return names
 
 
+def checkpoint_file(root: Path, name: str) -> Path:
+    """``root / name`` once it is known to stay inside the checkpoint directory ``root``.
+
+    Every reader opens a checkpoint's files through this one check: a name from an index, a
+    manifest or a config must be relative and free of ``..``, and after following symlinks the file
+    must lie under ``root`` (or, for a Hugging Face cache snapshot ``…/snapshots/REV``, under the
+    repository's ``blobs``) and, if it exists, be a regular file (never a FIFO or a device, which
+    would hang or stream forever). Anything else is a CheckpointError naming the offending entry."""
+    root = Path(root)
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(f"{root}: refusing file name {name!r}: a checkpoint may only name files inside its "
+                              "own directory (no absolute paths, no '..'); the checkpoint is damaged or hostile.")
+    path = root / name
+    real_root = root.resolve()
+    allowed = [real_root]
+    if real_root.parent.name == "snapshots":  # HF cache: snapshots/REV/x -> ../../blobs/HASH
+        allowed.append(real_root.parent.parent / "blobs")
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError) as err:
+        raise CheckpointError(f"{path} cannot be resolved ({err}); the checkpoint is damaged.") from err
+    if not any(real == a or a in real.parents for a in allowed):
+        raise CheckpointError(f"{root}: {name} points outside the checkpoint directory (to {real}); refusing to "
+                              "read it. Copy the file into the checkpoint instead of linking it.")
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file; the checkpoint is damaged.")
+    return path
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, meta: dict) -> None:
+    """save_file, with its write failures (ENOSPC, EIO: SafetensorError) raised as OSError like
+    every other write, for atomic_dir to report as one line."""
+    try:
+        save_file(tensors, str(path), metadata=meta)
+    except SafetensorError as err:
+        raise OSError(f"{path.name}: {err}") from err
+
+
 def load_tensors(path: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
-    """Every tensor of a directory's safetensors (single file or index + shards)."""
-    index = path / f"{prefix}.safetensors.index.json"
+    """Every tensor of a directory's safetensors (single file or index + shards); never pickle."""
+    index = checkpoint_file(path, f"{prefix}.safetensors.index.json")
     files: list[Path]
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {err}") from err
-        files = [path / f for f in sorted(set(weight_map.values()))]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {type(err).__name__}: {err}") from err
+        files = [checkpoint_file(path, f) for f in names]
     else:
-        files = sorted(path.glob("*.safetensors"))
+        files = [checkpoint_file(path, f.name) for f in sorted(path.glob("*.safetensors"))]
     if not files:
         raise CheckpointError(f"{path} holds no .safetensors files.")
     out: dict[str, torch.Tensor] = {}
@@ -83,21 +125,25 @@ def load_tensors(path: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
         if not f.exists():
             raise CheckpointError(f"{f.name} is listed in {index.name} but missing from {path}.")
         try:
-            out.update(load_file(str(f)))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{f} is unreadable or truncated ({err}); re-export it.") from err
+            tensors = load_file(str(f))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{f} is unreadable or truncated ({str(err).splitlines()[0] if str(err) else type(err).__name__}); re-export it.") from err
+        dup = sorted(set(tensors) & set(out))
+        if dup:
+            raise CheckpointError(f"{path}: tensor {dup[0]} is stored in more than one file; the checkpoint is damaged.")
+        out.update(tensors)
     return out
 
 
 def load_config(path: Path):
     from transformers import AutoConfig
 
-    if not (path / "config.json").exists():
+    if not checkpoint_file(path, "config.json").exists():
         raise CheckpointError(f"{path} has no config.json; is it a model directory?")
-    try:
-        return AutoConfig.from_pretrained(str(path))
-    except (ValueError, OSError, KeyError) as err:
-        raise CheckpointError(f"{path}/config.json cannot be read: {err}") from err
+    try:  # trust_remote_code=False: an ``auto_map`` in a checkpoint never runs its code
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path}/config.json cannot be read: {_first_line(err)}") from err
 
 
 def load_extras(path: Path) -> tuple[Any, Any]:
@@ -105,11 +151,22 @@ def load_extras(path: Path) -> tuple[Any, Any]:
     from transformers import AutoTokenizer, GenerationConfig
 
     tok = gen = None
+    for f in TOKENIZER_FILES:
+        checkpoint_file(path, f)  # transformers opens these: none may point outside the checkpoint
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         try:
-            tok = AutoTokenizer.from_pretrained(str(path))
-        except (ValueError, OSError) as err:
-            raise CheckpointError(f"{path}: tokenizer files cannot be read: {err}") from err
-    if (path / "generation_config.json").exists():
-        gen = GenerationConfig.from_pretrained(str(path))
+            tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        except (ValueError, OSError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{path}: tokenizer files cannot be read: {_first_line(err)}") from err
+    if checkpoint_file(path, "generation_config.json").exists():
+        try:
+            gen = GenerationConfig.from_pretrained(str(path))
+        except (ValueError, OSError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{path}/generation_config.json cannot be read: {_first_line(err)}") from err
     return tok, gen
+
+
+def _first_line(err: BaseException) -> str:
+    """An exception as one line (transformers' messages span several)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

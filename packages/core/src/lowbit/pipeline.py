@@ -23,7 +23,7 @@ from .algorithms.base import LayerContext, Quantizer
 from .cpuinfo import has_fast_bf16_matmul
 from .errors import LowbitError, UnsupportedSchemeError
 from .exporting import check_formats
-from .io import atomic_dir, check_writable
+from .io import atomic_dir, check_writable, exclusive_output, fault_point
 from .loading import ModelSource, load_config, load_generation_config, load_model, load_tokenizer, resolve
 from .models import Adapter, adapter_for
 from .plugins import registry
@@ -198,6 +198,7 @@ def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], scheme:
         ctx.replays.clear()  # captured activations go before the trim, not with the next layer's context
         return_freed_memory()
         bar.update()
+        fault_point("layer")  # tests kill a run here (mid-calibration)
     bar.close()
     for s in steps:
         s.finish()
@@ -249,6 +250,7 @@ def plan(model: str | None, method: str, scheme: QuantScheme, formats: list[str]
     return Plan(src, config, adapter, steps, scheme, formats, out)
 
 
+@exclusive_output  # the output is ours from the first check to the final rename
 def quantize(model: str | None = None, *, method: str = "rtn", scheme: QuantScheme | None = None,
              calib: str = "wikitext2", nsamples: int = 128, seqlen: int = 512, batch_size: int = 8,
              step_options: dict[str, dict] | None = None, formats: list[str] | None = None,
@@ -290,6 +292,7 @@ def write(qmodel: QuantizedModel, formats: list[str], out: Path, overwrite: bool
     return {f: out / f for f in formats}
 
 
+@exclusive_output
 def export_compatible(model: str | None, out: str | Path, *, method: str = "awq", scheme: QuantScheme,
                       calib: str = "wikitext2", nsamples: int = 128, seqlen: int = 512, batch_size: int = 8,
                       step_options: dict | None = None, overwrite: bool = False, trust_remote_code: bool = False,
