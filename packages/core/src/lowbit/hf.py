@@ -142,7 +142,7 @@ def load_config(path: Path):
         raise CheckpointError(f"{path} has no config.json; is it a model directory?")
     try:  # trust_remote_code=False: an ``auto_map`` in a checkpoint never runs its code
         return AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-    except (ValueError, OSError, KeyError, TypeError, AttributeError) as err:
+    except Exception as err:  # transformers parses untrusted files: anything it raises is one line
         raise CheckpointError(f"{path}/config.json cannot be read: {_first_line(err)}") from err
 
 
@@ -156,12 +156,12 @@ def load_extras(path: Path) -> tuple[Any, Any]:
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         try:
             tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-        except (ValueError, OSError, KeyError, TypeError, AttributeError) as err:
+        except Exception as err:  # transformers parses untrusted files: anything it raises is one line
             raise CheckpointError(f"{path}: tokenizer files cannot be read: {_first_line(err)}") from err
     if checkpoint_file(path, "generation_config.json").exists():
         try:
             gen = GenerationConfig.from_pretrained(str(path))
-        except (ValueError, OSError, KeyError, TypeError, AttributeError) as err:
+        except Exception as err:  # transformers parses untrusted files: anything it raises is one line
             raise CheckpointError(f"{path}/generation_config.json cannot be read: {_first_line(err)}") from err
     return tok, gen
 
