@@ -300,6 +300,6 @@ def test_readers_survive_mutations(seeds, fmt):
 
 def test_seeds_read_back_exactly(seeds):
     """The fuzzing starts from good checkpoints: each reads back as written."""
-    for fmt, (path, qm) in seeds.items():
+    for fmt, (_path, qm) in seeds.items():
         ref = tiny_qmodel(SEEDS[fmt], seed=7, **SHAPE)
         assert qm.diff(ref) == {}, fmt

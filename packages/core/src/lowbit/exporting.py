@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from .errors import CheckpointError, UnsupportedSchemeError
+from .errors import CheckpointError, UnsupportedSchemeError, one_line
 from .io import atomic_dir
 from .plugins import registry
 from .qmodel import QuantizedModel
@@ -103,5 +103,4 @@ def read_checkpoint(path: Path | str, fmt: str | None = None) -> QuantizedModel:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, IndexError, AttributeError, OverflowError) as err:
         # readers parse untrusted files: whatever a damaged one trips is still one line
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"cannot read {path} as {fmt}: {type(err).__name__}: {first}") from err
+        raise CheckpointError(f"cannot read {path} as {fmt}: {type(err).__name__}: {one_line(err)}") from err

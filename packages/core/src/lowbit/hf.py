@@ -11,7 +11,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, one_line
+from .io import fault_point
 
 SAFE_INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 4 * 1024**3
@@ -54,6 +55,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_byte
     meta = {"format": "pt"}
     if len(shards) == 1:
         _save(shards[0], out_dir / f"{prefix}.safetensors", meta)
+        fault_point("tensors-written")  # tests kill a run here (mid-write)
         return [f"{prefix}.safetensors"]
     names, weight_map = [], {}
     for i, shard in enumerate(shards, 1):
@@ -64,6 +66,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_byte
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    fault_point("tensors-written")
     return names
 
 
@@ -127,7 +130,7 @@ def load_tensors(path: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
         try:
             tensors = load_file(str(f))
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-            raise CheckpointError(f"{f} is unreadable or truncated ({str(err).splitlines()[0] if str(err) else type(err).__name__}); re-export it.") from err
+            raise CheckpointError(f"{f} is unreadable or truncated ({one_line(err)}); re-export it.") from err
         dup = sorted(set(tensors) & set(out))
         if dup:
             raise CheckpointError(f"{path}: tensor {dup[0]} is stored in more than one file; the checkpoint is damaged.")
@@ -143,7 +146,7 @@ def load_config(path: Path):
     try:  # trust_remote_code=False: an ``auto_map`` in a checkpoint never runs its code
         return AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except Exception as err:  # transformers parses untrusted files: anything it raises is one line
-        raise CheckpointError(f"{path}/config.json cannot be read: {_first_line(err)}") from err
+        raise CheckpointError(f"{path}/config.json cannot be read: {one_line(err)}") from err
 
 
 def load_extras(path: Path) -> tuple[Any, Any]:
@@ -157,16 +160,11 @@ def load_extras(path: Path) -> tuple[Any, Any]:
         try:
             tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         except Exception as err:  # transformers parses untrusted files: anything it raises is one line
-            raise CheckpointError(f"{path}: tokenizer files cannot be read: {_first_line(err)}") from err
+            raise CheckpointError(f"{path}: tokenizer files cannot be read: {one_line(err)}") from err
     if checkpoint_file(path, "generation_config.json").exists():
         try:
             gen = GenerationConfig.from_pretrained(str(path))
         except Exception as err:  # transformers parses untrusted files: anything it raises is one line
-            raise CheckpointError(f"{path}/generation_config.json cannot be read: {_first_line(err)}") from err
+            raise CheckpointError(f"{path}/generation_config.json cannot be read: {one_line(err)}") from err
     return tok, gen
 
-
-def _first_line(err: BaseException) -> str:
-    """An exception as one line (transformers' messages span several)."""
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__

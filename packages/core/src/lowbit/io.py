@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import LowbitError, OutputError
+from .errors import LowbitError, OutputError, one_line
 
 #: resolved OUT → [lock file descriptor, nesting depth] for the locks this process holds
 _HELD: dict[Path, list[int]] = {}
@@ -72,10 +72,16 @@ def check_writable(out: Path | str, overwrite: bool = False) -> Path:
 
 def fault_point(name: str) -> None:
     """A place where tests stop a run (``LOWBIT_TEST_PAUSE=name[,name…]``): announce it on stderr
-    and sleep, so that the test can SIGKILL or SIGINT the process exactly there. No-op otherwise."""
-    if name in os.environ.get("LOWBIT_TEST_PAUSE", "").split(","):
-        print(f"lowbit-test-pause: {name} {os.getpid()}", file=sys.stderr, flush=True)
-        time.sleep(float(os.environ.get("LOWBIT_TEST_PAUSE_SECONDS", "60")))
+    and wait (up to ``LOWBIT_TEST_PAUSE_SECONDS``, default 60, or until the file named by
+    ``LOWBIT_TEST_RESUME`` exists), so that a test can SIGKILL or SIGINT the process exactly there
+    or let it go on. A no-op unless that variable names the point."""
+    if name not in os.environ.get("LOWBIT_TEST_PAUSE", "").split(","):
+        return
+    print(f"lowbit-test-pause: {name} {os.getpid()}", file=sys.stderr, flush=True)
+    resume = os.environ.get("LOWBIT_TEST_RESUME")
+    deadline = time.monotonic() + float(os.environ.get("LOWBIT_TEST_PAUSE_SECONDS", "60"))
+    while time.monotonic() < deadline and not (resume and os.path.exists(resume)):
+        time.sleep(0.05)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -197,7 +203,7 @@ def _signals_held() -> Iterator[None]:
 
 def write_error(shown: Path, err: OSError) -> OutputError:
     """The one-line error of a write into ``shown`` that failed with ``err`` (ENOSPC, EIO, EACCES…)."""
-    what = err.strerror or str(err).splitlines()[0]
+    what = err.strerror or one_line(err)
     where = f" ({Path(err.filename).name})" if err.filename else ""
     return OutputError(f"writing {shown} failed: {what}{where}; nothing was written. Free space or pick another --out.")
 
@@ -222,6 +228,7 @@ def atomic_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path]:
                     if target.exists():
                         old = target.with_name(f".{target.name}.old-{os.getpid()}")
                         target.rename(old)
+                        fault_point("swap")
                     try:
                         tmp.rename(target)
                     except OSError:
