@@ -17,12 +17,9 @@ before a release: ``LOWBIT_FUZZ=long pytest packages/exporters/tests/test_fuzz_r
 from __future__ import annotations
 
 import configparser
-import contextlib
 import json
 import os
-import resource
 import shutil
-import signal
 import struct
 import tempfile
 from pathlib import Path
@@ -35,6 +32,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from lowbit import LowbitError, QuantScheme, export, read_checkpoint
+from lowbit.testing.faults import bounded
 
 LONG = os.environ.get("LOWBIT_FUZZ") == "long"
 _common = dict(deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -239,30 +237,6 @@ MUTATIONS = {"truncate": truncate, "flip": flip_bytes, "json": edit_json, "ini":
 
 
 # ----------------------------------------------------------------------------------- the property
-class Hang(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def bounded(seconds: int = 20, extra_bytes: int = 2 * 1024**3):
-    """Fail a read that hangs (SIGALRM) or tries a huge allocation (address space capped)."""
-    def on_alarm(signum, frame):
-        raise Hang(f"read took over {seconds} s")
-
-    old_handler = signal.signal(signal.SIGALRM, on_alarm)
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    with open("/proc/self/statm") as fh:
-        vm = int(fh.read().split()[0]) * resource.getpagesize()
-    resource.setrlimit(resource.RLIMIT_AS, (vm + extra_bytes, hard))
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-        signal.signal(signal.SIGALRM, old_handler)
-
-
 def check_read(path: Path, fmt: str, seed) -> None:
     """The property: one-line LowbitError, or a correct read."""
     try:
