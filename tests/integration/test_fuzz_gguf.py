@@ -23,7 +23,7 @@ from lowbit.loading import load_config, load_model, load_tokenizer, resolve  # n
 from lowbit.testing.faults import bounded, write_tiny_gguf  # noqa: E402
 
 LONG = os.environ.get("LOWBIT_FUZZ") == "long"
-PROFILE = settings(max_examples=int(os.environ.get("LOWBIT_FUZZ_EXAMPLES", "500")) if LONG else 12,
+PROFILE = settings(max_examples=int(os.environ.get("LOWBIT_FUZZ_EXAMPLES", "500")) if LONG else 15,
                    derandomize=not LONG, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
