@@ -103,3 +103,13 @@ def test_a_flipped_bit_in_gptq_qweight_is_what_inspect_warns_about(dirs, tmp_pat
 
     edit(d, "model.layers.0.mlp.gate_proj.qweight", flip)
     assert read_checkpoint(d).diff(read_checkpoint(dirs["gptq"]))  # read back silently, different
+
+
+@pytest.mark.parametrize("name", ["model.wte.bin", "config.ini", "config.json"])
+def test_xft_files_linked_from_outside_are_refused(dirs, tmp_path, name):
+    d = shutil.copytree(dirs["xft"], tmp_path / "d")
+    shutil.move(d / name, tmp_path / name)
+    (d / name).symlink_to(tmp_path / name)
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(d, "xft")
+    assert "points outside the checkpoint directory" in one_line(err)

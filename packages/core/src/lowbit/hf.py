@@ -117,7 +117,7 @@ def load_tensors(path: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
             weight_map = json.loads(index.read_text())["weight_map"]
             names = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {type(err).__name__}: {err}") from err
+            raise CheckpointError(f"{index} is not a valid safetensors index: {type(err).__name__}: {one_line(err)}") from err
         files = [checkpoint_file(path, f) for f in names]
     else:
         files = [checkpoint_file(path, f.name) for f in sorted(path.glob("*.safetensors"))]
