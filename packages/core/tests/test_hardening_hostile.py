@@ -226,3 +226,12 @@ def test_inspect_says_what_is_verified(capsys, ckpt):
     code, out, err = run(capsys, "inspect", ckpt, "--json")
     assert code == 0, err
     assert json.loads(out)["verified"] == {"quantized tensors": "yes (tensor_hash)", "float tensors": "yes (float_hash)"}
+
+
+def test_float_model_index_naming_outside_files_is_refused(capsys, tiny_dir, tmp_path):
+    """The float model lowbit quantizes is read by transformers: its index is checked first."""
+    f = shutil.copytree(tiny_dir, tmp_path / "f")
+    shard(f, ["/etc/passwd"])
+    code, _, err = run(capsys, "quantize", f, "--out", tmp_path / "o", "--no-progress", "--group-size", "32")
+    assert code == 2 and "refusing file name '/etc/passwd'" in one_line(err)
+    assert not (tmp_path / "o").exists()

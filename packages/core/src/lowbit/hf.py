@@ -108,10 +108,10 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, meta: dict) -> None:
         raise OSError(f"{path.name}: {err}") from err
 
 
-def load_tensors(path: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
-    """Every tensor of a directory's safetensors (single file or index + shards); never pickle."""
+def safetensors_files(path: Path, prefix: str = "model") -> list[Path]:
+    """The safetensors files of a directory: those its index names, else every ``*.safetensors``;
+    each checked with :func:`checkpoint_file`."""
     index = checkpoint_file(path, f"{prefix}.safetensors.index.json")
-    files: list[Path]
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -123,10 +123,15 @@ def load_tensors(path: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
         files = [checkpoint_file(path, f.name) for f in sorted(path.glob("*.safetensors"))]
     if not files:
         raise CheckpointError(f"{path} holds no .safetensors files.")
+    return files
+
+
+def load_tensors(path: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
+    """Every tensor of a directory's safetensors (single file or index + shards); never pickle."""
     out: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in safetensors_files(path, prefix):
         if not f.exists():
-            raise CheckpointError(f"{f.name} is listed in {index.name} but missing from {path}.")
+            raise CheckpointError(f"{f.name} is listed in {prefix}.safetensors.index.json but missing from {path}.")
         try:
             tensors = load_file(str(f))
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:

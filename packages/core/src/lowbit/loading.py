@@ -196,12 +196,21 @@ def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remot
 
 
 def _check_weight_bytes(src: ModelSource, config, trust_remote_code: bool) -> None:
-    """Refuse a config that describes far more weights than the files hold (a damaged GGUF header
-    claiming a huge vocabulary, say) before transformers allocates them: every format stores at
+    """Refuse weight files named outside the model directory (an index naming ``/etc/passwd``) and a
+    config that describes far more weights than the files hold (a damaged GGUF header claiming a
+    huge vocabulary, say) before transformers opens or allocates anything: every format stores at
     least one bit per weight. The parameters are counted on the meta device (no memory)."""
     from transformers import AutoModelForCausalLM
 
-    files = [Path(src.path) / src.gguf_file] if src.gguf_file else list(Path(src.path).glob("*.safetensors"))
+    from .hf import SAFE_INDEX, checkpoint_file, safetensors_files
+
+    root = Path(src.path)
+    if src.gguf_file:
+        files = [checkpoint_file(root, src.gguf_file)]
+    elif (root / SAFE_INDEX).is_file() or any(root.glob("*.safetensors")):
+        files = safetensors_files(root)  # every name checked to stay inside the directory
+    else:
+        files = []
     if not files or not all(f.is_file() for f in files):
         return  # a hub id, or nothing to load: transformers says what is missing
     have = sum(f.stat().st_size for f in files)
