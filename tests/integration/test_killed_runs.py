@@ -144,7 +144,8 @@ def test_sigint_is_one_line_status_130_and_leaves_nothing(capsys, tiny, ckpt, tm
         extra = ("--overwrite",)
     argv = ("quantize", tiny, "--out", out, *QUANTIZE) if cmd == "quantize" else \
         ("export", ckpt, "--format", "gptq-v2", "--out", out, *extra)
-    proc = lowbit(*argv, pause=point)
+    # at "swap" the SIGINT is deferred until both renames are done: let the pause end soon
+    proc = lowbit(*argv, pause=point, env={"LOWBIT_TEST_PAUSE_SECONDS": "2"} if point == "swap" else None)
     wait_for_pause(proc, point)
     proc.send_signal(signal.SIGINT)
     code, err = finish(proc)

@@ -188,17 +188,27 @@ def exclusive_output(fn):
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold back SIGINT and SIGTERM (delivered on exit) so that a rename pair completes."""
-    sigs = {signal.SIGINT, signal.SIGTERM}
+    """Defer SIGINT and SIGTERM until a rename pair is complete, then act on them as usual. (A signal
+    mask would not do: the kernel hands a process signal to any thread that does not block it, and
+    torch's threads do not.) Only the main thread can set handlers; elsewhere nothing is deferred."""
+    pending: list[int] = []
+    old: dict[int, object] = {}
     try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    except (ValueError, OSError):
-        old = None
+        for s in (signal.SIGINT, signal.SIGTERM):
+            old[s] = signal.signal(s, lambda signum, frame: pending.append(signum))
+    except ValueError:  # not the main thread
+        pass
     try:
         yield
     finally:
-        if old is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in pending:
+            handler = old.get(s)
+            if callable(handler):
+                handler(s, None)  # SIGINT: KeyboardInterrupt
+            elif handler != signal.SIG_IGN:
+                os.kill(os.getpid(), s)  # the default action (SIGTERM: terminate)
 
 
 def write_error(shown: Path, err: OSError) -> OutputError:
