@@ -128,15 +128,18 @@ def test_sigkill_between_the_renames_of_an_overwrite(capsys, ckpt, tmp_path):
 
 # ------------------------------------------------------------------------------------ SIGINT
 INTERRUPTS = [
-    ("quantize", "layer"),
-    ("export", "before-rename"),
-    pytest.param("quantize", "tensors-written", marks=pytest.mark.slow),
-    pytest.param("export", "swap", marks=pytest.mark.slow),  # held back until both renames are done
+    ("quantize", "layer", signal.SIGINT),
+    ("export", "before-rename", signal.SIGINT),
+    ("export", "tensors-written", signal.SIGTERM),  # a scheduler stopping the job: unwound like Ctrl-C
+    pytest.param("quantize", "tensors-written", signal.SIGINT, marks=pytest.mark.slow),
+    pytest.param("export", "swap", signal.SIGINT, marks=pytest.mark.slow),  # held back until both renames are done
 ]
+EXPECTED = {signal.SIGINT: (130, "lowbit: interrupted; no partial output was left behind"),
+            signal.SIGTERM: (143, "lowbit: terminated (SIGTERM); no partial output was left behind")}
 
 
-@pytest.mark.parametrize("cmd, point", INTERRUPTS)
-def test_sigint_is_one_line_status_130_and_leaves_nothing(capsys, tiny, ckpt, tmp_path, cmd, point):
+@pytest.mark.parametrize("cmd, point, sig", INTERRUPTS)
+def test_sigint_is_one_line_status_130_and_leaves_nothing(capsys, tiny, ckpt, tmp_path, cmd, point, sig):
     out = tmp_path / "out"
     extra = ()
     if point == "swap":
@@ -147,9 +150,9 @@ def test_sigint_is_one_line_status_130_and_leaves_nothing(capsys, tiny, ckpt, tm
     # at "swap" the SIGINT is deferred until both renames are done: let the pause end soon
     proc = lowbit(*argv, pause=point, env={"LOWBIT_TEST_PAUSE_SECONDS": "2"} if point == "swap" else None)
     wait_for_pause(proc, point)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     code, err = finish(proc)
-    assert code == 130 and err.strip() == "lowbit: interrupted; no partial output was left behind", err
+    assert (code, err.strip()) == EXPECTED[sig], err
     if point == "swap":  # SIGINT waited for the swap: the new output is complete
         verify(capsys, out)
         assert listing(tmp_path) == ["out"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -440,17 +441,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the job), unwound like Ctrl-C so that partial output is removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    try:
+        old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        old_term = None
     try:
         return args.func(args) or 0
     except LowbitError as err:
         print(f"lowbit: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # output directories are atomic: a partial one was removed on the way out
-        print("lowbit: interrupted; no partial output was left behind", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # output directories are atomic: a partial one was removed on the way out
+        what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"lowbit: {what}; no partial output was left behind", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 if __name__ == "__main__":
