@@ -3,7 +3,8 @@
 Directory layout::
 
     lowbit.json           manifest: format, scheme, recipe, calibration, source, versions,
-                          tensor_hash (sha256 of every quantized tensor), quantized modules
+                          tensor_hash (sha256 of every quantized tensor), float_hash (sha256 of
+                          every float tensor), quantized modules
     config.json           the HF config, with no quantization_config
     model.safetensors     float tensors under their HF names, and per quantized linear
                           ``<module>.codes`` (uint8 [N, K]), ``.scales`` (fp16 [N, NG]),
@@ -21,7 +22,16 @@ import torch
 
 from .errors import CheckpointError
 from .exporting import Exporter
-from .hf import DEFAULT_SHARD_BYTES, LazyTensors, ShardWriter, load_config, load_extras, load_tensors, write_config
+from .hf import (
+    DEFAULT_SHARD_BYTES,
+    LazyTensors,
+    ShardWriter,
+    checkpoint_file,
+    load_config,
+    load_extras,
+    load_tensors,
+    write_config,
+)
 from .qmodel import QuantizedModel
 from .qweight import QuantizedWeight
 from .scheme import QuantScheme
@@ -57,37 +67,70 @@ class LowbitCheckpoint(Exporter):
         writer.finish(qmodel.config, qmodel.scheme, qmodel.manifest, qmodel.tokenizer, qmodel.generation_config)
 
     def read(self, path: Path, lazy: bool = False, verify: bool = True) -> QuantizedModel:
-        """The checkpoint at ``path``, checked against the manifest's tensor_hash (``verify``). ``lazy``:
-        tensors are read from the files on access, one at a time (for walking a checkpoint larger
-        than memory, e.g. to export it; the hash check then reads them once more)."""
+        """Read and verify: every tensor must match the manifest's hashes (``tensor_hash`` for the
+        quantized ones, ``float_hash`` for the rest; checkpoints from before float_hash have only
+        the first, and ``inspect`` says so), and no tensor may sit beside a quantized module's parts.
+
+        ``lazy``: tensors are read from the files on access, one at a time (a checkpoint larger than
+        memory, e.g. to export it; verifying then reads each once). ``verify=False`` skips the hash
+        checks (for a checkpoint this process has just written and hashed)."""
+        manifest = self.manifest(path)
         try:
-            manifest = json.loads((path / MANIFEST).read_text())
+            scheme = QuantScheme.from_dict(manifest["scheme"])
+            modules = manifest["quantized_modules"]
+            if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+                raise TypeError("quantized_modules is not a list of module names")
+            if not isinstance(manifest.get("tensor_hash"), str):
+                raise TypeError("tensor_hash is missing")
+        except (KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{path}/{MANIFEST} lacks a valid scheme, quantized_modules or tensor_hash "
+                                  f"({type(err).__name__}: {err}); the checkpoint is damaged. Re-export it.") from err
+        if lazy:
+            tensors = LazyTensors(path)
+            _check_strays(path, modules, tensors)
+            qmodel = _lazy_model(path, manifest, scheme, tensors=tensors)
+        else:
+            tensors = load_tensors(path)
+            _check_strays(path, modules, tensors)
+            qweights = {}
+            for mod in modules:
+                parts = {p: tensors.pop(f"{mod}.{p}", None) for p in _PARTS}
+                if any(parts[p] is None for p in ("codes", "scales", "zeros")):
+                    raise CheckpointError(f"{path}: tensors of {mod} are missing; the checkpoint is incomplete.")
+                try:
+                    qweights[mod] = QuantizedWeight(scheme=scheme, **parts)
+                except CheckpointError as err:
+                    raise CheckpointError(f"{path}: {mod}: {err}") from err
+            qmodel = QuantizedModel(load_config(path), scheme, qweights, tensors, manifest=manifest)
+        if verify and manifest["tensor_hash"] != qmodel.tensor_hash():
+            raise CheckpointError(f"{path}: quantized tensors do not match the manifest's tensor_hash (corrupt).")
+        if verify and "float_hash" in manifest and manifest["float_hash"] != qmodel.float_hash():
+            raise CheckpointError(f"{path}: float tensors (embeddings, norms, lm_head) do not match the manifest's "
+                                  "float_hash: one was altered, added or removed (corrupt). Re-export it.")
+        qmodel.tokenizer, qmodel.generation_config = load_extras(path)
+        return qmodel
+
+    def manifest(self, path: Path) -> dict:
+        """lowbit.json, checked to be a lowbit manifest of a version this lowbit reads."""
+        try:
+            manifest = json.loads(checkpoint_file(path, MANIFEST).read_text())
         except (OSError, ValueError) as err:
             raise CheckpointError(f"{path}/{MANIFEST} is unreadable: {err}") from err
-        if manifest.get("format") != "lowbit" or manifest.get("format_version", 0) > FORMAT_VERSION:
+        if not isinstance(manifest, dict):
+            raise CheckpointError(f"{path}/{MANIFEST} holds {type(manifest).__name__}, not a JSON object; "
+                                  "the checkpoint is damaged.")
+        version = manifest.get("format_version", 0)
+        if manifest.get("format") != "lowbit" or not isinstance(version, int) or version > FORMAT_VERSION:
             raise CheckpointError(
-                f"{path}/{MANIFEST} is format {manifest.get('format')!r} version {manifest.get('format_version')}; "
+                f"{path}/{MANIFEST} is format {manifest.get('format')!r} version {version!r}; "
                 f"this lowbit reads lowbit version ≤ {FORMAT_VERSION}. Upgrade lowbit."
             )
-        scheme = QuantScheme.from_dict(manifest["scheme"])
-        if lazy:
-            qmodel = _lazy_model(path, manifest, scheme)
-            qmodel.tokenizer, qmodel.generation_config = load_extras(path)
-            if verify and manifest.get("tensor_hash") and manifest["tensor_hash"] != qmodel.tensor_hash():
-                raise CheckpointError(f"{path}: quantized tensors do not match the manifest's tensor_hash (corrupt).")
-            return qmodel
-        tensors = load_tensors(path)
-        qweights = {}
-        for mod in manifest["quantized_modules"]:
-            parts = {p: tensors.pop(f"{mod}.{p}", None) for p in _PARTS}
-            if any(parts[p] is None for p in ("codes", "scales", "zeros")):
-                raise CheckpointError(f"{path}: tensors of {mod} are missing; the checkpoint is incomplete.")
-            qweights[mod] = QuantizedWeight(scheme=scheme, **parts)
-        qmodel = QuantizedModel(load_config(path), scheme, qweights, tensors, manifest=manifest)
-        qmodel.tokenizer, qmodel.generation_config = load_extras(path)
-        if manifest.get("tensor_hash") and manifest["tensor_hash"] != qmodel.tensor_hash():
-            raise CheckpointError(f"{path}: quantized tensors do not match the manifest's tensor_hash (corrupt).")
-        return qmodel
+        return manifest
+
+    def verified(self, path: Path) -> dict:
+        floats = ("yes (float_hash)" if "float_hash" in self.manifest(path) else
+                  "no: written before float_hash, so only the quantized tensors are checked; re-export to cover all")
+        return {"quantized tensors": "yes (tensor_hash)", "float tensors": floats}
 
 
 class CheckpointWriter:
@@ -133,7 +176,8 @@ class CheckpointWriter:
             "quantized_modules": sorted(self._modules),
             "versions": manifest.get("versions") or package_versions(),
         }
-        manifest["tensor_hash"] = _lazy_model(self.out_dir, manifest, scheme, config).tensor_hash()
+        written = _lazy_model(self.out_dir, manifest, scheme, config)
+        manifest["tensor_hash"], manifest["float_hash"] = written.tensor_hash(), written.float_hash()
         (self.out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
@@ -179,8 +223,20 @@ class _LazyFloats(Mapping):
         return len(self._names)
 
 
-def _lazy_model(path: Path, manifest: dict, scheme: QuantScheme, config=None) -> QuantizedModel:
-    tensors = LazyTensors(path)
+def _check_strays(path: Path, modules: list[str], tensors) -> None:
+    """No tensor may sit beside a quantized module's parts (an added tensor would go unhashed)."""
+    mods = set(modules)
+    for name in tensors:
+        pieces = name.split(".")
+        for i in range(1, len(pieces)):
+            mod = ".".join(pieces[:i])
+            if mod in mods and not (i == len(pieces) - 1 and pieces[-1] in _PARTS):
+                raise CheckpointError(f"{path}: unexpected tensor {name} beside the quantized tensors of {mod}; "
+                                      "the checkpoint was altered.")
+
+
+def _lazy_model(path: Path, manifest: dict, scheme: QuantScheme, config=None, tensors=None) -> QuantizedModel:
+    tensors = tensors if tensors is not None else LazyTensors(path)
     mods = list(manifest["quantized_modules"])
     return QuantizedModel(config if config is not None else load_config(path), scheme,
                           _LazyQWeights(tensors, mods, scheme, path), _LazyFloats(tensors, mods), manifest=manifest)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -204,10 +205,13 @@ def cmd_kernels(a) -> int:
 # ----------------------------------------------------------------------------------- formats
 def cmd_export(a) -> int:
     from .exporting import export, read_checkpoint
+    from .io import check_writable, output_lock
 
-    qm = read_checkpoint(a.checkpoint, lazy=True)
     out = Path(a.out or f"{a.checkpoint.rstrip('/')}-{a.format}")
-    export(qm, a.format, out, overwrite=a.overwrite)
+    with output_lock(out):  # the output is ours from the first check to the final rename
+        check_writable(out, a.overwrite)
+        qm = read_checkpoint(a.checkpoint, lazy=True)
+        export(qm, a.format, out, overwrite=a.overwrite)
     if a.json:
         _print_json({"out": str(out), "format": a.format})
     else:
@@ -243,7 +247,9 @@ def cmd_inspect(a) -> int:
     from .plugins import registry
 
     fmt = detect_format(a.checkpoint)
-    info = registry("exporters").get(fmt)().inspect(Path(a.checkpoint))
+    exporter = registry("exporters").get(fmt)()
+    info = exporter.inspect(Path(a.checkpoint))
+    info.setdefault("verified", exporter.verified(Path(a.checkpoint)))
     if a.json:
         _print_json(info)
         return 0
@@ -426,17 +432,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the job), unwound like Ctrl-C so that partial output is removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    try:
+        old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        old_term = None
     try:
         return args.func(args) or 0
     except LowbitError as err:
         print(f"lowbit: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lowbit: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # output directories are atomic: a partial one was removed on the way out
+        what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"lowbit: {what}; no partial output was left behind", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 if __name__ == "__main__":

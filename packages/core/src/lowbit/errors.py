@@ -7,6 +7,15 @@ LowbitError into one line on stderr and exit status 2.
 from __future__ import annotations
 
 
+def one_line(err: BaseException | str, limit: int = 300) -> str:
+    """A (third-party) error message as one line: whitespace and line breaks collapsed, cut at
+    ``limit`` characters; the exception's type name when it has no message."""
+    text = " ".join(str(err).split())
+    if not text and isinstance(err, BaseException):
+        text = type(err).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class LowbitError(Exception):
     """Base class of every error lowbit raises on purpose (bad input, missing pieces)."""
 

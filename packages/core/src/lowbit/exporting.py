@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from .errors import CheckpointError, UnsupportedSchemeError
+from .errors import CheckpointError, UnsupportedSchemeError, one_line
 from .io import atomic_dir
 from .plugins import registry
 from .qmodel import QuantizedModel
@@ -38,6 +38,13 @@ class Exporter:
         qmodel = self.read(path)
         return {"format": self.name, "version": None, "scheme": qmodel.scheme.to_dict(),
                 "modules": len(qmodel.qweights), "runtimes": {"lowbit": "yes"}}
+
+    def verified(self, path: Path) -> dict:
+        """What a read of ``path`` can vouch for (``lowbit inspect`` shows it). Foreign formats carry no
+        hash: a read checks structure, shapes, ranges and finite scales, but not the bits themselves."""
+        return {"quantized tensors": f"no: {self.name} stores no hash, so flipped bits inside packed weights "
+                                     "cannot be detected (shapes, code/zero ranges, g_idx and finite scales are checked)",
+                "float tensors": f"no: {self.name} stores no hash for embeddings, norms and lm_head"}
 
     def write(self, qmodel: QuantizedModel, out_dir: Path) -> None:
         raise NotImplementedError
@@ -97,5 +104,6 @@ def read_checkpoint(path: Path | str, fmt: str | None = None, lazy: bool = False
         return registry("exporters").get(fmt)().read(Path(path))
     except (CheckpointError, UnsupportedSchemeError):
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise CheckpointError(f"cannot read {path} as {fmt}: {type(err).__name__}: {err}") from err
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, IndexError, AttributeError, OverflowError) as err:
+        # readers parse untrusted files: whatever a damaged one trips is still one line
+        raise CheckpointError(f"cannot read {path} as {fmt}: {type(err).__name__}: {one_line(err)}") from err

@@ -15,10 +15,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, one_line
+from .io import fault_point
 
 SAFE_INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 4 * 1024**3
+#: the tokenizer files transformers may open in a checkpoint directory
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 
 
 def write_config(config, out_dir: Path, quantization_config: dict | None = None, **extra: Any) -> None:
@@ -141,6 +145,7 @@ class ShardWriter:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (self.out_dir / f"{self.prefix}.safetensors.index.json").write_text(
                 json.dumps(index, indent=2, sort_keys=True) + "\n")
+        fault_point("tensors-written")  # tests kill a run here (mid-write)
         return names
 
 
@@ -157,17 +162,53 @@ def save_tensors(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch
     return writer.close()
 
 
-def safetensors_files(path: Path, prefix: str = "model") -> tuple[list[Path], Path | None]:
-    """The safetensors files of a directory (from its index when it has one) and the index."""
-    index = path / f"{prefix}.safetensors.index.json"
+def checkpoint_file(root: Path, name: str) -> Path:
+    """``root / name`` once it is known to stay inside the checkpoint directory ``root``.
+
+    Every reader opens a checkpoint's files through this one check: a name from an index, a
+    manifest or a config must be relative and free of ``..``, and after following symlinks the file
+    must lie under ``root`` (or, for a Hugging Face cache snapshot ``…/snapshots/REV``, under the
+    repository's ``blobs``) and, if it exists, be a regular file (never a FIFO or a device, which
+    would hang or stream forever). Anything else is a CheckpointError naming the offending entry."""
+    root = Path(root)
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(f"{root}: refusing file name {name!r}: a checkpoint may only name files inside its "
+                              "own directory (no absolute paths, no '..'); the checkpoint is damaged or hostile.")
+    path = root / name
+    real_root = root.resolve()
+    allowed = [real_root]
+    if real_root.parent.name == "snapshots":  # HF cache: snapshots/REV/x -> ../../blobs/HASH
+        allowed.append(real_root.parent.parent / "blobs")
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError) as err:
+        raise CheckpointError(f"{path} cannot be resolved ({err}); the checkpoint is damaged.") from err
+    if not any(real == a or a in real.parents for a in allowed):
+        raise CheckpointError(f"{root}: {name} points outside the checkpoint directory (to {real}); refusing to "
+                              "read it. Copy the file into the checkpoint instead of linking it.")
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file; the checkpoint is damaged.")
+    return path
+
+
+def safetensors_files(path: Path, prefix: str = "model") -> list[Path]:
+    """The safetensors files of a directory: those its index names, else ``{prefix}.safetensors``,
+    else every ``*.safetensors``; each checked with :func:`checkpoint_file` (present or not)."""
+    index = checkpoint_file(path, f"{prefix}.safetensors.index.json")
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {err}") from err
-        return [path / f for f in sorted(set(weight_map.values()))], index
-    single = path / f"{prefix}.safetensors"
-    return ([single] if single.is_file() else sorted(path.glob("*.safetensors"))), None
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {type(err).__name__}: {one_line(err)}") from err
+        files = [checkpoint_file(path, f) for f in names]
+    elif (path / f"{prefix}.safetensors").is_file():
+        files = [checkpoint_file(path, f"{prefix}.safetensors")]
+    else:
+        files = [checkpoint_file(path, f.name) for f in sorted(path.glob("*.safetensors"))]
+    if not files:
+        raise CheckpointError(f"{path} holds no .safetensors files.")
+    return files
 
 
 _ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
@@ -231,17 +272,17 @@ class LazyTensors(Mapping):
     truncated shard fails here, before any work)."""
 
     def __init__(self, path: Path, prefix: str = "model", error=CheckpointError):
-        files, index = safetensors_files(Path(path), prefix)
-        if not files:
-            raise error(f"{path} holds no .safetensors files.")
         self._where: dict[str, _SafetensorsFile] = {}
-        for f in files:
+        for f in safetensors_files(Path(path), prefix):
             if not f.exists():
-                raise error(f"{f.name} is listed in {index.name if index else 'the index'} but missing from {path}.")
+                raise error(f"{f.name} is listed in {prefix}.safetensors.index.json but missing from {path}.")
             try:
                 sf = _SafetensorsFile(f, error)
             except OSError as err:
                 raise error(f"{f} is unreadable ({err}).") from err
+            dup = sorted(set(sf.entries) & set(self._where))
+            if dup:
+                raise error(f"{path}: tensor {dup[0]} is stored in more than one file; the checkpoint is damaged.")
             for k in sf.entries:
                 self._where[k] = sf
 
@@ -281,30 +322,31 @@ class LazyTensors(Mapping):
 
 
 def load_tensors(path: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
-    """Every tensor of a directory's safetensors (single file or index + shards)."""
-    files, index = safetensors_files(path, prefix)
-    if not files:
-        raise CheckpointError(f"{path} holds no .safetensors files.")
+    """Every tensor of a directory's safetensors (single file or index + shards); never pickle."""
     out: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in safetensors_files(path, prefix):
         if not f.exists():
-            raise CheckpointError(f"{f.name} is listed in {index.name if index else 'the index'} but missing from {path}.")
+            raise CheckpointError(f"{f.name} is listed in {prefix}.safetensors.index.json but missing from {path}.")
         try:
-            out.update(load_file(str(f)))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{f} is unreadable or truncated ({err}); re-export it.") from err
+            tensors = load_file(str(f))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{f} is unreadable or truncated ({one_line(err)}); re-export it.") from err
+        dup = sorted(set(tensors) & set(out))
+        if dup:
+            raise CheckpointError(f"{path}: tensor {dup[0]} is stored in more than one file; the checkpoint is damaged.")
+        out.update(tensors)
     return out
 
 
 def load_config(path: Path):
     from transformers import AutoConfig
 
-    if not (path / "config.json").exists():
+    if not checkpoint_file(path, "config.json").exists():
         raise CheckpointError(f"{path} has no config.json; is it a model directory?")
-    try:
-        return AutoConfig.from_pretrained(str(path))
-    except (ValueError, OSError, KeyError) as err:
-        raise CheckpointError(f"{path}/config.json cannot be read: {err}") from err
+    try:  # trust_remote_code=False: an ``auto_map`` in a checkpoint never runs its code
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as err:  # transformers parses untrusted files: anything it raises is one line
+        raise CheckpointError(f"{path}/config.json cannot be read: {one_line(err)}") from err
 
 
 def load_extras(path: Path) -> tuple[Any, Any]:
@@ -312,11 +354,17 @@ def load_extras(path: Path) -> tuple[Any, Any]:
     from transformers import AutoTokenizer, GenerationConfig
 
     tok = gen = None
+    for f in TOKENIZER_FILES:
+        checkpoint_file(path, f)  # transformers opens these: none may point outside the checkpoint
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         try:
-            tok = AutoTokenizer.from_pretrained(str(path))
-        except (ValueError, OSError) as err:
-            raise CheckpointError(f"{path}: tokenizer files cannot be read: {err}") from err
-    if (path / "generation_config.json").exists():
-        gen = GenerationConfig.from_pretrained(str(path))
+            tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        except Exception as err:  # transformers parses untrusted files: anything it raises is one line
+            raise CheckpointError(f"{path}: tokenizer files cannot be read: {one_line(err)}") from err
+    if checkpoint_file(path, "generation_config.json").exists():
+        try:
+            gen = GenerationConfig.from_pretrained(str(path))
+        except Exception as err:  # transformers parses untrusted files: anything it raises is one line
+            raise CheckpointError(f"{path}/generation_config.json cannot be read: {one_line(err)}") from err
     return tok, gen
+

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MissingDependencyError, ModelLoadError
+from .errors import MissingDependencyError, ModelLoadError, one_line
 
 DEMO = "demo"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -142,12 +142,12 @@ def load_config(src: ModelSource, trust_remote_code: bool = False):
 
     try:
         return AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.kwargs())
-    except ValueError as err:
+    except OSError as err:
+        raise ModelLoadError(f"cannot load {src.spec}: {one_line(err)}. Offline? Use a local directory or the demo model.") from err
+    except Exception as err:  # transformers parses untrusted files (a damaged GGUF header): one line, whatever it raises
         if "trust_remote_code" in str(err):
             raise ModelLoadError(f"{src.spec} needs its own code to load; pass --trust-remote-code if you trust it.") from err
-        raise ModelLoadError(f"cannot read the config of {src.spec}: {err}") from err
-    except OSError as err:
-        raise ModelLoadError(f"cannot load {src.spec}: {str(err).splitlines()[0]}. Offline? Use a local directory or the demo model.") from err
+        raise ModelLoadError(f"cannot read the config of {src.spec}: {one_line(err)}") from err
 
 
 def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
@@ -157,8 +157,8 @@ def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
 
     try:
         return AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.kwargs())
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load the tokenizer of {src.spec}: {str(err).splitlines()[0]}") from err
+    except Exception as err:  # as in load_config
+        raise ModelLoadError(f"cannot load the tokenizer of {src.spec}: {one_line(err)}") from err
 
 
 def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
@@ -167,6 +167,8 @@ def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remot
     from transformers.utils import logging as hf_logging
 
     origin, src = src, _cached(src)
+    config = load_config(src, trust_remote_code)
+    _check_weight_bytes(src, config, trust_remote_code)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -174,10 +176,12 @@ def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remot
         if not src.gguf_file:
             kwargs["use_safetensors"] = True
         model = AutoModelForCausalLM.from_pretrained(
-            src.path, dtype=dtype, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True, **kwargs
+            src.path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True, **kwargs
         )
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load the weights of {src.spec}: {str(err).splitlines()[0]}") from err
+    except MemoryError as err:
+        raise ModelLoadError(f"cannot load the weights of {src.spec}: out of memory") from err
+    except Exception as err:  # as in load_config: a damaged file trips anything inside transformers
+        raise ModelLoadError(f"cannot load the weights of {src.spec}: {one_line(err)}") from err
     finally:
         hf_logging.set_verbosity(verbosity)
     if src.gguf_file:
@@ -205,6 +209,35 @@ def resolve_local(src: ModelSource, trust_remote_code: bool = False) -> Path | N
     if p.is_dir() and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file()):
         return p
     return None
+
+
+def _check_weight_bytes(src: ModelSource, config, trust_remote_code: bool) -> None:
+    """Refuse weight files named outside the model directory (an index naming ``/etc/passwd``) and a
+    config that describes far more weights than the files hold (a damaged GGUF header claiming a
+    huge vocabulary, say) before transformers opens or allocates anything: every format stores at
+    least one bit per weight. The parameters are counted on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    from .hf import SAFE_INDEX, checkpoint_file, safetensors_files
+
+    root = Path(src.path)
+    if src.gguf_file:
+        files = [checkpoint_file(root, src.gguf_file)]
+    elif (root / SAFE_INDEX).is_file() or any(root.glob("*.safetensors")):
+        files = safetensors_files(root)  # every name checked to stay inside the directory
+    else:
+        files = []
+    if not files or not all(f.is_file() for f in files):
+        return  # a hub id, or nothing to load: transformers says what is missing
+    have = sum(f.stat().st_size for f in files)
+    try:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code).parameters())
+    except Exception as err:  # noqa: BLE001 — the config cannot even build a model
+        raise ModelLoadError(f"the config of {src.spec} does not describe a model transformers can build: {one_line(err)}") from err
+    if n > 8 * have:
+        raise ModelLoadError(f"the config of {src.spec} describes {n:,} weights but its weight files hold only {have:,} "
+                             "bytes; config and weights disagree (a damaged or truncated file?).")
 
 
 def load_generation_config(src: ModelSource):

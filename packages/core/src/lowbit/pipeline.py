@@ -27,7 +27,7 @@ from .cpuinfo import has_fast_bf16_matmul
 from .errors import LowbitError, UnsupportedSchemeError
 from .exporting import check_formats
 from .hf import TensorChunks
-from .io import atomic_dir, check_writable
+from .io import atomic_dir, check_writable, exclusive_output, fault_point
 from .loading import (
     ModelSource,
     load_config,
@@ -308,6 +308,7 @@ def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], scheme:
         err = f" err {row['output_rel_error']:.4f}" if "output_rel_error" in row else ""
         bar.set_postfix_str(f"layer {i} {row['seconds']:.1f}s rss {rss / 2**30:.2f} GiB{err}")
         bar.update()
+        fault_point("layer")  # tests kill a run here (mid-calibration)
     bar.close()
     for s in steps:
         s.finish()
@@ -393,6 +394,7 @@ def weights_of(src: ModelSource, config, trust_remote_code: bool = False) -> tup
     return load_model(src, torch.float32, trust_remote_code), None
 
 
+@exclusive_output  # the output is ours from the first check to the final rename
 def quantize(model: str | None = None, *, method: str = "rtn", scheme: QuantScheme | None = None,
              calib: str = "wikitext2", nsamples: int = 128, seqlen: int = 512, batch_size: int = 8,
              step_options: dict[str, dict] | None = None, formats: list[str] | None = None,
@@ -507,6 +509,7 @@ def outer_float_tensors(model: nn.Module, adapter: Adapter, source: WeightSource
     return out
 
 
+@exclusive_output
 def export_compatible(model: str | None, out: str | Path, *, method: str = "awq", scheme: QuantScheme,
                       calib: str = "wikitext2", nsamples: int = 128, seqlen: int = 512, batch_size: int = 8,
                       step_options: dict | None = None, overwrite: bool = False, trust_remote_code: bool = False,

@@ -33,13 +33,14 @@ class QuantizedModel:
 
     def tensor_hash(self) -> str:
         """sha256 over every quantized tensor's name, dtype, shape and bytes, in name order."""
-        h = hashlib.sha256()
-        for name in sorted(self.qweights):
-            for tname, t in sorted(self.qweights[name].tensors().items()):
-                t = t.detach().contiguous().cpu()
-                h.update(f"{name}.{tname}:{t.dtype}:{list(t.shape)}".encode())
-                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return h.hexdigest()
+        return _sha256((f"{name}.{tname}", t) for name in sorted(self.qweights)
+                       for tname, t in sorted(self.qweights[name].tensors().items()))
+
+    def float_hash(self) -> str:
+        """sha256 over every float tensor (embeddings, norms, lm_head…) the same way: with
+        tensor_hash it covers every tensor of a checkpoint, so a flipped byte or an added or
+        removed tensor anywhere is caught on read."""
+        return _sha256((name, self.float_tensors[name]) for name in sorted(self.float_tensors))  # one at a time
 
     def diff(self, other: QuantizedModel) -> dict[str, list[str]]:
         """Module → list of differences in decoded codes/scales/zeros/g_idx (empty dict: identical)."""
@@ -52,3 +53,13 @@ class QuantizedModel:
             if d:
                 out[name] = d
         return out
+
+
+def _sha256(named_tensors) -> str:
+    """sha256 over ``(name, tensor)`` pairs: each one's name, dtype, shape, then its bytes."""
+    h = hashlib.sha256()
+    for name, t in named_tensors:
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

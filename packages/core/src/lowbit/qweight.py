@@ -57,7 +57,9 @@ class QuantizedWeight:
         return self.scales.shape[1]
 
     def validate(self) -> None:
-        """Raise CheckpointError when the tensors disagree with each other or the scheme."""
+        """Raise CheckpointError when the tensors disagree with each other or the scheme, or the
+        scales are not finite. Every reader builds QuantizedWeights, so this runs on every read of
+        every format."""
         n, k = self.codes.shape if self.codes.dim() == 2 else (None, None)
         ng = self.scheme.num_groups(k) if k else None
         problems = []
@@ -72,10 +74,16 @@ class QuantizedWeight:
                 problems.append(f"g_idx shape {list(self.g_idx.shape)} != [K={k}]")
             if self.bias is not None and list(self.bias.shape) != [n]:
                 problems.append(f"bias shape {list(self.bias.shape)} != [N={n}]")
+        if not problems and not self.scales.is_floating_point():
+            problems.append(f"scales must be float, got {self.scales.dtype}")
+        elif not problems and self.scales.numel() and not bool(torch.isfinite(self.scales).all()):
+            problems.append("scales hold NaN or Inf (they would decode to NaN weights and empty output)")
         if not problems and self.codes.numel() and int(self.codes.max()) > self.scheme.maxq:
             problems.append(f"codes exceed {self.scheme.maxq} for {self.scheme.bits}-bit")
-        if not problems and self.zeros.numel() and int(self.zeros.max()) > self.scheme.maxq:
-            problems.append(f"zeros exceed {self.scheme.maxq} for {self.scheme.bits}-bit")
+        if not problems and self.zeros.is_floating_point():
+            problems.append(f"zeros must be integers, got {self.zeros.dtype}")
+        elif not problems and self.zeros.numel() and (int(self.zeros.max()) > self.scheme.maxq or int(self.zeros.min()) < 0):
+            problems.append(f"zeros outside [0, {self.scheme.maxq}] for {self.scheme.bits}-bit")
         if self.g_idx is not None and not problems and self.g_idx.numel():
             if int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= ng:
                 problems.append(f"g_idx values outside [0, {ng})")

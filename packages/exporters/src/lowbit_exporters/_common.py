@@ -14,6 +14,7 @@ import torch
 from lowbit import CheckpointError, Exporter, QuantizedModel, QuantizedWeight, QuantScheme, UnsupportedSchemeError
 from lowbit.hf import (
     DEFAULT_SHARD_BYTES,
+    checkpoint_file,
     load_config,
     load_extras,
     load_tensors,
@@ -73,6 +74,7 @@ def shape_problem(config, need, what: str) -> str | None:
 
 def read_json(path: Path) -> dict | None:
     """A JSON object from ``path``, None if absent; CheckpointError if unreadable."""
+    path = checkpoint_file(path.parent, path.name)  # never a link out of the directory, a FIFO or a device
     if not path.is_file():
         return None
     try:

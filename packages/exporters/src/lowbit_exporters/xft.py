@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from lowbit import CheckpointError, Exporter, QuantizedModel, QuantizedWeight, QuantScheme, UnsupportedSchemeError
-from lowbit.hf import load_config, load_extras, write_config, write_extras
+from lowbit.hf import checkpoint_file, load_config, load_extras, write_config, write_extras
 from lowbit.models import adapter_for, adapter_or_none
 from lowbit.plugins import registry
 
@@ -88,6 +88,7 @@ def _write_bin(t: torch.Tensor, path: Path) -> None:
 
 
 def _read_bin(path: Path, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    path = checkpoint_file(path.parent, path.name)  # never a link out of the directory, a FIFO or a device
     if not path.is_file():
         raise CheckpointError(f"{path.parent}: {path.name} is missing; the xFT directory is incomplete.")
     nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
@@ -285,7 +286,7 @@ class XFTExporter(Exporter):
 
     # -- read ----------------------------------------------------------------------------------
     def _ini(self, path: Path) -> tuple[str, configparser.SectionProxy]:
-        ini = path / "config.ini"
+        ini = checkpoint_file(path, "config.ini")
         if not ini.is_file():
             raise CheckpointError(f"{path} has no config.ini; it is not an xFT model directory.")
         cp = configparser.ConfigParser()
