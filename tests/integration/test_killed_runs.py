@@ -139,7 +139,7 @@ EXPECTED = {signal.SIGINT: (130, "lowbit: interrupted; no partial output was lef
 
 
 @pytest.mark.parametrize("cmd, point, sig", INTERRUPTS)
-def test_sigint_is_one_line_status_130_and_leaves_nothing(capsys, tiny, ckpt, tmp_path, cmd, point, sig):
+def test_sigint_or_sigterm_is_one_line_and_leaves_nothing(capsys, tiny, ckpt, tmp_path, cmd, point, sig):
     out = tmp_path / "out"
     extra = ()
     if point == "swap":
