@@ -108,8 +108,30 @@ def test_sigkill_leaves_no_output_and_the_next_run_cleans_up(capsys, tiny, ckpt,
     left = listing(tmp_path)
     assert ".out.lock" in left  # its flock died with it; the file is left for the next run
     assert any(n.startswith(f".out.tmp-{proc.pid}-") for n in left) == (point != "layer")  # layer: nothing written yet
+    assert (".out.work" in left) == (cmd == "quantize")  # finished layers, kept for --resume
     (complete_quantize_run if cmd == "quantize" else complete_export_run)(capsys, tiny if cmd == "quantize" else ckpt, out)
     assert listing(tmp_path) == ["out"]
+
+
+def test_sigkill_then_resume_gives_the_same_bits(capsys, tiny, tmp_path):
+    """SIGKILLed after its first layer, a quantize run continues with --resume from the second layer
+    and writes exactly what an uninterrupted run writes."""
+    import json
+
+    whole = tmp_path / "whole"
+    complete_quantize_run(capsys, tiny, whole)
+    out = tmp_path / "out"
+    proc = lowbit("quantize", tiny, "--out", out, *QUANTIZE, pause="layer")
+    wait_for_pause(proc, "layer")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and (tmp_path / ".out.work" / "state.json").is_file()
+    code, err = finish(lowbit("quantize", tiny, "--out", out, *QUANTIZE, "--resume"))
+    assert code == 0 and "resuming at layer 1 of 2" in err, err
+    verify(capsys, out / "lowbit")
+    hashes = [json.loads((d / "lowbit" / "lowbit.json").read_text()) for d in (whole, out)]
+    assert hashes[0]["tensor_hash"] == hashes[1]["tensor_hash"] and hashes[0]["float_hash"] == hashes[1]["float_hash"]
+    assert listing(tmp_path) == ["out", "whole"]
 
 
 def test_sigkill_between_the_renames_of_an_overwrite(capsys, ckpt, tmp_path):
@@ -152,12 +174,15 @@ def test_sigint_or_sigterm_is_one_line_and_leaves_nothing(capsys, tiny, ckpt, tm
     wait_for_pause(proc, point)
     proc.send_signal(sig)
     code, err = finish(proc)
-    assert (code, err.strip()) == EXPECTED[sig], err
+    expected_code, expected_line = EXPECTED[sig]
+    if cmd == "quantize":  # the finished layers stay for --resume, and the line says where
+        expected_line += f" (finished layers are kept in {tmp_path / '.out.work'}: rerun with --resume to continue)"
+    assert (code, err.strip()) == (expected_code, expected_line), err
     if point == "swap":  # SIGINT waited for the swap: the new output is complete
         verify(capsys, out)
         assert listing(tmp_path) == ["out"]
     else:
-        assert listing(tmp_path) == []
+        assert listing(tmp_path) == ([".out.work"] if cmd == "quantize" else [])
 
 
 # ------------------------------------------------------------------------------------ concurrency

@@ -454,7 +454,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as err:  # output directories are atomic: a partial one was removed on the way out
         what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
-        print(f"lowbit: {what}; no partial output was left behind", file=sys.stderr)
+        kept = ""
+        if getattr(args, "func", None) is cmd_quantize and getattr(args, "out", None):
+            from .workdir import work_dir_for
+
+            work = work_dir_for(Path(args.out))
+            if work.is_dir():
+                kept = f" (finished layers are kept in {work}: rerun with --resume to continue)"
+        print(f"lowbit: {what}; no partial output was left behind{kept}", file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130
     finally:
         if old_term is not None:
