@@ -69,8 +69,9 @@ def test_bench_rejects_missing_gguf(tiny_checkpoint):
         bench.model_bench(tiny_checkpoint, llama_cpp="/nonexistent/model.gguf")
 
 
-def test_model_bench_lm_head_rows(tiny_checkpoint):
+def test_model_bench_lm_head_rows(tiny_checkpoint, monkeypatch):
     """--lm-head int8/int4: one lowbit row each, the lm_head on a CPU kernel, int4 smaller than int8."""
+    monkeypatch.setenv("LOWBIT_DISABLED_PLUGINS", "example-int8")  # an installed example plugin's 8-bit kernel would win
     report = bench.model_bench(tiny_checkpoint, prompt_len=8, new_tokens=2, repeat=1, baseline=False,
                                lm_heads=["int8", "int4"])
     i8, i4 = report["rows"]

@@ -288,3 +288,19 @@ def test_vnni_int8_prefill_and_decode_agree(monkeypatch):
         for batch in (1, 6):
             err = _rel_err(VnniInt8Kernel, QuantScheme(8, 64, act_order=True), batch, torch.bfloat16, seed=batch)
             assert err <= DEFAULT_RTOL[torch.bfloat16], (path, batch, err)
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 32), QuantScheme(4, -1), QuantScheme(4, 128, sym=True)])
+def test_ipex_gptq_v1_packing_decodes_back(scheme):
+    """The IPEX kernel's GPTQ-v1 packing (codes along K, zeros stored as z - 1 along N) unpacks to
+    the same codes and zeros, edge values included."""
+    from lowbit.packing import unpack_bits
+    from lowbit.testing import random_qweight
+    from lowbit_cpu.kernels.ipex_woq import pack_gptq_v1
+
+    qw = random_qweight(64, 256, scheme, seed=3, edges=True)
+    qweight, qzeros, scales = pack_gptq_v1(qw)
+    assert qweight.shape == (256 // 8, 64) and qzeros.shape == (qw.num_groups, 64 // 8)
+    assert torch.equal(unpack_bits(qweight.t().contiguous(), 4), qw.codes)
+    assert torch.equal((unpack_bits(qzeros, 4).to(torch.int16) + 1) & 0xF, qw.zeros.t().to(torch.int16))
+    assert torch.equal(scales, qw.scales.t().half())

@@ -7,7 +7,8 @@ loaded only where the CPU reports the instructions it uses (picked at run time, 
 
 The C file needs no Python or torch headers, so it builds in about a second with any gcc or
 clang (``$CC``, else ``cc``/``gcc``/``clang`` on PATH). The shared object is cached under
-``$LOWBIT_CACHE_DIR`` (default ``~/.cache/lowbit``), named by the hash of source and flags, and
+lowbit's cache (``$LOWBIT_CACHE``, default ``~/.cache/lowbit``; a private temporary directory when
+``LOWBIT_CACHE=off``), named by the hash of source and flags, and
 written atomically so concurrent processes can build it at once. OpenMP comes from the process's
 already-loaded ``libgomp.so.1`` (torch's), so the kernels share torch's thread runtime.
 """
@@ -55,7 +56,11 @@ _VNNI_SIGNATURES = {
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LOWBIT_CACHE_DIR") or Path.home() / ".cache" / "lowbit")
+    """Where the shared objects are kept: lowbit's one cache (:func:`lowbit.loading.cache_root`)."""
+    from lowbit.loading import cache_root
+
+    root = cache_root()
+    return root if root is not None else Path(tempfile.gettempdir()) / f"lowbit-native-{os.getuid()}"
 
 
 def compiler() -> str | None:

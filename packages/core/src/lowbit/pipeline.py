@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import calibration
 from .algorithms.base import LayerContext, Quantizer
+from .algorithms.context import StopForward
 from .checkpoint import CheckpointWriter, LowbitCheckpoint
 from .cpuinfo import has_fast_bf16_matmul
 from .errors import LowbitError, UnsupportedSchemeError
@@ -92,10 +93,6 @@ class PassReport:
     seconds: float = 0.0
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor, batch_size: int, index: int = 0):
     """Run the model up to decoder layer ``index`` and record its inputs and keyword arguments per batch."""
@@ -108,14 +105,14 @@ def capture_layer_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor, 
         kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value")}
         kw["use_cache"] = False
         kwargs.append(kw)
-        raise _Stop
+        raise StopForward
 
     handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for start in range(0, ids.shape[0], batch_size):
             try:
                 model(ids[start : start + batch_size], use_cache=False)
-            except _Stop:
+            except StopForward:
                 pass
     finally:
         handle.remove()

@@ -22,6 +22,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.base import Kernel, KernelSpec
+from lowbit.packing import pack_bits
 from lowbit.qweight import QuantizedWeight
 
 from .common import group_of
@@ -41,15 +42,11 @@ def ipex_unavailable_reason() -> str | None:
 
 
 def pack_gptq_v1(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(qweight int32 [K/8, N], qzeros int32 [NG, N/8] of z - 1, scales fp16 [NG, N]) for 4-bit."""
-    n, k = qw.codes.shape
-    shifts = (torch.arange(8, dtype=torch.int64) * 4).view(1, 8, 1)
-    qt = qw.codes.t().to(torch.int64).reshape(k // 8, 8, n)
-    qweight = (qt << shifts).sum(1).to(torch.int64)
-    zt = ((qw.zeros.t().to(torch.int64) - 1) & 0xF).reshape(qw.num_groups, n // 8, 8)
-    qzeros = (zt << shifts.view(1, 1, 8)).sum(-1)
-    as_i32 = lambda t: (t - (t >= 2**31).to(torch.int64) * 2**32).to(torch.int32).contiguous()  # noqa: E731
-    return as_i32(qweight), as_i32(qzeros), qw.scales.t().to(torch.float16).contiguous()
+    """(qweight int32 [K/8, N], qzeros int32 [NG, N/8] of z - 1, scales fp16 [NG, N]) for 4-bit:
+    GPTQ v1's layout (formats.md §2), through the one bit-packing primitive."""
+    qweight = pack_bits(qw.codes, 4).t().contiguous()  # codes packed along K, eight per word
+    qzeros = pack_bits((qw.zeros.t().to(torch.int64) - 1) & 0xF, 4)  # v1 stores z - 1, along N
+    return qweight, qzeros, qw.scales.t().to(torch.float16).contiguous()
 
 
 class IpexWoqKernel(Kernel):

@@ -58,8 +58,8 @@ class LinearGroup:
         return list(sets.values())
 
 
-class _Stop(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early, once what it needed has been seen."""
 
 
 @dataclass
@@ -287,7 +287,7 @@ class LayerContext:
         def stop() -> None:
             need = len(hooks) + (len(first_outputs) if self.batch == 0 else 0)
             if stop_when_all_seen and len(seen) == need and not (record and self.batch < n_ref):
-                raise _Stop
+                raise StopForward
 
         def make(path, fn):
             def hook(_mod, args, kwargs):
@@ -313,7 +313,7 @@ class LayerContext:
                 seen.clear()
                 try:
                     out = self.layer(x, **kw)
-                except _Stop:
+                except StopForward:
                     continue
                 if record and self.batch < n_ref:
                     outs.append((out[0] if isinstance(out, tuple) else out).to(x.dtype))
