@@ -55,10 +55,9 @@ METHODS: dict[str, list[str]] = {
 
 def fast_compute_dtype(flags: set[str] | None = None) -> torch.dtype:
     """The faster calibration dtype on this CPU (``--compute-dtype auto``): bf16 where the CPU has AMX
-    (:func:`lowbit.cpuinfo.has_fast_bf16_matmul`), else fp32. It is not the default: on an AMX Xeon bf16
-    made GPTQ W4 g64 on the demo model 1.7x faster (63 against 106 s) but its perplexity 0.4 % worse
-    (20.411 against 20.326; benchmarks/quality/RESULTS.md). ``flags``: the CPU's flags (default: this
-    machine's, from /proc/cpuinfo)."""
+    (:func:`lowbit.cpuinfo.has_fast_bf16_matmul`), else fp32. It is not the default: bf16 is faster but
+    measurably worse (benchmarks/NOTES.md). ``flags``: the CPU's flags (default: this machine's, from
+    /proc/cpuinfo)."""
     return torch.bfloat16 if has_fast_bf16_matmul(flags) else torch.float32
 
 
@@ -127,12 +126,11 @@ def return_freed_memory() -> bool:
 
     glibc raises its mmap threshold each time a large block is freed, after which heaps fragment and
     never shrink; with a threshold below an activation's size (its 128 KiB start, or the 4 MiB used
-    before) every activation-sized tensor is a fresh mmap whose pages fault in again (a quarter of a
-    GPTQ pass's time went to the kernel). So the thresholds are fixed:
-    blocks under 64 MiB (a calibration batch's activations) come from the heap and stay mapped within
-    a layer (no trim under 512 MiB free), and ``malloc_trim`` after each layer returns what the layer
-    freed. Measured on a GPTQ W4 g64 pass (2 cores): 212 s against 234 s with a 4 MiB threshold, peak
-    RSS 2.0 GiB against 1.9. Process-wide, cheap, and results are unchanged."""
+    before) every activation-sized tensor is a fresh mmap whose pages fault in again. So the thresholds
+    are fixed: blocks under 64 MiB (a calibration batch's activations) come from the heap and stay
+    mapped within a layer (no trim under 512 MiB free), and ``malloc_trim`` after each layer returns
+    what the layer freed (benchmarks/NOTES.md has the measurement). Process-wide, cheap, and results
+    are unchanged."""
     if not sys.platform.startswith("linux"):
         return False
     if not _LIBC:
