@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -85,13 +84,16 @@ def run_one(size: str, method: str, model_dir: Path, work: Path, group_size: int
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "lowbit.cli", "quantize", str(model_dir), *METHODS[method], "--bits", "4",
            "--group-size", str(group_size), "--format", formats, "--out", str(out), "--json", *extra]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own high-water mark, not all children's
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t0
+        peak_kib = usage.ru_maxrss
+        if proc.returncode:
+            err.seek(0)
+            raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.read()[-3000:]}")
     manifest = json.loads((out / "lowbit" / "lowbit.json").read_text())
     layers = manifest["report"]["layers"]
     out_bytes = {f: sum(p.stat().st_size for p in (out / f).rglob("*") if p.is_file()) for f in os.listdir(out)}
@@ -105,7 +107,7 @@ def run_one(size: str, method: str, model_dir: Path, work: Path, group_size: int
         "layer_s_median": round(statistics.median(r["seconds"] for r in layers), 2),
         "layer_rss_mib_max": max(r["rss_mib"] for r in layers),
         "layer_rss_mib_first": layers[0]["rss_mib"], "layer_rss_mib_last": layers[-1]["rss_mib"],
-        "peak_rss_mib": peak_kib >> 10, "peak_rss_mib_before": before >> 10,
+        "peak_rss_mib": peak_kib >> 10,
         "out_gb": {f: round(b / 1e9, 2) for f, b in out_bytes.items()},
         "cpu": cpu_name(), "threads": os.cpu_count(), "load": [round(x, 1) for x in os.getloadavg()],
         "commit": _commit(),

@@ -40,7 +40,8 @@ class QuantizedModel:
         """sha256 over every float tensor (embeddings, norms, lm_head…) the same way: with
         tensor_hash it covers every tensor of a checkpoint, so a flipped byte or an added or
         removed tensor anywhere is caught on read."""
-        return _sha256((name, self.float_tensors[name]) for name in sorted(self.float_tensors))  # one at a time
+        chunked = getattr(self.float_tensors, "chunked", None)  # a lazily read checkpoint: in row chunks
+        return _sha256((name, chunked(name) if chunked else self.float_tensors[name]) for name in sorted(self.float_tensors))
 
     def diff(self, other: QuantizedModel) -> dict[str, list[str]]:
         """Module → list of differences in decoded codes/scales/zeros/g_idx (empty dict: identical)."""
@@ -56,10 +57,14 @@ class QuantizedModel:
 
 
 def _sha256(named_tensors) -> str:
-    """sha256 over ``(name, tensor)`` pairs: each one's name, dtype, shape, then its bytes."""
+    """sha256 over ``(name, tensor)`` pairs: each one's name, dtype, shape, then its bytes. A value
+    may be :class:`lowbit.hf.TensorChunks` (hashed chunk by chunk, never held whole)."""
     h = hashlib.sha256()
     for name, t in named_tensors:
-        t = t.detach().contiguous().cpu()
+        chunks = t.chunks() if hasattr(t, "chunks") else [t]
         h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        for c in chunks:
+            c = c.detach().contiguous().cpu()
+            if c.numel():
+                h.update(c.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
