@@ -8,6 +8,7 @@ forward passes entirely.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import sys
 import time
@@ -25,7 +26,7 @@ from .algorithms.base import LayerContext, Quantizer
 from .algorithms.context import StopForward
 from .checkpoint import CheckpointWriter, LowbitCheckpoint
 from .cpuinfo import has_fast_bf16_matmul
-from .errors import LowbitError, UnsupportedSchemeError
+from .errors import LowbitError, OutputError, UnsupportedSchemeError
 from .exporting import check_formats
 from .hf import TensorChunks
 from .io import atomic_dir, check_writable, exclusive_output, fault_point
@@ -41,6 +42,7 @@ from .loading import (
 from .models import Adapter, adapter_for
 from .plugins import registry
 from .qmodel import QuantizedModel
+from .qweight import QuantizedWeight
 from .scheme import QuantScheme
 from .weights import WeightSource, empty_model, materialize, materialize_named, missing_tensors, release
 from .workdir import WorkDir, work_dir_for
@@ -155,9 +157,12 @@ def _rel_error(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
 
 
 def _to(obj, device: torch.device):
-    """``obj`` (tensors in lists, tuples and dicts) on ``device``."""
+    """``obj`` (tensors and QuantizedWeights in lists, tuples and dicts) on ``device``."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
+    if isinstance(obj, QuantizedWeight):
+        return dataclasses.replace(obj, **{f: _to(getattr(obj, f), device)
+                                           for f in ("codes", "scales", "zeros", "g_idx", "bias")})
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to(o, device) for o in obj)
     if isinstance(obj, dict):
@@ -446,6 +451,9 @@ def quantize(model: str | None = None, *, method: str = "rtn", scheme: QuantSche
         "compute_dtype": str(compute_dtype), "device": torch.device(device).type,
     })
     start = work.start(resume)
+    if start and any(s.opts.get("dump") for s in p.steps):
+        raise OutputError(f"--resume cannot finish an --dump-awq file: the layers done before the kill are not in it; "
+                          f"rerun without --resume (the work in {work.path} is then discarded).")
     start_inputs = work.inputs() if start and ids is not None else None
     if start:
         print(f"resuming at layer {start} of {len(p.adapter.layers(fmodel))} from {work.path}", file=sys.stderr)
