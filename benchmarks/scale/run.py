@@ -142,14 +142,15 @@ def layer_bound_mib(size: str, method: str) -> int:
 
 def table(rows: list[dict]) -> str:
     lines = ["| model | params | layers | bf16 on disk | method | wall | pass | per layer (median) | "
-             "RSS after layer 1 / last | peak RSS | bound (layer fp32 + acts + 1 GiB) |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "RSS after layer 1 / last | peak RSS | bound (layer fp32 + acts + 1 GiB) | commit | load |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['size']} | {params_of(r['size']):.2f} B | {r['layers']} | {r['disk_gb']} GB | {r['method']} "
             f"g{r['group_size']} | {r['wall_s']:.0f} s | {r['pass_s']:.0f} s | {r['layer_s_median']:.1f} s | "
             f"{r['layer_rss_mib_first']} / {r['layer_rss_mib_last']} MiB | **{r['peak_rss_mib']} MiB** | "
-            f"{layer_bound_mib(r['size'], r['method'])} MiB |")
+            f"{layer_bound_mib(r['size'], r['method'])} MiB | {r.get('commit') or '?'} | "
+            f"{r['load'][0]} |")
     return "\n".join(lines)
 
 
