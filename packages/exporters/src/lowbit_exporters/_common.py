@@ -178,9 +178,9 @@ def unquantized_block_linears(qmodel: QuantizedModel) -> list[str]:
     """Leaf paths (as checkpoints name them) of 2-D float weights inside decoder layers: linears left
     in float, such as a MoE router; then the adapter's float modules outside the layers (a vision tower)."""
     out = set()
-    for name, t in qmodel.float_tensors.items():
+    for name in qmodel.float_tensors:  # names first: a lazily read model reads only the layers' weights
         leaf = layer_leaf(qmodel.config, checkpoint_name(qmodel.config, name))
-        if leaf and name.endswith(".weight") and t.dim() == 2:
+        if leaf and name.endswith(".weight") and qmodel.float_tensors[name].dim() == 2:
             out.add(leaf[: -len(".weight")])
     adapter = adapter_or_none(qmodel.config)
     return sorted(out) + list(adapter.float_modules if adapter is not None else ())
