@@ -140,6 +140,10 @@ def layer_bound_mib(size: str, method: str) -> int:
     return (layer + acts) // 2**20 + 1024
 
 
+def _secs(s: float | None) -> str:
+    return "–" if s is None else f"{s:.0f} s"
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | params | layers | bf16 on disk | method | wall | pass | per layer (median) | "
              "RSS after layer 1 / last | peak RSS | bound (layer fp32 + acts + 1 GiB) | commit | load |",
@@ -147,7 +151,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['size']} | {params_of(r['size']):.2f} B | {r['layers']} | {r['disk_gb']} GB | {r['method']} "
-            f"g{r['group_size']} | {r['wall_s']:.0f} s | {r['pass_s']:.0f} s | {r['layer_s_median']:.1f} s | "
+            f"g{r['group_size']} | {r['wall_s']:.0f} s | {_secs(r['pass_s'])} | {r['layer_s_median']:.1f} s | "
             f"{r['layer_rss_mib_first']} / {r['layer_rss_mib_last']} MiB | **{r['peak_rss_mib']} MiB** | "
             f"{layer_bound_mib(r['size'], r['method'])} MiB | {r.get('commit') or '?'} | "
             f"{r['load'][0]} |")
