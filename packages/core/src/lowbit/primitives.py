@@ -120,12 +120,13 @@ def quantize_codes(
     w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, scheme: QuantScheme, g_idx: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``uint8 [N, K]`` codes of ``w`` against given per-group scales and zeros."""
-    k = w.shape[1]
-    if g_idx is None:
-        gs = scheme.group_width(k)
-        gi = torch.arange(k, device=w.device) // gs
-    else:
-        gi = g_idx.long()
+    n, k = w.shape
+    if g_idx is None and k == scales.shape[1] * scheme.group_width(k):
+        # whole groups by broadcasting: one [N, K] float temporary, not four
+        wg = w.float().reshape(n, scales.shape[1], -1)
+        q = (wg / scales.float()[..., None]).round_().add_(zeros.float()[..., None]).clamp_(0, scheme.maxq)
+        return q.to(torch.uint8).reshape(n, k)
+    gi = torch.arange(k, device=w.device) // scheme.group_width(k) if g_idx is None else g_idx.long()
     s = scales.float()[:, gi]
     z = zeros.float()[:, gi]
     return torch.clamp(torch.round(w.float() / s) + z, 0, scheme.maxq).to(torch.uint8)

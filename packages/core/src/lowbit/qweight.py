@@ -106,6 +106,12 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float ``[N, K]`` weight, computed in fp32 then cast once to ``dtype``."""
+        n, k = self.codes.shape
+        if self.g_idx is None and k == self.num_groups * self.scheme.group_width(k):
+            # whole groups by broadcasting: one [N, K] float temporary, not four
+            w = self.codes.float().reshape(n, self.num_groups, -1)
+            w.sub_(self.zeros.float()[..., None]).mul_(self.scales.float()[..., None])
+            return w.reshape(n, k).to(dtype)
         gi = self.group_index().to(self.codes.device)
         z = self.zeros.float()[:, gi]
         s = self.scales.float()[:, gi]
