@@ -17,3 +17,14 @@ def _fresh_plugins(monkeypatch):
     reset_plugin_manager()
     yield
     reset_plugin_manager()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tiny_dir):
+    """A lowbit checkpoint of the tiny llama (RTN w4 g32, no calibration: fast)."""
+    from lowbit import pipeline
+    from lowbit.scheme import QuantScheme
+
+    out = tmp_path_factory.mktemp("ckpt") / "q"
+    pipeline.quantize(str(tiny_dir), method="rtn", scheme=QuantScheme(4, 32), out=out, progress=False)
+    return out / "lowbit"

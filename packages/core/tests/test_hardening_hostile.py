@@ -11,11 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowbit import pipeline
 from lowbit.cli import main
 from lowbit.errors import CheckpointError
 from lowbit.exporting import read_checkpoint
-from lowbit.scheme import QuantScheme
 
 
 def run(capsys, *argv):
@@ -27,13 +25,6 @@ def run(capsys, *argv):
 def one_line(err: str) -> str:
     assert err.count("\n") == 1 and "Traceback" not in err, err
     return err
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, tiny_dir):
-    out = tmp_path_factory.mktemp("ckpt") / "q"
-    pipeline.quantize(str(tiny_dir), method="rtn", scheme=QuantScheme(4, 32), out=out, progress=False)
-    return out / "lowbit"
 
 
 @pytest.fixture

@@ -11,11 +11,9 @@ import textwrap
 
 import pytest
 
-from lowbit import pipeline
 from lowbit.cli import main
 from lowbit.errors import OutputError
 from lowbit.io import atomic_dir, output_lock
-from lowbit.scheme import QuantScheme
 
 
 def run(capsys, *argv):
@@ -27,14 +25,6 @@ def run(capsys, *argv):
 def one_line(err: str) -> str:
     assert err.count("\n") == 1 and "Traceback" not in err, err
     return err
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, tiny_dir):
-    """A lowbit checkpoint of the tiny llama (RTN w4 g32, no calibration: fast)."""
-    out = tmp_path_factory.mktemp("ckpt") / "q"
-    pipeline.quantize(str(tiny_dir), method="rtn", scheme=QuantScheme(4, 32), out=out, progress=False)
-    return out / "lowbit"
 
 
 def dead_pid() -> int:
