@@ -18,9 +18,9 @@ import statistics
 
 import torch
 
-from lowbit.bench import CLOCKS, machine
 from lowbit.exporting import read_checkpoint
-from lowbit.nn import QuantLinear, build_float_model, build_model
+from lowbit.run.bench import CLOCKS, machine
+from lowbit.run.nn import QuantLinear, build_float_model, build_model
 
 
 def _parts(model) -> dict[str, list]:

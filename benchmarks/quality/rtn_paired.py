@@ -44,10 +44,10 @@ def main() -> None:
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from run import freeze_fake_quant  # this folder's benchmark script
 
-    from lowbit.evaluate import perplexity
     from lowbit.loading import load_model, load_tokenizer, resolve
-    from lowbit.nn import build_float_model
     from lowbit.pipeline import quantize
+    from lowbit.run.evaluate import perplexity
+    from lowbit.run.nn import build_float_model
     from lowbit.scheme import QuantScheme
 
     src = resolve(None)

@@ -36,7 +36,7 @@ def _peak_rss_mib() -> float:
 
 
 def _perplexity(model, tokenizer, windows: int, seqlen: int) -> dict:
-    from lowbit.evaluate import perplexity
+    from lowbit.run.evaluate import perplexity
 
     res = perplexity(model, tokenizer, seqlen=seqlen, max_windows=windows or None, progress=False, per_window=True)
     per = res.pop("window_nll")
@@ -49,8 +49,8 @@ def one_lowbit(method: str, scheme_name: str, a) -> dict:
     """Quantize with lowbit and evaluate (runs in a child process)."""
     import torch
 
-    from lowbit.nn import build_float_model
     from lowbit.pipeline import quantize
+    from lowbit.run.nn import build_float_model
     from lowbit.scheme import QuantScheme
 
     torch.set_num_threads(a.threads)
@@ -205,7 +205,7 @@ def one_llmcompressor(method: str, a) -> dict:
 
 def _cpu() -> str:
     """The CPU model and its matmul-relevant ISA (rows from different machines differ in time, not in PPL)."""
-    from lowbit.bench import machine
+    from lowbit.run.bench import machine
 
     m = machine()
     return f"{m['cpu']} ({', '.join(m['isa']) or 'no avx2'})"

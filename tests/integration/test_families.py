@@ -10,7 +10,7 @@ from safetensors import safe_open
 from lowbit import pipeline, read_checkpoint
 from lowbit.cli import main
 from lowbit.errors import UnsupportedSchemeError
-from lowbit.nn import build_float_model, build_model
+from lowbit.run.nn import build_float_model, build_model
 from lowbit.scheme import QuantScheme
 from lowbit.testing.models import save_tiny_model
 

@@ -8,8 +8,8 @@ import torch
 from lowbit import pipeline, read_checkpoint
 from lowbit.cli import main
 from lowbit.errors import ModelLoadError
-from lowbit.nn import build_float_model, build_model
 from lowbit.plugins import registry, reset_plugin_manager
+from lowbit.run.nn import build_float_model, build_model
 from lowbit.scheme import QuantScheme
 from lowbit.testing.models import save_tiny_model, tiny_model
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lowbit import KernelSpec, QuantScheme, select_kernel
-from lowbit.nn import build_model, kernels_used
 from lowbit.plugins import reset_plugin_manager
+from lowbit.run.nn import build_model, kernels_used
 from lowbit.testing import KernelConformance, tiny_quantized_model
 from lowbit_example_int8 import Int8PerChannelKernel
 

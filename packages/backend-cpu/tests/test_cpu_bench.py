@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from lowbit import bench
 from lowbit.errors import LowbitError
+from lowbit.run import bench
 
 
 def test_kernel_bench_rows_and_ratios():

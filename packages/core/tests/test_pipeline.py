@@ -8,8 +8,8 @@ import torch
 
 from lowbit import calibration, pipeline, read_checkpoint
 from lowbit.errors import CalibrationError, CheckpointError
-from lowbit.nn import QuantLinear, build_model
 from lowbit.primitives import fake_quantize
+from lowbit.run.nn import QuantLinear, build_model
 from lowbit.scheme import QuantScheme
 from lowbit.testing.models import tiny_llama, tiny_tokenizer
 

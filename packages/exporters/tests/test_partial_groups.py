@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from lowbit import QuantScheme, export, read_checkpoint
 from lowbit.errors import UnsupportedSchemeError
-from lowbit.nn import QuantLinear, build_model
+from lowbit.run.nn import QuantLinear, build_model
 from lowbit.scheme import QuantScheme as Scheme
 from lowbit.testing.models import tiny_llama
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import LowbitError
-from .runtime import DTYPES, dtype_of, load_runtime
+from .run.load import DTYPES, dtype_of, load_runtime
 
 
 def _print_json(data) -> None:
@@ -90,9 +90,9 @@ def _model_slug(model: str | None) -> str:
 def cmd_eval_ppl(a) -> int:
     import torch
 
-    from .evaluate import eval_text, perplexity, window_ids
     from .loading import load_model, resolve
-    from .nn import kernels_used
+    from .run.evaluate import eval_text, perplexity, window_ids
+    from .run.nn import kernels_used
 
     qm, model = load_runtime(a.checkpoint, a.dtype, a.kernel)
     seqlen = min(a.seqlen, getattr(qm.config, "max_position_embeddings", a.seqlen))
@@ -412,23 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 
-    try:
-        from . import bench
-    except ImportError:
-        bench = None
-    if bench is not None and hasattr(bench, "add_arguments"):
-        b = sub.add_parser("bench", help="kernel and model speed, memory and size tables",
-                           description=(bench.__doc__ or "").strip().splitlines()[0] if bench.__doc__ else None)
-        bench.add_arguments(b)
-        b.set_defaults(func=bench.run)
-    try:
-        from . import chat
-    except ImportError:
-        chat = None
-    if chat is not None and hasattr(chat, "add_arguments"):
-        c = sub.add_parser("chat", help="interactive chat with a checkpoint, streaming")
-        chat.add_arguments(c)
-        c.set_defaults(func=chat.run)
+    from .run import bench, chat
+
+    b = sub.add_parser("bench", help="kernel and model speed, memory and size tables",
+                       description=bench.__doc__.strip().splitlines()[0])
+    bench.add_arguments(b)
+    b.set_defaults(func=bench.run)
+    c = sub.add_parser("chat", help="interactive chat with a checkpoint, streaming")
+    chat.add_arguments(c)
+    c.set_defaults(func=chat.run)
     return p
 
 

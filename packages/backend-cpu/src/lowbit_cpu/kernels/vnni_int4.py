@@ -80,7 +80,7 @@ class VnniInt4Kernel(Avx2Int4Kernel):
 
 class VnniInt8Kernel(Kernel):
     """cpu.vnni_int8: 8-bit weights x int8 activations on AVX-512 VNNI (decode), for 8-bit checkpoints and
-    an lm_head quantized to int8 at load time (``lowbit.nn.quantize_lm_head``).
+    an lm_head quantized to int8 at load time (``lowbit.run.nn.quantize_lm_head``).
 
     Same activation rounding, tolerance argument and bf16-only rule as :class:`VnniInt4Kernel`; the weight
     is the uint8 codes as they are (1 byte per weight), one 512-bit VPDPBUSD per 64 columns. From

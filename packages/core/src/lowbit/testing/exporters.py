@@ -220,7 +220,7 @@ class ExporterConformance:
             self.exporter().read(tmp_path / "empty")
 
     def test_reloaded_model_runs(self, tmp_path):
-        from ..nn import build_float_model, build_model
+        from ..run.nn import build_float_model, build_model
 
         qm, out = self._written(tmp_path)
         back = self.exporter().read(out)

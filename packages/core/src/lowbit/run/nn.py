@@ -8,12 +8,12 @@ import copy
 import torch
 from torch import nn
 
-from .errors import CheckpointError
-from .kernels.base import KernelSpec
-from .models import adapter_or_none
-from .qmodel import QuantizedModel
-from .qweight import QuantizedWeight
-from .selection import select_kernel
+from ..errors import CheckpointError
+from ..kernels.base import KernelSpec
+from ..models import adapter_or_none
+from ..qmodel import QuantizedModel
+from ..qweight import QuantizedWeight
+from ..selection import select_kernel
 
 
 class QuantLinear(nn.Module):
@@ -86,9 +86,9 @@ def quantize_lm_head(model: nn.Module, mode: str, device: torch.device | str = "
     large share of its weights (SmolLM2-135M: 49152 x 576, a third of all), and at decode it is read
     in full for every token. A tied lm_head is untied: the input embedding stays float.
     """
-    from .errors import LowbitError
-    from .primitives import quantize
-    from .scheme import QuantScheme
+    from ..errors import LowbitError
+    from ..primitives import quantize
+    from ..scheme import QuantScheme
 
     if mode == "float":
         return model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import LowbitError
+from ..errors import LowbitError
 
 #: activation dtype names the commands accept → torch dtype attribute
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -21,8 +21,8 @@ def dtype_of(name: str):
 def load_runtime(path: str, dtype_name: str, kernel: str | None = None, lm_head: str = "float") -> tuple[Any, Any]:
     """(QuantizedModel, runnable CPU model) of the checkpoint at ``path``, any format lowbit reads;
     it must hold a tokenizer. ``lm_head``: keep it float or quantize it at load time (see
-    :func:`lowbit.nn.build_model`)."""
-    from .exporting import read_checkpoint
+    :func:`lowbit.run.nn.build_model`)."""
+    from ..exporting import read_checkpoint
     from .nn import build_model
 
     qm = read_checkpoint(path)

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import LowbitError
+from ..errors import LowbitError
 
 USER_PROMPT = "USER: "
 ASSISTANT_PROMPT = "ASSISTANT: "
@@ -30,7 +30,7 @@ HELP = "commands: /reset clears the history, /history shows it, /exit quits (als
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .runtime import DTYPES
+    from .load import DTYPES
 
     p.description = (
         "Chat with a quantized checkpoint in the terminal: the model's chat template, history across turns, "
@@ -245,9 +245,9 @@ def chat_loop(model, qm, args, inp=None, out=None) -> int:
 def run(args) -> int:
     import torch
 
-    from .exporting import detect_format
+    from ..exporting import detect_format
+    from .load import load_runtime
     from .nn import kernels_used
-    from .runtime import load_runtime
 
     if args.max_new_tokens < 1:
         raise LowbitError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")

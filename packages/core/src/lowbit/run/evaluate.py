@@ -10,7 +10,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .calibration import EVAL_TEXT, builtin_text
+from ..calibration import EVAL_TEXT, builtin_text
 
 
 def eval_text() -> str:

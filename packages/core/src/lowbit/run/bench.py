@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from .cpuinfo import cpu_name, isa
-from .errors import LowbitError
+from ..cpuinfo import cpu_name, isa
+from ..errors import LowbitError
 
 DEFAULT_SHAPES = "4096x4096,4096x11008,11008x4096"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -167,8 +167,8 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def random_qweight(in_features: int, out_features: int, scheme, seed: int = 0):
-    from .primitives import choose_qparams, quantize_codes
-    from .qweight import QuantizedWeight
+    from ..primitives import choose_qparams, quantize_codes
+    from ..qweight import QuantizedWeight
 
     scheme.check_shape(in_features)
     w = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)) * 0.02
@@ -194,10 +194,10 @@ def _tensor_bytes(obj, seen: set[int] | None = None) -> int:
 
 def kernel_bench(shapes, batches, bits=4, group_size=128, sym=False, dtype=torch.bfloat16, kernels=None,
                  repeat=7, clock="wall") -> dict:
-    from .kernels.base import KernelSpec
-    from .plugins import registry
-    from .scheme import QuantScheme
-    from .selection import kernel_reasons
+    from ..kernels.base import KernelSpec
+    from ..plugins import registry
+    from ..scheme import QuantScheme
+    from ..selection import kernel_reasons
 
     scheme = QuantScheme(bits, group_size, sym=sym)
     device = torch.device("cpu")
@@ -320,8 +320,8 @@ def _measure_model(model, prompt_len: int, new_tokens: int, repeat: int, vocab: 
 
 def _child(spec: dict) -> dict:
     """Build one model (quantized through lowbit, or the bf16 float baseline) and measure it."""
+    from ..exporting import read_checkpoint
     from . import nn as lnn
-    from .exporting import read_checkpoint
 
     torch.set_num_threads(spec["threads"])
     dtype = DTYPES[spec["dtype"]]
@@ -470,7 +470,7 @@ class ChildCrashed(LowbitError):
 
 def _run_child(spec: dict) -> dict:
     entry = "_llama_child" if spec.get("gguf") else "_child"
-    code = f"import json,sys; from lowbit.bench import {entry}; print(json.dumps({entry}(json.loads(sys.argv[1]))))"
+    code = f"import json,sys; from lowbit.run.bench import {entry}; print(json.dumps({entry}(json.loads(sys.argv[1]))))"
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
                           check=False, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode != 0:
