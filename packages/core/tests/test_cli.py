@@ -125,15 +125,16 @@ def test_failure_while_writing_leaves_nothing(capsys, tiny_dir, tmp_path, monkey
         original(self, *args)
         self._calls = 1
 
-    original = CheckpointWriter.add_tensors
-    monkeypatch.setattr(CheckpointWriter, "add_tensors", broken)
+    original = CheckpointWriter.add_file
+    monkeypatch.setattr(CheckpointWriter, "add_file", broken)
     code, _, err = run(capsys, "quantize", str(tiny_dir), "--out", str(tmp_path / "o"), "--no-progress")
     assert code == 2 and "disk full" in err
     assert [p.name for p in tmp_path.iterdir()] == [".o.work"]
-    monkeypatch.setattr(CheckpointWriter, "add_tensors", original)
+    monkeypatch.setattr(CheckpointWriter, "add_file", original)
     code, _, err = run(capsys, "quantize", str(tiny_dir), "--out", str(tmp_path / "o"), "--no-progress", "--resume")
     assert code == 0 and "resuming at layer 2 of 2" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+    assert not (tmp_path / "o" / "lowbit" / "partial.bin").exists()  # the interrupted finish's debris is gone
 
 
 def test_foreign_or_missing_checkpoint(capsys, tmp_path):

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from lowbit.cli import main
 from lowbit.errors import CheckpointError
 from lowbit.exporting import read_checkpoint
+from lowbit.hf import LazyTensors
 
 
 def run(capsys, *argv):
@@ -33,13 +34,15 @@ def copy(ckpt, tmp_path):
 
 
 def shard(copy, names: list[str]):
-    """Split the checkpoint's tensors into an index naming ``names`` (the first is the real shard)."""
-    tensors = load_file(str(copy / "model.safetensors"))
-    (copy / "model.safetensors").unlink()
-    save_file(tensors, str(copy / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
-    keys = sorted(tensors)
-    weight_map = {k: "model-00001-of-00002.safetensors" for k in keys[1:]}
-    weight_map[keys[0]] = names[0]
+    """Point the index's first tensor at ``names[0]``; a single ``model.safetensors`` gets an index first."""
+    if (copy / "model.safetensors").exists():
+        tensors = load_file(str(copy / "model.safetensors"))
+        (copy / "model.safetensors").unlink()
+        save_file(tensors, str(copy / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+        weight_map = dict.fromkeys(tensors, "model-00001-of-00002.safetensors")
+    else:
+        weight_map = json.loads((copy / "model.safetensors.index.json").read_text())["weight_map"]
+    weight_map[sorted(weight_map)[0]] = names[0]
     (copy / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
 
@@ -57,8 +60,9 @@ def test_index_names_escaping_the_directory_are_refused(capsys, copy, tmp_path, 
 def test_symlink_pointing_outside_is_refused(capsys, copy, tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    shutil.move(copy / "model.safetensors", outside / "model.safetensors")
-    (copy / "model.safetensors").symlink_to(outside / "model.safetensors")
+    held = LazyTensors(copy).file("model.norm.weight")
+    shutil.move(held, outside / held.name)
+    held.symlink_to(outside / held.name)
     code, _, err = run(capsys, "verify", copy)
     assert code == 2 and "points outside the checkpoint directory" in one_line(err)
 
@@ -181,27 +185,32 @@ def flip_byte(path, tensor: str):
 
 
 @pytest.mark.parametrize("tensor", ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
-                                    "model.layers.0.self_attn.q_proj.codes"])
+                                    "model.layers.0.self_attn.q_proj.qcodes"])
 def test_a_flipped_byte_in_any_tensor_is_caught(capsys, copy, tensor):
-    flip_byte(copy / "model.safetensors", tensor)
+    flip_byte(LazyTensors(copy).file(tensor), tensor)
     code, _, err = run(capsys, "verify", copy)
     assert code == 2 and "hash" in one_line(err)
 
 
 @pytest.mark.parametrize("name", ["model.extra.weight", "model.layers.0.self_attn.q_proj.weight"])
 def test_an_extra_tensor_is_refused(capsys, copy, name):
-    tensors = load_file(str(copy / "model.safetensors"))
+    held = LazyTensors(copy).file("model.layers.0.self_attn.q_proj.scales")
+    tensors = load_file(str(held))
     tensors[name] = torch.zeros(4)
-    save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(held), metadata={"format": "pt"})
+    index = json.loads((copy / "model.safetensors.index.json").read_text())
+    index["weight_map"][name] = held.name
+    (copy / "model.safetensors.index.json").write_text(json.dumps(index))
     code, _, err = run(capsys, "verify", copy)
     assert code == 2 and ("float_hash" in err or "unexpected tensor" in err)
     one_line(err)
 
 
 def test_nan_scales_are_refused(capsys, copy):
-    tensors = load_file(str(copy / "model.safetensors"))
+    held = LazyTensors(copy).file("model.layers.1.mlp.down_proj.scales")
+    tensors = load_file(str(held))
     tensors["model.layers.1.mlp.down_proj.scales"][0, 0] = float("nan")
-    save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(held), metadata={"format": "pt"})
     manifest = json.loads((copy / "lowbit.json").read_text())
     manifest.pop("tensor_hash")  # a hostile manifest with no hash still gets finite scales checked
     (copy / "lowbit.json").write_text(json.dumps(manifest))
@@ -216,7 +225,8 @@ def test_nan_scales_are_refused(capsys, copy):
 def test_inspect_says_what_is_verified(capsys, ckpt):
     code, out, err = run(capsys, "inspect", ckpt, "--json")
     assert code == 0, err
-    assert json.loads(out)["verified"] == {"quantized tensors": "yes (tensor_hash)", "float tensors": "yes (float_hash)"}
+    assert json.loads(out)["verified"] == {"quantized tensors": "yes (tensor_hash, with scheme, codes layout and shapes)",
+                                           "float tensors": "yes (float_hash)"}
 
 
 def test_float_model_index_naming_outside_files_is_refused(capsys, tiny_dir, tmp_path):

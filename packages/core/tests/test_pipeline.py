@@ -8,6 +8,7 @@ import torch
 
 from lowbit import calibration, pipeline, read_checkpoint
 from lowbit.errors import CalibrationError, CheckpointError
+from lowbit.hf import LazyTensors
 from lowbit.primitives import fake_quantize
 from lowbit.run.nn import QuantLinear, build_model
 from lowbit.scheme import QuantScheme
@@ -40,9 +41,9 @@ def test_checkpoint_hash_is_deterministic(tiny_dir, tmp_path):
     b = pipeline.quantize(str(tiny_dir), scheme=QuantScheme(4, 64), out=tmp_path / "b", progress=False)
     ha = json.loads((tmp_path / "a/lowbit/lowbit.json").read_text())["tensor_hash"]
     hb = json.loads((tmp_path / "b/lowbit/lowbit.json").read_text())["tensor_hash"]
-    assert ha == hb == a.tensor_hash() == b.tensor_hash()
+    assert ha == hb and a.tensor_hash() == b.tensor_hash()
     c = pipeline.quantize(str(tiny_dir), scheme=QuantScheme(4, 32), progress=False)
-    assert c.tensor_hash() != ha
+    assert c.tensor_hash() != a.tensor_hash()
 
 
 def test_manifest_records_scheme_recipe_versions(tiny_dir, tmp_path):
@@ -56,7 +57,7 @@ def test_manifest_records_scheme_recipe_versions(tiny_dir, tmp_path):
 
 def test_corrupt_checkpoint_is_refused(tiny_dir, tmp_path):
     pipeline.quantize(str(tiny_dir), scheme=QuantScheme(4, 64), out=tmp_path / "q", progress=False)
-    st = tmp_path / "q/lowbit/model.safetensors"
+    st = LazyTensors(tmp_path / "q/lowbit").file("model.layers.1.mlp.up_proj.qcodes")
     data = st.read_bytes()
     st.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="unreadable or truncated"):
@@ -67,11 +68,40 @@ def test_tampered_codes_fail_the_hash(tiny_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
     pipeline.quantize(str(tiny_dir), scheme=QuantScheme(4, 64), out=tmp_path / "q", progress=False)
-    st = tmp_path / "q/lowbit/model.safetensors"
+    st = LazyTensors(tmp_path / "q/lowbit").file("model.layers.0.mlp.up_proj.qcodes")
     t = load_file(str(st))
-    key = next(k for k in t if k.endswith(".codes"))
+    key = next(k for k in t if k.endswith(".qcodes"))
     t[key] = (t[key] ^ 1).contiguous()
     save_file(t, str(st), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="tensor_hash"):
+        read_checkpoint(tmp_path / "q/lowbit")
+
+
+@pytest.mark.parametrize("edit", [{"sym": True}, {"group_size": 32}, {"act_order": True}])
+def test_tensor_hash_covers_the_scheme(tiny_dir, tmp_path, edit):
+    """An edited scheme would decode the same tensors differently: the manifest's hash refuses it."""
+    pipeline.quantize(str(tiny_dir), scheme=QuantScheme(4, 64), out=tmp_path / "q", progress=False)
+    path = tmp_path / "q/lowbit/lowbit.json"
+    manifest = json.loads(path.read_text())
+    manifest["scheme"].update(edit)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="tensor_hash"):
+        read_checkpoint(tmp_path / "q/lowbit")
+
+
+def test_tensor_hash_covers_the_widths_and_layout(tiny_dir, tmp_path, monkeypatch):
+    from lowbit import checkpoint
+
+    pipeline.quantize(str(tiny_dir), scheme=QuantScheme(4, 64), out=tmp_path / "q", progress=False)
+    path = tmp_path / "q/lowbit/lowbit.json"
+    manifest = json.loads(path.read_text())
+    monkeypatch.setattr(checkpoint, "CODES_LAYOUT", checkpoint.CODES_LAYOUT + " (another layout)")
+    with pytest.raises(CheckpointError, match="tensor_hash"):  # a reader of another layout refuses these codes
+        read_checkpoint(tmp_path / "q/lowbit")
+    monkeypatch.undo()
+    read_checkpoint(tmp_path / "q/lowbit")
+    manifest["in_features"] = {m: k + 8 for m, k in manifest["in_features"].items()}
+    path.write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="tensor_hash"):
         read_checkpoint(tmp_path / "q/lowbit")
 

@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 from lowbit.kernels.reference import ReferenceKernel
+from lowbit.scheme import QuantScheme
 from lowbit.testing import KernelConformance
 
 
@@ -33,3 +35,42 @@ def test_partial_last_group_runs_on_the_reference_kernel_only():
     assert int(g.max()) == 4
     x = torch.randn(3, 576, generator=gen)
     torch.testing.assert_close(ReferenceKernel(qw, torch.device("cpu"), torch.float32).forward(x), x @ want.T)
+
+
+def test_the_suite_fails_a_kernel_that_declines_everything():
+    from lowbit.kernels.base import Kernel
+
+    class Shy(Kernel):
+        name = "shy"
+
+        @classmethod
+        def can_implement(cls, spec):
+            return "declines everything"
+
+    class Suite(KernelConformance):
+        kernel = Shy
+
+    with pytest.raises(pytest.fail.Exception, match="declines every spec"):
+        Suite().test_accepts_some_spec()
+
+
+def test_the_oracle_catches_a_kernel_that_is_off_by_one_code():
+    """The suite's oracle is independent of the reference kernel: a kernel that dequantizes with
+    zero + 1 fails it."""
+    from lowbit.kernels.reference import ReferenceKernel
+
+    class OffByOne(ReferenceKernel):
+        name = "off-by-one"
+
+        def __init__(self, qweight, device, dtype):
+            import dataclasses
+
+            shifted = dataclasses.replace(qweight, zeros=(qweight.zeros.long() - 1).clamp(min=0).to(torch.uint8))
+            super().__init__(shifted, device, dtype)
+
+    class Suite(KernelConformance):
+        kernel = OffByOne
+        dtypes = (torch.float32,)
+
+    with pytest.raises(AssertionError, match="relative error"):
+        Suite()._check(QuantScheme(4, 64), 1, torch.float32)

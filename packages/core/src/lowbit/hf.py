@@ -3,6 +3,7 @@ safetensors files (``format: pt`` metadata, sharded with an index when large). N
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import struct
@@ -74,16 +75,21 @@ class ShardWriter:
     complete) followed by its data, names the files ``model.safetensors`` or
     ``model-0000N-of-0000M.safetensors`` and writes the index, as transformers does. The files are
     plain safetensors (``format: pt`` metadata) that ``safetensors.safe_open`` validates.
+
+    Each tensor's :func:`tensor_digest` is computed from the bytes as they are written
+    (``digests``), so a checkpoint's manifest hashes need no second read of what was written.
     """
 
     def __init__(self, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, prefix: str = "model"):
         self.out_dir, self.max_shard_bytes, self.prefix = Path(out_dir), max_shard_bytes, prefix
         self._shards: list[dict] = []  # {"data": Path, "header": {name: entry}, "size": int}
         self._fh = None
-        self._names: set[str] = set()
+        self.digests: dict[str, str] = {}
+        #: tensor name → file name, complete once :meth:`close` has named the files
+        self.weight_map: dict[str, str] = {}
 
     def add(self, name: str, tensor: torch.Tensor | TensorChunks) -> None:
-        if name in self._names:
+        if name in self.digests:
             raise ValueError(f"tensor {name} written twice")
         if isinstance(tensor, TensorChunks):
             dtype, shape, chunks = tensor.dtype, list(tensor.shape), tensor.chunks()
@@ -99,17 +105,20 @@ class ShardWriter:
             self._new_shard()
         shard = self._shards[-1]
         written = 0
+        h = _digest_start(name, dtype, shape)
         for chunk in chunks:
             c = chunk.detach().to("cpu", dtype).contiguous().reshape(-1)
             if c.numel():
-                self._fh.write(c.view(torch.uint8).numpy().data)  # no copy of the tensor's bytes
+                data = c.view(torch.uint8).numpy().data  # no copy of the tensor's bytes
+                self._fh.write(data)
+                h.update(data)
             written += c.numel() * c.element_size()
         if written != nbytes:
             raise ValueError(f"tensor {name}: {written} bytes written for {dtype} {shape} ({nbytes} expected)")
         shard["header"][name] = {"dtype": _ST_DTYPES[dtype], "shape": shape,
                                  "data_offsets": [shard["size"], shard["size"] + nbytes]}
         shard["size"] += nbytes
-        self._names.add(name)
+        self.digests[name] = h.hexdigest()
 
     def _new_shard(self) -> None:
         if self._fh is not None:
@@ -118,8 +127,9 @@ class ShardWriter:
         self._fh = open(data, "wb")
         self._shards.append({"data": data, "header": {}, "size": 0})
 
-    def close(self) -> list[str]:
-        """Finish every shard (and the index when there are several); returns the file names."""
+    def close(self, index: bool = True) -> list[str]:
+        """Finish every shard (and, with ``index``, the index when there are several); returns the
+        file names."""
         if self._fh is not None:
             self._fh.close()
             self._fh = None
@@ -139,14 +149,35 @@ class ShardWriter:
                 out.write(raw)
                 shutil.copyfileobj(data, out, 16 << 20)
             shard["data"].unlink()
-        if n > 1:
-            weight_map = {k: fname for shard, fname in zip(self._shards, names) for k in shard["header"]}
-            total = sum(shard["size"] for shard in self._shards)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (self.out_dir / f"{self.prefix}.safetensors.index.json").write_text(
-                json.dumps(index, indent=2, sort_keys=True) + "\n")
+        self.weight_map = {k: fname for shard, fname in zip(self._shards, names) for k in shard["header"]}
+        if n > 1 and index:
+            write_index(self.out_dir / f"{self.prefix}.safetensors.index.json", self.weight_map)
         fault_point("tensors-written")  # tests kill a run here (mid-write)
         return names
+
+
+def write_index(path: Path, weight_map: Mapping[str, str]) -> None:
+    """A safetensors index (``weight_map``: tensor name → file name) as transformers writes it."""
+    total = sum(_SafetensorsFile(path.parent / f, CheckpointError).data_size for f in set(weight_map.values()))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _digest_start(name: str, dtype: torch.dtype, shape: list[int]):
+    h = hashlib.sha256()
+    h.update(f"{name}:{dtype}:{list(shape)}".encode())
+    return h
+
+
+def tensor_digest(name: str, tensor: torch.Tensor | TensorChunks) -> str:
+    """sha256 of a tensor under its name: name, dtype and shape, then its bytes (a
+    :class:`TensorChunks` is hashed chunk by chunk, never held whole)."""
+    h = _digest_start(name, tensor.dtype, list(tensor.shape))
+    for c in (tensor.chunks() if isinstance(tensor, TensorChunks) else [tensor]):
+        c = c.detach().contiguous().cpu()
+        if c.numel():
+            h.update(c.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
 
 
 def save_tensors(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], out_dir: Path,
@@ -251,6 +282,7 @@ class _SafetensorsFile:
                             f"{e['dtype']} {shape}; re-download or re-export it.")
             self.entries[name] = (dtype, shape, start, stop)
             end = max(end, stop)
+        self.data_size = end
         if self.base + end != size:
             raise error(f"{path} is truncated or has trailing bytes ({size} bytes, its header describes "
                         f"{self.base + end}); re-download or re-export it.")
@@ -297,6 +329,10 @@ class LazyTensors(Mapping):
 
     def shape(self, name: str) -> list[int]:
         return list(self._where[name].entries[name][1])
+
+    def file(self, name: str) -> Path:
+        """The file that holds tensor ``name``."""
+        return self._where[name].path
 
     def chunked(self, name: str, dtype: torch.dtype | None = None) -> TensorChunks:
         """``name`` as row blocks of about :data:`CHUNK_BYTES`, cast to ``dtype`` (default: as stored)."""

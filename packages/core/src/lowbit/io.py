@@ -218,6 +218,19 @@ def write_error(shown: Path, err: OSError) -> OutputError:
     return OutputError(f"writing {shown} failed: {what}{where}; nothing was written. Free space or pick another --out.")
 
 
+def link_tree(src: Path, dst: Path) -> None:
+    """Make ``dst`` a directory holding ``src``'s files (one level) as hard links, copies where the
+    file system refuses links: the same bytes appear in the output without a second copy on disk."""
+    dst.mkdir()
+    for f in sorted(Path(src).iterdir()):
+        if not f.is_file():
+            raise OutputError(f"{f} is not a regular file; cannot place it in {dst}.")
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success it becomes ``out``, on failure it vanishes."""

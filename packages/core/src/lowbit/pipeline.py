@@ -29,7 +29,7 @@ from .cpuinfo import has_fast_bf16_matmul
 from .errors import LowbitError, OutputError, UnsupportedSchemeError
 from .exporting import check_formats
 from .hf import TensorChunks
-from .io import atomic_dir, check_writable, exclusive_output, fault_point
+from .io import atomic_dir, check_writable, exclusive_output, fault_point, link_tree
 from .loading import (
     ModelSource,
     load_config,
@@ -460,19 +460,22 @@ def quantize(model: str | None = None, *, method: str = "rtn", scheme: QuantSche
     _, report = run_pass(fmodel, p.adapter, p.steps, scheme, ids, on_layer=work.save_layer, start=start,
                          start_inputs=start_inputs, **run)
     manifest["report"] = {"seconds": round(report.seconds, 2), "layers": work.rows}
+    # the work directory's checkpoint is completed in place and linked into the output, so the
+    # finished layers are never copied; it stays whole for --resume until the output is renamed
+    work.clear_finish()
+    writer = CheckpointWriter(work.checkpoint, prefix="outer")
+    for i in range(len(work.rows)):
+        layer = work.layers[i]
+        writer.add_file(layer["file"], layer["digests"], layer["in_features"])
+    writer.add({}, outer_float_tensors(fmodel, p.adapter, source, chunked=True))
+    writer.finish(fmodel.config, scheme, manifest, tokenizer, generation_config)
+    del fmodel, source
+    return_freed_memory()
     with atomic_dir(out, overwrite) as tmp:
-        (tmp / "lowbit").mkdir()
-        writer = CheckpointWriter(tmp / "lowbit")
-        for i in range(len(work.rows)):
-            layer = work.layer(i)
-            writer.add_tensors(layer, work.modules[i])
-        writer.add({}, outer_float_tensors(fmodel, p.adapter, source, chunked=True))
-        writer.finish(fmodel.config, scheme, manifest, tokenizer, generation_config)
-        del fmodel, source
-        return_freed_memory()
         for f in formats[1:]:
             (tmp / f).mkdir()
-            registry("exporters").get(f)().write(_open_lowbit(tmp / "lowbit", tokenizer, generation_config), tmp / f)
+            registry("exporters").get(f)().write(_open_lowbit(work.checkpoint, tokenizer, generation_config), tmp / f)
+        link_tree(work.checkpoint, tmp / "lowbit")
     work.remove()
     return _open_lowbit(out / "lowbit", tokenizer, generation_config)
 

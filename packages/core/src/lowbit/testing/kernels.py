@@ -1,9 +1,12 @@
-"""Kernel conformance: a kernel's output against the reference kernel on the same weights.
+"""Kernel conformance: a kernel's output against the dequantization formula on the same weights.
 
 Subclass and set ``kernel``; override ``device``, ``bits``, ``group_sizes``, ``batches``,
 ``dtypes``, ``shape`` or the tolerances where your kernel needs it. Every combination the kernel
 declares it can implement is checked; combinations it declines are checked to decline with a
-reason, and skipped.
+reason, and skipped; a kernel must accept at least one of the suite's combinations.
+
+The oracle is :func:`oracle`: formats.md §0.1's formula evaluated in float64 straight from codes,
+scales, zeros and group indices, sharing no code with any kernel (the reference kernel included).
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import pytest
 import torch
 
 from ..kernels.base import Kernel, KernelSpec
-from ..kernels.reference import ReferenceKernel
 from ..primitives import choose_qparams, quantize_codes
 from ..qweight import QuantizedWeight
 from ..scheme import QuantScheme
@@ -38,6 +40,18 @@ def make_qweight(n: int, k: int, scheme: QuantScheme, seed: int = 0, bias: bool 
     codes = quantize_codes(w, scales, zeros, scheme, g_idx)
     b = torch.randn(n, generator=gen) if bias else None
     return QuantizedWeight(codes, scales, zeros, scheme, g_idx=g_idx, bias=b)
+
+
+def oracle(qw: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T + bias`` in float64, ``W[n, k] = (codes[n, k] - zeros[n, g(k)]) * scales[n, g(k)]``
+    with ``g(k) = g_idx[k]`` or ``k // group width``; returned as float32 on ``x``'s device."""
+    k = qw.codes.shape[1]
+    g = qw.g_idx.long() if qw.g_idx is not None else torch.arange(k) // qw.scheme.group_width(k)
+    w = (qw.codes.double() - qw.zeros.double()[:, g]) * qw.scales.double()[:, g]
+    y = x.detach().cpu().double() @ w.T
+    if qw.bias is not None:
+        y = y + qw.bias.double()
+    return y.float().to(x.device)
 
 
 class KernelConformance:
@@ -67,7 +81,7 @@ class KernelConformance:
             pytest.skip(f"{self.kernel.name} declines {spec.describe()}: {reason}")
         device = torch.device(self.device)
         x = torch.randn(batch, k, generator=torch.Generator().manual_seed(batch)).to(device=device, dtype=dtype)
-        ref = ReferenceKernel(qw, device, torch.float32).forward(x.float())
+        ref = oracle(qw, x)
         out = self.kernel(qw, device, dtype).forward(x)
         assert out.shape == (batch, n) and out.dtype == dtype, (out.shape, out.dtype)
         err = (out.float() - ref).norm() / ref.norm()
@@ -101,10 +115,23 @@ class KernelConformance:
             pytest.skip(f"kernel declines the basic {scheme.describe()} spec")
         device = torch.device(self.device)
         x = torch.randn(2, 3, k).to(device=device, dtype=dtype)
-        ref = ReferenceKernel(qw, device, torch.float32).forward(x.float())
+        ref = oracle(qw, x.reshape(6, k)).reshape(2, 3, n)
         out = self.kernel(qw, device, dtype).forward(x)
         assert out.shape == (2, 3, n)
         assert (out.float() - ref).norm() / ref.norm() <= self.rtol[dtype]
+
+    def test_accepts_some_spec(self):
+        """A kernel that declines every combination of the suite would pass it by skipping: refuse that."""
+        self._probe_or_skip()
+        n, k = self.shape
+        reasons = {}
+        for b, g, dtype in itertools.product(self.bits, self.group_sizes, self.dtypes):
+            spec = KernelSpec(QuantScheme(b, g), k, n, dtype)
+            reason = self.kernel.can_implement(spec)
+            if reason is None:
+                return
+            reasons[spec.describe()] = reason
+        pytest.fail(f"{self.kernel.name} declines every spec of the suite: {reasons}")
 
     def test_declares_itself(self):
         assert self.kernel.name, "a kernel needs a name"
