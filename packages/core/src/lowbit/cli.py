@@ -62,8 +62,9 @@ def cmd_quantize(a) -> int:
         result = {"export_compatible": str(out)}
     else:
         formats = [f.strip() for f in a.format.split(",") if f.strip()]
-        out = Path(a.out or f"out/{_model_slug(a.model)}-{method.replace('+', '-')}-w{a.bits}"
-                   f"{'g' + str(a.group_size) if a.group_size != -1 else 'pc'}")
+        a.out = a.out or (f"out/{_model_slug(a.model)}-{method.replace('+', '-')}-w{a.bits}"
+                          f"{'g' + str(a.group_size) if a.group_size != -1 else 'pc'}")  # main's hints read it
+        out = Path(a.out)
         qm = pipeline.quantize(a.model, method=method, out=out, formats=formats, device=a.device, resume=a.resume,
                                **common)
         result = {"out": {f: str(out / f) for f in ["lowbit"] + [f for f in formats if f != "lowbit"]},

