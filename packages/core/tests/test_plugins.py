@@ -194,7 +194,7 @@ def test_every_hook_registers_through_a_fake_plugin_and_is_used(monkeypatch):
 
         def __init__(self, qweight, device, dtype):
             super().__init__(qweight, device, dtype)
-            self.w = self.packer()().pack(qweight)["w"].to(dtype)
+            self.w = self.packer(registry("packers"))().pack(qweight)["w"].to(dtype)
 
         def forward(self, x):
             return x @ self.w.T
@@ -227,7 +227,7 @@ def test_every_hook_registers_through_a_fake_plugin_and_is_used(monkeypatch):
     assert [type(s) for s in make_steps("fake-rtn", QuantScheme(4, 64))] == [FakeRTN]
     with pytest.raises(LowbitError, match="fake-format: fake-format holds 4-bit only"):
         check_formats(["fake-format"], QuantScheme(3, 64))
-    assert adapter_for({"model_type": "fakellama"}).name == "fake-arch"
+    assert adapter_for({"model_type": "fakellama"}, registry("architectures")).name == "fake-arch"
     w = torch.randn(64, 128)
     qw: QuantizedWeight = quantize(w, QuantScheme(4, 64))
     kernel = select_kernel(KernelSpec.of(qw, torch.float32))

@@ -9,6 +9,14 @@ from torch import nn
 from ..algorithms.context import LinearGroup
 from .base import Adapter, config_get
 
+#: llama's modules by role (:meth:`Adapter.layer_roles`); Gemma, Mixtral and the Qwen MoE families
+#: share its attention and norm names
+ROLES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+         "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+         "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+#: the roles of a llama-style attention block and its norms (MoE families: their MLP is experts)
+ATTENTION_ROLES = {r: ROLES[r] for r in ("q", "k", "v", "o", "attn_norm", "mlp_norm")}
+
 
 def attention_shapes(config: Any) -> dict[str, tuple[int, int]]:
     """``(N, K)`` of q/k/v/o_proj from the config (grouped-query attention and ``head_dim`` included)."""
@@ -20,6 +28,15 @@ def attention_shapes(config: Any) -> dict[str, tuple[int, int]]:
     q, kvd = heads * head_dim, kv * head_dim
     return {"self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kvd, hidden),
             "self_attn.v_proj": (kvd, hidden), "self_attn.o_proj": (hidden, q)}
+
+
+def attention_biases(config: Any, qkv_bias: bool = False) -> set[str]:
+    """The attention linears with a bias: q/k/v/o when the config sets ``attention_bias``; q/k/v
+    always where the family has them unconditionally (``qkv_bias``: Qwen2, Qwen2-MoE)."""
+    out = {ROLES[r] for r in ("q", "k", "v")} if qkv_bias else set()
+    if config_get(config, "attention_bias", False):
+        out |= {ROLES[r] for r in ("q", "k", "v", "o")}
+    return out
 
 
 def mlp_shapes(hidden: int, inter: int, prefix: str = "mlp.", names=("gate_proj", "up_proj", "down_proj")
@@ -51,14 +68,6 @@ def mlp_groups(norm: str = "post_attention_layernorm", offset: float = 0.0) -> l
 class LlamaAdapter(Adapter):
     name = "llama-family"
     model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
-    xft_matrices = {
-        "attention.query_key_value": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        "attention.dense": ("self_attn.o_proj",),
-        "mlp.gate_proj": ("mlp.gate_proj",),
-        "mlp.up_proj": ("mlp.up_proj",),
-        "mlp.down_proj": ("mlp.down_proj",),
-    }
-    xft_model_types = ("llama", "qwen2")
 
     def groups(self, layer: nn.Module) -> list[LinearGroup]:
         return attention_groups(layer) + mlp_groups()
@@ -71,6 +80,15 @@ class LlamaAdapter(Adapter):
         if not (att and inter):
             return {}
         return {**att, **mlp_shapes(config_get(config, "hidden_size"), inter)}
+
+    def layer_roles(self, config: Any) -> dict[str, str]:
+        return dict(ROLES)
+
+    def biased_linears(self, config: Any) -> set[str]:
+        out = attention_biases(config, qkv_bias=config_get(config, "model_type") == "qwen2")
+        if config_get(config, "mlp_bias", False):
+            out |= {ROLES[r] for r in ("gate", "up", "down")}
+        return out
 
 
 LLAMA_FAMILY = LlamaAdapter()
