@@ -130,3 +130,28 @@ def test_in_features_name_the_linears_a_group_size_must_divide():
     assert set(widths.values()) == {96, 128}
     name = next(n for n, k in widths.items() if k == 96)
     assert name.startswith("mlp.experts.0.down_proj") and "more" in name
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_adapter_roles_name_the_modules_they_say(model_type):
+    """Each role is a module of every decoder layer: a projection's role one of the quantized linears,
+    a norm's role the op that feeds the attention's (or the MLP's) first group; the embedding, final
+    norm and lm_head paths exist in the model."""
+    from lowbit.models import LAYER_ROLES
+
+    model = tiny_model(model_type)
+    adapter = adapter_for(model.config, registry("architectures"))
+    roles = adapter.layer_roles(model.config)
+    assert {"attn_norm", "mlp_norm", "o"} <= set(roles) <= set(LAYER_ROLES)
+    linears = set(adapter.linear_shapes(model.config))
+    for layer in adapter.layers(model):
+        prev = {p: g.prev for g in adapter.groups(layer) for p in g.linears}
+        for role, path in roles.items():
+            layer.get_submodule(path)
+            assert (path in linears) == (not role.endswith("norm")), (role, path)
+        assert prev[roles.get("q") or roles["qkv"]] == roles["attn_norm"]
+        if "gate" in roles or "gate_up" in roles:
+            assert prev[roles.get("gate") or roles["gate_up"]] == roles["mlp_norm"]
+    for path in (adapter.embedding, adapter.final_norm, adapter.lm_head):
+        model.get_submodule(path)
+    assert model.get_output_embeddings() is model.get_submodule(adapter.lm_head)
