@@ -11,7 +11,6 @@ from __future__ import annotations
 from lowbit.algorithms.base import LinearGroup
 from lowbit.models import Adapter, config_get
 
-
 #: OLMo-2's modules by generic role: what AWQ (no clipping of q and k) and formats ask for. Its
 #: norms follow the attention and the MLP, so no norm feeds either: no attn_norm / mlp_norm role.
 ROLES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",

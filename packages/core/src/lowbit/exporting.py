@@ -26,7 +26,8 @@ def with_adapter(qmodel: QuantizedModel, architectures: Registry | None = None) 
     """``qmodel`` carrying its architecture adapter: the one it has, else the one ``architectures``
     holds for its config (None when none serves its model type). Returns ``qmodel``."""
     if qmodel.adapter is None:
-        qmodel.adapter = adapter_or_none(qmodel.config, registry("architectures") if architectures is None else architectures)
+        architectures = registry("architectures") if architectures is None else architectures
+        qmodel.adapter = adapter_or_none(qmodel.config, architectures)
     return qmodel
 
 

@@ -165,13 +165,12 @@ def adapter_for(config: Any, architectures: Registry) -> Adapter:
     """The adapter in ``architectures`` (``lowbit.registry("architectures")``: the installed ones) for
     an HF config (object or dict), or one line naming the supported model types."""
     model_type = config_get(config, "model_type")
-    reg = architectures
-    if model_type not in reg:
+    if model_type not in architectures:
         raise ModelLoadError(
-            f"architecture {model_type!r} is not supported; supported: {', '.join(reg.names())}. "
+            f"architecture {model_type!r} is not supported; supported: {', '.join(architectures.names())}. "
             "A plugin can add it through lowbit_register_architectures."
         )
-    return reg.get(model_type)
+    return architectures.get(model_type)
 
 
 def adapter_or_none(config: Any, architectures: Registry) -> Adapter | None:

@@ -46,7 +46,7 @@ def mlp_shapes(hidden: int, inter: int, prefix: str = "mlp.", names=("gate_proj"
     return {prefix + gate: (inter, hidden), prefix + up: (inter, hidden), prefix + down: (hidden, inter)}
 
 
-def attention_groups(layer: nn.Module, norm: str = "input_layernorm", offset: float = 0.0) -> list[LinearGroup]:
+def attention_groups(layer: nn.Module, norm: str = ROLES["attn_norm"], offset: float = 0.0) -> list[LinearGroup]:
     """norm → q/k/v (inspect self_attn); v → o where shapes allow (no grouped-query attention)."""
     attn = layer.self_attn
     groups = [LinearGroup(norm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "self_attn",
@@ -59,7 +59,7 @@ def attention_groups(layer: nn.Module, norm: str = "input_layernorm", offset: fl
     return groups
 
 
-def mlp_groups(norm: str = "post_attention_layernorm", offset: float = 0.0) -> list[LinearGroup]:
+def mlp_groups(norm: str = ROLES["mlp_norm"], offset: float = 0.0) -> list[LinearGroup]:
     """norm → gate/up (inspect mlp); up → down."""
     return [LinearGroup(norm, ["mlp.gate_proj", "mlp.up_proj"], "mlp", norm_offset=offset),
             LinearGroup("mlp.up_proj", ["mlp.down_proj"], "mlp.down_proj")]
