@@ -85,11 +85,13 @@ def tiny_quantized_model(scheme: QuantScheme, seed: int = 0, tokenizer: bool = T
                           adapter=adapter)
 
 
-def _head(qm: QuantizedModel) -> str:
-    """The name of ``qm``'s output projection weight, as its architecture adapter gives it."""
+def _head(qm: QuantizedModel) -> str | None:
+    """The name of ``qm``'s output projection weight, as its architecture adapter gives it (None
+    for a model type no adapter serves)."""
     from ..exporting import with_adapter
 
-    return f"{with_adapter(qm).adapter.lm_head}.weight"
+    adapter = with_adapter(qm).adapter
+    return None if adapter is None else f"{adapter.lm_head}.weight"
 
 
 def _ids(scheme: QuantScheme) -> str:
