@@ -10,6 +10,7 @@ from lowbit.algorithms.base import LayerContext
 from lowbit.errors import ModelLoadError
 from lowbit.models import adapter_for
 from lowbit.models._experts import Experts
+from lowbit.plugins import registry
 from lowbit.scheme import QuantScheme
 from lowbit.testing.models import TINY_FAMILIES, tiny_config, tiny_model
 
@@ -26,19 +27,19 @@ def test_split_experts_compute_the_fused_forward_exactly(model_type):
     model = tiny_model(model_type)
     with torch.no_grad():
         fused = model(_ids()).logits
-    layers = adapter_for(model.config).layers(model)  # splits the experts
+    layers = adapter_for(model.config, registry("architectures")).layers(model)  # splits the experts
     assert all(isinstance(layer.mlp.experts, Experts) for layer in layers)
     with torch.no_grad():
         split = model(_ids()).logits
     torch.testing.assert_close(split, fused, rtol=0, atol=0)  # same products, same addition order
-    adapter_for(model.config).layers(model)  # idempotent
+    adapter_for(model.config, registry("architectures")).layers(model)  # idempotent
     assert not any(n.endswith("gate_up_proj") for n, _ in model.named_parameters())
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_adapter_shapes_and_groups_cover_every_quantized_linear(model_type):
     model = tiny_model(model_type)
-    adapter = adapter_for(model.config)
+    adapter = adapter_for(model.config, registry("architectures"))
     shapes = adapter.linear_shapes(model.config)
     for layer in adapter.layers(model):
         paths = [p for g in adapter.groups(layer) for p in g.linears]
@@ -54,7 +55,7 @@ def test_folding_awq_scales_leaves_the_float_layer_unchanged(model_type):
     input columns by s is the identity on the layer: checks Gemma's (1 + w) norms, Phi-3's fused
     gate_up (the up half takes the scales) and the MoE routers scaled as float readers."""
     model = tiny_model(model_type)
-    adapter = adapter_for(model.config)
+    adapter = adapter_for(model.config, registry("architectures"))
     layer = adapter.layers(model)[0]
     captured = {}
 
@@ -89,7 +90,7 @@ def test_folding_awq_scales_leaves_the_float_layer_unchanged(model_type):
 def test_gemma_norm_offset_is_what_makes_the_fold_exact():
     """Without the (1 + w) offset the fold changes a Gemma layer: the test above could fail."""
     model = tiny_model("gemma2")
-    adapter = adapter_for(model.config)
+    adapter = adapter_for(model.config, registry("architectures"))
     layer = adapter.layers(model)[0]
     g = adapter.groups(layer)[0]
     assert g.prev == "input_layernorm" and g.norm_offset == 1.0
@@ -106,7 +107,7 @@ def test_gemma_norm_offset_is_what_makes_the_fold_exact():
 
 
 def test_mixtral_checkpoint_names_round_trip():
-    adapter = adapter_for(tiny_config("mixtral"))
+    adapter = adapter_for(tiny_config("mixtral"), registry("architectures"))
     assert adapter.checkpoint_name("model.layers.3.mlp.experts.7.w1") == "model.layers.3.block_sparse_moe.experts.7.w1"
     assert adapter.checkpoint_name("model.layers.3.mlp.gate.weight") == "model.layers.3.block_sparse_moe.gate.weight"
     assert adapter.checkpoint_name("model.layers.3.self_attn.q_proj") == "model.layers.3.self_attn.q_proj"
@@ -116,7 +117,7 @@ def test_mixtral_checkpoint_names_round_trip():
 
 def test_unknown_model_type_is_one_line_listing_the_known_ones():
     with pytest.raises(ModelLoadError) as err:
-        adapter_for({"model_type": "mamba"})
+        adapter_for({"model_type": "mamba"}, registry("architectures"))
     msg = str(err.value)
     assert "\n" not in msg and "'mamba'" in msg
     for known in ("llama", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe"):
@@ -125,7 +126,32 @@ def test_unknown_model_type_is_one_line_listing_the_known_ones():
 
 def test_in_features_name_the_linears_a_group_size_must_divide():
     cfg = tiny_config("qwen2_moe", moe_intermediate_size=96)
-    widths = adapter_for(cfg).in_features(cfg)
+    widths = adapter_for(cfg, registry("architectures")).in_features(cfg)
     assert set(widths.values()) == {96, 128}
     name = next(n for n, k in widths.items() if k == 96)
     assert name.startswith("mlp.experts.0.down_proj") and "more" in name
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_adapter_roles_name_the_modules_they_say(model_type):
+    """Each role is a module of every decoder layer: a projection's role one of the quantized linears,
+    a norm's role the op that feeds the attention's (or the MLP's) first group; the embedding, final
+    norm and lm_head paths exist in the model."""
+    from lowbit.models import LAYER_ROLES
+
+    model = tiny_model(model_type)
+    adapter = adapter_for(model.config, registry("architectures"))
+    roles = adapter.layer_roles(model.config)
+    assert {"attn_norm", "mlp_norm", "o"} <= set(roles) <= set(LAYER_ROLES)
+    linears = set(adapter.linear_shapes(model.config))
+    for layer in adapter.layers(model):
+        prev = {p: g.prev for g in adapter.groups(layer) for p in g.linears}
+        for role, path in roles.items():
+            layer.get_submodule(path)
+            assert (path in linears) == (not role.endswith("norm")), (role, path)
+        assert prev[roles.get("q") or roles["qkv"]] == roles["attn_norm"]
+        if "gate" in roles or "gate_up" in roles:
+            assert prev[roles.get("gate") or roles["gate_up"]] == roles["mlp_norm"]
+    for path in (adapter.embedding, adapter.final_norm, adapter.lm_head):
+        model.get_submodule(path)
+    assert model.get_output_embeddings() is model.get_submodule(adapter.lm_head)

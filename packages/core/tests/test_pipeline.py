@@ -9,6 +9,7 @@ import torch
 from lowbit import calibration, pipeline, read_checkpoint
 from lowbit.errors import CalibrationError, CheckpointError
 from lowbit.hf import LazyTensors
+from lowbit.plugins import registry
 from lowbit.primitives import fake_quantize
 from lowbit.run.nn import QuantLinear, build_model
 from lowbit.scheme import QuantScheme
@@ -144,13 +145,14 @@ def test_calibrated_pass_reports_layer_errors(tiny_dir):
     model = tiny_llama(seed=0)
     ids = torch.randint(0, 384, (4, 32), generator=torch.Generator().manual_seed(0))
     scheme = QuantScheme(4, 64)
-    qweights, report = pipeline.run_pass(model, adapter_for(model.config), [CalibratedRTN(scheme)], scheme, ids,
+    adapter = adapter_for(model.config, registry("architectures"))
+    qweights, report = pipeline.run_pass(model, adapter, [CalibratedRTN(scheme)], scheme, ids,
                                          batch_size=2, compute_dtype=torch.float32, progress=False)
     assert len(qweights) == 14
     errs = [r["output_rel_error"] for r in report.layers]
     assert len(errs) == 2 and all(0 < e < 0.5 for e in errs)
     assert all(r["error_samples"] == 2 for r in report.layers)  # report_batches=1 batch of 2
-    _, two = pipeline.run_pass(tiny_llama(seed=0), adapter_for(model.config), [CalibratedRTN(scheme)], scheme, ids,
+    _, two = pipeline.run_pass(tiny_llama(seed=0), adapter, [CalibratedRTN(scheme)], scheme, ids,
                                batch_size=2, compute_dtype=torch.float32, progress=False, report_batches=2)
     assert all(r["error_samples"] == 4 for r in two.layers)
 
@@ -169,7 +171,8 @@ def test_awq_records_the_float_reference_without_changing_the_report():
         steps = pipeline.make_steps("awq", scheme, {"awq": {"n_grid": 4}})
         assert steps[0].records_reference
         steps[0].records_reference = records
-        qweights, report = pipeline.run_pass(model, adapter_for(model.config), steps, scheme, ids, batch_size=2,
+        adapter = adapter_for(model.config, registry("architectures"))
+        qweights, report = pipeline.run_pass(model, adapter, steps, scheme, ids, batch_size=2,
                                              compute_dtype=torch.float32, progress=False)
         reports.append(([r["output_rel_error"] for r in report.layers], {k: v.codes for k, v in qweights.items()}))
     assert reports[0][0] == reports[1][0]
@@ -182,7 +185,7 @@ def test_stream_reference_is_the_float_forward():
     from lowbit.testing.models import tiny_llama
 
     model = tiny_llama(seed=0)
-    ad = adapter_for(model.config)
+    ad = adapter_for(model.config, registry("architectures"))
     ids = torch.randint(0, 384, (6, 32), generator=torch.Generator().manual_seed(0))
     xs, kws = pipeline.capture_layer_inputs(model, ad, ids, 2)
     layer = ad.layers(model)[0]

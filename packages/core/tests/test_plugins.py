@@ -194,7 +194,7 @@ def test_every_hook_registers_through_a_fake_plugin_and_is_used(monkeypatch):
 
         def __init__(self, qweight, device, dtype):
             super().__init__(qweight, device, dtype)
-            self.w = self.packer()().pack(qweight)["w"].to(dtype)
+            self.w = self.packer(registry("packers"))().pack(qweight)["w"].to(dtype)
 
         def forward(self, x):
             return x @ self.w.T
@@ -227,7 +227,7 @@ def test_every_hook_registers_through_a_fake_plugin_and_is_used(monkeypatch):
     assert [type(s) for s in make_steps("fake-rtn", QuantScheme(4, 64))] == [FakeRTN]
     with pytest.raises(LowbitError, match="fake-format: fake-format holds 4-bit only"):
         check_formats(["fake-format"], QuantScheme(3, 64))
-    assert adapter_for({"model_type": "fakellama"}).name == "fake-arch"
+    assert adapter_for({"model_type": "fakellama"}, registry("architectures")).name == "fake-arch"
     w = torch.randn(64, 128)
     qw: QuantizedWeight = quantize(w, QuantScheme(4, 64))
     kernel = select_kernel(KernelSpec.of(qw, torch.float32))
@@ -235,3 +235,22 @@ def test_every_hook_registers_through_a_fake_plugin_and_is_used(monkeypatch):
     y = kernel(qw, torch.device("cpu"), torch.float32).forward(torch.ones(2, 128))
     assert packed == [64]  # the kernel repacked through the registered packer of its layout
     torch.testing.assert_close(y, torch.ones(2, 128) @ qw.dequantize().T)
+
+
+def test_checkpoint_functions_use_the_registries_they_are_given(ckpt):
+    """export/read_checkpoint/detect_format/check_formats search the registries passed to them (the
+    installed plugins' by default), and a model read back carries the adapter found there."""
+    from lowbit.errors import CheckpointError
+    from lowbit.exporting import check_formats, detect_format, export, read_checkpoint
+    from lowbit.models import LLAMA_FAMILY
+    from lowbit.registry import Registry
+
+    assert read_checkpoint(ckpt).adapter is LLAMA_FAMILY
+    assert read_checkpoint(ckpt, architectures=Registry("architecture")).adapter is None
+    with pytest.raises(CheckpointError, match="is not a checkpoint lowbit can read"):
+        detect_format(ckpt, exporters=Registry("exporter"))
+    with pytest.raises(UnknownNameError, match="unknown exporter 'lowbit'; known: none"):
+        check_formats(["lowbit"], QuantScheme(4, 32), exporters=Registry("exporter"))
+    qm = read_checkpoint(ckpt, architectures=Registry("architecture"))
+    with pytest.raises(UnknownNameError):
+        export(qm, "lowbit", ckpt.parent / "again", exporters=Registry("exporter"))

@@ -12,6 +12,7 @@ from lowbit.checkpoint import CheckpointWriter, LowbitCheckpoint
 from lowbit.errors import ModelLoadError
 from lowbit.loading import load_model, resolve
 from lowbit.models import adapter_for
+from lowbit.plugins import registry
 from lowbit.scheme import QuantScheme
 from lowbit.testing.models import save_tiny_llama, tiny_llama, tiny_tokenizer
 from lowbit.weights import is_materialized
@@ -38,7 +39,7 @@ def _in_memory(path, method, scheme, **options):
     model = load_model(src)
     ids = samples(load_tokenizer(src), load_text("wikitext2"), 8, 64)
     steps = pipeline.make_steps(method, scheme, options)
-    qweights, _ = pipeline.run_pass(model, adapter_for(model.config), steps, scheme, ids, batch_size=4, progress=False)
+    qweights, _ = pipeline.run_pass(model, adapter_for(model.config, registry("architectures")), steps, scheme, ids, batch_size=4, progress=False)
     return qweights, pipeline.float_tensors_of(model, qweights)
 
 
@@ -75,7 +76,7 @@ def test_never_more_than_two_layers_in_memory(sharded_dir, tmp_path, monkeypatch
 
     def weights_of(*args, **kwargs):
         model, source = original_weights_of(*args, **kwargs)
-        counting.layers = list(adapter_for(model.config).layers(model))
+        counting.layers = list(adapter_for(model.config, registry("architectures")).layers(model))
         assert source is not None, "a local sharded model should stream"
         assert not any(is_materialized(layer) for layer in counting.layers)
         return model, source
@@ -153,7 +154,7 @@ def test_source_missing_a_tensor_is_a_load_error(sharded_dir):
 
     model = empty_model(tiny_llama(num_hidden_layers=4).config)
     source = {k: v for k, v in WeightSource.from_dir(sharded_dir).items() if "layers.2.mlp.up_proj" not in k}
-    layer = adapter_for(model.config).layers(model)[2]
+    layer = adapter_for(model.config, registry("architectures")).layers(model)[2]
     with pytest.raises(ModelLoadError, match="layers.2.mlp.up_proj"):
         materialize(layer, "model.layers.2.", source)
 

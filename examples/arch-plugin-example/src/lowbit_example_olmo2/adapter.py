@@ -11,6 +11,11 @@ from __future__ import annotations
 from lowbit.algorithms.base import LinearGroup
 from lowbit.models import Adapter, config_get
 
+#: OLMo-2's modules by generic role: what AWQ (no clipping of q and k) and formats ask for. Its
+#: norms follow the attention and the MLP, so no norm feeds either: no attn_norm / mlp_norm role.
+ROLES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+         "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
 
 class Olmo2Adapter(Adapter):
     name = "example-olmo2"
@@ -25,6 +30,9 @@ class Olmo2Adapter(Adapter):
             groups.append(LinearGroup(None, ["self_attn.o_proj"], "self_attn.o_proj"))
         return groups + [LinearGroup(None, ["mlp.gate_proj", "mlp.up_proj"], "mlp"),
                          LinearGroup("mlp.up_proj", ["mlp.down_proj"], "mlp.down_proj")]
+
+    def layer_roles(self, config):
+        return dict(ROLES)
 
     def blocks(self, layer):
         return {"self_attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit import Kernel, KernelSpec, QuantizedWeight
+from lowbit import Kernel, KernelSpec, QuantizedWeight, registry
 
 from . import configs
 from .packing import TritonPacker, check_scheme, packed_weight
@@ -39,7 +39,7 @@ class TritonW4A16Kernel(Kernel):
 
     def __init__(self, qweight: QuantizedWeight, device: torch.device, dtype: torch.dtype):
         super().__init__(qweight, device, dtype)
-        tensors = self.packer()().pack(qweight)
+        tensors = self.packer(registry("packers"))().pack(qweight)
         self.packed = packed_weight(tensors, qweight.scheme, qweight.in_features, qweight.out_features, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,8 @@ from .errors import (
     UnknownNameError,
     UnsupportedSchemeError,
 )
-from .exporting import Exporter, export, read_checkpoint
+from .exporter import Exporter
+from .exporting import export, read_checkpoint
 from .hookspecs import hookimpl
 from .kernels.base import Kernel, KernelSpec
 from .packing import Packer

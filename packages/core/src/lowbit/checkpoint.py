@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
-from .exporting import Exporter
+from .exporter import Exporter
 from .hf import (
     DEFAULT_SHARD_BYTES,
     SAFE_INDEX,

@@ -1,107 +1,95 @@
-"""The Exporter interface (a checkpoint format: writer, reader, detector) and export()."""
+"""Writing and reading checkpoints through the registered formats: export(), read_checkpoint(),
+detect_format(), check_formats().
+
+Each function takes the registries it uses (``exporters``, ``architectures``); left out, they are
+the installed plugins' (:func:`lowbit.registry`). The :class:`Exporter` interface itself lives in
+:mod:`lowbit.exporter`, below the plugin manager.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
 
 from .errors import CheckpointError, UnsupportedSchemeError, one_line
+from .exporter import Exporter
 from .io import atomic_dir
+from .models import adapter_or_none
 from .plugins import registry
 from .qmodel import QuantizedModel
+from .registry import Registry
 from .scheme import QuantScheme
 
-
-class Exporter:
-    """Subclass per on-disk format; register with ``lowbit_register_exporters``.
-
-    ``write`` fills an empty directory (export() makes it atomic); ``read`` returns the
-    QuantizedModel a directory holds; ``detect`` says cheaply whether a directory is this format.
-    """
-
-    name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
-
-    @classmethod
-    def check(cls, scheme: QuantScheme, config=None) -> str | None:
-        """None if the format can hold ``scheme`` (for the model ``config`` if given), else why not.
-        Called before quantization starts."""
-        return None
-
-    @classmethod
-    def detect(cls, path: Path) -> bool:
-        return False
-
-    def inspect(self, path: Path) -> dict:
-        """What ``lowbit inspect`` shows: at least ``format``, ``version`` (the layout variant),
-        ``scheme`` and ``runtimes`` (runtime name → "yes" or why not). Override to add detail."""
-        qmodel = self.read(path)
-        return {"format": self.name, "version": None, "scheme": qmodel.scheme.to_dict(),
-                "modules": len(qmodel.qweights), "runtimes": {"lowbit": "yes"}}
-
-    def verified(self, path: Path) -> dict:
-        """What a read of ``path`` can vouch for (``lowbit inspect`` shows it). Foreign formats carry no
-        hash: a read checks structure, shapes, ranges and finite scales, but not the bits themselves."""
-        return {"quantized tensors": f"no: {self.name} stores no hash, so flipped bits inside packed weights "
-                                     "cannot be detected (shapes, code/zero ranges, g_idx and finite scales are checked)",
-                "float tensors": f"no: {self.name} stores no hash for embeddings, norms and lm_head"}
-
-    def write(self, qmodel: QuantizedModel, out_dir: Path) -> None:
-        raise NotImplementedError
-
-    def read(self, path: Path) -> QuantizedModel:
-        raise NotImplementedError
+__all__ = ["Exporter", "check_formats", "detect_format", "export", "read_checkpoint", "with_adapter"]
 
 
-def check_formats(formats: list[str], scheme: QuantScheme, config=None) -> None:
+def with_adapter(qmodel: QuantizedModel, architectures: Registry | None = None) -> QuantizedModel:
+    """``qmodel`` carrying its architecture adapter: the one it has, else the one ``architectures``
+    holds for its config (None when none serves its model type). Returns ``qmodel``."""
+    if qmodel.adapter is None:
+        architectures = registry("architectures") if architectures is None else architectures
+        qmodel.adapter = adapter_or_none(qmodel.config, architectures)
+    return qmodel
+
+
+def check_formats(formats: list[str], scheme: QuantScheme, config=None, exporters: Registry | None = None) -> None:
     """Raise one error naming every format that cannot hold ``scheme``."""
+    exporters = registry("exporters") if exporters is None else exporters
     problems = []
     for f in formats:
-        reason = registry("exporters").get(f).check(scheme, config)
+        reason = exporters.get(f).check(scheme, config)
         if reason:
             problems.append(f"{f}: {reason}")
     if problems:
-        ok = [n for n, e in registry("exporters").items() if e.check(scheme, config) is None]
+        ok = [n for n, e in exporters.items() if e.check(scheme, config) is None]
         raise UnsupportedSchemeError(
             f"cannot write {scheme.describe()} as " + "; ".join(problems)
             + f". Formats that can: {', '.join(ok) or 'none'}."
         )
 
 
-def export(qmodel: QuantizedModel, fmt: str, out: Path | str, overwrite: bool = False) -> Path:
-    """Write ``qmodel`` in format ``fmt`` to ``out`` atomically."""
-    exporter = registry("exporters").get(fmt)
-    check_formats([fmt], qmodel.scheme, qmodel.config)
+def export(qmodel: QuantizedModel, fmt: str, out: Path | str, overwrite: bool = False,
+           exporters: Registry | None = None, architectures: Registry | None = None) -> Path:
+    """Write ``qmodel`` in format ``fmt`` to ``out`` atomically (a model without an adapter gets the
+    one ``architectures`` holds for its config first: formats ask it for the family's names)."""
+    exporters = registry("exporters") if exporters is None else exporters
+    exporter = exporters.get(fmt)
+    check_formats([fmt], qmodel.scheme, qmodel.config, exporters)
+    with_adapter(qmodel, architectures)
     with atomic_dir(out, overwrite) as tmp:
         exporter().write(qmodel, tmp)
     return Path(out)
 
 
-def detect_format(path: Path | str) -> str:
+def detect_format(path: Path | str, exporters: Registry | None = None) -> str:
+    """The name of the registered format that recognises ``path``."""
+    exporters = registry("exporters") if exporters is None else exporters
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist.")
-    for name, cls in registry("exporters").items():
+    for name, cls in exporters.items():
         try:
             if cls.detect(path):
                 return name
         except Exception:
             continue
-    known = ", ".join(registry("exporters").names())
+    known = ", ".join(exporters.names())
     raise CheckpointError(
         f"{path} is not a checkpoint lowbit can read (known formats: {known}). "
         "Install lowbit-exporters for autoawq/gptq/xft, or point at a lowbit checkpoint."
     )
 
 
-def read_checkpoint(path: Path | str, fmt: str | None = None, lazy: bool = False) -> QuantizedModel:
-    """Read any checkpoint a registered format recognises; ``lazy``: where the format can (lowbit's
-    own), tensors are read on access, so a checkpoint larger than memory can be exported."""
-    fmt = fmt or detect_format(path)
+def read_checkpoint(path: Path | str, fmt: str | None = None, lazy: bool = False,
+                    exporters: Registry | None = None, architectures: Registry | None = None) -> QuantizedModel:
+    """Read any checkpoint a registered format recognises, with its architecture adapter (see
+    :func:`with_adapter`); ``lazy``: where the format can (lowbit's own), tensors are read on
+    access, so a checkpoint larger than memory can be exported."""
+    exporters = registry("exporters") if exporters is None else exporters
+    fmt = fmt or detect_format(path, exporters)
     try:
         if lazy and fmt == "lowbit":
-            return registry("exporters").get(fmt)().read(Path(path), lazy=True)
-        return registry("exporters").get(fmt)().read(Path(path))
+            return with_adapter(exporters.get(fmt)().read(Path(path), lazy=True), architectures)
+        return with_adapter(exporters.get(fmt)().read(Path(path)), architectures)
     except (CheckpointError, UnsupportedSchemeError):
         raise
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, IndexError, AttributeError, OverflowError) as err:

@@ -39,7 +39,7 @@ from .loading import (
     resolve,
     resolve_local,
 )
-from .models import Adapter, adapter_for
+from .models import Adapter, adapter_for, tied_output_weights
 from .plugins import registry
 from .qmodel import QuantizedModel
 from .qweight import QuantizedWeight
@@ -85,7 +85,7 @@ def make_steps(method: str, scheme: QuantScheme, step_options: dict[str, dict] |
 def linear_in_features(config) -> dict[str, int]:
     """Input width of each linear the config's architecture quantizes, from the config alone
     (checked before loading); the adapter owns the family's shapes."""
-    return adapter_for(config).in_features(config)
+    return adapter_for(config, registry("architectures")).in_features(config)
 
 
 @dataclass
@@ -324,8 +324,8 @@ def float_tensors_of(model: nn.Module, qweights: dict) -> dict[str, torch.Tensor
         if mod in qweights and leaf in ("weight", "bias"):
             continue
         out[name] = t.detach().clone()
-    if getattr(model.config, "tie_word_embeddings", False):
-        out.pop("lm_head.weight", None)
+    for name in tied_output_weights(model):
+        out.pop(name, None)
     return out
 
 
@@ -349,7 +349,7 @@ def plan(model: str | None, method: str, scheme: QuantScheme, formats: list[str]
     steps = make_steps(method, scheme, step_options, quantize=not export_compatible)
     src = resolve(model)
     config = load_config(src, trust_remote_code)
-    adapter = adapter_for(config)
+    adapter = adapter_for(config, registry("architectures"))
     for name, k in linear_in_features(config).items():
         scheme.check_shape(k, name)
     formats = list(formats or [])
@@ -443,7 +443,8 @@ def quantize(model: str | None = None, *, method: str = "rtn", scheme: QuantSche
         _, report = run_pass(fmodel, p.adapter, p.steps, scheme, ids, on_layer=keep, **run)
         floats.update(outer_float_tensors(fmodel, p.adapter, source))
         manifest["report"] = {"seconds": round(report.seconds, 2), "layers": report.layers}
-        return QuantizedModel(fmodel.config, scheme, qweights, floats, tokenizer, generation_config, manifest)
+        return QuantizedModel(fmodel.config, scheme, qweights, floats, tokenizer, generation_config, manifest,
+                              adapter=p.adapter)
     out = Path(out)
     work = WorkDir(work_dir_for(out), {
         "model": manifest["source"], "files": _files_identity(p.source), "recipe": manifest["recipe"],
@@ -474,10 +475,11 @@ def quantize(model: str | None = None, *, method: str = "rtn", scheme: QuantSche
     with atomic_dir(out, overwrite) as tmp:
         for f in formats[1:]:
             (tmp / f).mkdir()
-            registry("exporters").get(f)().write(_open_lowbit(work.checkpoint, tokenizer, generation_config), tmp / f)
+            registry("exporters").get(f)().write(
+                _open_lowbit(work.checkpoint, tokenizer, generation_config, p.adapter), tmp / f)
         link_tree(work.checkpoint, tmp / "lowbit")
     work.remove()
-    return _open_lowbit(out / "lowbit", tokenizer, generation_config)
+    return _open_lowbit(out / "lowbit", tokenizer, generation_config, p.adapter)
 
 
 def _files_identity(src: ModelSource) -> list:
@@ -489,10 +491,10 @@ def _files_identity(src: ModelSource) -> list:
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
 
 
-def _open_lowbit(path: Path, tokenizer, generation_config) -> QuantizedModel:
-    """A lowbit checkpoint just written, read lazily (tensors on access) with its tokenizer."""
+def _open_lowbit(path: Path, tokenizer, generation_config, adapter: Adapter) -> QuantizedModel:
+    """A lowbit checkpoint just written, read lazily (tensors on access) with its tokenizer and adapter."""
     qmodel = LowbitCheckpoint().read(path, lazy=True, verify=False)
-    qmodel.tokenizer, qmodel.generation_config = tokenizer, generation_config
+    qmodel.tokenizer, qmodel.generation_config, qmodel.adapter = tokenizer, generation_config, adapter
     return qmodel
 
 
@@ -510,8 +512,8 @@ def outer_float_tensors(model: nn.Module, adapter: Adapter, source: WeightSource
             out[name] = source.chunked(name, dtype) if chunked else source[name].to(dtype)
         elif t.device.type != "meta":  # (a tied lm_head the source does not hold stays out)
             out[name] = t.detach().to(dtype, copy=True)
-    if getattr(model.config, "tie_word_embeddings", False):
-        out.pop("lm_head.weight", None)
+    for name in tied_output_weights(model):
+        out.pop(name, None)
     return out
 
 

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import warnings
 from collections.abc import Callable
@@ -16,13 +15,15 @@ from importlib import metadata
 
 import pluggy
 
-from . import hookspecs
+from . import _builtin, hookspecs
 from .errors import LowbitError
 from .registry import Registrar, Registry
 
 ENTRY_POINT_GROUP = "lowbit"
-#: lowbit's own hook implementations, loaded by name like any plugin's entry point
-BUILTIN_MODULE = "lowbit._builtin"
+#: lowbit's own hook implementations, registered first and like any plugin's. Imported by name in
+#: the code (not through importlib), so that an import of the plugin manager from anything the
+#: built-ins import shows as the loop it is
+BUILTIN_MODULE = _builtin.__name__
 _reset_callbacks: list[Callable[[], None]] = []
 
 KINDS = {
@@ -64,8 +65,7 @@ class PluginManager:
         self._load()
 
     def _load(self) -> None:
-        builtin = importlib.import_module(BUILTIN_MODULE)
-        self._register(builtin, PluginInfo("lowbit", "lowbit", _version(), BUILTIN_MODULE, "loaded"))
+        self._register(_builtin, PluginInfo("lowbit", "lowbit", _version(), BUILTIN_MODULE, "loaded"))
         if os.environ.get("LOWBIT_DISABLE_PLUGIN_AUTOLOAD", "").strip() not in ("", "0", "false"):
             return
         disabled = env_list("LOWBIT_DISABLED_PLUGINS")

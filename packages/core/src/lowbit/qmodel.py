@@ -21,6 +21,9 @@ class QuantizedModel:
     :param tokenizer: a tokenizer with ``save_pretrained``, or None.
     :param generation_config: optional ``transformers.GenerationConfig``.
     :param manifest: recipe, calibration, source and versions (lowbit.json).
+    :param adapter: the model family's :class:`lowbit.models.Adapter` (formats ask it for the
+        family's names and roles), or None where no registered adapter serves the model type;
+        :func:`lowbit.exporting.read_checkpoint` and :func:`~lowbit.exporting.export` supply it.
     """
 
     config: Any
@@ -30,6 +33,7 @@ class QuantizedModel:
     tokenizer: Any = None
     generation_config: Any = None
     manifest: dict = field(default_factory=dict)
+    adapter: Any = None
 
     def tensor_hash(self) -> str:
         """sha256 over every quantized tensor's name, dtype, shape and bytes, in name order."""

@@ -5,13 +5,13 @@ skeleton of an HF-style quantized directory."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 
 from lowbit import CheckpointError, Exporter, QuantizedModel, QuantizedWeight, QuantScheme, UnsupportedSchemeError
+from lowbit.exporting import with_adapter
 from lowbit.hf import (
     DEFAULT_SHARD_BYTES,
     checkpoint_file,
@@ -22,50 +22,48 @@ from lowbit.hf import (
     write_config,
     write_extras,
 )
-from lowbit.models import adapter_or_none, config_get
+from lowbit.models import Adapter, adapter_or_none, config_get
 from lowbit.packing import Packer
 from lowbit.plugins import registry
-
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
 
 
 def _get(config, key, default=None):
     return config_get(config, key, default)
 
 
-def linear_shapes(config) -> dict[str, tuple[int, int]]:
+def family(config) -> Adapter | None:
+    """The installed architecture adapter serving ``config``'s model type, or None: what a format
+    asks where it has a config but no QuantizedModel yet (``check()`` before quantizing, a reader
+    before it builds one). A QuantizedModel carries its own (``qmodel.adapter``)."""
+    return adapter_or_none(config, registry("architectures"))
+
+
+def linear_shapes(adapter: Adapter | None, config) -> dict[str, tuple[int, int]]:
     """``(N, K)`` (out, in) of each quantized linear, keyed by its leaf path in a decoder layer, as
-    the config's architecture adapter gives them; empty when no adapter serves the model type or
-    the config lacks the sizes (then callers check shapes per tensor instead)."""
-    adapter = adapter_or_none(config)
+    the architecture adapter gives them; empty without an adapter (a model type no plugin serves)
+    or when the config lacks the sizes (then callers check shapes per tensor instead)."""
     return adapter.linear_shapes(config) if adapter is not None else {}
 
 
-def checkpoint_name(config, name: str) -> str:
+def checkpoint_name(adapter: Adapter | None, name: str) -> str:
     """The name AutoAWQ / GPTQModel give lowbit's tensor or module ``name`` (the adapter's renames)."""
-    adapter = adapter_or_none(config)
     return adapter.checkpoint_name(name) if adapter is not None else name
 
 
-def lowbit_name(config, name: str) -> str:
+def lowbit_name(adapter: Adapter | None, name: str) -> str:
     """Inverse of :func:`checkpoint_name`."""
-    adapter = adapter_or_none(config)
     return adapter.lowbit_name(name) if adapter is not None else name
 
 
-def layer_leaf(config, name: str) -> str | None:
-    """``name``'s path inside its decoder layer, or None outside the decoder layers."""
-    adapter = adapter_or_none(config)
-    if adapter is not None:
-        return adapter.layer_leaf(name)
-    m = _LAYER_RE.match(name)
-    return m.group(2) if m else None
+def layer_leaf(adapter: Adapter | None, name: str) -> str | None:
+    """``name``'s path inside its decoder layer, or None outside the decoder layers or without an
+    adapter (only the adapter knows where a family's layers are)."""
+    return adapter.layer_leaf(name) if adapter is not None else None
 
 
 def shape_problem(config, need, what: str) -> str | None:
     """First linear of ``config`` for which ``need(n, k)`` returns a reason, phrased for check()."""
-    for leaf, (n, k) in linear_shapes(config).items():
+    for leaf, (n, k) in linear_shapes(family(config), config).items():
         reason = need(n, k)
         if reason:
             return f"{what} {reason} ({leaf} is {n}x{k} out x in)"
@@ -140,12 +138,12 @@ def split_modules(tensors: dict[str, torch.Tensor], parts: tuple[str, ...], path
     return packed, floats
 
 
-def check_module_shape(path: Path, config, mod: str, n: int, k: int) -> None:
+def check_module_shape(path: Path, adapter: Adapter | None, config, mod: str, n: int, k: int) -> None:
     """CheckpointError when a quantized module's (N, K) disagrees with the HF config."""
-    leaf = layer_leaf(config, mod)
+    leaf = layer_leaf(adapter, mod)
     if leaf is None:
         return
-    expected = linear_shapes(config).get(leaf)
+    expected = linear_shapes(adapter, config).get(leaf)
     if expected and expected != (n, k):
         raise CheckpointError(
             f"{path}: {mod} holds a {n}x{k} (out x in) weight but config.json implies {expected[0]}x{expected[1]}; "
@@ -177,12 +175,12 @@ def check_sym_zeros(qw: QuantizedWeight, where: str) -> None:
 def unquantized_block_linears(qmodel: QuantizedModel) -> list[str]:
     """Leaf paths (as checkpoints name them) of 2-D float weights inside decoder layers: linears left
     in float, such as a MoE router; then the adapter's float modules outside the layers (a vision tower)."""
+    adapter = with_adapter(qmodel).adapter
     out = set()
     for name in qmodel.float_tensors:  # names first: a lazily read model reads only the layers' weights
-        leaf = layer_leaf(qmodel.config, checkpoint_name(qmodel.config, name))
+        leaf = layer_leaf(adapter, checkpoint_name(adapter, name))
         if leaf and name.endswith(".weight") and qmodel.float_tensors[name].dim() == 2:
             out.add(leaf[: -len(".weight")])
-    adapter = adapter_or_none(qmodel.config)
     return sorted(out) + list(adapter.float_modules if adapter is not None else ())
 
 
@@ -222,7 +220,8 @@ class HFQuantFormat(Exporter):
         if reason:
             raise UnsupportedSchemeError(f"cannot write {qmodel.scheme.describe()} as {self.name}: {reason}.")
         packer = self.packer()()
-        name = lambda n: checkpoint_name(qmodel.config, n)  # noqa: E731
+        adapter = with_adapter(qmodel).adapter  # a model built by hand gets the installed one
+        name = lambda n: checkpoint_name(adapter, n)  # noqa: E731
         for mod in sorted(qmodel.qweights):  # every check before any tensor is written
             qw = qmodel.qweights[mod]
             check_sym_zeros(qw, name(mod))
@@ -260,10 +259,11 @@ class HFQuantFormat(Exporter):
             raise CheckpointError(f"{path} has no quantization_config in config.json (nor quantize_config.json); "
                                   f"it is not a {self.name} checkpoint.")
         config = load_config(path)
+        adapter = family(config)
         tensors = load_tensors(path)
         packed, floats = split_modules(tensors, self.parts, path)
-        packed = {lowbit_name(config, m): p for m, p in packed.items()}
-        floats = {lowbit_name(config, n): t for n, t in floats.items()}
+        packed = {lowbit_name(adapter, m): p for m, p in packed.items()}
+        floats = {lowbit_name(adapter, n): t for n, t in floats.items()}
         if not packed:
             raise CheckpointError(f"{path} holds no quantized modules (no *.qweight tensors); "
                                   f"it is not a {self.name} checkpoint.")
@@ -277,12 +277,13 @@ class HFQuantFormat(Exporter):
             except (ValueError, RuntimeError, KeyError, IndexError) as err:
                 raise CheckpointError(f"{path}: {mod}: tensors do not match the {self.name} layout for "
                                       f"{scheme.describe()} ({type(err).__name__}: {err}).") from err
-            check_module_shape(path, config, mod, qw.out_features, qw.in_features)
+            check_module_shape(path, adapter, config, mod, qw.out_features, qw.in_features)
             check_sym_zeros(qw, f"{path}: {mod}")
             qweights[mod] = qw
         strip_quantization_config(config)
         qmodel = QuantizedModel(config, scheme, qweights, floats,
-                                manifest={"source": {"format": self.name, "path": str(path), "quantization_config": qc}})
+                                manifest={"source": {"format": self.name, "path": str(path), "quantization_config": qc}},
+                                adapter=adapter)
         qmodel.tokenizer, qmodel.generation_config = load_extras(path)
         return qmodel
 

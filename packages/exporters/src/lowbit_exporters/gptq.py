@@ -189,7 +189,8 @@ class GPTQExporter(HFQuantFormat):
         }
         rest = unquantized_block_linears(qmodel)
         if rest:  # optimum replaces every Linear of a block unless told which ones are quantized
-            leaves = (layer_leaf(qmodel.config, checkpoint_name(qmodel.config, m)) for m in qmodel.qweights)
+            adapter = qmodel.adapter  # unquantized_block_linears gave the model its adapter
+            leaves = (layer_leaf(adapter, checkpoint_name(adapter, m)) for m in qmodel.qweights)
             layer0 = sorted({leaf for leaf in leaves if leaf})
             qc["modules_in_block_to_quantize"] = [layer0]
         return qc

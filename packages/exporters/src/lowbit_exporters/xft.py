@@ -39,26 +39,57 @@ import numpy as np
 import torch
 
 from lowbit import CheckpointError, Exporter, QuantizedModel, QuantizedWeight, QuantScheme, UnsupportedSchemeError
+from lowbit.exporting import with_adapter
 from lowbit.hf import checkpoint_file, load_config, load_extras, write_config, write_extras
-from lowbit.models import adapter_for, adapter_or_none
-from lowbit.plugins import registry
+from lowbit.models import Adapter
 
-from ._common import _get, check_sym_zeros, linear_shapes, strip_quantization_config
+from ._common import _get, check_sym_zeros, family, linear_shapes, strip_quantization_config
+
+# xFT's layout, in xFT's own names; a model's modules are found through its adapter's roles
+# (lowbit.models.Adapter.layer_roles), so no family's module names appear here.
+#: the model types xFT's runtime knows (its config.ini section names): llama-style decoders
+MODEL_TYPES = ("llama", "qwen2")
+#: a decoder layer's files are named under this prefix (L: the layer's index)
+_LAYER_FILES = "model.layers.{}."
+#: quantized matrix file stem → the roles fused into it, in column order
+_MATRICES = {"attention.query_key_value": ("q", "k", "v"), "attention.dense": ("o",),
+             "mlp.gate_proj": ("gate",), "mlp.up_proj": ("up",), "mlp.down_proj": ("down",)}
+#: role of a layer's norm → its file stem
+_NORM_FILES = {"attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight"}
+#: the files of the embedding, the final norm and the output projection
+_EMBEDDING_FILE = "model.wte.bin"
+_FINAL_NORM_FILE = "model.final_layernorm.weight.bin"
+_LM_HEAD_FILE = "model.lm_head.weight.bin"
 
 
-def _matrices(config) -> dict[str, tuple[str, ...]]:
-    """xFT file stem → the lowbit leaf paths fused into it, from the architecture adapter."""
-    return adapter_for(config).xft_matrices or {}
+def _layout_refusal(adapter: Adapter | None, config) -> str | None:
+    """None when xFT has a layout for this model (a model type its runtime knows, an adapter naming
+    every role the layout needs), else why not."""
+    mt = _get(config, "model_type")
+    if adapter is None or mt not in MODEL_TYPES:
+        by = f" (adapter {adapter.name})" if adapter is not None else ""
+        return f"xFT export supports model types {', '.join(MODEL_TYPES)}, got {mt!r}{by}"
+    roles = adapter.layer_roles(config)
+    missing = [r for rs in _MATRICES.values() for r in rs if r not in roles] + [r for r in _NORM_FILES if r not in roles]
+    if missing:
+        return f"xFT's layout needs the roles {', '.join(missing)}, which adapter {adapter.name} does not name"
+    return None
 
 
-def _xft_model_types() -> tuple[str, ...]:
-    return tuple(sorted({t for _, a in registry("architectures").items() if a.xft_matrices for t in a.xft_model_types}))
+def _matrices(adapter: Adapter, config) -> dict[str, tuple[str, ...]]:
+    """xFT file stem → the adapter's leaf paths (inside a decoder layer) fused into it."""
+    roles = adapter.layer_roles(config)
+    return {stem: tuple(roles[r] for r in rs) for stem, rs in _MATRICES.items()}
+
+
+def _norms(adapter: Adapter, config) -> dict[str, str]:
+    """The adapter's norm weight paths (inside a decoder layer) → xFT's file stem."""
+    roles = adapter.layer_roles(config)
+    return {f"{roles[r]}.weight": stem for r, stem in _NORM_FILES.items()}
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _REQUIRED = ("head_num", "size_per_head", "inter_size", "num_layer", "vocab_size", "activation_type")
-_NORMS = {"input_layernorm.weight": "input_layernorm.weight",
-          "post_attention_layernorm.weight": "post_attention_layernorm.weight"}
 
 
 class _Remaining:
@@ -154,17 +185,17 @@ class XFTExporter(Exporter):
         if scheme.bits not in (4, 8):
             return f"xFT holds 4-bit (uint4) and 8-bit (int8) weights, got {scheme.bits}-bit"
         if config is not None:
-            mt = _get(config, "model_type")
-            adapter = adapter_or_none(config)
-            if adapter is None:
-                return f"xFT export supports model types {', '.join(_xft_model_types())}, got {mt!r}"
-            reason = adapter.xft_refusal(config)
+            adapter = family(config)
+            reason = _layout_refusal(adapter, config)
             if reason:
                 return reason
-            if mt == "llama" and (_get(config, "attention_bias", False) or _get(config, "mlp_bias", False)):
-                return "xFT holds a bias only on the fused q/k/v projection; this llama has o_proj/MLP biases"
+            qkv = set(_matrices(adapter, config)["attention.query_key_value"])
+            others = sorted(adapter.biased_linears(config) - qkv)
+            if others:
+                return (f"xFT holds a bias only on the fused q/k/v projection; this {_get(config, 'model_type')} "
+                        f"has biases on {', '.join(others)}")
             if scheme.bits == 4:
-                for leaf, (n, _k) in linear_shapes(config).items():
+                for leaf, (n, _k) in linear_shapes(adapter, config).items():
                     if n % 2:
                         return f"xFT uint4 packs output columns in pairs; {leaf} has odd out_features {n}"
         return None
@@ -188,23 +219,25 @@ class XFTExporter(Exporter):
         reason = self.check(scheme, config)
         if reason:
             raise UnsupportedSchemeError(f"cannot write {scheme.describe()} as xft: {reason}.")
+        adapter = with_adapter(qmodel).adapter  # check() has refused a model without one
         floats = _Remaining(qmodel.float_tensors)  # read on access: the model may be read lazily
-        embed = floats.pop("model.embed_tokens.weight", None)
-        norm = floats.pop("model.norm.weight", None)
+        embed_name, norm_name = f"{adapter.embedding}.weight", f"{adapter.final_norm}.weight"
+        embed, norm = floats.pop(embed_name, None), floats.pop(norm_name, None)
         if embed is None or norm is None:
-            raise CheckpointError("xft export needs model.embed_tokens.weight and model.norm.weight among the "
+            raise CheckpointError(f"xft export needs {embed_name} and {norm_name} among the "
                                   "float tensors; the quantized model is incomplete.")
-        lm_head = floats.pop("lm_head.weight", None)
+        lm_head = floats.pop(f"{adapter.lm_head}.weight", None)
         if lm_head is None:
             if not _get(config, "tie_word_embeddings", False):
-                raise CheckpointError("xft export needs lm_head.weight (the model does not tie it to the embeddings).")
+                raise CheckpointError(f"xft export needs {adapter.lm_head}.weight (the model does not tie it to the "
+                                      "embeddings).")
             lm_head = embed
         fdtype = self.float_dtype or (embed.dtype if embed.dtype in _DTYPE_NAMES else torch.float32)
         layers = int(_get(config, "num_hidden_layers"))
         qweights = _Remaining(qmodel.qweights)
-        matrices = _matrices(config)
+        matrices, norms = _matrices(adapter, config), _norms(adapter, config)
         for L in range(layers):
-            pre = f"model.layers.{L}."
+            pre, files = adapter.layer_prefix(L), _LAYER_FILES.format(L)
             for stem, leaves in matrices.items():
                 parts = []
                 for leaf in leaves:
@@ -215,21 +248,21 @@ class XFTExporter(Exporter):
                             "Quantize all linears, or pick --format gptq/autoawq.")
                     check_sym_zeros(qw, pre + leaf)
                     parts.append(qw)
-                self._write_matrix(parts, out_dir / f"{pre}{stem}", stem, fdtype)
-            for src, dst in _NORMS.items():
+                self._write_matrix(parts, out_dir / f"{files}{stem}", stem, fdtype)
+            for src, dst in norms.items():
                 t = floats.pop(pre + src, None)
                 if t is None:
                     raise CheckpointError(f"xft export needs {pre + src}; the quantized model is incomplete.")
-                _write_bin(t.to(fdtype), out_dir / f"{pre}{dst}.bin")
+                _write_bin(t.to(fdtype), out_dir / f"{files}{dst}.bin")
         if qweights:
             raise UnsupportedSchemeError(f"xFT has no place for quantized {sorted(qweights)[0]} "
                                          f"({len(qweights)} such modules).")
         if floats:
             raise UnsupportedSchemeError(f"xFT has no place for float tensor {sorted(floats)[0]} "
                                          f"({len(floats)} such tensors); it holds llama/qwen2 decoders only.")
-        _write_bin(embed.to(fdtype), out_dir / "model.wte.bin")
-        _write_bin(norm.to(fdtype), out_dir / "model.final_layernorm.weight.bin")
-        _write_bin(lm_head.to(fdtype), out_dir / "model.lm_head.weight.bin")
+        _write_bin(embed.to(fdtype), out_dir / _EMBEDDING_FILE)
+        _write_bin(norm.to(fdtype), out_dir / _FINAL_NORM_FILE)
+        _write_bin(lm_head.to(fdtype), out_dir / _LM_HEAD_FILE)
         self._write_ini(qmodel, out_dir, fdtype)
         write_config(config, out_dir)
         write_extras(qmodel, out_dir)
@@ -328,9 +361,9 @@ class XFTExporter(Exporter):
             raise CheckpointError(f"{path}/config.ini holds a non-integer size ({err}).") from err
         bits = 4 if qtype == "uint4" else 8
         esize = torch.empty(0, dtype=fdtype).element_size()
-        norm_file = path / "model.final_layernorm.weight.bin"
+        norm_file = path / _FINAL_NORM_FILE
         if not norm_file.is_file():
-            raise CheckpointError(f"{path}: model.final_layernorm.weight.bin is missing; the xFT directory is incomplete.")
+            raise CheckpointError(f"{path}: {_FINAL_NORM_FILE} is missing; the xFT directory is incomplete.")
         hidden, rest = divmod(norm_file.stat().st_size, esize)
         if rest or not hidden:
             raise CheckpointError(f"{norm_file} holds {norm_file.stat().st_size} bytes, not a whole number of "
@@ -339,31 +372,32 @@ class XFTExporter(Exporter):
             raise CheckpointError(f"{path}: config.ini says hidden_size {sec['hidden_size']} but the final norm holds "
                                   f"{hidden} values; config and tensors disagree.")
         qsym = sec.get("quant_scheme")
-        floats: dict[str, torch.Tensor] = {
-            "model.embed_tokens.weight": _read_bin(path / "model.wte.bin", fdtype, (vocab, hidden)),
-            "model.norm.weight": _read_bin(norm_file, fdtype, (hidden,)),
-        }
-        lm_head = _read_bin(path / "model.lm_head.weight.bin", fdtype, (vocab, hidden))
-        same = torch.equal(lm_head, floats["model.embed_tokens.weight"])
+        embed = _read_bin(path / _EMBEDDING_FILE, fdtype, (vocab, hidden))
+        final_norm = _read_bin(norm_file, fdtype, (hidden,))
+        lm_head = _read_bin(path / _LM_HEAD_FILE, fdtype, (vocab, hidden))
+        same = torch.equal(lm_head, embed)
         config = self._config(path, mtype, sec, hidden, heads, kv, head_dim, inter, layers, vocab, same)
-        if not _get(config, "tie_word_embeddings", False):
-            floats["lm_head.weight"] = lm_head
-        elif not same:
-            raise CheckpointError(f"{path}: config.json ties lm_head to the embeddings but model.lm_head.weight.bin "
-                                  "differs from model.wte.bin; config and tensors disagree.")
-        if adapter_or_none(config) is None or adapter_for(config).xft_refusal(config):
+        tied = _get(config, "tie_word_embeddings", False)
+        if tied and not same:
+            raise CheckpointError(f"{path}: config.json ties lm_head to the embeddings but {_LM_HEAD_FILE} "
+                                  f"differs from {_EMBEDDING_FILE}; config and tensors disagree.")
+        adapter = family(config)
+        if _layout_refusal(adapter, config):
             raise CheckpointError(f"{path}: model type {_get(config, 'model_type')!r} has no xFT layout lowbit reads "
-                                  f"({', '.join(_xft_model_types())}).")
-        matrices, shapes = _matrices(config), linear_shapes(config)
+                                  f"({', '.join(MODEL_TYPES)}).")
+        floats: dict[str, torch.Tensor] = {f"{adapter.embedding}.weight": embed, f"{adapter.final_norm}.weight": final_norm}
+        if not tied:
+            floats[f"{adapter.lm_head}.weight"] = lm_head
+        matrices, norms, shapes = _matrices(adapter, config), _norms(adapter, config), linear_shapes(adapter, config)
         out_sizes = {stem: tuple(shapes[leaf][0] for leaf in leaves) for stem, leaves in matrices.items()}
         in_sizes = {stem: shapes[leaves[0]][1] for stem, leaves in matrices.items()}
         raw: dict[str, tuple] = {}
         for L in range(layers):
-            pre = f"model.layers.{L}."
+            pre, files = adapter.layer_prefix(L), _LAYER_FILES.format(L)
             for stem in matrices:
-                raw[(pre, stem)] = self._read_matrix(path, pre + stem, bits, in_sizes[stem], out_sizes[stem], fdtype)
-            for src, dst in _NORMS.items():
-                floats[pre + dst] = _read_bin(path / f"{pre}{src}.bin", fdtype, (hidden,))
+                raw[(pre, stem)] = self._read_matrix(path, files + stem, bits, in_sizes[stem], out_sizes[stem], fdtype)
+            for name, stem in norms.items():
+                floats[pre + name] = _read_bin(path / f"{files}{stem}.bin", fdtype, (hidden,))
         all_zeros = torch.cat([r[2] for r in raw.values()])
         mid = 1 << (bits - 1)
         sym = (qsym == "sym") if qsym in ("sym", "asym") else bool((all_zeros == mid).all())
@@ -379,7 +413,8 @@ class XFTExporter(Exporter):
                 qweights[pre + leaf] = qw
                 col += n
         strip_quantization_config(config)
-        qmodel = QuantizedModel(config, scheme, qweights, floats, manifest={"source": {"format": "xft", "path": str(path)}})
+        qmodel = QuantizedModel(config, scheme, qweights, floats, manifest={"source": {"format": "xft", "path": str(path)}},
+                                adapter=adapter)
         qmodel.tokenizer, qmodel.generation_config = load_extras(path)
         return qmodel
 
@@ -434,9 +469,9 @@ class XFTExporter(Exporter):
             return config
         from transformers import AutoConfig
 
-        if mtype not in _xft_model_types():
+        if mtype not in MODEL_TYPES:
             raise CheckpointError(f"{path}/config.ini section [{mtype}] is not a model type lowbit reads "
-                                  f"({', '.join(_xft_model_types())}).")
+                                  f"({', '.join(MODEL_TYPES)}).")
         kw = dict(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
                   intermediate_size=inter, num_hidden_layers=layers, vocab_size=vocab,
                   max_position_embeddings=int(sec.get("max_pos_seq_len", 2048)),

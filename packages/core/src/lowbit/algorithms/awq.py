@@ -53,7 +53,9 @@ from .awq_results import (
 from .base import Quantizer
 from .context import LayerContext, LinearGroup
 
-_NO_CLIP = ("q_proj", "k_proj", "query", "key", "Wqkv")
+#: the roles (:meth:`lowbit.models.Adapter.layer_roles`) whose linears AWQ never clips, as AutoAWQ:
+#: the query and key projections, whose errors the attention scores multiply
+NO_CLIP_ROLES = ("q", "k")
 
 
 def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -147,6 +149,7 @@ class AWQ(Quantizer):
         self._tensors: dict[str, torch.Tensor] = {}
         self._layers: dict[str, dict] = {}
         self._loaded: tuple[dict[str, torch.Tensor], dict] | None = None
+        self._no_clip: set[str] = set()  # paths inside a layer; prepare() asks the adapter
         super().__init__(scheme, **options)  # runs check(), which reads a load-awq file
 
     def check(self, scheme: QuantScheme) -> None:
@@ -169,6 +172,8 @@ class AWQ(Quantizer):
     # -- whole-model hooks ------------------------------------------------------------------------
 
     def prepare(self, model: nn.Module, adapter: Any) -> None:
+        roles = adapter.layer_roles(model.config)
+        self._no_clip = {roles[r] for r in NO_CLIP_ROLES if r in roles}
         self._identity, self._probe = model_identity(model, adapter)
         if self._loaded is not None:
             check_identity(self._loaded, self._identity, self._probe, self.opts["load"])
@@ -215,7 +220,7 @@ class AWQ(Quantizer):
         if self.opts["clip"]:
             for gi, g in enumerate(ctx.groups):
                 for path in g.linears:
-                    if any(t in path.rsplit(".", 1)[-1] for t in _NO_CLIP):
+                    if path in self._no_clip:
                         continue
                     lin = ctx.module(path)
                     blocks = stats[gi].diagonal_blocks(self.scheme.group_width(lin.in_features))

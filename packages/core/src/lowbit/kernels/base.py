@@ -15,6 +15,7 @@ import torch
 
 from ..errors import LowbitError
 from ..qweight import QuantizedWeight
+from ..registry import Registry
 from ..scheme import QuantScheme
 
 
@@ -52,8 +53,8 @@ class Kernel:
     supports_asym: ClassVar[bool] = True
     #: runs a weight whose last group is partial (group size not dividing in_features)
     supports_partial_groups: ClassVar[bool] = False
-    #: the layout the kernel repacks weights into: a packer's name in ``registry("packers")`` (None:
-    #: the kernel keeps its own form); :meth:`packer` looks it up, so a plugin's packer is used
+    #: the layout the kernel repacks weights into: a packer's name in the packers' registry (None:
+    #: the kernel keeps its own form); :meth:`packer` finds it there, so a plugin's packer is used
     layout: ClassVar[str | None] = None
     description: ClassVar[str] = ""
 
@@ -87,13 +88,12 @@ class Kernel:
         return None
 
     @classmethod
-    def packer(cls):
-        """The registered :class:`lowbit.Packer` of :attr:`layout`."""
-        from ..plugins import registry
-
+    def packer(cls, packers: Registry):
+        """The :class:`lowbit.Packer` of :attr:`layout` in ``packers`` (``lowbit.registry("packers")``:
+        the installed ones)."""
         if cls.layout is None:
             raise LowbitError(f"kernel {cls.name} declares no layout; set its layout to a registered packer's name.")
-        return registry("packers").get(cls.layout)
+        return packers.get(cls.layout)
 
     def __init__(self, qweight: QuantizedWeight, device: torch.device, dtype: torch.dtype):
         """Prepare: repack ``qweight`` once into the kernel's own layout on ``device``."""

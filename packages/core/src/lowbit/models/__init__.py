@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Adapter, adapter_for, adapter_or_none, config_get
+from .base import LAYER_ROLES, Adapter, adapter_for, adapter_or_none, config_get, tied_output_weights
 from .gemma import Gemma3VisionAdapter, GemmaAdapter
 from .llama import LLAMA_FAMILY, LlamaAdapter
 from .mixtral import MixtralAdapter
@@ -12,5 +12,6 @@ from .qwen_moe import QwenMoeAdapter
 #: the adapters lowbit registers itself (``_builtin``)
 BUILTIN = (LLAMA_FAMILY, Phi3Adapter(), GemmaAdapter(), Gemma3VisionAdapter(), MixtralAdapter(), QwenMoeAdapter())
 
-__all__ = ["BUILTIN", "LLAMA_FAMILY", "Adapter", "Gemma3VisionAdapter", "GemmaAdapter", "LlamaAdapter", "MixtralAdapter", "Phi3Adapter",
-           "QwenMoeAdapter", "adapter_for", "adapter_or_none", "config_get"]
+__all__ = ["BUILTIN", "LAYER_ROLES", "LLAMA_FAMILY", "Adapter", "Gemma3VisionAdapter", "GemmaAdapter", "LlamaAdapter",
+           "MixtralAdapter", "Phi3Adapter", "QwenMoeAdapter", "adapter_for", "adapter_or_none", "config_get",
+           "tied_output_weights"]

@@ -2,10 +2,16 @@
 
 An adapter says where a model's decoder layers are, which linears share an input and which op
 feeds them (AWQ's groups), each linear's ``(out, in)`` shape from the HF config alone (checked
-before loading), the names the safetensors formats (AutoAWQ, GPTQ) give its tensors, and what xFT
-can hold of it. The pipeline, the exporters and their readers ask the adapter; nothing else names
-a family's linears. Adding a family is one subclass in one file, registered through
+before loading), the names the safetensors formats (AutoAWQ, GPTQ) give its tensors, and what each
+module is in generic terms (its role: q, k, v, o, gate, up, down, the norms, the embedding, the
+final norm, the lm_head). The pipeline, the algorithms, the exporters and their readers ask the
+adapter; nothing else names a family's modules, and a format maps roles to its own names (xFT's
+exporter owns its layout). Adding a family is one subclass in one file, registered through
 ``lowbit_register_architectures`` (docs/plugins.md).
+
+Nothing here looks adapters up: :func:`adapter_for` and :func:`adapter_or_none` are given the
+registry to search, so this module (which lowbit's own plugin imports) never reaches back to the
+plugin manager.
 """
 
 from __future__ import annotations
@@ -17,6 +23,12 @@ from torch import nn
 
 from ..algorithms.context import LinearGroup
 from ..errors import ModelLoadError
+from ..registry import Registry
+
+#: the roles a decoder layer's modules can have (:meth:`Adapter.layer_roles`): the attention's query,
+#: key, value and output projections, a gated MLP's gate, up and down projections, a fused q/k/v or
+#: gate/up projection, and the norm feeding the attention and the one feeding the MLP
+LAYER_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up", "attn_norm", "mlp_norm")
 
 
 def config_get(config: Any, key: str, default: Any = None) -> Any:
@@ -25,6 +37,16 @@ def config_get(config: Any, key: str, default: Any = None) -> Any:
         return default
     v = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
     return default if v is None else v
+
+
+def tied_output_weights(model: nn.Module) -> set[str]:
+    """State-dict names of the output projection's weight when the config ties it to the input
+    embedding (a checkpoint then holds the embedding alone), else empty. The HF model names its own
+    head (``get_output_embeddings``), so this holds for any family, adapter or not."""
+    head = model.get_output_embeddings()
+    if head is None or not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    return {f"{n}.weight" for n, m in model.named_modules() if m is head}
 
 
 class Adapter:
@@ -44,11 +66,11 @@ class Adapter:
     #: GPTQModel name a module differently from lowbit's module tree (Mixtral: ``mlp.`` ↔
     #: ``block_sparse_moe.``)
     checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
-    #: xFT file stem (under ``model.layers.L.``) → lowbit leaf paths fused into it, in column order;
-    #: None: xFT has no layout for this family
-    xft_matrices: ClassVar[dict[str, tuple[str, ...]] | None] = None
-    #: HF model types xFT's runtime knows for this family (its config.ini section)
-    xft_model_types: ClassVar[tuple[str, ...]] = ()
+    #: paths, from the model root, of the token embedding, the final norm and the output projection
+    #: (the HF names most families share; a family laid out otherwise overrides them)
+    embedding: ClassVar[str] = "model.embed_tokens"
+    final_norm: ClassVar[str] = "model.norm"
+    lm_head: ClassVar[str] = "lm_head"
     #: modules outside the decoder layers that stay float and that a consumer must not convert to
     #: quantized linears (a vision tower); AutoAWQ-style configs list them in modules_to_not_convert
     float_modules: ClassVar[tuple[str, ...]] = ()
@@ -102,13 +124,18 @@ class Adapter:
             by_k.setdefault(k, []).append(leaf)
         return {", ".join(ls[:3]) + (f" (+{len(ls) - 3} more)" if len(ls) > 3 else ""): k for k, ls in by_k.items()}
 
-    def xft_refusal(self, config: Any) -> str | None:
-        """None when xFT can hold this model, else why not."""
-        mt = config_get(config, "model_type")
-        if self.xft_matrices is None or mt not in self.xft_model_types:
-            known = ", ".join(sorted({t for a in _xft_adapters() for t in a.xft_model_types}))
-            return f"xFT export supports model types {known}, got {mt!r} (adapter {self.name})"
-        return None
+    def layer_roles(self, config: Any) -> dict[str, str]:
+        """Role (one of :data:`LAYER_ROLES`) → path inside a decoder layer, for the modules every
+        layer of this model has: what lets an algorithm or a format speak of "the query projection"
+        or "the norm feeding the MLP" without naming a family's modules (AWQ leaves q and k
+        unclipped; xFT maps roles to its file names). A role the family lacks is absent; the default
+        knows none."""
+        return {}
+
+    def biased_linears(self, config: Any) -> set[str]:
+        """Paths inside a decoder layer of the quantized linears that carry a bias in this model
+        (a format that can store some biases only refuses the rest before quantizing)."""
+        return set()
 
     # -- names on disk --------------------------------------------------------------------------
 
@@ -134,31 +161,20 @@ class Adapter:
         return m.group(1) if m else None
 
 
-def _xft_adapters() -> list[Adapter]:
-    from ..plugins import registry
-
-    return [a for _, a in registry("architectures").items() if a.xft_matrices is not None]
-
-
-def adapter_for(config: Any) -> Adapter:
-    """The adapter for an HF config (object or dict), or one line naming the supported model types."""
-    from ..plugins import registry
-
+def adapter_for(config: Any, architectures: Registry) -> Adapter:
+    """The adapter in ``architectures`` (``lowbit.registry("architectures")``: the installed ones) for
+    an HF config (object or dict), or one line naming the supported model types."""
     model_type = config_get(config, "model_type")
-    reg = registry("architectures")
-    if model_type not in reg:
+    if model_type not in architectures:
         raise ModelLoadError(
-            f"architecture {model_type!r} is not supported; supported: {', '.join(reg.names())}. "
+            f"architecture {model_type!r} is not supported; supported: {', '.join(architectures.names())}. "
             "A plugin can add it through lowbit_register_architectures."
         )
-    return reg.get(model_type)
+    return architectures.get(model_type)
 
 
-def adapter_or_none(config: Any) -> Adapter | None:
-    """The adapter for ``config``, or None when no plugin serves its model type (readers of foreign
-    checkpoints then keep the names as they are and skip the shape checks)."""
-    from ..plugins import registry
-
+def adapter_or_none(config: Any, architectures: Registry) -> Adapter | None:
+    """The adapter in ``architectures`` for ``config``, or None when none serves its model type
+    (readers of foreign checkpoints then keep the names as they are and skip the shape checks)."""
     model_type = config_get(config, "model_type")
-    reg = registry("architectures")
-    return reg.get(model_type) if model_type in reg else None
+    return architectures.get(model_type) if model_type in architectures else None

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..algorithms.context import LinearGroup
 from .base import Adapter, config_get
-from .llama import attention_groups, attention_shapes, mlp_groups, mlp_shapes
+from .llama import ROLES, attention_biases, attention_groups, attention_shapes, mlp_groups, mlp_shapes
 
 NORM_OFFSET = 1.0
 
@@ -38,6 +38,16 @@ class GemmaAdapter(Adapter):
             return {}
         return {**att, **mlp_shapes(config_get(config, "hidden_size"), inter)}
 
+    def layer_roles(self, config: Any) -> dict[str, str]:
+        # Gemma 2 and 3 feed the MLP from pre_feedforward_layernorm; their post_attention_layernorm
+        # normalises the attention's output
+        if config_get(config, "model_type") == "gemma":
+            return dict(ROLES)
+        return {**ROLES, "mlp_norm": "pre_feedforward_layernorm"}
+
+    def biased_linears(self, config: Any) -> set[str]:
+        return attention_biases(config)
+
 
 class Gemma3VisionAdapter(GemmaAdapter):
     """Gemma 3 image-text (``Gemma3ForConditionalGeneration``): the decoder layers under
@@ -47,7 +57,12 @@ class Gemma3VisionAdapter(GemmaAdapter):
     name = "gemma3-vision"
     model_types = ("gemma3",)
     layers_path = "model.language_model.layers"
+    embedding = "model.language_model.embed_tokens"
+    final_norm = "model.language_model.norm"
     float_modules = ("vision_tower", "multi_modal_projector")
 
     def linear_shapes(self, config: Any) -> dict[str, tuple[int, int]]:
         return super().linear_shapes(config_get(config, "text_config"))
+
+    def biased_linears(self, config: Any) -> set[str]:
+        return super().biased_linears(config_get(config, "text_config"))

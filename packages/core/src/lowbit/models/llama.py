@@ -9,6 +9,14 @@ from torch import nn
 from ..algorithms.context import LinearGroup
 from .base import Adapter, config_get
 
+#: llama's modules by role (:meth:`Adapter.layer_roles`); Gemma, Mixtral and the Qwen MoE families
+#: share its attention and norm names
+ROLES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+         "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+         "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+#: the roles of a llama-style attention block and its norms (MoE families: their MLP is experts)
+ATTENTION_ROLES = {r: ROLES[r] for r in ("q", "k", "v", "o", "attn_norm", "mlp_norm")}
+
 
 def attention_shapes(config: Any) -> dict[str, tuple[int, int]]:
     """``(N, K)`` of q/k/v/o_proj from the config (grouped-query attention and ``head_dim`` included)."""
@@ -22,6 +30,15 @@ def attention_shapes(config: Any) -> dict[str, tuple[int, int]]:
             "self_attn.v_proj": (kvd, hidden), "self_attn.o_proj": (hidden, q)}
 
 
+def attention_biases(config: Any, qkv_bias: bool = False) -> set[str]:
+    """The attention linears with a bias: q/k/v/o when the config sets ``attention_bias``; q/k/v
+    always where the family has them unconditionally (``qkv_bias``: Qwen2, Qwen2-MoE)."""
+    out = {ROLES[r] for r in ("q", "k", "v")} if qkv_bias else set()
+    if config_get(config, "attention_bias", False):
+        out |= {ROLES[r] for r in ("q", "k", "v", "o")}
+    return out
+
+
 def mlp_shapes(hidden: int, inter: int, prefix: str = "mlp.", names=("gate_proj", "up_proj", "down_proj")
                ) -> dict[str, tuple[int, int]]:
     """``(N, K)`` of a gated MLP's three linears."""
@@ -29,7 +46,7 @@ def mlp_shapes(hidden: int, inter: int, prefix: str = "mlp.", names=("gate_proj"
     return {prefix + gate: (inter, hidden), prefix + up: (inter, hidden), prefix + down: (hidden, inter)}
 
 
-def attention_groups(layer: nn.Module, norm: str = "input_layernorm", offset: float = 0.0) -> list[LinearGroup]:
+def attention_groups(layer: nn.Module, norm: str = ROLES["attn_norm"], offset: float = 0.0) -> list[LinearGroup]:
     """norm → q/k/v (inspect self_attn); v → o where shapes allow (no grouped-query attention)."""
     attn = layer.self_attn
     groups = [LinearGroup(norm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "self_attn",
@@ -42,7 +59,7 @@ def attention_groups(layer: nn.Module, norm: str = "input_layernorm", offset: fl
     return groups
 
 
-def mlp_groups(norm: str = "post_attention_layernorm", offset: float = 0.0) -> list[LinearGroup]:
+def mlp_groups(norm: str = ROLES["mlp_norm"], offset: float = 0.0) -> list[LinearGroup]:
     """norm → gate/up (inspect mlp); up → down."""
     return [LinearGroup(norm, ["mlp.gate_proj", "mlp.up_proj"], "mlp", norm_offset=offset),
             LinearGroup("mlp.up_proj", ["mlp.down_proj"], "mlp.down_proj")]
@@ -51,14 +68,6 @@ def mlp_groups(norm: str = "post_attention_layernorm", offset: float = 0.0) -> l
 class LlamaAdapter(Adapter):
     name = "llama-family"
     model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
-    xft_matrices = {
-        "attention.query_key_value": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        "attention.dense": ("self_attn.o_proj",),
-        "mlp.gate_proj": ("mlp.gate_proj",),
-        "mlp.up_proj": ("mlp.up_proj",),
-        "mlp.down_proj": ("mlp.down_proj",),
-    }
-    xft_model_types = ("llama", "qwen2")
 
     def groups(self, layer: nn.Module) -> list[LinearGroup]:
         return attention_groups(layer) + mlp_groups()
@@ -71,6 +80,15 @@ class LlamaAdapter(Adapter):
         if not (att and inter):
             return {}
         return {**att, **mlp_shapes(config_get(config, "hidden_size"), inter)}
+
+    def layer_roles(self, config: Any) -> dict[str, str]:
+        return dict(ROLES)
+
+    def biased_linears(self, config: Any) -> set[str]:
+        out = attention_biases(config, qkv_bias=config_get(config, "model_type") == "qwen2")
+        if config_get(config, "mlp_bias", False):
+            out |= {ROLES[r] for r in ("gate", "up", "down")}
+        return out
 
 
 LLAMA_FAMILY = LlamaAdapter()

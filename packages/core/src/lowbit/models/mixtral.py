@@ -16,7 +16,7 @@ from torch import nn
 from ..algorithms.context import LinearGroup
 from ._experts import split_experts
 from .base import Adapter, config_get
-from .llama import attention_groups, attention_shapes, mlp_shapes
+from .llama import ATTENTION_ROLES, attention_groups, attention_shapes, mlp_shapes
 
 NAMES = ("w1", "w3", "w2")  # gate, up, down
 
@@ -65,3 +65,6 @@ class MixtralAdapter(Adapter):
         for e in range(n):
             out.update(mlp_shapes(hidden, inter, f"mlp.experts.{e}.", NAMES))
         return out
+
+    def layer_roles(self, config: Any) -> dict[str, str]:
+        return dict(ATTENTION_ROLES)

@@ -38,3 +38,7 @@ class Phi3Adapter(Adapter):
         q, kv = att["self_attn.q_proj"][0], att["self_attn.k_proj"][0]
         return {"self_attn.qkv_proj": (q + 2 * kv, hidden), "self_attn.o_proj": (hidden, q),
                 "mlp.gate_up_proj": (2 * inter, hidden), "mlp.down_proj": (hidden, inter)}
+
+    def layer_roles(self, config: Any) -> dict[str, str]:
+        return {"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_up_proj",
+                "down": "mlp.down_proj", "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}

@@ -15,7 +15,7 @@ from torch import nn
 from ..algorithms.context import LinearGroup
 from ._experts import split_experts
 from .base import Adapter, config_get
-from .llama import attention_groups, attention_shapes, mlp_groups, mlp_shapes
+from .llama import ATTENTION_ROLES, attention_biases, attention_groups, attention_shapes, mlp_groups, mlp_shapes
 from .mixtral import expert_groups
 
 NAMES = ("gate_proj", "up_proj", "down_proj")
@@ -63,3 +63,9 @@ class QwenMoeAdapter(Adapter):
         if not all(_sparse(config, i) for i in range(layers)):
             out.update(mlp_shapes(hidden, config_get(config, "intermediate_size"), "mlp."))
         return out
+
+    def layer_roles(self, config: Any) -> dict[str, str]:
+        return dict(ATTENTION_ROLES)  # the MLP is experts (or, in some layers, dense): no MLP roles
+
+    def biased_linears(self, config: Any) -> set[str]:
+        return attention_biases(config, qkv_bias=config_get(config, "model_type") == "qwen2_moe")

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..exporting import with_adapter
 from ..kernels.base import KernelSpec
-from ..models import adapter_or_none
+from ..models import tied_output_weights
 from ..qmodel import QuantizedModel
 from ..qweight import QuantizedWeight
 from ..selection import select_kernel
@@ -54,7 +55,7 @@ def _skeleton(qmodel: QuantizedModel, dtype: torch.dtype) -> nn.Module:
 
     with _no_init():
         model = AutoModelForCausalLM.from_config(qmodel.config, dtype=dtype)
-    adapter = adapter_or_none(qmodel.config)
+    adapter = with_adapter(qmodel).adapter
     if adapter is not None:  # the module tree lowbit quantized (MoE experts split into linears)
         adapter.prepare(model)
     return model.eval()
@@ -62,8 +63,7 @@ def _skeleton(qmodel: QuantizedModel, dtype: torch.dtype) -> nn.Module:
 
 def _load_floats(model: nn.Module, tensors: dict[str, torch.Tensor], skip: set[str], dtype: torch.dtype) -> None:
     expected = {k for k in model.state_dict() if k.rpartition(".")[0] not in skip}
-    if getattr(model.config, "tie_word_embeddings", False):
-        expected.discard("lm_head.weight")
+    expected -= tied_output_weights(model)
     missing = sorted(expected - set(tensors))
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}.")

@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from ..errors import LowbitError
-from ..exporting import Exporter
+from ..exporter import Exporter
 from ..primitives import choose_qparams, quantize_codes
 from ..qmodel import QuantizedModel
 from ..qweight import QuantizedWeight
@@ -56,10 +56,11 @@ def tiny_quantized_model(scheme: QuantScheme, seed: int = 0, tokenizer: bool = T
     """
     from ..models import adapter_for
     from ..pipeline import float_tensors_of
+    from ..plugins import registry
     from .models import tiny_llama
 
     model = tiny_llama(seed, **overrides)
-    adapter = adapter_for(model.config)
+    adapter = adapter_for(model.config, registry("architectures"))
     gen = torch.Generator().manual_seed(seed)
     qweights: dict[str, QuantizedWeight] = {}
     for i, layer in enumerate(adapter.layers(model)):
@@ -80,7 +81,17 @@ def tiny_quantized_model(scheme: QuantScheme, seed: int = 0, tokenizer: bool = T
                 qweights[adapter.layer_prefix(i) + path] = QuantizedWeight(codes, scales, zeros, scheme, g_idx, bias)
     tok = _tokenizer(model.config.vocab_size) if tokenizer else None
     manifest = {"source": {"model": f"tiny-llama-seed{seed}"}, "recipe": {"method": "rtn"}}
-    return QuantizedModel(model.config, scheme, qweights, float_tensors_of(model, qweights), tok, None, manifest)
+    return QuantizedModel(model.config, scheme, qweights, float_tensors_of(model, qweights), tok, None, manifest,
+                          adapter=adapter)
+
+
+def _head(qm: QuantizedModel) -> str | None:
+    """The name of ``qm``'s output projection weight, as its architecture adapter gives it (None
+    for a model type no adapter serves)."""
+    from ..exporting import with_adapter
+
+    adapter = with_adapter(qm).adapter
+    return None if adapter is None else f"{adapter.lm_head}.weight"
 
 
 def _ids(scheme: QuantScheme) -> str:
@@ -144,8 +155,9 @@ class ExporterConformance:
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "vocab_size"):
             assert getattr(back.config, key) == getattr(qm.config, key), f"config {key} changed"
+        tied = getattr(qm.config, "tie_word_embeddings", False)
         for name, t in qm.float_tensors.items():
-            if name == "lm_head.weight" and getattr(qm.config, "tie_word_embeddings", False):
+            if tied and name == _head(qm):
                 continue
             assert name in back.float_tensors, f"float tensor {name} lost"
             got = back.float_tensors[name]
@@ -237,7 +249,7 @@ class ExporterConformance:
             pytest.skip(f"{self.exporter.name} accepts none of this suite's schemes")
         qm = self.model_for(scheme, tie_word_embeddings=True)
         self._accepted_or_skip(qm)
-        assert "lm_head.weight" not in qm.float_tensors
+        assert _head(qm) not in qm.float_tensors
         back = self.exporter().read(self.write(qm, tmp_path / "tied"))
         assert getattr(back.config, "tie_word_embeddings", False), "tie_word_embeddings lost"
         self.assert_same_model(qm, back)

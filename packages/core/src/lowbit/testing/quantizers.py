@@ -45,18 +45,20 @@ class LayerFixture:
         from ..calibration import BUILTIN, builtin_text, samples
         from ..models import adapter_for
         from ..pipeline import capture_layer_inputs
+        from ..plugins import registry
         from .models import tiny_llama, tiny_tokenizer
 
         self.model = tiny_llama(seed)
+        self.adapter = adapter_for(self.model.config, registry("architectures"))
+        roles = self.adapter.layer_roles(self.model.config)
         gen = torch.Generator().manual_seed(seed)
         hidden = self.model.config.hidden_size
         with torch.no_grad():  # a few outlier channels, as in trained LLMs
-            for layer in self.model.model.layers:
-                for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            for layer in self.adapter.layers(self.model):
+                for norm in (layer.get_submodule(roles["attn_norm"]), layer.get_submodule(roles["mlp_norm"])):
                     w = torch.ones(hidden) + 0.1 * torch.randn(hidden, generator=gen)
                     w[torch.randperm(hidden, generator=gen)[: max(1, hidden // 32)]] *= outliers
                     norm.weight.copy_(w)
-        self.adapter = adapter_for(self.model.config)
         tok = tiny_tokenizer(self.model.config.vocab_size)
         ids = samples(tok, builtin_text(BUILTIN["wikitext2"])[:200_000], 2 * nsamples, seqlen)
         inputs, kwargs = capture_layer_inputs(self.model, self.adapter, ids, batch_size=max(1, nsamples // 2))
