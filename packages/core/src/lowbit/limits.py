@@ -132,3 +132,17 @@ def parameter_bytes(model: torch.nn.Module, dtype: torch.dtype | None = None) ->
         total += n
         largest = max(largest, n)
     return total, largest
+
+
+def check_activation_memory(config, ids: torch.Tensor) -> None:
+    """Refuse calibration whose activations cannot fit: the layer-by-layer pass holds a layer's inputs
+    and outputs for every sample at once, ``2 × samples × tokens × hidden`` float32 values."""
+    from .errors import CalibrationError
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None)
+    if not isinstance(hidden, int) or ids.dim() != 2:
+        return
+    n, seqlen = ids.shape
+    check_fits(2 * n * seqlen * hidden * 4, f"calibration on {n} samples × {seqlen} tokens (hidden size {hidden}: a "
+               "layer's inputs and outputs in float32)", "Pass a smaller --nsamples or --seqlen.", CalibrationError)
