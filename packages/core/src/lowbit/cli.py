@@ -107,9 +107,10 @@ def _check_quantize_paths(a, out: Path | None) -> None:
 @contextlib.contextmanager
 def _work_dropped_on_bad_input(out: Path):
     """A work directory (``.OUT.work``) that this run created is kept after a kill, Ctrl-C or a failed
-    write, for ``--resume``; after an error about the input (NaN weights, a config that disagrees with
-    its tensors) a rerun would fail the same way, so it is removed and nothing is left beside OUT."""
-    from .errors import OutputError
+    write, for ``--resume``; after an error about the model or the calibration text (NaN weights or
+    activations, a config that disagrees with its tensors) a rerun would fail the same way, so it is
+    removed and nothing is left beside OUT."""
+    from .errors import CalibrationError, ModelLoadError
     from .workdir import work_dir_for
 
     work = work_dir_for(out)
@@ -124,9 +125,9 @@ def _work_dropped_on_bad_input(out: Path):
     before = identity()
     try:
         yield
-    except LowbitError as err:
+    except (ModelLoadError, CalibrationError):
         after = identity()
-        if not isinstance(err, OutputError) and after is not None and after != before:
+        if after is not None and after != before:
             shutil.rmtree(work, ignore_errors=True)
         raise
 
@@ -497,7 +498,10 @@ def _on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # a usage error (2), --help or --version (0): a status, also when called in-process
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
     try:
         old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread
