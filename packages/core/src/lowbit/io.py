@@ -113,9 +113,9 @@ def _stat(path: Path):
 
 
 def _ancestor_ids(path: Path) -> set[tuple[int, int]]:
-    """(device, inode) of each existing proper ancestor of ``path``, taken as spelled (the kernel's
-    reading of ``a/link/..``), stat following symlinks."""
-    return {(st.st_dev, st.st_ino) for st in map(_stat, path.parents) if st is not None}
+    """(device, inode) of each existing proper ancestor of ``path`` once resolved (``a/link/..`` is the
+    link target's parent, as the kernel reads it, not ``a``)."""
+    return {(st.st_dev, st.st_ino) for st in map(_stat, Path(os.path.realpath(path)).parents) if st is not None}
 
 
 def _overlap(a: Path, b: Path) -> str | None:
@@ -132,9 +132,9 @@ def _overlap(a: Path, b: Path) -> str | None:
     sa, sb = _stat(a), _stat(b)
     if sa is not None and sb is not None and os.path.samestat(sa, sb):
         return "is"
-    if sb is not None and (sb.st_dev, sb.st_ino) in _ancestor_ids(a.absolute()):
+    if sb is not None and (sb.st_dev, sb.st_ino) in _ancestor_ids(a):
         return "is inside"
-    if sa is not None and (sa.st_dev, sa.st_ino) in _ancestor_ids(b.absolute()):
+    if sa is not None and (sa.st_dev, sa.st_ino) in _ancestor_ids(b):
         return "contains"
     return None
 

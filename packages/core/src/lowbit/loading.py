@@ -216,8 +216,9 @@ def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remot
     total, _ = parameter_bytes(meta, dtype)
     del meta
     check_fits(total, f"loading {src.spec} whole in {dtype}", "Free memory or use a machine with more.", ModelLoadError)
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # stderr stays for lowbit's own lines (an error is one line)
     try:
         kwargs = src.kwargs()
         if not src.gguf_file:
@@ -231,6 +232,8 @@ def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remot
         raise ModelLoadError(f"cannot load the weights of {src.spec}: {one_line(err)}") from err
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     for name, p in model.named_parameters():
         check_source_tensor(p.detach(), name, src.spec)
     if src.gguf_file:

@@ -320,7 +320,9 @@ class LayerContext:
                 except StopForward:
                     continue
                 if record and self.batch < n_ref:
-                    outs.append((out[0] if isinstance(out, tuple) else out).to(x.dtype))
+                    out = out[0] if isinstance(out, tuple) else out
+                    check_activation(out, f"the output of layer {self.index} (calibration batch {self.batch})")
+                    outs.append(out.to(x.dtype))
         finally:
             for h in handles:
                 h.remove()
