@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from .errors import CalibrationError, MissingDependencyError
+from .errors import CalibrationError, LowbitError, MissingDependencyError
+from .limits import check_fits
 
 BUILTIN = {"wikitext2": "wikitext2_valid.txt"}
 EVAL_TEXT = "wikitext2_test.txt"
@@ -22,6 +25,49 @@ EVAL_TEXT = "wikitext2_test.txt"
 
 def builtin_text(filename: str) -> str:
     return resources.files("lowbit").joinpath("data", filename).read_text(encoding="utf-8")
+
+
+#: bytes read first to tell text from binary before a large file is read whole
+_SNIFF = 1 << 16
+
+
+def read_text_file(path: str | Path, flag: str, error: type[LowbitError] = LowbitError) -> str:
+    """The text of the file the user named with ``flag`` (``--calib``, ``--text``), refused with one
+    line unless it is a regular, non-empty UTF-8 text file that fits in memory: a directory, a FIFO or
+    a device (``/dev/zero`` would never end), a binary file (NUL bytes, or bytes that are not UTF-8) and
+    an empty or blank file each say so. Every command reads text files through this."""
+    shown = f"{flag} {path}"
+    try:
+        st = os.stat(path)  # follows symlinks: the file a link names is what is read
+    except FileNotFoundError:
+        raise error(f"{shown}: no such file; give the path of a UTF-8 text file.") from None
+    except (OSError, ValueError) as err:
+        raise error(f"{shown}: cannot be read ({getattr(err, 'strerror', None) or err}); give a readable text file.") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{shown} is a directory; give a UTF-8 text file.")
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{shown} is not a regular file (a FIFO, socket or device); give a UTF-8 text file.")
+    if st.st_size == 0:
+        raise error(f"{shown} is empty; give a file with text in it.")
+    check_fits(2 * st.st_size, f"{shown} ({st.st_size:,} bytes, read and decoded)",
+               "Give a smaller text file.", error)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SNIFF)
+            if b"\0" in head:
+                raise error(f"{shown} is binary (it holds NUL bytes), not text; give a UTF-8 text file.")
+            data = head + f.read()
+    except OSError as err:
+        raise error(f"{shown}: cannot be read ({err.strerror or err}); give a readable text file.") from None
+    if b"\0" in data:
+        raise error(f"{shown} is binary (it holds NUL bytes), not text; give a UTF-8 text file.")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise error(f"{shown} is not UTF-8 text (byte {err.start} cannot be decoded); convert it to UTF-8.") from None
+    if not text.strip():
+        raise error(f"{shown} is empty (only whitespace); give a file with text in it.")
+    return text
 
 
 def load_text(source: str) -> str:
@@ -32,14 +78,15 @@ def load_text(source: str) -> str:
         text = _hf_text(source[3:])
     else:
         path = Path(source)
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise CalibrationError(
                 f"calibration source {source!r} is neither a built-in ({', '.join(BUILTIN)}) nor a file; "
                 "pass --calib wikitext2, a .txt/.jsonl file, or hf:<dataset>."
             )
+        raw = read_text_file(path, "--calib", CalibrationError)
         if path.suffix == ".jsonl":
             rows = []
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for i, line in enumerate(raw.splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -48,7 +95,7 @@ def load_text(source: str) -> str:
                     raise CalibrationError(f"{source}:{i}: each line must be a JSON object with a \"text\" field.") from err
             text = "\n\n".join(rows)
         else:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = raw
     if not text.strip():
         raise CalibrationError(f"calibration text from {source!r} is empty; give a file with text in it.")
     return text
@@ -74,6 +121,8 @@ def samples(tokenizer, text: str, nsamples: int, seqlen: int) -> torch.Tensor:
     """
     if nsamples < 1 or seqlen < 1:
         raise CalibrationError(f"need nsamples ≥ 1 and seqlen ≥ 1, got {nsamples} × {seqlen}.")
+    check_fits(nsamples * seqlen * 8, f"--nsamples {nsamples} × --seqlen {seqlen} calibration token ids",
+               "Pass a smaller --nsamples or --seqlen.", CalibrationError)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     total = ids.numel()
     if total < seqlen:

@@ -7,13 +7,16 @@ machines on stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
 
 from . import __version__
+from .argtypes import at_least_two, group_size, nonnegative_float, positive_int, probability
 from .errors import LowbitError
 from .run.load import DTYPES, dtype_of, load_runtime
 
@@ -57,16 +60,19 @@ def cmd_quantize(a) -> int:
                   step_options=opts, overwrite=a.overwrite, trust_remote_code=a.trust_remote_code,
                   compute_dtype=pipeline.fast_compute_dtype() if a.compute_dtype == "auto" else dtype_of(a.compute_dtype),
                   progress=not a.no_progress)
+    if not a.export_compatible:  # a defaulted --out is kept in args: main's interrupt hint reads it
+        a.out = a.out or (f"out/{_model_slug(a.model)}-{method.replace('+', '-')}-w{a.bits}"
+                          f"{'g' + str(a.group_size) if a.group_size != -1 else 'pc'}")
+    out = None if a.export_compatible else Path(a.out)
+    _check_quantize_paths(a, out)
     if a.export_compatible:
         out = pipeline.export_compatible(a.model, a.export_compatible, method=method, device=a.device, **common)
         result = {"export_compatible": str(out)}
     else:
         formats = [f.strip() for f in a.format.split(",") if f.strip()]
-        a.out = a.out or (f"out/{_model_slug(a.model)}-{method.replace('+', '-')}-w{a.bits}"
-                          f"{'g' + str(a.group_size) if a.group_size != -1 else 'pc'}")  # main's hints read it
-        out = Path(a.out)
-        qm = pipeline.quantize(a.model, method=method, out=out, formats=formats, device=a.device, resume=a.resume,
-                               **common)
+        with _work_dropped_on_bad_input(out):
+            qm = pipeline.quantize(a.model, method=method, out=out, formats=formats, device=a.device,
+                                   resume=a.resume, **common)
         result = {"out": {f: str(out / f) for f in ["lowbit"] + [f for f in formats if f != "lowbit"]},
                   "scheme": scheme.to_dict(), "method": method, "tensor_hash": qm.manifest.get("tensor_hash") or qm.tensor_hash(),
                   "seconds": qm.manifest["report"]["seconds"], "calibration": qm.manifest["calibration"]}
@@ -81,6 +87,52 @@ def cmd_quantize(a) -> int:
     return 0
 
 
+def _check_quantize_paths(a, out: Path | None) -> None:
+    """No output of ``quantize`` may overlap what it reads (:func:`lowbit.io.check_apart`)."""
+    from .algorithms.awq_results import _sidecar
+    from .calibration import BUILTIN
+    from .io import check_apart
+    from .loading import local_paths, resolve
+    from .workdir import work_dir_for
+
+    outputs = {"--out": out, "--export-compatible": a.export_compatible, "--dump-awq": a.dump_awq,
+               "--dump-awq's sidecar": _sidecar(Path(a.dump_awq)) if a.dump_awq else None,
+               "the work directory": work_dir_for(out) if out is not None else None}
+    inputs = dict(local_paths(resolve(a.model)))
+    if a.calib not in BUILTIN and not a.calib.startswith("hf:"):
+        inputs["--calib"] = a.calib
+    inputs["--load-awq"] = a.load_awq
+    check_apart(outputs, inputs)
+
+
+@contextlib.contextmanager
+def _work_dropped_on_bad_input(out: Path):
+    """A work directory (``.OUT.work``) that this run created is kept after a kill, Ctrl-C or a failed
+    write, for ``--resume``; after an error about the model or the calibration text (NaN weights or
+    activations, a config that disagrees with its tensors) a rerun would fail the same way, so it is
+    removed and nothing is left beside OUT."""
+    from .errors import CalibrationError, ModelLoadError
+    from .workdir import work_dir_for
+
+    work = work_dir_for(out)
+
+    def identity():
+        try:
+            st = work.stat()
+        except (OSError, ValueError):
+            return None
+        return st.st_dev, st.st_ino
+
+    before = identity()
+    try:
+        yield
+    except (ModelLoadError, CalibrationError):
+        after = identity()
+        if after is not None and after != before:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
 def _model_slug(model: str | None) -> str:
     if not model:
         return "smollm2-135m"
@@ -91,13 +143,14 @@ def _model_slug(model: str | None) -> str:
 def cmd_eval_ppl(a) -> int:
     import torch
 
+    from .calibration import read_text_file
     from .loading import load_model, resolve
     from .run.evaluate import eval_text, perplexity, window_ids
     from .run.nn import kernels_used
 
+    text = read_text_file(a.text, "--text") if a.text else eval_text()  # a bad file fails before the model loads
     qm, model = load_runtime(a.checkpoint, a.dtype, a.kernel)
-    seqlen = min(a.seqlen, getattr(qm.config, "max_position_embeddings", a.seqlen))
-    text = Path(a.text).read_text(encoding="utf-8") if a.text else eval_text()
+    seqlen = min(a.seqlen, getattr(qm.config, "max_position_embeddings", None) or a.seqlen)
     windows = window_ids(qm.tokenizer, text, seqlen)
     max_windows = None if a.full else a.windows
     res = {"checkpoint": a.checkpoint, "kernels": kernels_used(model),
@@ -137,6 +190,14 @@ def cmd_generate(a) -> int:
 
     qm, model = load_runtime(a.checkpoint, a.dtype, a.kernel, a.lm_head)
     ids = _prompt_ids(qm.tokenizer, a.prompt, a.raw)
+    if ids.shape[-1] == 0:
+        raise LowbitError("the prompt is empty (it encodes to no tokens); give a prompt, or drop --raw so that the "
+                          "chat template wraps it.")
+    context = getattr(qm.config, "max_position_embeddings", None)
+    if isinstance(context, int) and ids.shape[-1] + a.max_new_tokens > context:
+        raise LowbitError(f"the prompt ({ids.shape[-1]} tokens) plus --max-new-tokens {a.max_new_tokens} exceeds the "
+                          f"model's context of {context} tokens; pass --max-new-tokens "
+                          f"{max(1, context - ids.shape[-1])} or less, or a shorter prompt.")
     streamer = None if a.json else TextStreamer(qm.tokenizer, skip_prompt=True, skip_special_tokens=True)
     sample = a.temperature > 0
     gen_kwargs = dict(max_new_tokens=a.max_new_tokens, do_sample=sample, streamer=streamer,
@@ -206,9 +267,12 @@ def cmd_kernels(a) -> int:
 # ----------------------------------------------------------------------------------- formats
 def cmd_export(a) -> int:
     from .exporting import export, read_checkpoint
-    from .io import check_writable, output_lock
+    from .io import check_apart, check_writable, output_lock
+    from .plugins import registry
 
-    out = Path(a.out or f"{a.checkpoint.rstrip('/')}-{a.format}")
+    registry("exporters").get(a.format)  # an unknown format fails before any path is made from its name
+    out = Path(a.out or f"{os.path.realpath(a.checkpoint)}-{a.format}")
+    check_apart({"--out": out}, {"the checkpoint": a.checkpoint})
     with output_lock(out):  # the output is ours from the first check to the final rename
         check_writable(out, a.overwrite)
         qm = read_checkpoint(a.checkpoint, lazy=True)
@@ -289,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", nargs="?", help="HF model directory, .gguf file, hub id (online), or omit for the demo model")
     q.add_argument("--method", default="rtn", help="rtn, awq, gptq or awq+gptq (default: rtn)")
     q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default: 4)")
-    q.add_argument("--group-size", type=int, default=64, help="32, 64, 128, or -1 for per channel (default: 64)")
+    q.add_argument("--group-size", type=group_size, default=64, help="32, 64, 128, or -1 for per channel (default: 64)")
     q.add_argument("--sym", action="store_true", help="symmetric codes (zero point fixed at 2**(bits-1))")
     q.add_argument("--observer", choices=["minmax", "mse"], default="minmax",
                    help="how rtn and gptq choose each group's range: minmax, its min and max; mse, the range "
@@ -300,9 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "formats without g_idx (autoawq, xft) cannot hold it")
     q.add_argument("--calib", default="wikitext2",
                    help="calibration text: wikitext2 (built in), a .txt or .jsonl file, or hf:<dataset>[:config[:split]]")
-    q.add_argument("--nsamples", type=int, default=128, help="calibration samples (default: 128)")
-    q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sample (default: 512)")
-    q.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward (default: 8)")
+    q.add_argument("--nsamples", type=positive_int, default=128, help="calibration samples (default: 128)")
+    q.add_argument("--seqlen", type=positive_int, default=512, help="tokens per calibration sample (default: 512)")
+    q.add_argument("--batch-size", type=positive_int, default=8, help="calibration samples per forward (default: 8)")
     q.add_argument("--format", default="lowbit",
                    help="comma-separated output formats besides lowbit's own, e.g. autoawq,gptq,xft (see `lowbit plugins`)")
     q.add_argument("--out", help="output directory; each format goes to OUT/<format> (default: out/<model>-<method>-w<bits>...)")
@@ -313,10 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(GPTQ W4 g64 on the demo model: perplexity +0.4 %%) and slower without AMX; auto = bf16 where "
                    "the CPU has AMX, else fp32 (default: fp32)")
     g = q.add_argument_group("AWQ")
-    g.add_argument("--awq-grid", type=int, default=20, help="scale search grid points (default: 20)")
+    g.add_argument("--awq-grid", type=positive_int, default=20, help="scale search grid points (default: 20)")
     g.add_argument("--awq-duo-scaling", action="store_true", help="use both activation and weight statistics")
     g.add_argument("--no-awq-clip", action="store_true", help="skip the clipping-range search")
-    g.add_argument("--awq-search-tokens", type=int, metavar="N",
+    g.add_argument("--awq-search-tokens", type=positive_int, metavar="N",
                    help="calibration tokens (whole samples) each scale-search grid point is scored on; the "
                    "statistics always use every token (default: 2048)")
     g.add_argument("--dump-awq", metavar="FILE", help="save AWQ search results (safetensors + json) to FILE")
@@ -324,8 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--export-compatible", metavar="DIR",
                    help="write the AWQ-scaled float model (no quantization) to DIR for any GPTQ tool, then stop")
     g = q.add_argument_group("GPTQ")
-    g.add_argument("--damp", type=float, default=0.01, help="dampening as a fraction of mean Hessian diagonal (default: 0.01)")
-    g.add_argument("--block-size", type=int, default=128, help="columns per error-compensation block (default: 128)")
+    g.add_argument("--damp", type=nonnegative_float, default=0.01, help="dampening as a fraction of mean Hessian diagonal (default: 0.01)")
+    g.add_argument("--block-size", type=positive_int, default=128, help="columns per error-compensation block (default: 128)")
     g.add_argument("--column-order", choices=["hessian", "columns"], default="hessian",
                    help="hessian: quantize columns by decreasing Hessian diagonal with each group's scales fixed "
                    "up front, so the checkpoint keeps plain group order (llm-compressor's actorder=static); "
@@ -346,10 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
                       description="Perplexity by the shared protocol: the test text tokenized once, non-overlapping "
                       "windows of --seqlen tokens, exp(mean NLL). A few windows by default; --full for the whole set.")
     e.add_argument("checkpoint", help="any checkpoint lowbit reads (lowbit, autoawq, gptq, xft)")
-    e.add_argument("--windows", type=int, default=4, help="number of windows (default: 4)")
+    e.add_argument("--windows", type=positive_int, default=4, help="number of windows (default: 4)")
     e.add_argument("--full", action="store_true",
                    help="every window of the test set (152 × 2048 tokens: ~20 minutes per model on 2 CPU cores)")
-    e.add_argument("--seqlen", type=int, default=2048, help="window length (default: 2048, capped at the model's context)")
+    e.add_argument("--seqlen", type=at_least_two, default=2048, help="window length (default: 2048, capped at the model's context)")
     e.add_argument("--text", help="evaluate on this text file instead of the WikiText-2 test split")
     e.add_argument("--baseline", help="float model to compare with (default: the checkpoint's source model)")
     e.add_argument("--no-baseline", action="store_true", help="skip the float model")
@@ -364,9 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "unless --raw.")
     gen.add_argument("checkpoint")
     gen.add_argument("prompt")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-p", type=float, default=0.9)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=64)
+    gen.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=probability, default=0.9)
     gen.add_argument("--raw", action="store_true", help="no chat template")
     gen.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     gen.add_argument("--kernel", help="force one kernel (see `lowbit kernels`)")
@@ -385,11 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "with --bits, also whether it can run that scheme.")
     k.add_argument("--device", default="cpu")
     k.add_argument("--bits", type=int, help="check this scheme too")
-    k.add_argument("--group-size", type=int, default=128)
+    k.add_argument("--group-size", type=group_size, default=128)
     k.add_argument("--sym", action="store_true")
     k.add_argument("--act-order", action="store_true")
-    k.add_argument("--in-features", type=int, default=4096)
-    k.add_argument("--out-features", type=int, default=4096)
+    k.add_argument("--in-features", type=positive_int, default=4096)
+    k.add_argument("--out-features", type=positive_int, default=4096)
     k.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=cmd_kernels)
@@ -435,7 +499,10 @@ def _on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # a usage error (2), --help or --version (0): a status, also when called in-process
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
     try:
         old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread

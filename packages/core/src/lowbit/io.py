@@ -38,9 +38,44 @@ from .errors import LowbitError, OutputError, one_line
 _HELD: dict[Path, list[int]] = {}
 
 
+#: bytes lowbit adds to OUT's name for what it keeps beside it (``.OUT.tmp-PID-XXXXXXXX``, the longest)
+NAME_OVERHEAD = len(".") + len(".tmp-") + 7 + len("-") + 8
+
+
+def check_name(out: Path | str, flag: str = "--out") -> None:
+    """Refuse an output path the file system cannot hold, before anything is created: each component
+    (with the bytes lowbit adds to OUT's own name for its temporary, lock and work directories) within
+    the file system's name limit, and the whole path within its path limit."""
+    out = Path(out)
+    probe = out.absolute().parent
+    while True:  # the nearest existing ancestor says what the file system allows
+        try:
+            if probe.exists() or probe == probe.parent:
+                break
+        except OSError:  # a component too long for stat itself
+            pass
+        probe = probe.parent
+    try:
+        name_max, path_max = os.pathconf(probe, "PC_NAME_MAX"), os.pathconf(probe, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    parts = out.absolute().parts
+    for i, part in enumerate(parts):
+        limit = name_max - (NAME_OVERHEAD if i == len(parts) - 1 else 0)
+        if len(os.fsencode(part)) > limit:
+            short = part if len(part) <= 40 else part[:37] + "..."
+            raise OutputError(f"{flag} {short}: a name of {len(os.fsencode(part))} bytes, but this file system "
+                              f"allows {name_max} per name and lowbit adds up to {NAME_OVERHEAD} to the output's "
+                              f"name for its temporary files; pick a shorter {flag}.")
+    if len(os.fsencode(str(out.absolute()))) + NAME_OVERHEAD > path_max:
+        raise OutputError(f"{flag} is a path of {len(os.fsencode(str(out.absolute())))} bytes; this file system "
+                          f"allows {path_max}; pick a shorter {flag}.")
+
+
 def resolve_out(out: Path | str) -> Path:
     """The absolute directory a run into ``out`` writes: ``out`` itself, or a symlink's target."""
     out = Path(out)
+    check_name(out)
     if not out.is_symlink():
         return out.absolute()
     try:
@@ -68,6 +103,60 @@ def check_writable(out: Path | str, overwrite: bool = False) -> Path:
         raise OutputError(f"output {shown} already exists and is not empty; pass --overwrite or pick another --out.")
     _existing_ancestor(out)
     return shown
+
+
+def _stat(path: Path):
+    try:
+        return os.stat(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _ancestor_ids(path: Path) -> set[tuple[int, int]]:
+    """(device, inode) of each existing proper ancestor of ``path`` once resolved (``a/link/..`` is the
+    link target's parent, as the kernel reads it, not ``a``)."""
+    return {(st.st_dev, st.st_ino) for st in map(_stat, Path(os.path.realpath(path)).parents) if st is not None}
+
+
+def _overlap(a: Path, b: Path) -> str | None:
+    """How ``a`` relates to ``b``: "is", "is inside", "contains", or None when apart. Paths are
+    compared resolved (symlinks followed, ``..`` applied), and existing ones also by device and
+    inode (a bind mount, a second spelling the resolution missed)."""
+    ra, rb = Path(os.path.realpath(a)), Path(os.path.realpath(b))
+    if ra == rb:
+        return "is"
+    if rb in ra.parents:
+        return "is inside"
+    if ra in rb.parents:
+        return "contains"
+    sa, sb = _stat(a), _stat(b)
+    if sa is not None and sb is not None and os.path.samestat(sa, sb):
+        return "is"
+    if sb is not None and (sb.st_dev, sb.st_ino) in _ancestor_ids(a):
+        return "is inside"
+    if sa is not None and (sa.st_dev, sa.st_ino) in _ancestor_ids(b):
+        return "contains"
+    return None
+
+
+def check_apart(outputs: dict[str, Path | str | None], inputs: dict[str, Path | str | None]) -> None:
+    """Refuse an output that overlaps an input or another output: the same file or directory, one
+    inside the other, or one containing the other, however spelled (symlinks, ``..``, relative
+    paths). Writing there would change or (with ``--overwrite``) delete what the command reads, so it
+    is refused with or without ``--overwrite``. Keys name each path for the message (``--out``,
+    ``the model``); None values and inputs that do not exist (a hub id) are skipped. Every command
+    that writes calls this before any work."""
+    outs = [(what, Path(p), resolve_out(p)) for what, p in outputs.items() if p is not None]
+    ins = [(what, Path(p), Path(p).absolute()) for what, p in inputs.items() if p is not None and _stat(Path(p))]
+    others = outs + ins
+    for i, (ow, oshown, out) in enumerate(outs):
+        for j, (iw, ishown, other) in enumerate(others[i + 1:], i + 1):
+            how = _overlap(out, other)
+            if how is None:
+                continue
+            why = ("two outputs of one command may not overlap" if j < len(outs) else
+                   "writing it would change or delete what this command reads, with or without --overwrite")
+            raise OutputError(f"{ow} {oshown} {how} {iw} {ishown}: {why}; pick an {ow} outside {ishown}.")
 
 
 def fault_point(name: str) -> None:

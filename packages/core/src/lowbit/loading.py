@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 from .errors import MissingDependencyError, ModelLoadError, one_line
+from .finite import check_source_tensor
+from .limits import check_fits, check_shapes, meta_model, parameter_bytes
 
 DEMO = "demo"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -137,19 +139,60 @@ def _write_conversion(src: ModelSource, model) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def local_paths(src: ModelSource) -> dict[str, Path]:
+    """What a run reads of ``src`` on this machine, by what it is (for :func:`lowbit.io.check_apart`):
+    the model directory or GGUF file, and the cache directory a GGUF file is converted to."""
+    if not src.gguf_file:
+        return {"the model": Path(src.path)}
+    out = {"the model": Path(src.path) / src.gguf_file}
+    conversion = _conversion_dir(src)
+    if conversion is not None:
+        out["the model's converted copy"] = conversion
+    return out
+
+
 def load_config(src: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     src = _cached(src)
 
     try:
-        return AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.kwargs())
+        config = AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.kwargs())
     except OSError as err:
         raise ModelLoadError(f"cannot load {src.spec}: {one_line(err)}. Offline? Use a local directory or the demo model.") from err
     except Exception as err:  # transformers parses untrusted files (a damaged GGUF header): one line, whatever it raises
         if "trust_remote_code" in str(err):
             raise ModelLoadError(f"{src.spec} needs its own code to load; pass --trust-remote-code if you trust it.") from err
         raise ModelLoadError(f"cannot read the config of {src.spec}: {one_line(err)}") from err
+    check_config(src, config, trust_remote_code)
+    return config
+
+
+def _disk_shapes(src: ModelSource) -> dict[str, list[int]] | None:
+    """Name → shape of every tensor in ``src``'s safetensors files (headers only), or None when the
+    model is not a local safetensors directory (a hub id, a GGUF file)."""
+    from .hf import LazyTensors
+
+    root = Path(src.path)
+    if src.gguf_file or not root.is_dir() or not (any(root.glob("*.safetensors")) or (root / "model.safetensors.index.json").is_file()):
+        return None
+    tensors = LazyTensors(root, error=ModelLoadError)
+    return {name: tensors.shape(name) for name in tensors}
+
+
+def check_config(src: ModelSource, config, trust_remote_code: bool = False):
+    """Refuse a config of implausible sizes before anything is allocated from it (see
+    :mod:`lowbit.limits`): its layer count against the tensors on disk, each parameter's shape
+    against the tensor stored under its name, and its largest tensor in float32 (what any pass holds
+    at least) against the memory available. Returns the model built on the meta device."""
+    shapes = _disk_shapes(_cached(src))
+    model = meta_model(config, trust_remote_code, ModelLoadError, src.spec, None if shapes is None else len(shapes))
+    if shapes is not None:
+        check_shapes(model, shapes, src.spec, ModelLoadError)
+    _, largest = parameter_bytes(model, torch.float32)
+    check_fits(largest, f"the largest tensor of {src.spec} in float32", "Free memory or use a machine with more.",
+               ModelLoadError)
+    return model
 
 
 def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
@@ -170,9 +213,14 @@ def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remot
 
     origin, src = src, _cached(src)
     config = load_config(src, trust_remote_code)
-    _check_weight_bytes(src, config, trust_remote_code)
-    verbosity = hf_logging.get_verbosity()
+    meta = meta_model(config, trust_remote_code, ModelLoadError, src.spec)
+    _check_weight_bytes(src, meta)
+    total, _ = parameter_bytes(meta, dtype)
+    del meta
+    check_fits(total, f"loading {src.spec} whole in {dtype}", "Free memory or use a machine with more.", ModelLoadError)
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # stderr stays for lowbit's own lines (an error is one line)
     try:
         kwargs = src.kwargs()
         if not src.gguf_file:
@@ -186,6 +234,10 @@ def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remot
         raise ModelLoadError(f"cannot load the weights of {src.spec}: {one_line(err)}") from err
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    for name, p in model.named_parameters():
+        check_source_tensor(p.detach(), name, src.spec)
     if src.gguf_file:
         # transformers dequantizes GGUF weights to ``dtype`` on load but keeps the model marked as
         # GGUF-quantized, which makes save_pretrained refuse it (and would leak a quantization_config
@@ -213,13 +265,11 @@ def resolve_local(src: ModelSource, trust_remote_code: bool = False) -> Path | N
     return None
 
 
-def _check_weight_bytes(src: ModelSource, config, trust_remote_code: bool) -> None:
+def _check_weight_bytes(src: ModelSource, meta) -> None:
     """Refuse weight files named outside the model directory (an index naming ``/etc/passwd``) and a
     config that describes far more weights than the files hold (a damaged GGUF header claiming a
     huge vocabulary, say) before transformers opens or allocates anything: every format stores at
-    least one bit per weight. The parameters are counted on the meta device (no memory)."""
-    from transformers import AutoModelForCausalLM
-
+    least one bit per weight. The parameters are counted on ``meta``, the model built on the meta device."""
     from .hf import SAFE_INDEX, checkpoint_file, safetensors_files
 
     root = Path(src.path)
@@ -232,11 +282,7 @@ def _check_weight_bytes(src: ModelSource, config, trust_remote_code: bool) -> No
     if not files or not all(f.is_file() for f in files):
         return  # a hub id, or nothing to load: transformers says what is missing
     have = sum(f.stat().st_size for f in files)
-    try:
-        with torch.device("meta"):
-            n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code).parameters())
-    except Exception as err:  # noqa: BLE001 — the config cannot even build a model
-        raise ModelLoadError(f"the config of {src.spec} does not describe a model transformers can build: {one_line(err)}") from err
+    n = sum(p.numel() for p in meta.parameters())
     if n > 8 * have:
         raise ModelLoadError(f"the config of {src.spec} describes {n:,} weights but its weight files hold only {have:,} "
                              "bytes; config and weights disagree (a damaged or truncated file?).")

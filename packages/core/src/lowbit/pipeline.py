@@ -30,6 +30,7 @@ from .errors import LowbitError, OutputError, UnsupportedSchemeError
 from .exporting import check_formats
 from .hf import TensorChunks
 from .io import atomic_dir, check_writable, exclusive_output, fault_point, link_tree
+from .limits import check_activation_memory
 from .loading import (
     ModelSource,
     load_config,
@@ -97,6 +98,7 @@ class PassReport:
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor, batch_size: int, index: int = 0):
     """Run the model up to decoder layer ``index`` and record its inputs and keyword arguments per batch."""
+    check_activation_memory(model.config, ids)
     layer0 = adapter.layers(model)[index]
     inputs, kwargs = [], []
 

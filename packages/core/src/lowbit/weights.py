@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError
+from .finite import check_source_tensor, checked_chunks
 from .hf import LazyTensors, TensorChunks
 
 
@@ -36,13 +37,14 @@ class WeightSource(Mapping):
         return cls(model.state_dict(), "memory")
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._tensors[name]
+        return check_source_tensor(self._tensors[name], name, self.where)  # as read: NaN stops the run here
 
     def chunked(self, name: str, dtype: torch.dtype) -> torch.Tensor | TensorChunks:
         """``name`` cast to ``dtype``, as row chunks when read from files (never whole in memory)."""
         if isinstance(self._tensors, LazyTensors):
-            return self._tensors.chunked(name, dtype)
-        return self._tensors[name].to(dtype)
+            c = self._tensors.chunked(name, dtype)
+            return TensorChunks(c.dtype, c.shape, lambda: checked_chunks(c.chunks(), name, self.where))
+        return self[name].to(dtype)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)

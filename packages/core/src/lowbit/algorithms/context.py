@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..finite import check_activation
 from ..qweight import QuantizedWeight
 from ..scheme import QuantScheme
 
@@ -257,6 +258,7 @@ class LayerContext:
         for x, kw in self._batches(batches):
             out = self.layer(x, **kw)
             out = out[0] if isinstance(out, tuple) else out
+            check_activation(out, f"the output of layer {self.index} (calibration batch {self.batch})")
             outs.append(out.to(x.dtype))
         return outs
 
@@ -291,6 +293,8 @@ class LayerContext:
 
         def make(path, fn):
             def hook(_mod, args, kwargs):
+                check_activation(args[0] if args else kwargs.get("hidden_states"),
+                                 f"the input of layer {self.index}'s {path} (calibration batch {self.batch})")
                 fn(self.batch, args, kwargs)
                 seen.add(path)
                 stop()
@@ -316,7 +320,9 @@ class LayerContext:
                 except StopForward:
                     continue
                 if record and self.batch < n_ref:
-                    outs.append((out[0] if isinstance(out, tuple) else out).to(x.dtype))
+                    out = out[0] if isinstance(out, tuple) else out
+                    check_activation(out, f"the output of layer {self.index} (calibration batch {self.batch})")
+                    outs.append(out.to(x.dtype))
         finally:
             for h in handles:
                 h.remove()

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from ..argtypes import at_least_two, group_size, nonnegative_int, positive_int
 from ..cpuinfo import cpu_name, isa
 from ..errors import LowbitError
 
@@ -48,21 +49,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"layer shapes as in_features x out_features, comma-separated (default {DEFAULT_SHAPES})")
     parser.add_argument("--batches", default="1,16,128", help="activation rows per call (default 1,16,128)")
     parser.add_argument("--bits", type=int, default=4, help="kernel level: weight bits (default 4)")
-    parser.add_argument("--group-size", type=int, default=128, help="kernel level: group size, -1 per channel")
+    parser.add_argument("--group-size", type=group_size, default=128, help="kernel level: group size, -1 per channel")
     parser.add_argument("--sym", action="store_true", help="kernel level: symmetric weights")
     parser.add_argument("--kernel", action="append", default=None,
                         help="only this kernel (repeatable; default every kernel that can run)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="activation dtype (default bf16)")
-    parser.add_argument("--repeat", type=int, default=7, help="samples per figure; the median is reported")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--repeat", type=positive_int, default=7, help="samples per figure; the median is reported")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time, or CPU time of the process (with --threads 1 this is unaffected by "
                              "other processes on a shared machine)")
-    parser.add_argument("--prompt-len", type=int, default=128, help="model level: prompt tokens (default 128)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="model level: decoded tokens (default 32)")
-    parser.add_argument("--ppl-windows", type=int, default=0,
+    parser.add_argument("--prompt-len", type=positive_int, default=128, help="model level: prompt tokens (default 128)")
+    parser.add_argument("--new-tokens", type=positive_int, default=32, help="model level: decoded tokens (default 32)")
+    parser.add_argument("--ppl-windows", type=nonnegative_int, default=0,
                         help="model level: also WikiText-2 test perplexity over this many windows (default 0: skip)")
-    parser.add_argument("--ppl-seqlen", type=int, default=512, help="model level: perplexity window length")
+    parser.add_argument("--ppl-seqlen", type=at_least_two, default=512, help="model level: perplexity window length")
     parser.add_argument("--no-float", action="store_true", help="model level: skip the bf16 transformers baseline")
     parser.add_argument("--lm-head", action="append", choices=("float", "int8", "int4"), default=None,
                         help="model level: lowbit row(s) with the float lm_head kept (float) or quantized at load "

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..argtypes import nonnegative_float, positive_int, probability, seed
 from ..errors import LowbitError
 
 USER_PROMPT = "USER: "
@@ -37,13 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "streamed replies. /reset clears the history, /history shows it, /exit quits (also Ctrl-D or Ctrl-C)."
     )
     p.add_argument("checkpoint", help="any checkpoint lowbit reads (lowbit, autoawq, gptq, xft)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default: 256)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (default: 0.7)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (default: 0.9)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="longest reply in tokens (default: 256)")
+    p.add_argument("--temperature", type=nonnegative_float, default=0.7, help="sampling temperature; 0 = greedy (default: 0.7)")
+    p.add_argument("--top-p", type=probability, default=0.9, help="nucleus sampling threshold (default: 0.9)")
     p.add_argument("--system", help="system prompt placed before the conversation")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="activation dtype (default: bf16)")
     p.add_argument("--kernel", help="force one kernel (see `lowbit kernels`)")
-    p.add_argument("--seed", type=int, help="seed sampling, for reproducible replies")
+    p.add_argument("--seed", type=seed, help="seed sampling, for reproducible replies")
 
 
 @dataclass

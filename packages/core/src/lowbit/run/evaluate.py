@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..calibration import EVAL_TEXT, builtin_text
+from ..errors import LowbitError
 
 
 def eval_text() -> str:
@@ -36,11 +37,18 @@ def perplexity(model, tokenizer=None, text: str | None = None, seqlen: int = 204
         windows = window_ids(tokenizer, text if text is not None else eval_text(), seqlen)
     if max_windows is not None:
         windows = windows[:max_windows]
+    if windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise LowbitError(f"no window of {seqlen} tokens to score: the text is shorter than one window, or a window "
+                          "holds fewer than 2 tokens. Give more text, a --seqlen of at least 2, or --windows ≥ 1.")
     t0 = time.perf_counter()
     nll, count, per = 0.0, 0, []
     for w in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
         logits = model(w[None], use_cache=False).logits[0, :-1].float()
         window = float(torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum"))
+        if not math.isfinite(window):
+            raise LowbitError(f"perplexity window {len(per)} gave a non-finite loss ({window}): the model's logits hold "
+                              "NaN or infinity, so no perplexity can be reported. Check the checkpoint's float tensors; "
+                              "if a 16-bit --dtype overflows, use --dtype fp32.")
         nll += window
         count += w.numel() - 1
         per.append(window / (w.numel() - 1))

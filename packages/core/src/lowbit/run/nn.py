@@ -10,7 +10,9 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..exporting import with_adapter
+from ..finite import check_finite
 from ..kernels.base import KernelSpec
+from ..limits import check_fits, check_shapes, meta_model, parameter_bytes
 from ..models import tied_output_weights
 from ..qmodel import QuantizedModel
 from ..qweight import QuantizedWeight
@@ -61,13 +63,27 @@ def _skeleton(qmodel: QuantizedModel, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
+def check_sizes(qmodel: QuantizedModel, dtype: torch.dtype) -> None:
+    """Refuse a checkpoint whose config disagrees with its tensors, or whose float model (what
+    :func:`build_model` allocates before swapping in the quantized linears) does not fit in memory,
+    before anything is allocated (:mod:`lowbit.limits`)."""
+    shapes = {f"{m}.weight": [qw.out_features, qw.in_features] for m, qw in qmodel.qweights.items()}
+    shapes.update({n: list(t.shape) for n, t in qmodel.float_tensors.items()})
+    meta = meta_model(qmodel.config, error=CheckpointError, where="the checkpoint", tensors_on_disk=len(shapes))
+    check_shapes(meta, shapes, "the checkpoint", CheckpointError)
+    total, _ = parameter_bytes(meta, dtype)
+    check_fits(total, f"the checkpoint's model in {dtype}", "Free memory or use a machine with more.", CheckpointError)
+
+
 def _load_floats(model: nn.Module, tensors: dict[str, torch.Tensor], skip: set[str], dtype: torch.dtype) -> None:
     expected = {k for k in model.state_dict() if k.rpartition(".")[0] not in skip}
     expected -= tied_output_weights(model)
     missing = sorted(expected - set(tensors))
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}.")
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items() if k in expected}
+    state = {k: check_finite(v, f"the checkpoint's tensor {k}", "Re-export the checkpoint from a sound model.",
+                             CheckpointError).to(dtype) if v.is_floating_point() else v
+             for k, v in tensors.items() if k in expected}
     model.load_state_dict(state, strict=False)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -120,6 +136,7 @@ def build_model(qmodel: QuantizedModel, device: torch.device | str = "cpu", dtyp
                 kernel: str | None = None, progress: bool = False, lm_head: str = "float") -> nn.Module:
     """An HF causal LM whose quantized linears are QuantLinear (kernels chosen per layer);
     ``lm_head``: ``float`` (as in the checkpoint) or ``int8``/``int4`` (see :func:`quantize_lm_head`)."""
+    check_sizes(qmodel, dtype)
     model = _skeleton(qmodel, dtype)
     for path, qw in qmodel.qweights.items():
         parent, _, leaf = path.rpartition(".")

@@ -1,4 +1,5 @@
-"""Helpers of the fuzz tests: run a read under a time and memory bound, and write a tiny GGUF file.
+"""Helpers of the fuzz tests: run a read under a time and memory bound, fingerprint a file tree (to
+show a command left its inputs as they were), and write a tiny GGUF file.
 
 ``bounded`` turns a hang into an exception (SIGALRM) and caps the address space for the duration
 (a huge allocation then fails instead of swapping the machine), so that a fuzz property can say
@@ -8,8 +9,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import resource
 import signal
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +41,32 @@ def bounded(seconds: int = 20, extra_bytes: int = 2 * 1024**3) -> Iterator[None]
         signal.alarm(0)
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
         signal.signal(signal.SIGALRM, old_handler)
+
+
+def tree_digest(path: Path | str) -> str:
+    """sha256 of everything at ``path`` (a file, a directory tree, a symlink, a FIFO…): every entry's
+    relative name, kind, mode, and a regular file's bytes or a link's target. Special files are not
+    opened (a FIFO would block, /dev/zero never end). Equal digests before and after a command mean
+    it changed nothing there."""
+    h = hashlib.sha256()
+    root = Path(path)
+
+    def entry(p: Path, rel: str) -> None:
+        st = os.lstat(p)
+        h.update(f"{rel}\0{stat.S_IFMT(st.st_mode)}\0{stat.S_IMODE(st.st_mode)}\0".encode())
+        if stat.S_ISLNK(st.st_mode):
+            h.update(os.readlink(p).encode())
+        elif stat.S_ISREG(st.st_mode):
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        elif stat.S_ISDIR(st.st_mode):
+            for child in sorted(os.listdir(p)):
+                entry(p / child, f"{rel}/{child}")
+
+    if os.path.lexists(root):
+        entry(root, ".")
+    return h.hexdigest()
 
 
 def write_tiny_gguf(path: Path | str, hidden: int = 64, inter: int = 128, heads: int = 2, kv_heads: int = 1,

@@ -1,0 +1,81 @@
+"""argparse types for the command line's numbers: a value out of range is a usage error at parse time
+(one line naming the option, what it accepts and the value given; exit status 2), never a traceback
+deep inside the run (a zero batch size, a negative token count, a NaN temperature)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """A whole number ≥ 1 (counts and sizes: samples, tokens, windows, threads)."""
+    n = _int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return n
+
+
+def nonnegative_int(text: str) -> int:
+    """A whole number ≥ 0 (a count where 0 means none)."""
+    n = _int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 0, got {text!r}")
+    return n
+
+
+def group_size(text: str) -> int:
+    """A group size: a whole number ≥ 1, or -1 for per channel (which sizes a scheme holds is the scheme's to say)."""
+    n = _int(text)
+    if n < 1 and n != -1:
+        raise argparse.ArgumentTypeError(f"must be a positive group size or -1 for per channel, got {text!r}")
+    return n
+
+
+def at_least_two(text: str) -> int:
+    """A whole number ≥ 2 (a perplexity window: one token predicts nothing)."""
+    n = _int(text)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 2, got {text!r}")
+    return n
+
+
+def _float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return x
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number ≥ 0 (a temperature, a dampening fraction)."""
+    x = _float(text)
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return x
+
+
+def probability(text: str) -> float:
+    """A finite number in (0, 1] (nucleus sampling's top-p)."""
+    x = _float(text)
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 1, got {text!r}")
+    return x
+
+
+def seed(text: str) -> int:
+    """A random seed torch accepts: a whole number in [0, 2**64)."""
+    n = _int(text)
+    if not 0 <= n < 2**64:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 2**64-1, got {text!r}")
+    return n
