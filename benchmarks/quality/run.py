@@ -68,7 +68,7 @@ def one_lowbit(method: str, scheme_name: str, a) -> dict:
         from lowbit.algorithms.awq import AWQ, read_results
 
         loaded = opts.get("awq", {}).get("load")
-        search_tokens = (read_results(loaded)[1]["options"] if loaded else AWQ.options)["search_tokens"]
+        search_tokens = (read_results(loaded)[1]["options"] if loaded else AWQ.defaults())["search_tokens"]
     if a.compute_dtype == "auto":  # what `lowbit quantize --compute-dtype auto` picks here; the row records it
         from lowbit.pipeline import fast_compute_dtype
 

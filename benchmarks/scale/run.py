@@ -78,6 +78,50 @@ def disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
+def tree_bytes(root: Path, prefix: str) -> int:
+    """Bytes of the files under the entries of ``root`` whose names contain ``prefix`` (the output,
+    its work and temporary directories), each inode counted once (hard links are one copy)."""
+    seen, total = set(), 0
+    for entry in list(root.iterdir()) if root.is_dir() else []:
+        if prefix not in entry.name:
+            continue
+        for dirpath, _dirs, files in os.walk(entry):
+            for f in files:
+                try:
+                    st = os.lstat(os.path.join(dirpath, f))
+                except OSError:  # renamed or removed while we walk
+                    continue
+                if st.st_ino not in seen:
+                    seen.add(st.st_ino)
+                    total += st.st_blocks * 512
+    return total
+
+
+class DiskPeak:
+    """Polls :func:`tree_bytes` in a thread while a run lasts; ``peak`` is the largest total seen."""
+
+    def __init__(self, root: Path, prefix: str, every: float = 0.5):
+        import threading
+
+        self.root, self.prefix, self.every, self.peak = root, prefix, every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_bytes(self.root, self.prefix))
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> DiskPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, tree_bytes(self.root, self.prefix))
+
+
 def run_one(size: str, method: str, model_dir: Path, work: Path, group_size: int, formats: str,
             extra: list[str]) -> dict:
     out = work / f"{size}-{method}"
@@ -85,7 +129,7 @@ def run_one(size: str, method: str, model_dir: Path, work: Path, group_size: int
     cmd = [sys.executable, "-m", "lowbit.cli", "quantize", str(model_dir), *METHODS[method], "--bits", "4",
            "--group-size", str(group_size), "--format", formats, "--out", str(out), "--json", *extra]
     t0 = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as err:
+    with tempfile.TemporaryFile("w+") as err, DiskPeak(work, out.name) as disk:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own high-water mark, not all children's
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -109,6 +153,7 @@ def run_one(size: str, method: str, model_dir: Path, work: Path, group_size: int
         "layer_rss_mib_first": layers[0]["rss_mib"], "layer_rss_mib_last": layers[-1]["rss_mib"],
         "peak_rss_mib": peak_kib >> 10,
         "out_gb": {f: round(b / 1e9, 2) for f, b in out_bytes.items()},
+        "peak_disk_gb": round(disk.peak / 1e9, 2),
         "cpu": cpu_name(), "threads": os.cpu_count(), "load": [round(x, 1) for x in os.getloadavg()],
         "commit": _commit(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -144,17 +189,31 @@ def _secs(s: float | None) -> str:
     return "–" if s is None else f"{s:.0f} s"
 
 
+def _outputs(r: dict) -> str:
+    return ", ".join(f"{f} {gb} GB" for f, gb in sorted(r.get("out_gb", {}).items())) or "–"
+
+
+def _disk(r: dict) -> str:
+    return f"{r['peak_disk_gb']} GB" if "peak_disk_gb" in r else "–"
+
+
+def _ratio(r: dict) -> str:
+    sizes = r.get("out_gb", {})
+    return f"{sizes['lowbit'] / sizes['autoawq']:.2f}×" if sizes.get("autoawq") else "–"
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | params | layers | bf16 on disk | method | wall | pass | per layer (median) | "
-             "RSS after layer 1 / last | peak RSS | bound (layer fp32 + acts + 1 GiB) | commit | load |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---|"]
+             "RSS after layer 1 / last | peak RSS | bound (layer fp32 + acts + 1 GiB) | outputs on disk | "
+             "peak disk (outputs + work) | lowbit / autoawq size | commit | load |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['size']} | {params_of(r['size']):.2f} B | {r['layers']} | {r['disk_gb']} GB | {r['method']} "
             f"g{r['group_size']} | {r['wall_s']:.0f} s | {_secs(r['pass_s'])} | {r['layer_s_median']:.1f} s | "
             f"{r['layer_rss_mib_first']} / {r['layer_rss_mib_last']} MiB | **{r['peak_rss_mib']} MiB** | "
-            f"{layer_bound_mib(r['size'], r['method'])} MiB | {r.get('commit') or '?'} | "
-            f"{r['load'][0]} |")
+            f"{layer_bound_mib(r['size'], r['method'])} MiB | {_outputs(r)} | {_disk(r)} | {_ratio(r)} | "
+            f"{r.get('commit') or '?'} | {r['load'][0]} |")
     return "\n".join(lines)
 
 

@@ -149,8 +149,8 @@ def test_command_parses(where, line, cmd):
     except SystemExit as e:  # --help / --version exit 0; a parse error exits 2
         assert e.code == 0, f"{where}:{line}: `{cmd}` does not parse"
         return
-    from lowbit.pipeline import METHODS
     from lowbit.plugins import registry
+    from lowbit.recipe import METHODS
 
     if getattr(args, "method", None) is not None:
         assert args.method in METHODS, f"{where}:{line}: unknown --method {args.method}"

@@ -11,6 +11,7 @@ from lowbit.errors import CalibrationError, CheckpointError
 from lowbit.hf import LazyTensors
 from lowbit.plugins import registry
 from lowbit.primitives import fake_quantize
+from lowbit.recipe import Recipe
 from lowbit.run.nn import QuantLinear, build_model
 from lowbit.scheme import QuantScheme
 from lowbit.testing.models import tiny_llama, tiny_tokenizer
@@ -146,14 +147,14 @@ def test_calibrated_pass_reports_layer_errors(tiny_dir):
     ids = torch.randint(0, 384, (4, 32), generator=torch.Generator().manual_seed(0))
     scheme = QuantScheme(4, 64)
     adapter = adapter_for(model.config, registry("architectures"))
-    qweights, report = pipeline.run_pass(model, adapter, [CalibratedRTN(scheme)], scheme, ids,
-                                         batch_size=2, compute_dtype=torch.float32, progress=False)
+    recipe = Recipe(scheme=scheme, batch_size=2)
+    qweights, report = pipeline.run_pass(model, adapter, [CalibratedRTN(scheme)], recipe, ids, progress=False)
     assert len(qweights) == 14
     errs = [r["output_rel_error"] for r in report.layers]
     assert len(errs) == 2 and all(0 < e < 0.5 for e in errs)
     assert all(r["error_samples"] == 2 for r in report.layers)  # report_batches=1 batch of 2
-    _, two = pipeline.run_pass(tiny_llama(seed=0), adapter, [CalibratedRTN(scheme)], scheme, ids,
-                               batch_size=2, compute_dtype=torch.float32, progress=False, report_batches=2)
+    _, two = pipeline.run_pass(tiny_llama(seed=0), adapter, [CalibratedRTN(scheme)], recipe, ids, progress=False,
+                               report_batches=2)
     assert all(r["error_samples"] == 4 for r in two.layers)
 
 
@@ -168,12 +169,12 @@ def test_awq_records_the_float_reference_without_changing_the_report():
     reports = []
     for records in (True, False):
         model = tiny_llama(seed=0)
-        steps = pipeline.make_steps("awq", scheme, {"awq": {"n_grid": 4}})
+        recipe = Recipe("awq", scheme, {"awq": {"n_grid": 4}}, batch_size=2)
+        steps = pipeline.make_steps(recipe)
         assert steps[0].records_reference
         steps[0].records_reference = records
         adapter = adapter_for(model.config, registry("architectures"))
-        qweights, report = pipeline.run_pass(model, adapter, steps, scheme, ids, batch_size=2,
-                                             compute_dtype=torch.float32, progress=False)
+        qweights, report = pipeline.run_pass(model, adapter, steps, recipe, ids, progress=False)
         reports.append(([r["output_rel_error"] for r in report.layers], {k: v.codes for k, v in qweights.items()}))
     assert reports[0][0] == reports[1][0]
     assert all(torch.equal(reports[0][1][k], reports[1][1][k]) for k in reports[0][1])

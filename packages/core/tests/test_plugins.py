@@ -177,6 +177,7 @@ def test_every_hook_registers_through_a_fake_plugin_and_is_used(monkeypatch):
     from lowbit.pipeline import make_steps
     from lowbit.primitives import quantize
     from lowbit.qweight import QuantizedWeight
+    from lowbit.recipe import Recipe
 
     packed = []
 
@@ -224,7 +225,7 @@ def test_every_hook_registers_through_a_fake_plugin_and_is_used(monkeypatch):
     for kind, name in (("packers", "fake-layout"), ("kernels", "fake.layout_kernel"), ("quantizers", "fake-rtn"),
                        ("exporters", "fake-format"), ("architectures", "fakellama")):
         assert registry(kind).origin(name) == "every-hook", kind
-    assert [type(s) for s in make_steps("fake-rtn", QuantScheme(4, 64))] == [FakeRTN]
+    assert [type(s) for s in make_steps(Recipe("fake-rtn", QuantScheme(4, 64)))] == [FakeRTN]
     with pytest.raises(LowbitError, match="fake-format: fake-format holds 4-bit only"):
         check_formats(["fake-format"], QuantScheme(3, 64))
     assert adapter_for({"model_type": "fakellama"}, registry("architectures")).name == "fake-arch"

@@ -13,6 +13,7 @@ from lowbit.errors import ModelLoadError
 from lowbit.loading import load_model, resolve
 from lowbit.models import adapter_for
 from lowbit.plugins import registry
+from lowbit.recipe import Recipe
 from lowbit.scheme import QuantScheme
 from lowbit.testing.models import save_tiny_llama, tiny_llama, tiny_tokenizer
 from lowbit.weights import is_materialized
@@ -38,8 +39,9 @@ def _in_memory(path, method, scheme, **options):
 
     model = load_model(src)
     ids = samples(load_tokenizer(src), load_text("wikitext2"), 8, 64)
-    steps = pipeline.make_steps(method, scheme, options)
-    qweights, _ = pipeline.run_pass(model, adapter_for(model.config, registry("architectures")), steps, scheme, ids, batch_size=4, progress=False)
+    recipe = Recipe(method, scheme, options, batch_size=4)
+    qweights, _ = pipeline.run_pass(model, adapter_for(model.config, registry("architectures")),
+                                    pipeline.make_steps(recipe), recipe, ids, progress=False)
     return qweights, pipeline.float_tensors_of(model, qweights)
 
 
@@ -197,3 +199,65 @@ def test_resume_after_kill_gives_identical_bits(sharded_dir, tmp_path, monkeypat
     a, b = LowbitCheckpoint().read(tmp_path / "o" / "lowbit"), LowbitCheckpoint().read(tmp_path / "whole" / "lowbit")
     assert a.diff(b) == {} and all(torch.equal(a.float_tensors[k], b.float_tensors[k]) for k in b.float_tensors)
     assert not (tmp_path / ".o.work").exists()
+
+
+@pytest.mark.parametrize("kind", ["bin", "renamed"])
+def test_a_model_that_cannot_stream_loads_whole_only_if_it_fits(tmp_path, monkeypatch, capsys, kind):
+    """pytorch_model.bin, or tensors not named as the modules, cannot stream: refused before loading,
+    with one line saying why, when a whole load would not fit in memory; else loaded whole (never the
+    pickle, which lowbit does not open)."""
+    from lowbit import limits
+    from lowbit.cli import main
+
+    model = tiny_llama()
+    path = tmp_path / "m"
+    if kind == "bin":
+        path.mkdir()
+        model.config.save_pretrained(str(path))
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
+        tiny_tokenizer().save_pretrained(str(path))
+        assert not list(path.glob("*.safetensors"))
+    else:
+        path = save_tiny_llama(path)
+        from safetensors.torch import load_file, save_file
+
+        f = path / "model.safetensors"
+        renamed = {k.replace("model.layers.1.", "model.layers.9."): v for k, v in load_file(str(f)).items()}
+        save_file(renamed, str(f), metadata={"format": "pt"})
+    monkeypatch.setattr(limits, "available_memory", lambda: 1 << 20)
+    capsys.readouterr()
+    code = main(["quantize", str(path), "--group-size", "32", "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot be streamed layer by layer" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+    monkeypatch.setattr(limits, "available_memory", lambda: 1 << 40)
+    if kind == "bin":  # with room to load it whole, the pickle is still never opened
+        with pytest.raises(ModelLoadError, match="model.safetensors"):
+            pipeline.weights_of(resolve(str(path)), model.config)
+    else:
+        loaded, source = pipeline.weights_of(resolve(str(path)), model.config)
+        assert source is None and is_materialized(loaded)
+
+
+def test_export_compatible_streams_and_equals_the_whole_model_path(sharded_dir, tmp_path, monkeypatch):
+    """--export-compatible on a streamable model writes each AWQ-transformed layer as it is done;
+    the result is the float checkpoint the whole-model path (transformers' save_pretrained) writes."""
+    from safetensors.torch import load_file
+
+    from lowbit.hf import load_tensors
+
+    opts = dict(method="awq", scheme=QuantScheme(4, 32), step_options={"awq": {"n_grid": 4}}, nsamples=4, seqlen=64,
+                batch_size=2, progress=False)
+    seen = []
+    original = pipeline.weights_of
+    monkeypatch.setattr(pipeline, "weights_of", lambda *a, **k: seen.append(original(*a, **k)) or seen[-1])
+    pipeline.export_compatible(str(sharded_dir), tmp_path / "streamed", **opts)
+    assert seen[0][1] is not None  # it streamed
+    monkeypatch.setattr(pipeline, "weights_of", lambda src, *a, **k: (load_model(src), None))
+    pipeline.export_compatible(str(sharded_dir), tmp_path / "whole", **opts)
+    streamed, whole = load_tensors(tmp_path / "streamed"), load_tensors(tmp_path / "whole")
+    assert set(streamed) == set(whole)
+    assert all(torch.equal(streamed[k], whole[k]) for k in whole)
+    original_weights = load_file(str(sorted(sharded_dir.glob("model-*.safetensors"))[0]))
+    assert any(not torch.equal(streamed[k], v.float()) for k, v in original_weights.items() if "proj" in k)
+    assert (tmp_path / "streamed" / "config.json").is_file() and (tmp_path / "streamed" / "tokenizer.json").is_file()

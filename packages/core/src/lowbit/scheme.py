@@ -8,6 +8,9 @@ from .errors import UnsupportedSchemeError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
+#: the API's and the CLI's default: it divides the hidden sizes of common models, 576 of the demo
+#: model included, which 128 (AutoAWQ's and GPTQ's usual choice) does not
+DEFAULT_GROUP_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -24,14 +27,14 @@ class QuantScheme:
     ============  =================================================
 
     :param bits: code width, one of 2, 3, 4, 8.
-    :param group_size: 32, 64, 128, or -1 for per channel.
+    :param group_size: 32, 64 (the default), 128, or -1 for per channel.
     :param sym: symmetric codes (zero fixed at ``2**(bits-1)``) instead of a free zero point.
     :param act_order: quantize input columns in order of decreasing Hessian diagonal (GPTQ's
         desc_act); the group of each column is then given by ``g_idx``.
     """
 
     bits: int = 4
-    group_size: int = 128
+    group_size: int = DEFAULT_GROUP_SIZE
     sym: bool = False
     act_order: bool = False
     version: int = 1

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..argtypes import at_least_two, positive_int, probability
 from ..errors import CheckpointError, LowbitError, UnsupportedSchemeError
 from ..primitives import exact_qparams
 from ..scheme import QuantScheme
@@ -50,7 +51,7 @@ from .awq_results import (
     read_results,
     write_results,
 )
-from .base import Quantizer
+from .base import Option, Quantizer
 from .context import LayerContext, LinearGroup
 
 #: the roles (:meth:`lowbit.models.Adapter.layer_roles`) whose linears AWQ never clips, as AutoAWQ:
@@ -140,8 +141,20 @@ class AWQ(Quantizer):
     quantizes = False
     needs_calibration = True
     description = "activation-aware scale search + clipping (transform; then rtn or gptq)"
-    options = {"n_grid": 20, "duo_scaling": False, "clip": True, "dump": None, "load": None,
-               "search_tokens": 2048, "gram_tokens": 16384, "max_shrink": 0.5}
+    options = (
+        Option("n_grid", 20, type=at_least_two, flag="--awq-grid", help="scale search grid points"),
+        Option("duo_scaling", False, help="use both activation and weight statistics"),
+        Option("clip", True, help="search each linear's clipping range (off: keep the full range)"),
+        Option("search_tokens", 2048, type=positive_int, metavar="N",
+               help="calibration tokens (whole samples) each scale-search grid point is scored on; the statistics "
+               "always use every token"),
+        Option("gram_tokens", 16384, type=positive_int, metavar="N", help="tokens of the Gram matrices"),
+        Option("max_shrink", 0.5, type=probability, help="largest fraction the clipping search shrinks a range by"),
+        Option("dump", None, flag="--dump-awq", metavar="FILE",
+               help="save the search results (safetensors + json) to FILE"),
+        Option("load", None, flag="--load-awq", metavar="FILE",
+               help="apply results saved with --dump-awq instead of searching"),
+    )
 
     def __init__(self, scheme: QuantScheme, **options: Any):
         self._identity: dict | None = None

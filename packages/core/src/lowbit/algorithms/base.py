@@ -15,17 +15,19 @@ from torch import nn
 
 from ..errors import UnsupportedSchemeError
 from ..primitives import OBSERVERS
+from ..recipe import Option
 from ..scheme import QuantScheme
 from .context import LayerContext, LinearGroup, Replay
 
-__all__ = ["LayerContext", "LinearGroup", "Quantizer", "Replay", "check_observer"]
+__all__ = ["OBSERVER", "LayerContext", "LinearGroup", "Option", "Quantizer", "Replay", "check_observer"]
 
 
 class Quantizer:
     """Base class of recipe steps; register with ``lowbit_register_quantizers``.
 
     :param scheme: the target scheme.
-    :param options: step-specific options (e.g. ``damp`` for GPTQ); unknown ones are an error.
+    :param options: step-specific options (e.g. ``damp`` for GPTQ), declared as :class:`Option` s
+        in the class's ``options`` (the CLI makes a flag of each); unknown ones are an error.
     """
 
     name: ClassVar[str] = ""
@@ -36,18 +38,24 @@ class Quantizer:
     #: True when, run first, the step streams the untouched float layer with ``reference=True``
     #: (:meth:`LayerContext.stream`), so the pass need not run a forward for the error report
     records_reference: bool = False
-    options: ClassVar[dict[str, Any]] = {}
+    options: ClassVar[tuple[Option, ...]] = ()
     description: ClassVar[str] = ""
 
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Each option's default value."""
+        return {o.name: o.default for o in cls.options}
+
     def __init__(self, scheme: QuantScheme, **options: Any):
-        unknown = set(options) - set(self.options)
+        defaults = self.defaults()
+        unknown = set(options) - set(defaults)
         if unknown:
             raise UnsupportedSchemeError(
                 f"{self.name} has no option(s) {', '.join(sorted(unknown))}; "
-                f"known: {', '.join(sorted(self.options)) or 'none'}."
+                f"known: {', '.join(sorted(defaults)) or 'none'}."
             )
         self.scheme = scheme
-        self.opts = {**self.options, **options}
+        self.opts = {**defaults, **options}
         self.check(scheme)
 
     def check(self, scheme: QuantScheme) -> None:
@@ -70,6 +78,12 @@ class Quantizer:
 
     def finish(self) -> None:
         """Called once after the last layer (e.g. to write a dump of search results)."""
+
+
+#: the range observer rtn and gptq share (one flag, reaching both)
+OBSERVER = Option("observer", "minmax", choices=OBSERVERS, flag="--observer",
+                  help="how each group's range is chosen: minmax, its min and max; mse, the range shrunk by up to "
+                  "20%% that minimizes the group's own weight error (no data needed; after AWQ's clipping with awq)")
 
 
 def check_observer(step: Quantizer) -> None:

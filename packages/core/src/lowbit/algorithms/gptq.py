@@ -40,12 +40,13 @@ from typing import Any
 
 import torch
 
+from ..argtypes import nonnegative_float, positive_int
 from ..errors import LowbitError, UnsupportedSchemeError
 from ..primitives import choose_qparams
 from ..qweight import QuantizedWeight
 from ..scheme import QuantScheme
 from .awq import _first_input
-from .base import LayerContext, Quantizer, check_observer
+from .base import OBSERVER, LayerContext, Option, Quantizer, check_observer
 
 
 class GPTQ(Quantizer):
@@ -58,9 +59,21 @@ class GPTQ(Quantizer):
     supports_act_order = True
     needs_calibration = True
     description = "second-order error compensation (Hessian from calibration inputs)"
-    options = {"damp": 0.01, "block_size": 128, "column_order": "hessian", "static_groups": False,
-               "true_sequential": True, "observer": "minmax"}
     column_orders = ("hessian", "columns")
+    options = (
+        Option("damp", 0.01, type=nonnegative_float, flag="--damp",
+               help="dampening added to the Hessian diagonal, as a fraction of its mean"),
+        Option("block_size", 128, type=positive_int, flag="--block-size", help="columns per error-compensation block"),
+        Option("column_order", "hessian", choices=column_orders, flag="--column-order",
+               help="hessian: quantize columns by decreasing Hessian diagonal with each group's scales fixed up "
+               "front, so the checkpoint keeps plain group order (llm-compressor's actorder=static); columns: the "
+               "weight's own order (AutoGPTQ's desc_act=False)"),
+        Option("static_groups", False, flag="--static-groups",
+               help="with --act-order, fix each group's qparams before reordering"),
+        Option("true_sequential", True, help="quantize a layer's linears in execution order, each on inputs through "
+               "the already quantized ones (off: each on the float layer's inputs)"),
+        OBSERVER,
+    )
 
     def check(self, scheme: QuantScheme) -> None:
         super().check(scheme)

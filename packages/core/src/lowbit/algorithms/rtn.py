@@ -6,14 +6,14 @@ import torch
 
 from ..primitives import quantize
 from ..scheme import QuantScheme
-from .base import LayerContext, Quantizer, check_observer
+from .base import OBSERVER, LayerContext, Quantizer, check_observer
 
 
 class RTN(Quantizer):
     name = "rtn"
     quantizes = True
     description = "round to nearest, per group; range from min/max or an error search (observer)"
-    options = {"observer": "minmax"}
+    options = (OBSERVER,)
 
     def check(self, scheme: QuantScheme) -> None:
         super().check(scheme)

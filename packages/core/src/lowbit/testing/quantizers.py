@@ -6,7 +6,7 @@ Subclass and set ``quantizer``::
 
     class TestMyStep(QuantizerConformance):
         quantizer = MyStep
-        options = {"damp": 0.01}          # step options, if any
+        options = {"damp": 0.01}          # options to construct the step with, if any
 
 A transform step (``quantizes = False``, like AWQ) is followed by ``follow_with`` (RTN by
 default) so the layer ends up quantized. The layer is decoder layer 0 of a tiny seeded llama
@@ -33,6 +33,7 @@ import torch
 
 from ..algorithms.base import LayerContext, Quantizer
 from ..errors import LowbitError
+from ..recipe import Option
 from ..scheme import SUPPORTED_BITS, QuantScheme
 
 __all__ = ["QuantizerConformance", "LayerFixture", "layer_fixture"]
@@ -153,7 +154,8 @@ class QuantizerConformance:
         q = self.quantizer
         assert q.name, "a quantizer needs a name (what --method and recipes refer to)"
         assert isinstance(q.quantizes, bool) and set(q.supported_bits) <= set(SUPPORTED_BITS)
-        assert isinstance(q.options, dict)
+        assert all(isinstance(o, Option) and o.name and o.help for o in q.options), "options are typed Options"
+        assert len({o.name for o in q.options}) == len(q.options), "option names are unique"
 
     def test_refuses_unknown_options_and_bits(self):
         scheme = QuantScheme(4, 64)
