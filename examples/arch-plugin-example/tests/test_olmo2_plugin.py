@@ -46,6 +46,17 @@ def test_shapes_and_groups_match_the_model():
         assert {p: tuple(layer.get_submodule(p).weight.shape) for p in paths} == adapter.linear_shapes(model.config)
 
 
+def test_roles_name_quantized_linears():
+    """AWQ leaves the q and k roles unclipped; every role names one of the quantized linears."""
+    model = tiny_model("olmo2")
+    adapter = registry("architectures").get("olmo2")
+    roles = adapter.layer_roles(model.config)
+    assert {"q", "k", "v", "o", "gate", "up", "down"} == set(roles)
+    assert set(roles.values()) == set(adapter.linear_shapes(model.config))
+    for path in (adapter.embedding, adapter.final_norm, adapter.lm_head):
+        model.get_submodule(path)
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
 def test_quantize_export_verify(olmo2_dir, tmp_path, capsys, method):
     out = tmp_path / "q"

@@ -255,3 +255,53 @@ def test_checkpoint_functions_use_the_registries_they_are_given(ckpt):
     qm = read_checkpoint(ckpt, architectures=Registry("architecture"))
     with pytest.raises(UnknownNameError):
         export(qm, "lowbit", ckpt.parent / "again", exporters=Registry("exporter"))
+
+
+def test_nothing_the_builtins_import_reaches_back_to_the_plugin_manager():
+    """The plugin manager imports ``lowbit._builtin``; no module that import reaches (function-level
+    imports and sub-package ``__init__``s included) may import the plugin manager: base classes and
+    adapters are given the registries they use, so there is no import loop."""
+    import ast
+    from pathlib import Path
+
+    import lowbit
+
+    root = Path(lowbit.__file__).parent
+
+    def source(mod: str) -> Path | None:
+        path = root.joinpath(*mod.split(".")[1:])
+        for f in (path / "__init__.py", path.with_suffix(".py")):
+            if f.is_file():
+                return f
+        return None
+
+    def imports(mod: str) -> set[str]:
+        """The lowbit modules ``mod`` imports, with the sub-packages each import runs first."""
+        f = source(mod)
+        package = mod if f.name == "__init__.py" else mod.rpartition(".")[0]
+        out = set()
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+                    base = f"{parent}.{base}" if base else parent
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                out |= {".".join(parts[:i]) for i in range(2, len(parts) + 1)
+                        if parts[0] == "lowbit" and source(".".join(parts[:i]))}
+        return out
+
+    seen, todo = set(), ["lowbit._builtin"]
+    while todo:
+        mod = todo.pop()
+        if mod not in seen:
+            seen.add(mod)
+            todo.extend(imports(mod))
+    assert {"lowbit.models.llama", "lowbit.checkpoint", "lowbit.kernels.base", "lowbit.exporter"} <= seen
+    assert "lowbit.plugins" not in seen, sorted(seen)

@@ -20,9 +20,9 @@ from .errors import LowbitError
 from .registry import Registrar, Registry
 
 ENTRY_POINT_GROUP = "lowbit"
-#: lowbit's own hook implementations, registered first and like any plugin's. Imported by name in
-#: the code (not through importlib), so that an import of the plugin manager from anything the
-#: built-ins import shows as the loop it is
+#: lowbit's own hook implementations, registered first and like any plugin's. Imported with an
+#: import statement, not by a string through importlib, so that static analysis sees the arrow: an
+#: import of the plugin manager from anything the built-ins import would show as the loop it is
 BUILTIN_MODULE = _builtin.__name__
 _reset_callbacks: list[Callable[[], None]] = []
 

@@ -16,7 +16,8 @@ from .scheme import QuantScheme
 class QuantizedModel:
     """:param config: the HF model config (``transformers.PretrainedConfig``).
     :param scheme: the scheme every quantized linear uses.
-    :param qweights: module path (``model.layers.0.self_attn.q_proj``) → QuantizedWeight.
+    :param qweights: module path (the decoder layer's path, then the linear's path inside it, as
+        the family's architecture adapter names them) → QuantizedWeight.
     :param float_tensors: every other parameter (embeddings, norms, lm_head) by HF name.
     :param tokenizer: a tokenizer with ``save_pretrained``, or None.
     :param generation_config: optional ``transformers.GenerationConfig``.

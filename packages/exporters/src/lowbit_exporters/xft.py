@@ -3,7 +3,7 @@ AutoGPTQ, no xFT converter (whose bugs §4.6 lists).
 
 Layout: ``config.ini`` (section ``[llama]`` or ``[qwen2]``) plus raw little-endian ``.bin`` files.
 Per decoder layer L the quantized matrices are ``[in, out]`` row-major: q/k/v fused along the output
-dim into ``model.layers.L.attention.query_key_value``, o_proj as ``attention.dense``, and
+dim into ``model.layers.L.attention.query_key_value``, the output projection as ``attention.dense``, and
 ``mlp.{gate,up,down}_proj``, each with ``qweight.0.bin``, ``scales.0.bin`` and ``zeros.0.bin``.
 
 * uint4 (4-bit): byte ``[k][j] = q[k][2j] | q[k][2j+1] << 4`` (even output column in the low nibble).

@@ -10,7 +10,7 @@ scale search       ``s = x_mean**α`` (duo scaling: ``x_mean**α / w_mean**(1-α
                    ``sqrt(max(s)·min(s)) = 1``, for ``α = i / n_grid``, ``i < n_grid``; the loss is
                    the inspect module's output error with the linears replaced by ``Q(W·s) / s``.
                    A linear inspect module (``up → down``, ``v → o``) is scored exactly from the
-                   Gram matrix, ``Σ (ΔW G) ∘ ΔW``; a norm-fed group (``self_attn``, ``mlp``) by
+                   Gram matrix, ``Σ (ΔW G) ∘ ΔW``; a norm-fed group (attention, MLP) by
                    running the module on ``search_tokens`` tokens.  ``α = 0`` is plain RTN, so the
                    chosen scales never score worse than RTN.
 fold               the previous op's output is divided by ``s`` (norm weight, or the previous

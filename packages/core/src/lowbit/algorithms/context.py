@@ -25,9 +25,10 @@ class LinearGroup:
         linear), or None when no op can absorb a per-channel scale. Nothing but ``linears`` (and
         ``inspect``, which holds them) reads that output: AWQ folds scales into it, and a replayed
         ``inspect`` block skips it.
-    :param linears: paths inside the layer, e.g. ``["self_attn.q_proj", "self_attn.k_proj"]``.
-    :param inspect: path of the module whose output measures the group's error (AWQ), e.g.
-        ``"self_attn"``; None means the linears themselves.
+    :param linears: paths inside the layer, as the architecture adapter names them (a family's q,
+        k and v projections, say).
+    :param inspect: path of the module whose output measures the group's error (AWQ), e.g. the
+        attention block; None means the linears themselves.
     """
 
     prev: str | None
@@ -46,7 +47,7 @@ class LinearGroup:
     #: one Hessian per parent instead of one for the group
     inputs_per_parent: bool = False
     #: groups with the same label have inputs that do not depend on each other's linears (one MoE
-    #: expert's down_proj and another's): GPTQ quantizes them in one calibration pass; None: own pass
+    #: expert's down projection and another's): GPTQ quantizes them in one calibration pass; None: own pass
     stage: str | None = None
 
     def input_sets(self) -> list[list[str]]:
@@ -65,7 +66,7 @@ class StopForward(Exception):
 
 @dataclass
 class Replay:
-    """A block (``self_attn``, ``mlp``) whose output is its output linear applied to inputs captured
+    """A block (attention, MLP) whose output is its output linear applied to inputs captured
     earlier, one tensor per calibration batch: valid once every other linear of the block is final.
 
     The pass then computes ``linear(inputs[batch])`` instead of the whole block, once per batch:
@@ -91,7 +92,7 @@ class LayerContext:
     :param inputs: the layer's calibration inputs, a list of ``[batch, seqlen, hidden]`` tensors.
     :param kwargs: per input batch, the keyword arguments the model passed to the layer
         (position embeddings, attention mask, ...).
-    :param blocks: block path → its output linear (``{"mlp": "mlp.down_proj"}``): blocks whose
+    :param blocks: block path → its output linear (an MLP → its down projection): blocks whose
         output is that linear's output, which a step may :meth:`replay` from captured inputs.
     """
 
