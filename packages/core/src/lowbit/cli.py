@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 
-    from .run import bench, chat
+    from .run import bench, chat, serve
 
     b = sub.add_parser("bench", help="kernel and model speed, memory and size tables",
                        description=bench.__doc__.strip().splitlines()[0])
@@ -421,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="interactive chat with a checkpoint, streaming")
     chat.add_arguments(c)
     c.set_defaults(func=chat.run)
+    sv = sub.add_parser("serve", help="serve a checkpoint with the OpenAI HTTP API")
+    serve.add_arguments(sv)
+    sv.set_defaults(func=serve.run)
     return p
 
 
