@@ -357,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval_ppl)
+    from .run import tasks as eval_tasks
+
+    et = ev.add_parser("tasks", help="lm-evaluation-harness tasks through lowbit's runtime")
+    eval_tasks.add_arguments(et)
+    et.set_defaults(func=eval_tasks.run)
 
     gen = sub.add_parser("generate", help="complete one prompt from a checkpoint, streaming",
                          description="Generate from a quantized checkpoint. The model's chat template wraps the prompt "
