@@ -56,9 +56,11 @@ def run(args) -> int:
         import lm_eval
         from lm_eval.tasks import TaskManager
         from lm_eval.utils import make_table
-    except ImportError:
-        raise LowbitError("lowbit eval tasks needs lm-eval: pip install 'lowbit[eval]'.") from None
-    from .lm_eval import BUILTIN_TASKS, LowbitLM
+
+        from .lm_eval import BUILTIN_TASKS, LowbitLM
+    except ImportError as err:
+        raise LowbitError(f"lowbit eval tasks needs lm-eval with its hf extra ({err}): "
+                          "pip install 'lowbit[eval]'.") from None
 
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise LowbitError(f"--num-fewshot must be 0 or more, got {args.num_fewshot}.")
