@@ -438,6 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval_ppl)
+    from .run import tasks as eval_tasks
+
+    et = ev.add_parser("tasks", help="lm-evaluation-harness tasks through lowbit's runtime")
+    eval_tasks.add_arguments(et)
+    et.set_defaults(func=eval_tasks.run)
 
     gen = sub.add_parser("generate", help="complete one prompt from a checkpoint, streaming",
                          description="Generate from a quantized checkpoint. The model's chat template wraps the prompt "
@@ -493,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 
-    from .run import bench, chat
+    from .run import bench, chat, serve
 
     b = sub.add_parser("bench", help="kernel and model speed, memory and size tables",
                        description=bench.__doc__.strip().splitlines()[0])
@@ -502,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="interactive chat with a checkpoint, streaming")
     chat.add_arguments(c)
     c.set_defaults(func=chat.run)
+    sv = sub.add_parser("serve", help="serve a checkpoint with the OpenAI HTTP API")
+    serve.add_arguments(sv)
+    sv.set_defaults(func=serve.run)
     return p
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import select
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,15 +120,15 @@ def _fit(conv: Conversation, max_positions: int | None, max_new_tokens: int) -> 
     return ids[-budget:]
 
 
-def _streamer(tokenizer, out):
+def _streamer(tokenizer, on_text):
     from transformers import TextStreamer
 
     class _Stream(TextStreamer):
-        """Prints finished words as they come and holds back a possible stop string."""
+        """Hands finished words to ``on_text`` as they come and holds back a possible stop string."""
 
-        def __init__(self, stop: str | None):
+        def __init__(self, stops: list[str]):
             super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-            self.stop = stop
+            self.stops = stops
             self.pending = ""
             self.stopped = False
 
@@ -135,40 +136,76 @@ def _streamer(tokenizer, out):
             if self.stopped:
                 return
             self.pending += text
-            if self.stop and self.stop in self.pending:
-                self.pending = self.pending.split(self.stop, 1)[0]
+            hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+            if hits:
+                self.pending = self.pending[: min(hits)]
                 self.stopped = True
             keep = 0
-            if self.stop and not self.stopped and not stream_end:
-                # keep back a tail that could be the start of the stop string
-                keep = max((n for n in range(1, len(self.stop)) if self.pending.endswith(self.stop[:n])), default=0)
+            if self.stops and not self.stopped and not stream_end:
+                # keep back a tail that could be the start of a stop string
+                keep = max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])),
+                           default=0)
             emit = self.pending[: len(self.pending) - keep] if keep else self.pending
             self.pending = self.pending[len(emit):]
-            out.write(emit)
-            out.flush()
+            if emit:
+                on_text(emit)
 
     return _Stream
 
 
-def _generate(model, tokenizer, ids: list[int], args, stop: str | None, eos: list[int], out) -> str:
+@dataclass
+class Reply:
+    """One generated reply: its text (cut before any stop string), the number of new tokens, and why it
+    ended: ``"stop"`` (an end-of-sequence token or a stop string) or ``"length"`` (``max_new_tokens``)."""
+
+    text: str
+    tokens: int
+    finish_reason: str
+
+
+def generate_reply(model, tokenizer, ids: list[int], *, max_new_tokens: int, temperature: float = 0.0,
+                   top_p: float = 1.0, stop: list[str] | tuple[str, ...] = (), eos: list[int] | tuple[int, ...] = (),
+                   on_text: Callable[[str], None] | None = None) -> Reply:
+    """Generate one reply to the prompt ``ids``, streaming its text to ``on_text`` as it is decoded.
+
+    The one generation call that ``chat`` and ``serve`` share, so that a faster decoder can replace
+    it in one place. ``temperature`` 0 is greedy; ``stop`` strings end the reply and are not part of
+    it; ``eos`` token ids end it too. An exception raised by ``on_text`` aborts the generation and
+    propagates (``serve`` uses that to stop work for a client that went away).
+    """
     import torch
 
+    stops = [s for s in stop if s]
     x = torch.tensor([ids])
-    streamer = _streamer(tokenizer, out)(stop)
-    kw: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, streamer=streamer, eos_token_id=eos or None,
+    streamer = _streamer(tokenizer, on_text or (lambda _text: None))(stops)
+    eos = list(eos)
+    kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, streamer=streamer, eos_token_id=eos or None,
                               pad_token_id=eos[0] if eos else None)
-    if args.temperature > 0:
-        kw.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=None)
+    if temperature > 0:
+        kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=None)
     else:
         kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if stop:
-        kw.update(stop_strings=[stop], tokenizer=tokenizer)
+    if stops:
+        kw.update(stop_strings=stops, tokenizer=tokenizer)
     with torch.no_grad():
         gen = model.generate(x, attention_mask=torch.ones_like(x), **kw)
-    text = tokenizer.decode(gen[0, len(ids):], skip_special_tokens=True)
-    if stop and stop in text:
-        text = text.split(stop, 1)[0]
-    return text.strip()
+    new = gen[0, len(ids):].tolist()
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if hits:
+        text = text[: min(hits)]
+    finished = bool(hits) or (bool(new) and new[-1] in eos) or len(new) < max_new_tokens
+    return Reply(text, len(new), "stop" if finished else "length")
+
+
+def _generate(model, tokenizer, ids: list[int], args, stop: str | None, eos: list[int], out) -> str:
+    def write(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    reply = generate_reply(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_p=args.top_p, stop=[stop] if stop else [], eos=eos, on_text=write)
+    return reply.text.strip()
 
 
 def _eos_ids(qm, tokenizer) -> list[int]:
