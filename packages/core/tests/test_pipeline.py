@@ -249,3 +249,27 @@ def test_cache_root_follows_lowbit_cache(monkeypatch, tmp_path):
 ])
 def test_auto_compute_dtype_is_bf16_only_with_amx(flags, dtype):
     assert pipeline.fast_compute_dtype(flags) == dtype
+
+
+def test_quantize_uses_the_registries_it_is_given(tiny_dir):
+    """The pipeline takes its steps, adapters and formats from the registries passed to it, not from
+    the process's plugin manager: a step known only to the given registry runs."""
+    from lowbit.algorithms.rtn import RTN
+    from lowbit.errors import UnsupportedSchemeError
+    from lowbit.plugins import get_plugin_manager
+    from lowbit.registry import Registry
+
+    class Private(RTN):
+        name = "private-rtn"
+
+    quantizers = Registry("quantizer")
+    quantizers.add("private-rtn", Private, "test")
+    registries = {**get_plugin_manager().registries, "quantizers": quantizers}
+    qm = pipeline.quantize(str(tiny_dir), method="private-rtn", scheme=QuantScheme(4, 32), progress=False,
+                           registries=registries)
+    assert qm.manifest["recipe"]["steps"][0]["name"] == "private-rtn"
+    with pytest.raises(UnsupportedSchemeError, match="unknown method 'private-rtn'"):
+        pipeline.quantize(str(tiny_dir), method="private-rtn", scheme=QuantScheme(4, 32), progress=False)
+    with pytest.raises(UnsupportedSchemeError, match="unknown method 'rtn'"):
+        pipeline.quantize(str(tiny_dir), method="rtn", scheme=QuantScheme(4, 32), progress=False,
+                          registries=registries)

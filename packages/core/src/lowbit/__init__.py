@@ -24,6 +24,7 @@ from .packing import Packer
 from .plugins import get_plugin_manager, registry
 from .qmodel import QuantizedModel
 from .qweight import QuantizedWeight
+from .recipe import Option, Recipe
 from .scheme import QuantScheme
 from .selection import select_kernel
 
@@ -40,12 +41,14 @@ __all__ = [
     "MissingDependencyError",
     "ModelLoadError",
     "NoKernelError",
+    "Option",
     "OutputError",
     "Packer",
     "QuantScheme",
     "QuantizedModel",
     "QuantizedWeight",
     "Quantizer",
+    "Recipe",
     "UnknownNameError",
     "UnsupportedSchemeError",
     "export",

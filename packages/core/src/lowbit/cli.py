@@ -96,7 +96,7 @@ def cmd_quantize(a) -> int:
     common = dict(overwrite=a.overwrite, trust_remote_code=a.trust_remote_code, progress=not a.no_progress)
     if not a.export_compatible:  # a defaulted --out is kept in args: main's interrupt hint reads it
         a.out = a.out or (f"out/{_model_slug(a.model)}-{method.replace('+', '-')}-w{a.bits}"
-                          f"{'g' + str(a.group_size) if a.group_size != -1 else 'pc'}")
+                          f"{'pc' if scheme.per_channel else 'g' + str(a.group_size)}")
     out = None if a.export_compatible else Path(a.out)
     _check_quantize_paths(a, out)
     if a.export_compatible:

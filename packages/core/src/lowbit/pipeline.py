@@ -41,10 +41,11 @@ from .loading import (
     resolve_local,
 )
 from .models import Adapter, adapter_for, tied_output_weights
-from .plugins import registry
+from .plugins import get_plugin_manager, registry
 from .qmodel import QuantizedModel
 from .qweight import QuantizedWeight
 from .recipe import Recipe
+from .registry import Registry
 from .weights import WeightSource, empty_model, materialize, materialize_named, missing_tensors, release
 from .workdir import WorkDir, work_dir_for
 
@@ -57,15 +58,9 @@ def fast_compute_dtype(flags: set[str] | None = None) -> torch.dtype:
     return torch.bfloat16 if has_fast_bf16_matmul(flags) else torch.float32
 
 
-def make_steps(recipe: Recipe, quantize: bool = True) -> list[Quantizer]:
-    """The recipe's steps from the registered quantizers (see :meth:`Recipe.steps`)."""
-    return recipe.steps(registry("quantizers"), quantize)
-
-
-def linear_in_features(config) -> dict[str, int]:
-    """Input width of each linear the config's architecture quantizes, from the config alone
-    (checked before loading); the adapter owns the family's shapes."""
-    return adapter_for(config, registry("architectures")).in_features(config)
+def make_steps(recipe: Recipe, quantize: bool = True, quantizers: Registry | None = None) -> list[Quantizer]:
+    """The recipe's steps from ``quantizers`` (default: the installed plugins'; see :meth:`Recipe.steps`)."""
+    return recipe.steps(quantizers if quantizers is not None else registry("quantizers"), quantize)
 
 
 @dataclass
@@ -321,23 +316,28 @@ class Plan:
     steps: list[Quantizer]
     recipe: Recipe
     out: Path | None
+    registries: Mapping[str, Registry]
 
 
 def plan(model: str | None, recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
-         trust_remote_code: bool = False, export_compatible: bool = False) -> Plan:
+         trust_remote_code: bool = False, export_compatible: bool = False,
+         registries: Mapping[str, Registry] | None = None) -> Plan:
+    """Check everything that can be checked before loading weights; ``registries`` (kind → Registry,
+    default: the installed plugins') supply the steps, the family adapter and the formats."""
+    registries = registries if registries is not None else get_plugin_manager().registries
     check_device(recipe.device)
-    steps = make_steps(recipe, quantize=not export_compatible)
+    steps = make_steps(recipe, not export_compatible, registries["quantizers"])
     src = resolve(model)
     config = load_config(src, trust_remote_code)
-    adapter = adapter_for(config, registry("architectures"))
-    for name, k in linear_in_features(config).items():
+    adapter = adapter_for(config, registries["architectures"])
+    for name, k in adapter.in_features(config).items():  # from the config alone, before any weight is read
         recipe.scheme.check_shape(k, name)
     for f in recipe.formats:
-        registry("exporters").get(f)
-    check_formats(["lowbit", *recipe.formats], recipe.scheme, config)
+        registries["exporters"].get(f)
+    check_formats(["lowbit", *recipe.formats], recipe.scheme, config, registries["exporters"])
     if out is not None:
         out = check_writable(out, overwrite)
-    return Plan(src, config, adapter, steps, recipe, out)
+    return Plan(src, config, adapter, steps, recipe, out, registries)
 
 
 def check_device(device: str) -> torch.device:
@@ -387,7 +387,7 @@ def weights_of(src: ModelSource, config, trust_remote_code: bool = False) -> tup
 @exclusive_output  # the output is ours from the first check to the final rename
 def quantize(model: str | None = None, recipe: Recipe | None = None, *, out: str | Path | None = None,
              overwrite: bool = False, resume: bool = False, trust_remote_code: bool = False, progress: bool = True,
-             **recipe_fields: Any) -> QuantizedModel:
+             registries: Mapping[str, Registry] | None = None, **recipe_fields: Any) -> QuantizedModel:
     """Quantize ``model`` (None: the demo model) by ``recipe`` (or a :class:`Recipe` made of
     ``recipe_fields``: ``method``, ``scheme``, ``nsamples``...) and, with ``out``, write
     ``out/<format>`` for lowbit's own checkpoint and each of ``recipe.formats``.
@@ -403,7 +403,7 @@ def quantize(model: str | None = None, recipe: Recipe | None = None, *, out: str
     the output is complete."""
     recipe = recipe.replace(**recipe_fields) if recipe is not None else Recipe(**recipe_fields)
     scheme = recipe.scheme
-    p = plan(model, recipe, out, overwrite, trust_remote_code)
+    p = plan(model, recipe, out, overwrite, trust_remote_code, registries=registries)
     return_freed_memory()
     tokenizer = load_tokenizer(p.source, trust_remote_code)
     ids = None
@@ -461,7 +461,7 @@ def quantize(model: str | None = None, recipe: Recipe | None = None, *, out: str
     with atomic_dir(out, overwrite) as tmp:
         for f in recipe.formats:
             (tmp / f).mkdir()
-            registry("exporters").get(f)().write(
+            p.registries["exporters"].get(f)().write(
                 _open_lowbit(work.checkpoint, tokenizer, generation_config, p.adapter), tmp / f)
         link_tree(work.checkpoint, tmp / "lowbit")
     work.remove()
@@ -505,11 +505,12 @@ def outer_float_tensors(model: nn.Module, adapter: Adapter, source: WeightSource
 
 @exclusive_output
 def export_compatible(model: str | None, out: str | Path, recipe: Recipe | None = None, *, overwrite: bool = False,
-                      trust_remote_code: bool = False, progress: bool = True, **recipe_fields: Any) -> Path:
+                      trust_remote_code: bool = False, progress: bool = True,
+                      registries: Mapping[str, Registry] | None = None, **recipe_fields: Any) -> Path:
     """Run only the recipe's transform steps (AWQ scaling and clipping) and save the float model as
     a plain HF checkpoint with no quantization_config, for any other GPTQ tool."""
     recipe = recipe.replace(**recipe_fields) if recipe is not None else Recipe(**{"method": "awq", **recipe_fields})
-    p = plan(model, recipe, out, overwrite, trust_remote_code, export_compatible=True)
+    p = plan(model, recipe, out, overwrite, trust_remote_code, export_compatible=True, registries=registries)
     tokenizer = load_tokenizer(p.source, trust_remote_code)
     ids = calibration.samples(tokenizer, calibration.load_text(recipe.calib), recipe.nsamples, recipe.seqlen)
     fmodel, source = weights_of(p.source, p.config, trust_remote_code)

@@ -32,9 +32,9 @@ from .scheme import QuantScheme
 _MIN_SCALE = 1e-5  # fp16-representable floor: a group of zeros gets scale 1e-5, codes == zero
 
 
-def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+def _grouped(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     n, k = w.shape
-    gs = k if group_size == -1 else group_size
+    gs = scheme.group_width(k)
     return w.reshape(n, k // gs, gs)
 
 
@@ -71,7 +71,7 @@ def _exact_scales(w, scheme, xmin, xmax, observer) -> tuple[torch.Tensor, torch.
         raise ValueError(f"observer must be one of {', '.join(OBSERVERS)}, got {observer!r}.")
     if observer == "mse" and xmin is None and xmax is None:
         xmin, xmax = mse_range(w, scheme)
-    wg = _grouped(w.float(), scheme.group_size)
+    wg = _grouped(w.float(), scheme)
     lo = wg.amin(dim=-1) if xmin is None else xmin.float()
     hi = wg.amax(dim=-1) if xmax is None else xmax.float()
     if scheme.sym:
@@ -99,7 +99,7 @@ def mse_range(w: torch.Tensor, scheme: QuantScheme, *, grid: int = 100, maxshrin
     """
     if grid < 1 or not 0 <= maxshrink < 1 or norm <= 0:
         raise ValueError(f"mse_range needs grid >= 1, 0 <= maxshrink < 1 and norm > 0; got {grid}, {maxshrink}, {norm}.")
-    wg = _grouped(w.float(), scheme.group_size)
+    wg = _grouped(w.float(), scheme)
     lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
     best_lo, best_hi = lo.clone(), hi.clone()
     best_err = torch.full_like(lo, float("inf"))

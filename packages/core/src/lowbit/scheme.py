@@ -55,9 +55,14 @@ class QuantScheme:
     def maxq(self) -> int:
         return (1 << self.bits) - 1
 
+    @property
+    def per_channel(self) -> bool:
+        """One group per output row (``group_size`` -1): the one place the sentinel is read."""
+        return self.group_size == -1
+
     def group_width(self, in_features: int) -> int:
         """Input columns per group: ``group_size``, or all of them per channel."""
-        return in_features if self.group_size == -1 else self.group_size
+        return in_features if self.per_channel else self.group_size
 
     def num_groups(self, in_features: int) -> int:
         """Groups along K; a last, partial group counts (GPTQModel writes K=576 at group 128 as 5
@@ -66,7 +71,7 @@ class QuantScheme:
 
     def check_shape(self, in_features: int, name: str = "layer") -> None:
         """Raise if ``group_size`` does not divide ``in_features``."""
-        if self.group_size != -1 and in_features % self.group_size:
+        if in_features % self.group_width(in_features):
             divisors = sorted((g for g in SUPPORTED_GROUP_SIZES if g == -1 or in_features % g == 0), reverse=True)
             divisors = [g for g in divisors if g != -1] + [-1]
             raise UnsupportedSchemeError(
@@ -75,7 +80,7 @@ class QuantScheme:
             )
 
     def describe(self) -> str:
-        g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+        g = "per-channel" if self.per_channel else f"g{self.group_size}"
         return f"w{self.bits} {g} {'sym' if self.sym else 'asym'}{' act-order' if self.act_order else ''}"
 
     def to_dict(self) -> dict:

@@ -251,7 +251,7 @@ class AutoAWQExporter(HFQuantFormat):
                     "xFT": "no: xFT reads its own config.ini/.bin layout; export with --format xft"}
         if version == "gemm":
             runtimes["transformers+gptqmodel"] = "yes"
-            runtimes["vLLM"] = ("yes" if s.group_size != -1 else
+            runtimes["vLLM"] = ("yes" if not s.per_channel else
                                 "only through awq_marlin (the plain awq kernel sizes tensors K // group_size)")
         else:
             runtimes["transformers+gptqmodel"] = ("on CUDA only: gptqmodel 7.7 has no CPU GEMV kernel "

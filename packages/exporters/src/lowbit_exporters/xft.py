@@ -179,7 +179,7 @@ class XFTExporter(Exporter):
 
     @classmethod
     def check(cls, scheme: QuantScheme, config=None) -> str | None:
-        if scheme.group_size != -1:
+        if not scheme.per_channel:
             return (f"xFT needs per-channel weights (group_size=-1; its runtime aborts otherwise), got "
                     f"group_size={scheme.group_size}; quantize with --group-size -1")
         if scheme.bits not in (4, 8):

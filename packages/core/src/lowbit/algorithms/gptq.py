@@ -223,7 +223,7 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessian: torch.Tensor, schem
     hessian_order = scheme.act_order or column_order == "hessian"
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if hessian_order else None
     # act-order keeps dynamic groups (g_idx) unless asked; the hessian column order alone fixes them
-    static = static_groups or scheme.group_size == -1 or not scheme.act_order and hessian_order
+    static = static_groups or scheme.per_channel or not scheme.act_order and hessian_order
     scales = torch.zeros(n, ng, dtype=torch.float16, device=W.device)
     zeros = torch.zeros(n, ng, dtype=torch.uint8, device=W.device)
     if static:

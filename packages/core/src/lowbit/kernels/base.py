@@ -73,7 +73,7 @@ class Kernel:
             return f"supports bits {cls.supported_bits}, got {s.bits}"
         if s.group_size not in cls.supported_group_sizes:
             return f"supports group sizes {cls.supported_group_sizes}, got {s.group_size}"
-        if s.group_size != -1 and spec.in_features % s.group_size and not cls.supports_partial_groups:
+        if spec.in_features % s.group_width(spec.in_features) and not cls.supports_partial_groups:
             return (f"needs group size {s.group_size} to divide in_features {spec.in_features} "
                     "(this checkpoint's last group is partial)")
         if spec.dtype not in cls.supported_dtypes:
