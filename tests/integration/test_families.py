@@ -10,6 +10,7 @@ from safetensors import safe_open
 from lowbit import pipeline, read_checkpoint
 from lowbit.cli import main
 from lowbit.errors import UnsupportedSchemeError
+from lowbit.recipe import Recipe
 from lowbit.run.nn import build_float_model, build_model
 from lowbit.scheme import QuantScheme
 from lowbit.testing.models import save_tiny_model
@@ -76,4 +77,5 @@ def test_family_quantizes_exports_and_reads_back_identical(family_dirs, tmp_path
 @pytest.mark.parametrize("model_type", ["phi3", "gemma2", "mixtral", "qwen2_moe"])
 def test_xft_refuses_families_it_cannot_hold_before_quantizing(family_dirs, tmp_path, model_type):
     with pytest.raises(UnsupportedSchemeError, match="xFT export supports model types llama, qwen2"):
-        pipeline.plan(str(family_dirs[model_type]), "rtn", QuantScheme(4, -1, sym=True), ["xft"], tmp_path / "x")
+        pipeline.plan(str(family_dirs[model_type]), Recipe("rtn", QuantScheme(4, -1, sym=True), formats=("xft",)),
+                      tmp_path / "x")

@@ -76,15 +76,17 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def _by_rows(fn, t: torch.Tensor, *args) -> torch.Tensor:
+    """``fn`` over blocks of :data:`_PACK_ROWS` rows of ``t``, concatenated (bounds the bit packing's
+    64-bit temporaries to a slice of the matrix)."""
+    return torch.cat([fn(t[r:r + _PACK_ROWS], *args) for r in range(0, max(t.shape[0], 1), _PACK_ROWS)])
+
+
 def stored_parts(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     """The tensors version 2 stores for one quantized linear (short names: ``qcodes``, ``scales``...)."""
     nv, _ = block(qw.scheme.bits)
-    codes = qw.codes
-    if codes.shape[1] % nv:
-        codes = torch.nn.functional.pad(codes, (0, -codes.shape[1] % nv))
-    packed = torch.cat([pack_bits(codes[r:r + _PACK_ROWS], qw.scheme.bits)
-                        for r in range(0, codes.shape[0], _PACK_ROWS)]) if codes.shape[0] else pack_bits(codes, qw.scheme.bits)
-    out = {"qcodes": packed}
+    codes = torch.nn.functional.pad(qw.codes, (0, -qw.in_features % nv))
+    out = {"qcodes": _by_rows(pack_bits, codes, qw.scheme.bits)}
     out.update((k, v) for k, v in qw.tensors().items() if k != "codes")
     return out
 
@@ -96,9 +98,7 @@ def from_parts(parts: Mapping[str, torch.Tensor | None], scheme: QuantScheme, in
     if q.dim() != 2 or q.dtype != torch.int32 or q.shape[1] != -(-in_features // nv) * nw:
         raise CheckpointError(f"qcodes {q.dtype} {list(q.shape)} cannot hold {in_features} {scheme.bits}-bit codes per "
                               f"row ({CODES_LAYOUT})")
-    codes = torch.cat([unpack_bits(q[r:r + _PACK_ROWS], scheme.bits, in_features)
-                       for r in range(0, q.shape[0], _PACK_ROWS)]) if q.shape[0] else torch.empty(0, in_features,
-                                                                                                   dtype=torch.uint8)
+    codes = _by_rows(unpack_bits, q, scheme.bits, in_features)
     return QuantizedWeight(codes=codes, scheme=scheme, **{k: parts.get(k) for k in _PARTS[1:]})
 
 
