@@ -351,6 +351,7 @@ def test_calibration_text_that_is_not_text(capsys, model, tmp_path, kind):
     (["quantize", "{model}", "--damp", "nan"], "argument --damp: must be a finite number"),
     (["quantize", "{model}", "--block-size", "0"], "argument --block-size"),
     (["quantize", "{model}", "--awq-grid", "0"], "argument --awq-grid"),
+    (["quantize", "{model}", "--awq-grid", "10000000000000"], "argument --awq-grid: must be a whole number from 2 to 1000"),
     (["eval", "ppl", "{ckpt}", "--windows", "0"], "argument --windows"),
     (["eval", "ppl", "{ckpt}", "--seqlen", "1"], "argument --seqlen: must be a whole number of at least 2"),
     (["generate", "{ckpt}", "hi", "--max-new-tokens", "-1"], "argument --max-new-tokens"),

