@@ -66,6 +66,9 @@ OUTPUTS = ["o", "o/deep/er", "ckpt", "ckpt/sub", "model", "model/..", ".", "..",
            "huge", "dangling", "loop", "ckpt/../o2", "x" * 250, "y" * 300, "text.txt", "awq.safetensors"]
 inputs = st.sampled_from(INPUTS)
 outputs = st.sampled_from(OUTPUTS)
+#: a positional that is usually the real thing, so that the options get past the first check
+checkpoints = st.one_of(st.just("ckpt"), st.just("link-ckpt"), inputs)
+models = st.one_of(st.just("model"), inputs)
 
 
 # ----------------------------------------------------------------------------------- the sandbox
@@ -131,9 +134,9 @@ def writable_names(argv: list[str], root: Path) -> set[str]:
             names.add(rel.split(os.sep)[0])
     if argv[:1] == ["quantize"]:
         names.add("out")
-    if argv[:1] == ["export"] and "--format" in argv[:-1]:
-        fmt = argv[argv.index("--format") + 1]
-        names |= {f"{n}-{fmt}" for n in INPUTS}
+    if argv[:1] == ["export"]:  # (argparse keeps the last --format given)
+        fmts = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--format"][-1:]
+        names |= {f"{n}-{fmt}" for n in INPUTS for fmt in fmts}
     return names
 
 
@@ -218,7 +221,7 @@ QUANTIZE_FLAGS = ["--sym", "--act-order", "--overwrite", "--trust-remote-code", 
 
 
 @settings(PROFILE, max_examples=PROFILE.max_examples * 2)
-@given(model=inputs, opts=options(QUANTIZE, QUANTIZE_FLAGS), spec=sandboxes())
+@given(model=models, opts=options(QUANTIZE, QUANTIZE_FLAGS), spec=sandboxes())
 def test_fuzz_quantize(fuzz_env, model, opts, spec):
     fuzz_env(["quantize", model, "--nsamples", "2", "--seqlen", "32", "--group-size", "32", "--out", "o",
               "--no-progress", *opts], spec)
@@ -229,7 +232,7 @@ EVAL = {"--windows": ints, "--seqlen": ints, "--text": inputs, "--baseline": inp
 
 
 @settings(PROFILE)
-@given(checkpoint=inputs, opts=options(EVAL, ["--no-baseline", "--json", "--no-progress"]), spec=sandboxes())
+@given(checkpoint=checkpoints, opts=options(EVAL, ["--no-baseline", "--json", "--no-progress"]), spec=sandboxes())
 def test_fuzz_eval_ppl(fuzz_env, checkpoint, opts, spec):
     fuzz_env(["eval", "ppl", checkpoint, "--windows", "2", "--seqlen", "64", "--no-progress", *opts], spec)
 
@@ -240,7 +243,7 @@ GENERATE = {"--max-new-tokens": ints, "--temperature": floats, "--top-p": floats
 
 
 @settings(PROFILE)
-@given(checkpoint=inputs, prompt=text, opts=options(GENERATE, ["--raw", "--json"]), spec=sandboxes())
+@given(checkpoint=checkpoints, prompt=text, opts=options(GENERATE, ["--raw", "--json"]), spec=sandboxes())
 def test_fuzz_generate(fuzz_env, checkpoint, prompt, opts, spec):
     fuzz_env(["generate", checkpoint, prompt, "--max-new-tokens", "4", *opts], spec)
 
@@ -250,7 +253,7 @@ CHAT = {"--max-new-tokens": ints, "--temperature": floats, "--top-p": floats, "-
 
 
 @settings(PROFILE)
-@given(checkpoint=inputs, lines=st.lists(st.one_of(text, st.sampled_from(["/reset", "/history", "/help", "/exit"])),
+@given(checkpoint=checkpoints, lines=st.lists(st.one_of(text, st.sampled_from(["/reset", "/history", "/help", "/exit"])),
                                          max_size=3),
        opts=options(CHAT, []), spec=sandboxes())
 def test_fuzz_chat(fuzz_env, checkpoint, lines, opts, spec):
@@ -263,13 +266,13 @@ EXPORT = {"--format": st.sampled_from(["lowbit", "autoawq", "autoawq-gemv", "gpt
 
 
 @settings(PROFILE)
-@given(checkpoint=inputs, fmt=EXPORT["--format"], opts=options(EXPORT, ["--overwrite", "--json"]), spec=sandboxes())
+@given(checkpoint=checkpoints, fmt=EXPORT["--format"], opts=options(EXPORT, ["--overwrite", "--json"]), spec=sandboxes())
 def test_fuzz_export(fuzz_env, checkpoint, fmt, opts, spec):
     fuzz_env(["export", checkpoint, "--format", fmt, *opts], spec)
 
 
 @settings(PROFILE)
-@given(command=st.sampled_from(["verify", "inspect"]), paths=st.lists(inputs, min_size=1, max_size=3),
+@given(command=st.sampled_from(["verify", "inspect"]), paths=st.lists(checkpoints, min_size=1, max_size=3),
        json_flag=st.booleans(), spec=sandboxes())
 def test_fuzz_verify_and_inspect(fuzz_env, command, paths, json_flag, spec):
     argv = [command, *(paths if command == "verify" else paths[:1])] + (["--json"] if json_flag else [])

@@ -384,21 +384,33 @@ def test_generate_past_the_context(capsys, ckpt):
 
 
 @pytest.mark.parametrize("command", ["quantize", "export"])
-@pytest.mark.parametrize("length", [250, 256, 5000])
-def test_out_name_longer_than_the_file_system_allows(capsys, ckpt, model, tmp_path, command, length):
+@pytest.mark.parametrize("length,message", [
+    (250, "lowbit adds up to 22 to the output's name"),  # fits alone, not with lowbit's .NAME.tmp-PID-XXXXXXXX
+    (256, "argument --out: a name of 256 bytes"),  # no file system name holds it: a usage error
+    (5000, "argument --out: a path of"),
+])
+def test_out_name_longer_than_the_file_system_allows(capsys, ckpt, model, tmp_path, command, length, message):
     out = tmp_path / ("x" * length)
     argv = (["quantize", model, "--group-size", "32", "--no-progress"] if command == "quantize"
             else ["export", ckpt, "--format", "lowbit"])
     parent = sorted(os.listdir(tmp_path))
     code, _, err = run(capsys, *argv, "--out", out)
-    refused(code, err, "pick a shorter --out")
+    refused(code, err, message)
     assert sorted(os.listdir(tmp_path)) == parent
+
+
+@pytest.mark.parametrize("flag", ["--text", "--baseline", "checkpoint"])
+def test_input_paths_no_file_system_holds_are_usage_errors(capsys, ckpt, flag):
+    long = "y" * 300
+    argv = ["eval", "ppl", ckpt, flag, long] if flag != "checkpoint" else ["eval", "ppl", long]
+    code, _, err = run(capsys, *argv)
+    refused(code, err, f"argument {flag}: a name of 300 bytes")
 
 
 def test_a_deep_out_path_longer_than_path_max(capsys, ckpt, tmp_path):
     out = tmp_path.joinpath(*["d" * 200] * 25)
     code, _, err = run(capsys, "export", ckpt, "--format", "lowbit", "--out", out)
-    refused(code, err, "pick a shorter --out")
+    refused(code, err, "argument --out: a path of")
     assert not (tmp_path / ("d" * 200)).exists()
 
 

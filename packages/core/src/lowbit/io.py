@@ -73,11 +73,13 @@ def check_name(out: Path | str, flag: str = "--out") -> None:
 
 
 def resolve_out(out: Path | str) -> Path:
-    """The absolute directory a run into ``out`` writes: ``out`` itself, or a symlink's target."""
+    """The absolute directory a run into ``out`` writes: ``out`` itself, or a symlink's target, with
+    ``..`` and symlinks in its parents resolved (``a/..`` is written as the directory it names, and its
+    lock and temporary directories go beside that, not inside ``a``)."""
     out = Path(out)
     check_name(out)
     if not out.is_symlink():
-        return out.absolute()
+        return Path(os.path.realpath(out))
     try:
         return out.resolve(strict=False)
     except (OSError, RuntimeError) as err:  # a symlink loop
