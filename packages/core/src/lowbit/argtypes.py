@@ -125,3 +125,16 @@ def device(text: str) -> str:
     except (RuntimeError, TypeError, ValueError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
     return text
+
+
+#: the smallest sampling temperature: below it logits / temperature overflow to infinity (and sampling
+#: fails), while it already samples the top token almost always
+MIN_TEMPERATURE = 0.01
+
+
+def temperature(text: str) -> float:
+    """A sampling temperature: 0 (greedy) or a finite number ≥ :data:`MIN_TEMPERATURE`."""
+    x = _float(text)
+    if x != 0 and not x >= MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {text!r}")
+    return x

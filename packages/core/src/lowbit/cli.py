@@ -16,7 +16,16 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .argtypes import at_least_two, device, group_size, int_range, nonnegative_float, positive_int, probability
+from .argtypes import (
+    at_least_two,
+    device,
+    group_size,
+    int_range,
+    nonnegative_float,
+    positive_int,
+    probability,
+    temperature,
+)
 from .argtypes import path as path_arg
 from .errors import LowbitError
 from .run.load import DTYPES, dtype_of, load_runtime
@@ -91,7 +100,7 @@ def _check_quantize_paths(a, out: Path | None) -> None:
     """No output of ``quantize`` may overlap what it reads (:func:`lowbit.io.check_apart`)."""
     from .algorithms.awq_results import _sidecar
     from .calibration import BUILTIN
-    from .io import check_apart
+    from .io import check_apart, check_file_output
     from .loading import local_paths, resolve
     from .workdir import work_dir_for
 
@@ -103,6 +112,9 @@ def _check_quantize_paths(a, out: Path | None) -> None:
         inputs["--calib"] = a.calib
     inputs["--load-awq"] = a.load_awq
     check_apart(outputs, inputs)
+    if a.dump_awq:
+        check_file_output(a.dump_awq, "--dump-awq")
+        check_file_output(_sidecar(Path(a.dump_awq)), "--dump-awq's sidecar")
 
 
 @contextlib.contextmanager
@@ -429,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("checkpoint", type=path_arg)
     gen.add_argument("prompt")
     gen.add_argument("--max-new-tokens", type=positive_int, default=64)
-    gen.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=probability, default=0.9)
     gen.add_argument("--raw", action="store_true", help="no chat template")
     gen.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))

@@ -164,6 +164,16 @@ def check_apart(outputs: dict[str, Path | str | None], inputs: dict[str, Path | 
             raise OutputError(f"{ow} {oshown} {how} {iw} {ishown}: {why}; pick an {ow} outside {ishown}.")
 
 
+def check_file_output(path: Path | str, flag: str) -> None:
+    """Fail early if the single file ``path`` (``--dump-awq``) cannot be written: its name too long for
+    the file system, an existing entry there that is not a regular file (a directory, a FIFO, a
+    device), or a parent that cannot be created."""
+    shown, path = Path(path), resolve_out(path)
+    if os.path.lexists(path) and not path.is_file():
+        raise OutputError(f"{flag} {shown} exists and is not a regular file; give the path of a file to write.")
+    _existing_ancestor(path)
+
+
 def fault_point(name: str) -> None:
     """A place where tests stop a run (``LOWBIT_TEST_PAUSE=name[,name…]``): announce it on stderr
     and wait (up to ``LOWBIT_TEST_PAUSE_SECONDS``, default 60, or until the file named by

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..argtypes import nonnegative_float, path, positive_int, probability, seed
+from ..argtypes import path, positive_int, probability, seed, temperature
 from ..errors import LowbitError
 
 USER_PROMPT = "USER: "
@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("checkpoint", type=path, help="any checkpoint lowbit reads (lowbit, autoawq, gptq, xft)")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="longest reply in tokens (default: 256)")
-    p.add_argument("--temperature", type=nonnegative_float, default=0.7, help="sampling temperature; 0 = greedy (default: 0.7)")
+    p.add_argument("--temperature", type=temperature, default=0.7, help="sampling temperature; 0 = greedy (default: 0.7)")
     p.add_argument("--top-p", type=probability, default=0.9, help="nucleus sampling threshold (default: 0.9)")
     p.add_argument("--system", help="system prompt placed before the conversation")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="activation dtype (default: bf16)")
