@@ -305,7 +305,8 @@ BENCH_INPUTS = INPUTS if LONG else [i for i in INPUTS if i not in ("ckpt", "link
 @given(checkpoint=st.sampled_from(BENCH_INPUTS), opts=options(BENCH, ["--kernels", "--sym", "--no-float", "--json"]),
        spec=sandboxes())
 def test_fuzz_bench(fuzz_env, checkpoint, opts, spec):
-    fuzz_env(["bench", checkpoint, "--repeat", "1", "--shapes", "32x32", "--batches", "1", "--prompt-len", "4",
+    fuzz_env(["bench", checkpoint, "--repeat", "1", "--shapes", "32x32", "--group-size", "32", "--batches", "1",
+              "--prompt-len", "4",
               "--new-tokens", "2", "--no-float", *opts], spec)
 
 

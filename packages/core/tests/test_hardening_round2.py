@@ -365,6 +365,11 @@ def test_calibration_text_that_is_not_text(capsys, model, tmp_path, kind):
     (["bench", "--kernels", "--repeat", "0"], "argument --repeat"),
     (["bench", "--kernels", "--threads", "0"], "argument --threads"),
     (["bench", "{ckpt}", "--ppl-seqlen", "1"], "argument --ppl-seqlen"),
+    (["bench", "--kernels", "--threads", "100000"], "argument --threads: must be a whole number from 1 to"),
+    (["generate", "{ckpt}", "hi", "--temperature", "1e-300"], "argument --temperature: must be 0 (greedy) or at least"),
+    (["chat", "{ckpt}", "--temperature", "nan"], "argument --temperature"),
+    (["kernels", "--device", "x"], "argument --device: 'x' is not a device"),
+    (["quantize", "{model}", "--device", "nope:0"], "argument --device"),
 ])
 def test_out_of_range_numbers_are_usage_errors(capsys, ckpt, model, argv, message):
     before = tree_digest(ckpt)
@@ -417,3 +422,26 @@ def test_a_deep_out_path_longer_than_path_max(capsys, ckpt, tmp_path):
 def test_usage_errors_return_a_status_in_process(capsys):
     assert main(["--version"]) == 0
     assert main(["quantize", "--bits", "x"]) == 2
+
+
+def test_dump_awq_onto_a_directory_is_refused_before_any_work(capsys, model, tmp_path):
+    (tmp_path / "d").mkdir()
+    parent = sorted(os.listdir(tmp_path))
+    code, _, err = run(capsys, "quantize", model, "--method", "awq", "--dump-awq", tmp_path / "d", "--out",
+                       tmp_path / "o", "--nsamples", "2", "--seqlen", "32", "--group-size", "32", "--no-progress")
+    refused(code, err, "--dump-awq", "is not a regular file")
+    assert sorted(os.listdir(tmp_path)) == parent
+
+
+def test_overwrite_never_replaces_a_file(capsys, ckpt, tmp_path):
+    victim = tmp_path / "notes.txt"
+    victim.write_text("keep me")
+    code, _, err = run(capsys, "export", ckpt, "--format", "lowbit", "--out", victim, "--overwrite")
+    refused(code, err, "is not a directory")
+    assert victim.read_text() == "keep me"
+
+
+def test_kernel_benchmark_larger_than_memory_is_refused(capsys):
+    code, _, err = run(capsys, "bench", "--kernels", "--shapes", "100000x100000", "--group-size", "32", "--batches",
+                       "1", "--repeat", "1")
+    refused(code, err, "the kernel benchmark of 100000x100000", "of memory")
