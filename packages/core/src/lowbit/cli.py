@@ -102,11 +102,9 @@ def _check_quantize_paths(a, out: Path | None) -> None:
     from .calibration import BUILTIN
     from .io import check_apart, check_file_output
     from .loading import local_paths, resolve
-    from .workdir import work_dir_for
 
     outputs = {"--out": out, "--export-compatible": a.export_compatible, "--dump-awq": a.dump_awq,
-               "--dump-awq's sidecar": _sidecar(Path(a.dump_awq)) if a.dump_awq else None,
-               "the work directory": work_dir_for(out) if out is not None else None}
+               "--dump-awq's sidecar": _sidecar(Path(a.dump_awq)) if a.dump_awq else None}
     inputs = dict(local_paths(resolve(a.model)))
     if a.calib not in BUILTIN and not a.calib.startswith("hf:"):
         inputs["--calib"] = a.calib

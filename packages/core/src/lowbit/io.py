@@ -72,12 +72,12 @@ def check_name(out: Path | str, flag: str = "--out") -> None:
                           f"allows {path_max}; pick a shorter {flag}.")
 
 
-def resolve_out(out: Path | str) -> Path:
+def resolve_out(out: Path | str, flag: str = "--out") -> Path:
     """The absolute directory a run into ``out`` writes: ``out`` itself, or a symlink's target, with
     ``..`` and symlinks in its parents resolved (``a/..`` is written as the directory it names, and its
     lock and temporary directories go beside that, not inside ``a``)."""
     out = Path(out)
-    check_name(out)
+    check_name(out, flag)
     if not out.is_symlink():
         return Path(os.path.realpath(out))
     try:
@@ -151,7 +151,7 @@ def check_apart(outputs: dict[str, Path | str | None], inputs: dict[str, Path | 
     is refused with or without ``--overwrite``. Keys name each path for the message (``--out``,
     ``the model``); None values and inputs that do not exist (a hub id) are skipped. Every command
     that writes calls this before any work."""
-    outs = [(what, Path(p), resolve_out(p)) for what, p in outputs.items() if p is not None]
+    outs = [(what, Path(p), resolve_out(p, what)) for what, p in outputs.items() if p is not None]
     ins = [(what, Path(p), Path(p).absolute()) for what, p in inputs.items() if p is not None and _stat(Path(p))]
     others = outs + ins
     for i, (ow, oshown, out) in enumerate(outs):
@@ -168,7 +168,7 @@ def check_file_output(path: Path | str, flag: str) -> None:
     """Fail early if the single file ``path`` (``--dump-awq``) cannot be written: its name too long for
     the file system, an existing entry there that is not a regular file (a directory, a FIFO, a
     device), or a parent that cannot be created."""
-    shown, path = Path(path), resolve_out(path)
+    shown, path = Path(path), resolve_out(path, flag)
     if os.path.lexists(path) and not path.is_file():
         raise OutputError(f"{flag} {shown} exists and is not a regular file; give the path of a file to write.")
     _existing_ancestor(path)
