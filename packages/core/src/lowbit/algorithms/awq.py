@@ -38,7 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..argtypes import at_least_two, positive_int, probability
+from ..argtypes import int_range, positive_int, probability
+from ..argtypes import path as path_arg
 from ..errors import CheckpointError, LowbitError, UnsupportedSchemeError
 from ..primitives import exact_qparams
 from ..scheme import QuantScheme
@@ -142,7 +143,8 @@ class AWQ(Quantizer):
     needs_calibration = True
     description = "activation-aware scale search + clipping (transform; then rtn or gptq)"
     options = (
-        Option("n_grid", 20, type=at_least_two, flag="--awq-grid", help="scale search grid points"),
+        Option("n_grid", 20, flag="--awq-grid", help="scale search grid points",
+               type=int_range(2, 1000, "each point is a search over every group; finer grids change nothing")),
         Option("duo_scaling", False, help="use both activation and weight statistics"),
         Option("clip", True, help="search each linear's clipping range (off: keep the full range)"),
         Option("search_tokens", 2048, type=positive_int, metavar="N",
@@ -150,9 +152,9 @@ class AWQ(Quantizer):
                "always use every token"),
         Option("gram_tokens", 16384, type=positive_int, metavar="N", help="tokens of the Gram matrices"),
         Option("max_shrink", 0.5, type=probability, help="largest fraction the clipping search shrinks a range by"),
-        Option("dump", None, flag="--dump-awq", metavar="FILE",
+        Option("dump", None, flag="--dump-awq", metavar="FILE", type=path_arg,
                help="save the search results (safetensors + json) to FILE"),
-        Option("load", None, flag="--load-awq", metavar="FILE",
+        Option("load", None, flag="--load-awq", metavar="FILE", type=path_arg,
                help="apply results saved with --dump-awq instead of searching"),
     )
 

@@ -9,6 +9,7 @@ Nothing is unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -58,15 +59,18 @@ def write_results(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict
 
     path = Path(path)
     text = json.dumps(meta, indent=1, sort_keys=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp_json = path.with_name(f".{_sidecar(path).name}.tmp-{os.getpid()}")
     try:
         path.absolute().parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp_json = path.with_name(f".{_sidecar(path).name}.tmp-{os.getpid()}")
         save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp), metadata={FORMAT: text})
         tmp_json.write_text(text + "\n")
         os.replace(tmp_json, _sidecar(path))
         os.replace(tmp, path)
     except OSError as e:
+        for t in (tmp, tmp_json):  # nothing half-written stays beside the dump
+            with contextlib.suppress(OSError):
+                t.unlink(missing_ok=True)
         raise LowbitError(f"cannot write the awq dump {path}: {e.strerror or e}; pick another --dump-awq path.") from e
 
 

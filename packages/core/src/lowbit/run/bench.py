@@ -34,16 +34,17 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import at_least_two, group_size, nonnegative_int, positive_int
+from ..argtypes import at_least_two, group_size, int_range, nonnegative_int, path, positive_int
 from ..cpuinfo import cpu_name, isa
 from ..errors import LowbitError
+from ..limits import check_fits
 
 DEFAULT_SHAPES = "4096x4096,4096x11008,11008x4096"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", nargs="?", help="a checkpoint directory (any format lowbit reads)")
+    parser.add_argument("checkpoint", nargs="?", type=path, help="a checkpoint directory (any format lowbit reads)")
     parser.add_argument("--kernels", action="store_true", help="kernel-level table instead of a model")
     parser.add_argument("--shapes", default=DEFAULT_SHAPES,
                         help=f"layer shapes as in_features x out_features, comma-separated (default {DEFAULT_SHAPES})")
@@ -55,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only this kernel (repeatable; default every kernel that can run)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="activation dtype (default bf16)")
     parser.add_argument("--repeat", type=positive_int, default=7, help="samples per figure; the median is reported")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int_range(1, 4 * (os.cpu_count() or 1), "4 threads per logical CPU at most"),
+                        default=None, help="torch threads (default: torch's)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time, or CPU time of the process (with --threads 1 this is unaffected by "
                              "other processes on a shared machine)")
@@ -68,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lm-head", action="append", choices=("float", "int8", "int4"), default=None,
                         help="model level: lowbit row(s) with the float lm_head kept (float) or quantized at load "
                              "time (int8 per channel, int4 g64), repeatable (default float)")
-    parser.add_argument("--llama-cpp", metavar="GGUF", default=None,
+    parser.add_argument("--llama-cpp", metavar="GGUF", default=None, type=path,
                         help="model level: also run llama.cpp (llama-cpp-python) on this GGUF file; 'demo' is the "
                              "demo model's own Q4_1 GGUF")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -203,6 +205,9 @@ def kernel_bench(shapes, batches, bits=4, group_size=128, sym=False, dtype=torch
     scheme = QuantScheme(bits, group_size, sym=sym)
     device = torch.device("cpu")
     rows, skipped = [], {}
+    for k, n in shapes:  # a float32, a bf16 and a random copy of the weight, and one batch in and out
+        check_fits(4 * 3 * k * n + 4 * max(batches, default=1) * (k + n), f"the kernel benchmark of {k}x{n} at batch "
+                   f"{max(batches, default=1)}", "Pass smaller --shapes or --batches.")
     for k, n in shapes:
         qw = random_qweight(k, n, scheme)
         spec = KernelSpec.of(qw, dtype)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..argtypes import nonnegative_float, positive_int, probability, seed
+from ..argtypes import path, positive_int, probability, seed, temperature
 from ..errors import LowbitError
 
 USER_PROMPT = "USER: "
@@ -38,9 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "Chat with a quantized checkpoint in the terminal: the model's chat template, history across turns, "
         "streamed replies. /reset clears the history, /history shows it, /exit quits (also Ctrl-D or Ctrl-C)."
     )
-    p.add_argument("checkpoint", help="any checkpoint lowbit reads (lowbit, autoawq, gptq, xft)")
+    p.add_argument("checkpoint", type=path, help="any checkpoint lowbit reads (lowbit, autoawq, gptq, xft)")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="longest reply in tokens (default: 256)")
-    p.add_argument("--temperature", type=nonnegative_float, default=0.7, help="sampling temperature; 0 = greedy (default: 0.7)")
+    p.add_argument("--temperature", type=temperature, default=0.7, help="sampling temperature; 0 = greedy (default: 0.7)")
     p.add_argument("--top-p", type=probability, default=0.9, help="nucleus sampling threshold (default: 0.9)")
     p.add_argument("--system", help="system prompt placed before the conversation")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="activation dtype (default: bf16)")

@@ -43,11 +43,12 @@ def bounded(seconds: int = 20, extra_bytes: int = 2 * 1024**3) -> Iterator[None]
         signal.signal(signal.SIGALRM, old_handler)
 
 
-def tree_digest(path: Path | str) -> str:
+def tree_digest(path: Path | str, max_read: int = 256 * 1024**2) -> str:
     """sha256 of everything at ``path`` (a file, a directory tree, a symlink, a FIFO…): every entry's
     relative name, kind, mode, and a regular file's bytes or a link's target. Special files are not
-    opened (a FIFO would block, /dev/zero never end). Equal digests before and after a command mean
-    it changed nothing there."""
+    opened (a FIFO would block, /dev/zero never end), and a file over ``max_read`` bytes (a sparse
+    "huge" file) is taken by its size, inode and change times instead of read. Equal digests before
+    and after a command mean it changed nothing there."""
     h = hashlib.sha256()
     root = Path(path)
 
@@ -56,6 +57,8 @@ def tree_digest(path: Path | str) -> str:
         h.update(f"{rel}\0{stat.S_IFMT(st.st_mode)}\0{stat.S_IMODE(st.st_mode)}\0".encode())
         if stat.S_ISLNK(st.st_mode):
             h.update(os.readlink(p).encode())
+        elif stat.S_ISREG(st.st_mode) and st.st_size > max_read:
+            h.update(f"{st.st_size}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_ctime_ns}".encode())
         elif stat.S_ISREG(st.st_mode):
             with open(p, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
