@@ -149,3 +149,30 @@ def test_demo_model_export_runs_the_same_in_xft(tmp_path):
           f"greedy tokens agreeing: {agree} of {NEW_TOKENS}")
     # a real model has clear margins: the continuation must agree for 8 tokens or up to xFT's end token
     assert all(n >= min(8, len(x["tokens"])) for n, x in zip(agree, theirs))
+
+
+@pytest.mark.parametrize("vendor,flags,machine,why", [
+    ("AuthenticAMD", {"avx512f", "avx512_bf16"}, "x86_64", "not Intel (this one is AuthenticAMD)"),
+    ("GenuineIntel", {"avx512f", "avx2"}, "x86_64", "needs AVX512-FP16 or AMX"),
+    ("GenuineIntel", {"amx_bf16", "avx512_fp16"}, "aarch64", "x86-64 Linux only"),
+    ("GenuineIntel", {"amx_bf16", "avx512_fp16"}, "x86_64", None),
+])
+def test_setup_installs_nothing_where_xft_cannot_run(monkeypatch, tmp_path, vendor, flags, machine, why):
+    """setup_xft.py writes the reason and installs nothing on a CPU xFT refuses (no xFT needed here)."""
+    import importlib.util
+
+    import lowbit.cpuinfo as cpuinfo
+
+    spec = importlib.util.spec_from_file_location("setup_xft", HERE / "setup_xft.py")
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)
+    monkeypatch.setattr(cpuinfo, "_cpuinfo_field", lambda key: vendor if key == "vendor_id" else None)
+    monkeypatch.setattr(cpuinfo, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(cpuinfo.platform, "machine", lambda: machine)
+    reason = setup.why_not()
+    if why is None:
+        assert reason is None
+        return
+    assert why in reason
+    assert setup.main(str(tmp_path / "xft")) == 0
+    assert why in (tmp_path / "xft.skip").read_text() and not (tmp_path / "xft").exists()
