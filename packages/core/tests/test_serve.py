@@ -382,6 +382,9 @@ def test_requests_queue_one_at_a_time_and_a_full_queue_is_503(gated):
         _wait(lambda: gate.running == 1 and engine.jobs.qsize() == 2)
         full = httpx.post(f"{url}/completions", json=body, timeout=60)
         assert full.status_code == 503 and full.json()["error"]["code"] == "queue_full"
+        full = httpx.post(f"{url}/chat/completions", json={"model": NAME, "stream": True,
+                                                           "messages": [{"role": "user", "content": "Hi"}]}, timeout=60)
+        assert full.status_code == 503 and full.json()["error"]["code"] == "queue_full"  # before the stream starts
         gate.step(9)
         results = [f.result() for f in futs]
     assert [r.status_code for r in results] == [200, 200, 200]

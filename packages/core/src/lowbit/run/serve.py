@@ -289,6 +289,11 @@ def create_app(engine: Engine, api_key: str | None = None):
     async def _api_error(request, err: APIError):
         return JSONResponse(err.body(), status_code=err.status)
 
+    @app.exception_handler(Exception)
+    async def _internal(request, err: Exception):
+        body = APIError(500, f"internal error: {type(err).__name__}: {err}", "server_error").body()
+        return JSONResponse(body, status_code=500)
+
     @app.exception_handler(404)
     async def _not_found(request, err):
         return JSONResponse(APIError(404, f"no route {request.method} {request.url.path}").body(), status_code=404)
@@ -345,8 +350,7 @@ def create_app(engine: Engine, api_key: str | None = None):
                    asyncio.get_running_loop(), asyncio.Queue())
 
     async def run(job: Job):
-        """Yield the job's text deltas, then its Reply; cancel the job if the consumer stops early."""
-        engine.submit(job)
+        """Yield the (submitted) job's text deltas, then its Reply; cancel the job if the consumer stops early."""
         try:
             while True:
                 item = await job.chunks.get()
@@ -372,6 +376,7 @@ def create_app(engine: Engine, api_key: str | None = None):
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
         head = {"id": rid, "created": created, "model": engine.name}
+        engine.submit(job)  # a full queue is a 503 before any response has started, streamed or not
 
         if not body.get("stream"):
             text, reply = "", None
