@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="activation dtype (default: bf16)")
     p.add_argument("--kernel", help="force one kernel (see `lowbit kernels`)")
     p.add_argument("--seed", type=int, help="seed sampling, for reproducible replies")
+    p.add_argument("--runtime", choices=("auto", "native", "transformers"), default="auto",
+                   help="auto (default): the native decoder where it covers the model and CPU, else transformers")
 
 
 @dataclass
@@ -150,20 +152,14 @@ def _streamer(tokenizer, out):
 
 
 def _generate(model, tokenizer, ids: list[int], args, stop: str | None, eos: list[int], out) -> str:
-    import torch
+    """One reply: ``model`` is a :class:`lowbit.run.engine.Runner` (native or transformers) or a bare
+    transformers model; generation goes through :func:`lowbit.run.engine.generate` either way."""
+    from .engine import Runner, generate
 
-    x = torch.tensor([ids])
+    runner = model if isinstance(model, Runner) else Runner(None, "transformers", "a transformers model", model=model)
     streamer = _streamer(tokenizer, out)(stop)
-    kw: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, streamer=streamer, eos_token_id=eos or None,
-                              pad_token_id=eos[0] if eos else None)
-    if args.temperature > 0:
-        kw.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=None)
-    else:
-        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if stop:
-        kw.update(stop_strings=[stop], tokenizer=tokenizer)
-    with torch.no_grad():
-        gen = model.generate(x, attention_mask=torch.ones_like(x), **kw)
+    gen = generate(runner, [ids], args.max_new_tokens, args.temperature, args.top_p, eos=eos, streamer=streamer,
+                   stop_strings=[stop] if stop else None, tokenizer=tokenizer)
     text = tokenizer.decode(gen[0, len(ids):], skip_special_tokens=True)
     if stop and stop in text:
         text = text.split(stop, 1)[0]
@@ -246,8 +242,7 @@ def run(args) -> int:
     import torch
 
     from ..exporting import detect_format
-    from .load import load_runtime
-    from .nn import kernels_used
+    from .engine import load_runner
 
     if args.max_new_tokens < 1:
         raise LowbitError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
@@ -256,13 +251,13 @@ def run(args) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     fmt = detect_format(args.checkpoint)
-    qm, model = load_runtime(args.checkpoint, args.dtype, args.kernel)
-    kernels = ", ".join(f"{k} x{n}" for k, n in kernels_used(model).items()) or "none"
-    print(f"lowbit chat: {args.checkpoint} ({fmt}, {qm.scheme.describe()}, {args.dtype}; kernels: {kernels})")
+    runner = load_runner(args.checkpoint, args.dtype, args.kernel, runtime=getattr(args, "runtime", "auto"))
+    qm = runner.qm
+    print(f"lowbit chat: {args.checkpoint} ({fmt}, {qm.scheme.describe()}, {args.dtype}; {runner.describe()})")
     print(HELP)
     if sys.stdin.isatty():
         try:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    return chat_loop(model, qm, args)
+    return chat_loop(runner, qm, args)
