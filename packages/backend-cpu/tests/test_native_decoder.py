@@ -184,3 +184,13 @@ def test_sampling_and_eos():
     assert torch.equal(a, b) and a.shape == (1, 14)
     grown = runtime.generate(nat, ids, 40)  # more than the capacity: the cache grows to fit
     assert grown.shape == (1, 48) and nat.decoder.capacity >= 48
+
+
+def test_perplexity_through_the_native_decoder():
+    from lowbit.run.evaluate import perplexity
+
+    qm = make_qmodel("qwen3")
+    windows = torch.randint(1, 384, (2, 48), generator=torch.Generator().manual_seed(3))
+    ref = perplexity(build_model(qm, dtype=torch.float32), windows=windows, seqlen=48, progress=False)["ppl"]
+    nat = runtime.LogitsModel(runtime.runner_for(qm, torch.float32, capacity=16))  # the cache grows to the window
+    assert perplexity(nat, windows=windows, seqlen=48, progress=False)["ppl"] == pytest.approx(ref, rel=1e-4)
