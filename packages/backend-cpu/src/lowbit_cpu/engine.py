@@ -25,6 +25,7 @@ from . import cpuinfo, native
 FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 ACT_MODES = {torch.float32: 0, torch.bfloat16: 1}
 HEAD_F32, HEAD_BF16, HEAD_INT4, HEAD_INT8 = 0, 1, 2, 3
+MAX_GROUPS = 1024  # per weight row (csrc/engine.c)
 CHUNK = 256  # prompt tokens per native call (bounds the scratch; weights are read once per chunk)
 
 _I = ctypes.c_int64
@@ -32,7 +33,7 @@ _P = ctypes.c_void_p
 
 
 class QMat(ctypes.Structure):
-    _fields_ = [("n", _I), ("k", _I), ("group", _I), ("packed", _P), ("scales", _P), ("zs", _P), ("bias", _P)]
+    _fields_ = [("n", _I), ("k", _I), ("group", _I), ("packed", _P), ("scales", _P), ("zeros", _P), ("bias", _P)]
 
 
 class Layer(ctypes.Structure):
@@ -46,7 +47,12 @@ class Model(ctypes.Structure):
                 ("attn_scale", ctypes.c_float), ("act_mode", ctypes.c_int), ("head_kind", ctypes.c_int),
                 ("embed_bf16", ctypes.c_int), ("pad", ctypes.c_int), ("embed", _P), ("head", _P), ("head_q", QMat),
                 ("final_norm", _P), ("cos", _P), ("sin", _P), ("layers", ctypes.POINTER(Layer)), ("kcache", _P),
-                ("vcache", _P)]
+                ("vcache", _P), ("prof", _P)]
+
+
+#: the ops :meth:`NativeDecoder.profile` times (csrc/engine.c PROF_*); "norm" is both RMSNorms of every layer
+PROFILE_OPS = ("embedding", "norm", "qkv", "rope+kv", "attention", "o_proj+residual", "gate/up", "silu*up",
+               "down+residual", "final norm+lm_head")
 
 
 def _get(config, key, default=None):
@@ -116,6 +122,10 @@ def unsupported(qmodel, dtype: torch.dtype, lm_head: str = "float") -> str | Non
         gs = qw.in_features if s.group_size == -1 else s.group_size
         if gs % 64 or qw.in_features % gs:
             return f"{name}: group size {s.group_size}; the native decoder needs groups of 64, 128 or per channel"
+        if qw.in_features // gs > MAX_GROUPS:
+            return f"{name}: more than {MAX_GROUPS} groups per row"
+        if qw.scales.dtype != torch.float16 and not torch.equal(qw.scales.half().to(qw.scales.dtype), qw.scales):
+            return f"{name}: scales are not float16 values (the native decoder stores them as fp16)"
         if not qw.has_trivial_g_idx():
             return f"{name} has act-order (g_idx); the native decoder needs columns in group order"
     for i in range(n):
@@ -132,15 +142,15 @@ def _fuse(qws, dtype_bias=torch.float32) -> tuple[QMat, list[torch.Tensor]]:
     k = qws[0].in_features
     gs = k if qws[0].scheme.group_size == -1 else qws[0].scheme.group_size
     packed = torch.cat([native.pack_nibbles(q.codes.contiguous()) for q in qws]).contiguous()
-    scales = torch.cat([q.scales.float() for q in qws]).contiguous()
-    zs = torch.cat([q.zeros.float() * q.scales.float() for q in qws]).contiguous()
-    keep = [packed, scales, zs]
+    scales = torch.cat([q.scales.to(torch.float16) for q in qws]).contiguous()
+    zeros = torch.cat([q.zeros.to(torch.uint8) for q in qws]).contiguous()
+    keep = [packed, scales, zeros]
     bias = None
     if any(q.bias is not None for q in qws):
         bias = torch.cat([q.bias.float() if q.bias is not None else torch.zeros(q.out_features) for q in qws])
         keep.append(bias.contiguous())
         bias = keep[-1]
-    m = QMat(packed.shape[0], k, gs, packed.data_ptr(), scales.data_ptr(), zs.data_ptr(),
+    m = QMat(packed.shape[0], k, gs, packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
              None if bias is None else bias.data_ptr())
     return m, keep
 
@@ -152,9 +162,12 @@ class NativeDecoder:
     :param dtype: ``torch.float32`` (fp32 activations) or ``torch.bfloat16`` (int8 activations per 64 columns).
     :param lm_head: ``float`` (the checkpoint's, in ``dtype``), ``int4`` (g64 RTN) or ``int8`` (per channel,
         AVX-512 VNNI only), quantized at load time as ``lowbit.run.nn.quantize_lm_head`` does.
+    :param consume: take each layer's weights out of ``qmodel.qweights`` once packed, so the unpacked codes
+        (1 byte per weight) are freed layer by layer instead of living beside the packed copy until the end.
     """
 
-    def __init__(self, qmodel, dtype: torch.dtype = torch.bfloat16, lm_head: str = "float", capacity: int = 256):
+    def __init__(self, qmodel, dtype: torch.dtype = torch.bfloat16, lm_head: str = "float", capacity: int = 256,
+                 consume: bool = False):
         reason = unsupported(qmodel, dtype, lm_head)
         if reason is not None:
             raise LowbitError(f"native decoder: {reason}.")
@@ -174,6 +187,10 @@ class NativeDecoder:
                 m, keep = _fuse([qw[x] for x in parts])
                 setattr(lay, field, m)
                 self.keep += keep
+            if consume:
+                for path in names.values():
+                    del qmodel.qweights[path]
+                del qw
             p = f"model.layers.{i}."
             lay.in_norm = self._f32(ft[p + "input_layernorm.weight"])
             lay.post_norm = self._f32(ft[p + "post_attention_layernorm.weight"])
@@ -229,12 +246,12 @@ class NativeDecoder:
         scheme = QuantScheme(bits, gs, sym=sym)
         parts = [quantize(w[i:i + 4096].float(), scheme) for i in range(0, w.shape[0], 4096)]
         codes = torch.cat([p.codes for p in parts])
-        scales = torch.cat([p.scales for p in parts]).float().contiguous()
-        zs = (torch.cat([p.zeros for p in parts]).float() * scales).contiguous()
+        scales = torch.cat([p.scales for p in parts]).to(torch.float16).contiguous()
+        zeros = torch.cat([p.zeros for p in parts]).to(torch.uint8).contiguous()
         packed = native.pack_nibbles(codes) if bits == 4 else codes.contiguous()
-        self.keep += [packed, scales, zs]
+        self.keep += [packed, scales, zeros]
         k = w.shape[1]
-        m = QMat(w.shape[0], k, k if gs == -1 else gs, packed.data_ptr(), scales.data_ptr(), zs.data_ptr(), None)
+        m = QMat(w.shape[0], k, k if gs == -1 else gs, packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), None)
         return (HEAD_INT4 if bits == 4 else HEAD_INT8), m
 
     # ------------------------------------------------------------------------------------------------
@@ -305,6 +322,22 @@ class NativeDecoder:
                 raise LowbitError("native decoder: positions do not fit the KV cache.")
             self.n_past += mc
         return out if all_logits else out[0]
+
+    def profile(self, prompt_len: int = 128, steps: int = 16, threads: int | None = None) -> dict[str, float]:
+        """Milliseconds per decode step spent in each op (:data:`PROFILE_OPS`, wall time of thread 0 between
+        the team's barriers, so a phase includes waiting for the slowest thread), median-free mean over
+        ``steps`` greedy steps after a ``prompt_len`` random prompt."""
+        self.reset(max(self.capacity, prompt_len + steps + 1))
+        ids = torch.randint(0, self.md.vocab, (prompt_len,), generator=torch.Generator().manual_seed(0))
+        tok = int(self.forward(ids, threads=threads).argmax())
+        acc = (ctypes.c_double * len(PROFILE_OPS))()
+        self.md.prof = ctypes.cast(acc, _P).value
+        try:
+            for _ in range(steps):
+                tok = int(self.forward([tok], threads=threads).argmax())
+        finally:
+            self.md.prof = None
+        return {op: acc[i] * 1e3 / steps for i, op in enumerate(PROFILE_OPS)}
 
     def _scratch_logits(self) -> int:
         buf = getattr(self, "_discard", None)

@@ -4,7 +4,9 @@
  *
  * Per layer:  x += o_proj(attn(rope(qkv_proj(rmsnorm(x)))));  x += down(silu(gate(h)) * up(h)), h = rmsnorm(x)
  * with q/k/v and gate/up each one matrix (rows concatenated at load), int4 weights in the "nib64" layout
- * of int4_avx2.c (lowbit_cpu.native.pack_nibbles), fp32 scales and zero*scale per group. The residual
+ * of int4_avx2.c (lowbit_cpu.native.pack_nibbles), fp16 scales and uint8 zero points per group as the checkpoint
+ * stores them (3 bytes per group instead of the kernels' 8: 0.55 byte per weight at g64, not 0.625), widened
+ * to fp32 per weight row as it is used (zero * scale is exact in fp32: 4 + 11 significant bits). The residual
  * stream, norms, RoPE, softmax and the KV cache are fp32.
  *
  * Two activation modes for the int4 matrices:
@@ -31,13 +33,14 @@
 #endif
 
 enum { ACT_F32 = 0, ACT_I8 = 1 };
+enum { MAX_GROUPS = 1024 }; /* groups per weight row (checked by lowbit_cpu.engine) */
 enum { HEAD_F32 = 0, HEAD_BF16 = 1, HEAD_INT4 = 2, HEAD_INT8 = 3 };
 
 typedef struct {
     int64_t n, k, group;
     const uint8_t *packed; /* [n, k/2] nib64, or [n, k] uint8 codes for HEAD_INT8 */
-    const float *scales;   /* [n, k/group] */
-    const float *zs;       /* [n, k/group] zero * scale */
+    const uint16_t *scales; /* [n, k/group] fp16 */
+    const uint8_t *zeros;   /* [n, k/group] zero points */
     const float *bias;     /* [n] or NULL */
 } QMat;
 
@@ -60,7 +63,18 @@ typedef struct {
     const float *cos, *sin; /* [capacity, head_dim/2] */
     const Layer *layers;
     float *kcache, *vcache; /* [n_layers, n_kv, capacity, head_dim] */
+    double *prof;           /* NULL, or [PROF_N] seconds per op added up by thread 0 (wall time between barriers) */
 } Model;
+
+enum { PROF_EMBED, PROF_NORM, PROF_QKV, PROF_ROPE, PROF_ATTN, PROF_O, PROF_GU, PROF_ACT, PROF_DOWN, PROF_HEAD, PROF_N };
+#define TICK(op)                                                        \
+    do {                                                                \
+        if (prof_on) {                                                  \
+            const double t_ = omp_get_wtime();                          \
+            md->prof[op] += t_ - t_last;                                \
+            t_last = t_;                                                \
+        }                                                               \
+    } while (0)
 
 /* ------------------------------------------------------------------------------------ helpers */
 
@@ -366,7 +380,20 @@ static void qmatmul(const Model *md, const QMat *w, const float *x, int64_t M, c
     share(w->n, 16, &n0, &n1);
     (void)nr;
     for (int64_t n = n0; n < n1; ++n) {
-        const float *srow = w->scales + n * ng, *zsrow = w->zs + n * ng;
+        float srow[MAX_GROUPS], zsrow[MAX_GROUPS];
+        const uint16_t *sh = w->scales + n * ng;
+        const uint8_t *zr = w->zeros + n * ng;
+        int64_t g = 0;
+        for (; g + 8 <= ng; g += 8) {
+            const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sh + g)));
+            const __m256 zv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zr + g))));
+            _mm256_storeu_ps(srow + g, sv);
+            _mm256_storeu_ps(zsrow + g, _mm256_mul_ps(sv, zv));
+        }
+        for (; g < ng; ++g) {
+            srow[g] = _cvtsh_ss(sh[g]);
+            zsrow[g] = srow[g] * (float)zr[g];
+        }
         const float b = w->bias ? w->bias[n] : 0.f;
         if (w8) {
 #if LB_VNNI
@@ -514,6 +541,8 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
 
     #pragma omp parallel num_threads(nthreads)
     {
+        const int prof_on = md->prof != NULL && omp_get_thread_num() == 0;
+        double t_last = prof_on ? omp_get_wtime() : 0.0;
         #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; ++m) {
             const int64_t id = ids[m];
@@ -524,11 +553,14 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
                 memcpy(s.x + m * H, (const float *)md->embed + id * H, sizeof(float) * H);
             }
         }
+        TICK(PROF_EMBED);
         for (int64_t l = 0; l < md->n_layers; ++l) {
             const Layer *L = md->layers + l;
             float *kc = md->kcache + l * nkv * cap * hd, *vc = md->vcache + l * nkv * cap * hd;
             rmsnorm_rows(s.x, L->in_norm, s.h, M, H, md->eps);
+            TICK(PROF_NORM);
             linear(md, &L->qkv, s.h, M, &s.a, s.qkv);
+            TICK(PROF_QKV);
             /* q/k norms (Qwen3), RoPE, K/V into the cache: one (row, head) each */
             #pragma omp for schedule(static)
             for (int64_t t = 0; t < M * (nh + nkv); ++t) {
@@ -548,6 +580,7 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
                     memcpy(vc + (g * cap + p) * hd, v, sizeof(float) * hd);
                 }
             }
+            TICK(PROF_ROPE);
             /* attention, one (row, head) each */
             #pragma omp for schedule(static)
             for (int64_t t = 0; t < M * nh; ++t) {
@@ -585,20 +618,26 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
                     for (; i < hd; ++i) o[i] += w * v[i];
                 }
             }
+            TICK(PROF_ATTN);
             linear(md, &L->o, s.att, M, &s.a, s.h);
             #pragma omp for schedule(static)
             for (int64_t i = 0; i < M * H; ++i) s.x[i] += s.h[i];
+            TICK(PROF_O);
             rmsnorm_rows(s.x, L->post_norm, s.h, M, H, md->eps);
+            TICK(PROF_NORM);
             linear(md, &L->gu, s.h, M, &s.a, s.gu);
+            TICK(PROF_GU);
             #pragma omp for schedule(static)
             for (int64_t t = 0; t < M * I; ++t) {
                 const int64_t m = t / I, i = t % I;
                 const float gt = s.gu[m * 2 * I + i], up = s.gu[m * 2 * I + I + i];
                 s.act[t] = gt / (1.f + expf(-gt)) * up;
             }
+            TICK(PROF_ACT);
             linear(md, &L->down, s.act, M, &s.a, s.h);
             #pragma omp for schedule(static)
             for (int64_t i = 0; i < M * H; ++i) s.x[i] += s.h[i];
+            TICK(PROF_DOWN);
         }
         /* final norm and lm_head over the rows asked for */
         const int64_t r0 = all_logits ? 0 : M - 1, MR = M - r0;
@@ -609,6 +648,8 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
             prep_act(md, s.h, MR, H, md->head_q.group, &s.a, md->head_kind == HEAD_INT8);
             qmatmul(md, &md->head_q, s.h, MR, &s.a, logits, md->head_kind == HEAD_INT8);
         }
+        #pragma omp barrier
+        TICK(PROF_HEAD);
     }
     return 0;
 }

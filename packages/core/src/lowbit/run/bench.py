@@ -349,7 +349,8 @@ def _native_child(spec: dict, qmodel, rss0: int, t0: float) -> dict:
 
     dtype = DTYPES[spec["dtype"]]
     capacity = spec["prompt_len"] + spec["new_tokens"] + 8  # the KV cache sized from the request
-    runner = runner_for(qmodel, dtype, lm_head=spec.get("lm_head", "float"), runtime="native", capacity=capacity)
+    runner = runner_for(qmodel, dtype, lm_head=spec.get("lm_head", "float"), runtime="native", capacity=capacity,
+                        consume=True)
     dec = runner.decoder
     scheme, tokenizer, vocab = qmodel.scheme.describe(), qmodel.tokenizer, int(qmodel.config.vocab_size)
     del qmodel, runner
@@ -582,9 +583,13 @@ def model_bench(checkpoint, dtype="bf16", prompt_len=128, new_tokens=32, repeat=
                 # AVX-512 kernels, no AMX and no repacked layouts), and say so in the row
                 lc = _run_child({**spec, "gguf": gguf, "extra_bufts": False})
             rows.append({"model": f"llama.cpp {lc['scheme']}", **lc})
+    lc_rows = [r for r in rows if r["model"].startswith("llama.cpp ")]
+    lc_ref = next((r for r in lc_rows if "Q4_0" in r["model"]), lc_rows[0] if lc_rows else None)
     for r in rows:
         r["decode_speedup"] = base["decode_s_per_token"] / r["decode_s_per_token"] if base else None
         r["prefill_speedup"] = base["prefill_s"] / r["prefill_s"] if base else None
+        r["decode_vs_llama_cpp"] = lc_ref["decode_s_per_token"] / r["decode_s_per_token"] if lc_ref else None
+        r["prefill_vs_llama_cpp"] = lc_ref["prefill_s"] / r["prefill_s"] if lc_ref else None
     return {"kind": "model", "checkpoint": str(path), "activation_dtype": dtype, "prompt_len": prompt_len,
             "new_tokens": new_tokens, "repeat": repeat, "clock": clock, "ppl_windows": ppl_windows,
             "ppl_seqlen": ppl_seqlen, "machine": machine(), "rows": rows}
@@ -617,9 +622,9 @@ def format_model_table(report: dict) -> str:
         f"machine: {m['cpu']} [{', '.join(m['isa'])}], {m['threads']} threads, torch {m['torch']}, "
         f"load average {', '.join(f'{x:.1f}' for x in m['load_average'] or [])}",
         "",
-        "| model | kernels | weights MiB | peak RSS MiB | disk MiB | PPL | prefill tok/s | median s/token | "
-        "decode tok/s | decode speed-up | prefill speed-up |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | kernels | weights MiB | peak RSS MiB | disk MiB | load s | PPL | prefill tok/s | median s/token | "
+        "decode tok/s | decode speed-up | prefill speed-up | decode vs llama.cpp | prefill vs llama.cpp |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         kern = ", ".join(f"{k} x{v}" for k, v in r["kernels"].items())
@@ -627,7 +632,9 @@ def format_model_table(report: dict) -> str:
         ppl = f"{r['ppl']:.2f}" if r.get("ppl") else "-"
         ds = f"{r['decode_speedup']:.2f}x" if r.get("decode_speedup") else "-"
         ps = f"{r['prefill_speedup']:.2f}x" if r.get("prefill_speedup") else "-"
+        lvs = f"{r['decode_vs_llama_cpp']:.2f}x" if r.get("decode_vs_llama_cpp") else "-"
+        lps = f"{r['prefill_vs_llama_cpp']:.2f}x" if r.get("prefill_vs_llama_cpp") else "-"
         lines.append(f"| {r['model']} | {kern} | {r['weights_bytes'] / mib:.1f} | {r['peak_rss_bytes'] / mib:.0f} | "
-                     f"{disk} | {ppl} | {r['prefill_tok_s']:.1f} | {r['decode_s_per_token']:.4f} | "
-                     f"{r['decode_tok_s']:.1f} | {ds} | {ps} |")
+                     f"{disk} | {r.get('load_s', 0):.1f} | {ppl} | {r['prefill_tok_s']:.1f} | "
+                     f"{r['decode_s_per_token']:.4f} | {r['decode_tok_s']:.1f} | {ds} | {ps} | {lvs} | {lps} |")
     return "\n".join(lines)

@@ -76,17 +76,19 @@ def load_runner(path: str, dtype_name: str, kernel: str | None = None, lm_head: 
     qm = read_checkpoint(path)
     if qm.tokenizer is None:
         raise LowbitError(f"{path} has no tokenizer files; copy the model's tokenizer into it.")
-    return runner_for(qm, dtype_of(dtype_name), kernel, lm_head, runtime, capacity)
+    return runner_for(qm, dtype_of(dtype_name), kernel, lm_head, runtime, capacity, consume=True)
 
 
 def runner_for(qm, dtype, kernel: str | None = None, lm_head: str = "float", runtime: str = "auto",
-               capacity: int = 2048) -> Runner:
+               capacity: int = 2048, consume: bool = False) -> Runner:
+    """The runner for a QuantizedModel already read. ``consume``: the native decoder may take the quantized
+    weights out of ``qm`` as it packs them (lower peak memory; ``qm`` keeps config, tokenizer and floats)."""
     reason = native_reason(qm, dtype, lm_head, kernel, runtime)
     if reason is None:
         from lowbit_cpu.engine import NativeDecoder
 
         ctx = int(getattr(qm.config, "max_position_embeddings", capacity) or capacity)
-        dec = NativeDecoder(qm, dtype, lm_head, capacity=min(capacity, ctx))
+        dec = NativeDecoder(qm, dtype, lm_head, capacity=min(capacity, ctx), consume=consume)
         return Runner(qm, "native", "the native decoder covers this model and CPU", decoder=dec, dtype=dtype)
     if runtime == "native":
         raise LowbitError(f"--runtime native: {reason}.")
