@@ -194,3 +194,31 @@ def test_perplexity_through_the_native_decoder():
     ref = perplexity(build_model(qm, dtype=torch.float32), windows=windows, seqlen=48, progress=False)["ppl"]
     nat = runtime.LogitsModel(runtime.runner_for(qm, torch.float32, capacity=16))  # the cache grows to the window
     assert perplexity(nat, windows=windows, seqlen=48, progress=False)["ppl"] == pytest.approx(ref, rel=1e-4)
+
+
+def test_mistral_sliding_window():
+    """A window of 8 positions, prompt and steps past it: the native decoder drops the same keys transformers masks."""
+    qm = make_qmodel("mistral", sliding_window=8)
+    ref = runtime.Runner(qm, "transformers", "test", model=build_model(qm, dtype=torch.float32))
+    nat = runtime.runner_for(qm, torch.float32, capacity=40)
+    assert nat.decoder.md.window == 8
+    ids = prompt(12)
+    want = runtime.generate(ref, ids, 20)
+    assert torch.equal(runtime.generate(nat, ids, 20), want)
+    with torch.no_grad():
+        ref_logits = ref.model(want).logits[0]
+    nat.decoder.reset()
+    assert rel(nat.decoder.forward(want[0], all_logits=True), ref_logits) < 1e-4
+
+
+def test_llama3_rope_scaling_and_theta():
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    qm = make_qmodel("llama", rope_parameters=rope)
+    ids = prompt(48)
+    with torch.no_grad():
+        ref = build_model(qm, dtype=torch.float32)(ids).logits[0]
+    got = engine.NativeDecoder(qm, torch.float32, capacity=48).forward(ids[0], all_logits=True)
+    assert rel(got, ref) < 1e-4
+    plain = engine.NativeDecoder(make_qmodel("llama"), torch.float32, capacity=48).forward(ids[0], all_logits=True)
+    assert rel(plain, ref) > 1e-3  # the scaling changes the logits, and the decoder follows it

@@ -210,6 +210,7 @@ class NativeDecoder:
         emb = emb.to(dtype).contiguous()
         self.keep.append(emb)
         md.embed, md.embed_bf16 = emb.data_ptr(), int(dtype == torch.bfloat16)
+        self._emb_itemsize = emb.element_size()
         md.final_norm = self._f32(ft["model.norm.weight"])
         tied = bool(_get(c, "tie_word_embeddings", False)) or "lm_head.weight" not in ft
         if "lm_head" in qmodel.qweights:
@@ -285,7 +286,14 @@ class NativeDecoder:
         self._scratch_key = None
 
     def weight_bytes(self) -> int:
-        return sum(t.untyped_storage().nbytes() for t in self.keep)
+        """Bytes of every tensor the decoder holds except the KV cache (each storage once)."""
+        seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.keep}
+        return sum(seen.values())
+
+    def streamed_bytes(self) -> int:
+        """Bytes read per decode step: all weights but the embedding table, unless it is the lm_head too."""
+        emb_is_head = self.md.head == self.md.embed
+        return self.weight_bytes() - (0 if emb_is_head else self.md.vocab * self.md.hidden * self._emb_itemsize)
 
     def cache_bytes(self) -> int:
         return 2 * self.kcache.numel() * 4 if self.capacity else 0
