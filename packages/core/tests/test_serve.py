@@ -111,9 +111,10 @@ def client(server):
 def local(templated_ckpt):
     """lowbit's runtime in this process: what the server must answer, token for token."""
     from lowbit.run.chat import _eos_ids, generate_reply
-    from lowbit.run.load import load_runtime
+    from lowbit.run.engine import load_runner
 
-    qm, model = load_runtime(str(templated_ckpt), "bf16")
+    model = load_runner(str(templated_ckpt), "bf16")  # the runtime the server picks (native where it can)
+    qm = model.qm
     eos = _eos_ids(qm, qm.tokenizer)
 
     def chat(messages, max_tokens):

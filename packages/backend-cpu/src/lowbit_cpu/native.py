@@ -34,6 +34,7 @@ SOURCE = Path(__file__).parent / "csrc" / "int4_avx2.c"
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 VNNI_SOURCE = Path(__file__).parent / "csrc" / "int4_vnni.c"
 VNNI_CFLAGS = [*CFLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
+ENGINE_SOURCE = Path(__file__).parent / "csrc" / "engine.c"
 # /proc/cpuinfo flags the VNNI kernel's instructions need
 VNNI_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 
@@ -150,6 +151,23 @@ def vnni_library() -> ctypes.CDLL:
     if reason is not None:
         raise MissingDependencyError(f"lowbit-backend-cpu VNNI kernel: {reason}.")
     return _load(VNNI_SOURCE, VNNI_CFLAGS, _VNNI_SIGNATURES)
+
+
+@functools.lru_cache(maxsize=2)
+def engine_library(vnni: bool) -> ctypes.CDLL:
+    """Build (once, cached on disk) and load the native decoder (``csrc/engine.c``): the AVX-512 VNNI build
+    where ``vnni`` (the caller checks the CPU), else the AVX2 one, which holds no AVX-512 instruction."""
+    reason = vnni_unavailable_reason() if vnni else unavailable_reason()
+    if reason is not None:
+        raise MissingDependencyError(f"lowbit-backend-cpu native decoder: {reason}.")
+    lib = _load(ENGINE_SOURCE, VNNI_CFLAGS if vnni else CFLAGS, {})
+    lib.lowbit_engine_scratch_bytes.argtypes = [_P, _I, ctypes.c_int]
+    lib.lowbit_engine_scratch_bytes.restype = _I
+    lib.lowbit_engine_forward.argtypes = [_P, _P, _I, _I, _P, ctypes.c_int, ctypes.c_int, _P]
+    lib.lowbit_engine_forward.restype = ctypes.c_int
+    lib.lowbit_engine_isa.argtypes = []
+    lib.lowbit_engine_isa.restype = ctypes.c_int
+    return lib
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from .argtypes import path as path_arg
 from .errors import LowbitError
 from .plugins import registry
 from .recipe import Recipe, method_steps
-from .run.load import DTYPES, dtype_of, load_runtime
+from .run.load import DTYPES, dtype_of
 from .scheme import DEFAULT_GROUP_SIZE
 
 
@@ -187,15 +187,20 @@ def cmd_eval_ppl(a) -> int:
 
     from .calibration import read_text_file
     from .loading import load_model, resolve
+    from .run.engine import LogitsModel, load_runner
     from .run.evaluate import eval_text, perplexity, window_ids
     from .run.nn import kernels_used
 
     text = read_text_file(a.text, "--text") if a.text else eval_text()  # a bad file fails before the model loads
-    qm, model = load_runtime(a.checkpoint, a.dtype, a.kernel)
+    runner = load_runner(a.checkpoint, a.dtype, a.kernel, runtime=a.runtime, capacity=a.seqlen)
+    qm = runner.qm
+    model = LogitsModel(runner) if runner.path == "native" else runner.model
+    print(runner.describe(), file=sys.stderr)
     seqlen = min(a.seqlen, getattr(qm.config, "max_position_embeddings", None) or a.seqlen)
     windows = window_ids(qm.tokenizer, text, seqlen)
     max_windows = None if a.full else a.windows
-    res = {"checkpoint": a.checkpoint, "kernels": kernels_used(model),
+    kernels = ({runner.decoder.describe(): 1} if runner.path == "native" else kernels_used(model))
+    res = {"checkpoint": a.checkpoint, "kernels": kernels, "runtime": runner.path,
            "quantized": perplexity(model, windows=windows, seqlen=seqlen, max_windows=max_windows,
                                    progress=not a.no_progress)}
     del model
@@ -226,11 +231,21 @@ def _prompt_ids(tokenizer, prompt: str, raw: bool):
     return tokenizer(prompt, return_tensors="pt").input_ids
 
 
+def _runtime_arg(p) -> None:
+    p.add_argument("--runtime", choices=("auto", "native", "transformers"), default="auto",
+                   help="auto (default): the CPU backend's native decoder where it covers the model and CPU, else "
+                        "transformers with lowbit's kernels (the choice and its reason go to stderr); also "
+                        "LOWBIT_RUNTIME")
+
+
 def cmd_generate(a) -> int:
-    import torch
     from transformers import TextStreamer
 
-    qm, model = load_runtime(a.checkpoint, a.dtype, a.kernel, a.lm_head)
+    from .run.engine import generate, load_runner
+
+    runner = load_runner(a.checkpoint, a.dtype, a.kernel, a.lm_head, a.runtime)
+    qm = runner.qm
+    print(runner.describe(), file=sys.stderr)
     ids = _prompt_ids(qm.tokenizer, a.prompt, a.raw)
     if ids.shape[-1] == 0:
         raise LowbitError("the prompt is empty (it encodes to no tokens); give a prompt, or drop --raw so that the "
@@ -241,20 +256,16 @@ def cmd_generate(a) -> int:
                           f"model's context of {context} tokens; pass --max-new-tokens "
                           f"{max(1, context - ids.shape[-1])} or less, or a shorter prompt.")
     streamer = None if a.json else TextStreamer(qm.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sample = a.temperature > 0
-    gen_kwargs = dict(max_new_tokens=a.max_new_tokens, do_sample=sample, streamer=streamer,
-                      pad_token_id=qm.tokenizer.eos_token_id)
-    if sample:
-        gen_kwargs.update(temperature=a.temperature, top_p=a.top_p)
-    else:
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-    if qm.generation_config is not None:
-        model.generation_config = qm.generation_config
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), **gen_kwargs)
+    gc = qm.generation_config
+    eos = getattr(gc, "eos_token_id", None) if gc is not None else None
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if qm.tokenizer.eos_token_id is not None and qm.tokenizer.eos_token_id not in eos:
+        eos.append(qm.tokenizer.eos_token_id)
+    out = generate(runner, ids, a.max_new_tokens, a.temperature, a.top_p, eos=eos, streamer=streamer)
     text = qm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     if a.json:
-        _print_json({"prompt": a.prompt, "completion": text, "new_tokens": int(out.shape[1] - ids.shape[1])})
+        _print_json({"prompt": a.prompt, "completion": text, "new_tokens": int(out.shape[1] - ids.shape[1]),
+                     "runtime": runner.path, "runtime_reason": runner.why})
     return 0
 
 
@@ -446,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kernel", help="force one kernel (see `lowbit kernels`)")
     e.add_argument("--json", action="store_true")
     e.add_argument("--no-progress", action="store_true")
+    _runtime_arg(e)
     e.set_defaults(func=cmd_eval_ppl)
     from .run import tasks as eval_tasks
 
@@ -468,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the checkpoint's float lm_head (default) or quantize it at load time: int8 per "
                           "channel, int4 g64 (faster decode; see benchmarks/cpu/RESULTS.md for the perplexity cost)")
     gen.add_argument("--json", action="store_true")
+    _runtime_arg(gen)
     gen.set_defaults(func=cmd_generate)
 
     pl = sub.add_parser("plugins", help="list lowbit and the plugins found, with versions")

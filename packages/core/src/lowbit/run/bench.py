@@ -70,9 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lm-head", action="append", choices=("float", "int8", "int4"), default=None,
                         help="model level: lowbit row(s) with the float lm_head kept (float) or quantized at load "
                              "time (int8 per channel, int4 g64), repeatable (default float)")
-    parser.add_argument("--llama-cpp", metavar="GGUF", default=None, type=path,
-                        help="model level: also run llama.cpp (llama-cpp-python) on this GGUF file; 'demo' is the "
-                             "demo model's own Q4_1 GGUF")
+    parser.add_argument("--llama-cpp", metavar="GGUF", action="append", default=None, type=path,
+                        help="model level: also run llama.cpp (llama-cpp-python) on this GGUF file (repeatable); "
+                             "'demo' is the demo model's own Q4_1 GGUF")
+    parser.add_argument("--runtime", choices=("auto", "native", "transformers", "both"), default="auto",
+                        help="model level: the lowbit row(s) on the runtime generate/chat would pick (auto), the "
+                             "native decoder, the transformers modules, or both side by side")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     report = model_bench(args.checkpoint, dtype=args.dtype, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                          repeat=args.repeat, ppl_windows=args.ppl_windows, ppl_seqlen=args.ppl_seqlen,
                          baseline=not args.no_float, threads=torch.get_num_threads(), clock=args.clock,
-                         lm_heads=args.lm_head or ["float"], llama_cpp=args.llama_cpp)
+                         lm_heads=args.lm_head or ["float"], llama_cpp=args.llama_cpp, runtime=args.runtime)
     print(json.dumps(report, indent=2) if args.json else format_model_table(report))
     return 0
 
@@ -324,6 +327,60 @@ def _measure_model(model, prompt_len: int, new_tokens: int, repeat: int, vocab: 
     return {"prefill_s": p, "prefill_tok_s": prompt_len / p, "decode_s_per_token": d, "decode_tok_s": 1 / d}
 
 
+@torch.inference_mode()
+def _measure_native(dec, prompt_len: int, new_tokens: int, repeat: int, vocab: int, clock: str = "wall") -> dict:
+    """:func:`_measure_model` for the native decoder: prefill (last logits only), then greedy steps."""
+    now = CLOCKS[clock]
+    ids = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(0))
+    dec.forward(ids[:8])  # warm up
+    prefill, steps = [], []
+    for _ in range(repeat):
+        dec.reset()
+        t = now()
+        logits = dec.forward(ids)
+        prefill.append(now() - t)
+        tok = int(logits.argmax())
+        for _ in range(new_tokens):
+            t = now()
+            logits = dec.forward([tok])
+            steps.append(now() - t)
+            tok = int(logits.argmax())
+    p = statistics.median(prefill)
+    d = statistics.median(steps)
+    return {"prefill_s": p, "prefill_tok_s": prompt_len / p, "decode_s_per_token": d, "decode_tok_s": 1 / d}
+
+
+def _native_child(spec: dict, qmodel, rss0: int, t0: float) -> dict:
+    from .engine import LogitsModel, runner_for
+
+    dtype = DTYPES[spec["dtype"]]
+    capacity = spec["prompt_len"] + spec["new_tokens"] + 8  # the KV cache sized from the request
+    runner = runner_for(qmodel, dtype, lm_head=spec.get("lm_head", "float"), runtime="native", capacity=capacity,
+                        consume=True)
+    dec = runner.decoder
+    scheme, tokenizer, vocab = qmodel.scheme.describe(), qmodel.tokenizer, int(qmodel.config.vocab_size)
+    del qmodel, runner
+    gc.collect()
+    out = {"kernels": {dec.describe(): 1}, "scheme": scheme, "load_s": time.perf_counter() - t0,
+           "weights_bytes": dec.weight_bytes(), "kv_cache_bytes": dec.cache_bytes(),
+           "rss_after_load_bytes": _rss_bytes() - rss0}
+    out.update(_measure_native(dec, spec["prompt_len"], spec["new_tokens"], spec["repeat"], vocab, spec["clock"]))
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    if spec["ppl_windows"]:
+        from types import SimpleNamespace
+
+        from .evaluate import perplexity
+
+        windows = _shared_windows(spec, tokenizer)
+        if windows is None:
+            out["ppl"] = None
+        else:
+            dec.reset(spec["ppl_seqlen"])
+            model = LogitsModel(SimpleNamespace(decoder=dec, config=dec.config))
+            out["ppl"] = perplexity(model, windows=windows, seqlen=spec["ppl_seqlen"], progress=False)["ppl"]
+    return out
+
+
 def _child(spec: dict) -> dict:
     """Build one model (quantized through lowbit, or the bf16 float baseline) and measure it."""
     from ..exporting import read_checkpoint
@@ -335,6 +392,8 @@ def _child(spec: dict) -> dict:
     t0 = time.perf_counter()
     qmodel = read_checkpoint(spec["checkpoint"])
     tokenizer = qmodel.tokenizer
+    if spec.get("runtime") == "native":
+        return _native_child(spec, qmodel, rss0, t0)
     if spec["float"]:
         model = lnn.build_float_model(qmodel, dtype)
         kernels = {"transformers nn.Linear": len(qmodel.qweights)}
@@ -488,17 +547,20 @@ def _run_child(spec: dict) -> dict:
 
 
 def model_bench(checkpoint, dtype="bf16", prompt_len=128, new_tokens=32, repeat=3, ppl_windows=0, ppl_seqlen=512,
-                baseline=True, threads=None, clock="wall", lm_heads=("float",), llama_cpp=None) -> dict:
+                baseline=True, threads=None, clock="wall", lm_heads=("float",), llama_cpp=None,
+                runtime="auto") -> dict:
     path = Path(checkpoint)
     if not path.exists():
         raise LowbitError(f"checkpoint {checkpoint} does not exist; pass a directory written by lowbit or an exporter.")
     if prompt_len < 1 or new_tokens < 1:
         raise LowbitError("--prompt-len and --new-tokens must be at least 1.")
-    gguf = None
-    if llama_cpp:
-        gguf = demo_gguf() if llama_cpp == DEMO_GGUF else llama_cpp
+    ggufs = []
+    for name in [llama_cpp] if isinstance(llama_cpp, str) else (llama_cpp or []):
+        gguf = demo_gguf() if name == DEMO_GGUF else name
         if not Path(gguf).is_file():
-            raise LowbitError(f"--llama-cpp {llama_cpp}: no such GGUF file.")
+            raise LowbitError(f"--llama-cpp {name}: no such GGUF file.")
+        ggufs.append(gguf)
+    runtimes = _runtimes(path, dtype, lm_heads, runtime)
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp:
         spec = {"checkpoint": str(path), "dtype": dtype, "prompt_len": prompt_len, "new_tokens": new_tokens,
                 "repeat": repeat, "ppl_windows": ppl_windows, "ppl_seqlen": ppl_seqlen,
@@ -506,16 +568,17 @@ def model_bench(checkpoint, dtype="bf16", prompt_len=128, new_tokens=32, repeat=
                 "windows_path": str(Path(tmp) / "windows.pt")}
         rows = []
         for head in dict.fromkeys(lm_heads):
-            quant = _run_child({**spec, "float": False, "lm_head": head})
-            quant["disk_bytes"] = _dir_bytes(path)
-            label = "" if head == "float" else f", lm_head {head}"
-            rows.append({"model": f"lowbit {quant['scheme']}{label}", **quant})
+            for rt in runtimes[head]:
+                quant = _run_child({**spec, "float": False, "lm_head": head, "runtime": rt})
+                quant["disk_bytes"] = _dir_bytes(path)
+                label = ("" if head == "float" else f", lm_head {head}") + f", {rt}"
+                rows.append({"model": f"lowbit {quant['scheme']}{label}", "runtime": rt, **quant})
         base = None
         if baseline:
             base = _run_child({**spec, "float": True})
             base["disk_bytes"] = None
             rows.append({"model": f"{dtype} transformers (dequantized)", **base})
-        if gguf:
+        for gguf in ggufs:
             try:
                 lc = _run_child({**spec, "gguf": gguf})
             except ChildCrashed:
@@ -524,12 +587,32 @@ def model_bench(checkpoint, dtype="bf16", prompt_len=128, new_tokens=32, repeat=
                 # AVX-512 kernels, no AMX and no repacked layouts), and say so in the row
                 lc = _run_child({**spec, "gguf": gguf, "extra_bufts": False})
             rows.append({"model": f"llama.cpp {lc['scheme']}", **lc})
+    lc_rows = [r for r in rows if r["model"].startswith("llama.cpp ")]
+    lc_ref = next((r for r in lc_rows if "Q4_0" in r["model"]), lc_rows[0] if lc_rows else None)
     for r in rows:
         r["decode_speedup"] = base["decode_s_per_token"] / r["decode_s_per_token"] if base else None
         r["prefill_speedup"] = base["prefill_s"] / r["prefill_s"] if base else None
+        r["decode_vs_llama_cpp"] = lc_ref["decode_s_per_token"] / r["decode_s_per_token"] if lc_ref else None
+        r["prefill_vs_llama_cpp"] = lc_ref["prefill_s"] / r["prefill_s"] if lc_ref else None
     return {"kind": "model", "checkpoint": str(path), "activation_dtype": dtype, "prompt_len": prompt_len,
             "new_tokens": new_tokens, "repeat": repeat, "clock": clock, "ppl_windows": ppl_windows,
             "ppl_seqlen": ppl_seqlen, "machine": machine(), "rows": rows}
+
+
+def _runtimes(path: Path, dtype: str, lm_heads, runtime: str) -> dict[str, list[str]]:
+    """lm_head mode → the runtimes its lowbit rows run on (``auto``: the one generate/chat would pick)."""
+    if runtime in ("native", "transformers"):
+        return {h: [runtime] for h in lm_heads}
+    from ..exporting import read_checkpoint
+    from .engine import native_reason
+
+    qm = read_checkpoint(path)
+    out = {}
+    for h in lm_heads:
+        ok = native_reason(qm, DTYPES[dtype], h) is None
+        out[h] = (["native", "transformers"] if ok else ["transformers"]) if runtime == "both" else \
+            (["native"] if ok else ["transformers"])
+    return out
 
 
 def format_model_table(report: dict) -> str:
@@ -543,9 +626,9 @@ def format_model_table(report: dict) -> str:
         f"machine: {m['cpu']} [{', '.join(m['isa'])}], {m['threads']} threads, torch {m['torch']}, "
         f"load average {', '.join(f'{x:.1f}' for x in m['load_average'] or [])}",
         "",
-        "| model | kernels | weights MiB | peak RSS MiB | disk MiB | PPL | prefill tok/s | median s/token | "
-        "decode tok/s | decode speed-up | prefill speed-up |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | kernels | weights MiB | peak RSS MiB | disk MiB | load s | PPL | prefill tok/s | median s/token | "
+        "decode tok/s | decode speed-up | prefill speed-up | decode vs llama.cpp | prefill vs llama.cpp |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         kern = ", ".join(f"{k} x{v}" for k, v in r["kernels"].items())
@@ -553,7 +636,9 @@ def format_model_table(report: dict) -> str:
         ppl = f"{r['ppl']:.2f}" if r.get("ppl") else "-"
         ds = f"{r['decode_speedup']:.2f}x" if r.get("decode_speedup") else "-"
         ps = f"{r['prefill_speedup']:.2f}x" if r.get("prefill_speedup") else "-"
+        lvs = f"{r['decode_vs_llama_cpp']:.2f}x" if r.get("decode_vs_llama_cpp") else "-"
+        lps = f"{r['prefill_vs_llama_cpp']:.2f}x" if r.get("prefill_vs_llama_cpp") else "-"
         lines.append(f"| {r['model']} | {kern} | {r['weights_bytes'] / mib:.1f} | {r['peak_rss_bytes'] / mib:.0f} | "
-                     f"{disk} | {ppl} | {r['prefill_tok_s']:.1f} | {r['decode_s_per_token']:.4f} | "
-                     f"{r['decode_tok_s']:.1f} | {ds} | {ps} |")
+                     f"{disk} | {r.get('load_s', 0):.1f} | {ppl} | {r['prefill_tok_s']:.1f} | "
+                     f"{r['decode_s_per_token']:.4f} | {r['decode_tok_s']:.1f} | {ds} | {ps} | {lvs} | {lps} |")
     return "\n".join(lines)

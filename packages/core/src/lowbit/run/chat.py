@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="activation dtype (default: bf16)")
     p.add_argument("--kernel", help="force one kernel (see `lowbit kernels`)")
     p.add_argument("--seed", type=seed, help="seed sampling, for reproducible replies")
+    p.add_argument("--runtime", choices=("auto", "native", "transformers"), default="auto",
+                   help="auto (default): the native decoder where it covers the model and CPU, else transformers")
 
 
 @dataclass
@@ -168,27 +170,21 @@ def generate_reply(model, tokenizer, ids: list[int], *, max_new_tokens: int, tem
                    on_text: Callable[[str], None] | None = None) -> Reply:
     """Generate one reply to the prompt ``ids``, streaming its text to ``on_text`` as it is decoded.
 
-    The one generation call that ``chat`` and ``serve`` share, so that a faster decoder can replace
-    it in one place. ``temperature`` 0 is greedy; ``stop`` strings end the reply and are not part of
-    it; ``eos`` token ids end it too. An exception raised by ``on_text`` aborts the generation and
-    propagates (``serve`` uses that to stop work for a client that went away).
+    The one generation call that ``chat``, ``serve`` and lm-eval share. ``model`` is a
+    :class:`lowbit.run.engine.Runner` (the native decoder or transformers modules) or a bare
+    transformers model; the tokens come from :func:`lowbit.run.engine.generate` either way.
+    ``temperature`` 0 is greedy; ``stop`` strings end the reply and are not part of it; ``eos`` token
+    ids end it too. An exception raised by ``on_text`` aborts the generation and propagates (``serve``
+    uses that to stop work for a client that went away).
     """
-    import torch
+    from .engine import Runner, generate
 
+    runner = model if isinstance(model, Runner) else Runner(None, "transformers", "a transformers model", model=model)
     stops = [s for s in stop if s]
-    x = torch.tensor([ids])
     streamer = _streamer(tokenizer, on_text or (lambda _text: None))(stops)
     eos = list(eos)
-    kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, streamer=streamer, eos_token_id=eos or None,
-                              pad_token_id=eos[0] if eos else None)
-    if temperature > 0:
-        kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=None)
-    else:
-        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if stops:
-        kw.update(stop_strings=stops, tokenizer=tokenizer)
-    with torch.no_grad():
-        gen = model.generate(x, attention_mask=torch.ones_like(x), **kw)
+    gen = generate(runner, [ids], max_new_tokens, temperature, top_p, eos=eos, streamer=streamer,
+                   stop_strings=stops or None, tokenizer=tokenizer)
     new = gen[0, len(ids):].tolist()
     text = tokenizer.decode(new, skip_special_tokens=True)
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
@@ -284,8 +280,7 @@ def run(args) -> int:
     import torch
 
     from ..exporting import detect_format
-    from .load import load_runtime
-    from .nn import kernels_used
+    from .engine import load_runner
 
     if args.max_new_tokens < 1:
         raise LowbitError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
@@ -294,13 +289,13 @@ def run(args) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     fmt = detect_format(args.checkpoint)
-    qm, model = load_runtime(args.checkpoint, args.dtype, args.kernel)
-    kernels = ", ".join(f"{k} x{n}" for k, n in kernels_used(model).items()) or "none"
-    print(f"lowbit chat: {args.checkpoint} ({fmt}, {qm.scheme.describe()}, {args.dtype}; kernels: {kernels})")
+    runner = load_runner(args.checkpoint, args.dtype, args.kernel, runtime=getattr(args, "runtime", "auto"))
+    qm = runner.qm
+    print(f"lowbit chat: {args.checkpoint} ({fmt}, {qm.scheme.describe()}, {args.dtype}; {runner.describe()})")
     print(HELP)
     if sys.stdin.isatty():
         try:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    return chat_loop(model, qm, args)
+    return chat_loop(runner, qm, args)

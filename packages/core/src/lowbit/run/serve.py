@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests waiting for the model beyond the running one; more get 503 (default: 16)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="activation dtype (default: bf16)")
     p.add_argument("--kernel", help="force one kernel (see `lowbit kernels`)")
+    p.add_argument("--runtime", choices=("auto", "native", "transformers"), default="auto",
+                   help="auto (default): the native decoder where it covers the model and CPU, else transformers")
     p.add_argument("--lm-head", choices=("float", "int8", "int4"), default="float",
                    help="keep the checkpoint's float lm_head (default) or quantize it at load time")
 
@@ -463,8 +465,7 @@ def run(args) -> int:
         raise LowbitError("lowbit serve needs FastAPI and uvicorn: pip install 'lowbit[serve]'.") from None
 
     from ..exporting import detect_format
-    from .load import load_runtime
-    from .nn import kernels_used
+    from .engine import load_runner
 
     if args.max_tokens < 1:
         raise LowbitError(f"--max-tokens must be at least 1, got {args.max_tokens}.")
@@ -482,14 +483,14 @@ def run(args) -> int:
     except OSError as err:
         raise LowbitError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}.") from None
     fmt = detect_format(args.checkpoint)
-    qm, model = load_runtime(args.checkpoint, args.dtype, args.kernel, args.lm_head)
+    runner = load_runner(args.checkpoint, args.dtype, args.kernel, args.lm_head, args.runtime)
+    qm = runner.qm
     name = args.model_name or args.checkpoint
-    engine = Engine(qm, model, name, args.max_tokens, args.max_queue)
+    engine = Engine(qm, runner, name, args.max_tokens, args.max_queue)
     app = create_app(engine, args.api_key)
     host, port = sock.getsockname()[:2]
-    kernels = ", ".join(f"{k} x{n}" for k, n in kernels_used(model).items()) or "none"
     url_host = f"[{host}]" if ":" in host else host
-    print(f"lowbit serve: {args.checkpoint} ({fmt}, {qm.scheme.describe()}, {args.dtype}; kernels: {kernels}) as "
+    print(f"lowbit serve: {args.checkpoint} ({fmt}, {qm.scheme.describe()}, {args.dtype}; {runner.describe()}) as "
           f"model {name!r}{'; API key required' if args.api_key else ''}", flush=True)
     print(f"lowbit serve: listening on http://{url_host}:{port}/v1", flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)

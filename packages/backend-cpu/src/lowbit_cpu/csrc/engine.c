@@ -1,0 +1,658 @@
+/* lowbit native decoder: a whole Llama-style model (Llama, Mistral, Qwen2, Qwen3) per call, no Python
+ * between the ops. One OpenMP parallel region per call (one persistent thread team for all layers of
+ * the token or prompt chunk); the ops inside it are work-shared loops separated by barriers.
+ *
+ * Per layer:  x += o_proj(attn(rope(qkv_proj(rmsnorm(x)))));  x += down(silu(gate(h)) * up(h)), h = rmsnorm(x)
+ * with q/k/v and gate/up each one matrix (rows concatenated at load), int4 weights in the "nib64" layout
+ * of int4_avx2.c (lowbit_cpu.native.pack_nibbles), fp16 scales and uint8 zero points per group as the checkpoint
+ * stores them (3 bytes per group instead of the kernels' 8: 0.55 byte per weight at g64, not 0.625), widened
+ * to fp32 per weight row as it is used (zero * scale is exact in fp32: 4 + 11 significant bits). The residual
+ * stream, norms, RoPE, softmax and the KV cache are fp32.
+ *
+ * Two activation modes for the int4 matrices:
+ *   ACT_F32  float FMAs on fp32 activations (the reference-exact path: as cpu.avx2_int4's fp32 path);
+ *   ACT_I8   activations rounded to int8 per run of 64 columns (scale max|x|/127, as cpu.vnni_int4), int32
+ *            dot products with the codes: VPDPBUSD where this file is built with AVX-512 VNNI, else AVX2
+ *            VPMADDUBSW + VPMADDWD (15 * 127 * 2 < 2^15: no saturation). Both give the same int32 sums.
+ * The float lm_head is fp32 or bf16 (the model's dtype); an int4 lm_head runs as the layers; an int8 one
+ * (per channel, codes uint8) only in the VNNI build.
+ *
+ * Built twice by lowbit_cpu.native: with -mavx2 -mfma -mf16c (no AVX-512 instruction anywhere) and with the
+ * AVX-512 VNNI flags added; the Python side loads the one the CPU can run.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LB_VNNI 1
+#else
+#define LB_VNNI 0
+#endif
+
+enum { ACT_F32 = 0, ACT_I8 = 1 };
+enum { MAX_GROUPS = 1024 }; /* groups per weight row (checked by lowbit_cpu.engine) */
+enum { HEAD_F32 = 0, HEAD_BF16 = 1, HEAD_INT4 = 2, HEAD_INT8 = 3 };
+
+typedef struct {
+    int64_t n, k, group;
+    const uint8_t *packed; /* [n, k/2] nib64, or [n, k] uint8 codes for HEAD_INT8 */
+    const uint16_t *scales; /* [n, k/group] fp16 */
+    const uint8_t *zeros;   /* [n, k/group] zero points */
+    const float *bias;     /* [n] or NULL */
+} QMat;
+
+typedef struct {
+    QMat qkv, o, gu, down;
+    const float *in_norm, *post_norm; /* [hidden] */
+    const float *q_norm, *k_norm;     /* [head_dim] (Qwen3) or NULL */
+} Layer;
+
+typedef struct {
+    int64_t hidden, n_layers, n_heads, n_kv, head_dim, inter, vocab;
+    int64_t capacity; /* KV cache positions */
+    int64_t window;   /* sliding window (keys at p - window < j <= p), 0 = none */
+    float eps, attn_scale;
+    int act_mode, head_kind, embed_bf16, pad;
+    const void *embed;      /* [vocab, hidden] fp32 or bf16 */
+    const void *head;       /* float head [vocab, hidden] (fp32 or bf16), when head_kind is HEAD_F32/BF16 */
+    QMat head_q;            /* when head_kind is HEAD_INT4/INT8 */
+    const float *final_norm;
+    const float *cos, *sin; /* [capacity, head_dim/2] */
+    const Layer *layers;
+    float *kcache, *vcache; /* [n_layers, n_kv, capacity, head_dim] */
+    double *prof;           /* NULL, or [PROF_N] seconds per op added up by thread 0 (wall time between barriers) */
+} Model;
+
+enum { PROF_EMBED, PROF_NORM, PROF_QKV, PROF_ROPE, PROF_ATTN, PROF_O, PROF_GU, PROF_ACT, PROF_DOWN, PROF_HEAD, PROF_N };
+#define TICK(op)                                                        \
+    do {                                                                \
+        if (prof_on) {                                                  \
+            const double t_ = omp_get_wtime();                          \
+            md->prof[op] += t_ - t_last;                                \
+            t_last = t_;                                                \
+        }                                                               \
+    } while (0)
+
+/* ------------------------------------------------------------------------------------ helpers */
+
+static inline float hsum256(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    __m128 sh = _mm_movehdup_ps(lo);
+    lo = _mm_add_ps(lo, sh);
+    sh = _mm_movehl_ps(sh, lo);
+    return _mm_cvtss_f32(_mm_add_ss(lo, sh));
+}
+
+static inline __m256 bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+static inline float bf16_1(uint16_t h) {
+    union { uint32_t u; float f; } c = {(uint32_t)h << 16};
+    return c.f;
+}
+
+/* the thread's share [lo, hi) of n items in chunks of `align` (static, contiguous) */
+static inline void share(int64_t n, int64_t align, int64_t *lo, int64_t *hi) {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t chunks = (n + align - 1) / align;
+    const int64_t c0 = chunks * t / nt, c1 = chunks * (t + 1) / nt;
+    *lo = c0 * align < n ? c0 * align : n;
+    *hi = c1 * align < n ? c1 * align : n;
+}
+
+/* ------------------------------------------------------------------------ int8 activations
+ * Per row: x8 [K] int8 in the weight's nibble order, xs [K/64] run scales, xsum [K/group] group sums of the
+ * dequantized int8 values. Order of a run's 64 columns in x8: its low-nibble half (columns 0,32,1,33,...,15,47)
+ * then its high-nibble half (16,48,...,31,63); in the VNNI build two full runs r, r+1 are interleaved as
+ * [r lo][r+1 lo][r hi][r+1 hi] so that one 512-bit load of 64 weight bytes lines up. */
+
+static inline int64_t lo_off(int64_t r, int64_t nr) {
+#if LB_VNNI
+    const int64_t p = r / 2;
+    return (2 * p + 1 < nr) ? p * 128 + (r & 1) * 32 : p * 128;
+#else
+    (void)nr;
+    return r * 64;
+#endif
+}
+static inline int64_t hi_off(int64_t r, int64_t nr) {
+#if LB_VNNI
+    const int64_t p = r / 2;
+    return (2 * p + 1 < nr) ? p * 128 + 64 + (r & 1) * 32 : p * 128 + 32;
+#else
+    (void)nr;
+    return r * 64 + 32;
+#endif
+}
+
+static void quant_row(const float *x, int64_t K, int64_t group, int8_t *x8, float *xs, float *xsum) {
+    const int64_t nr = K / 64, ng = K / group, rpg = group / 64;
+    for (int64_t g = 0; g < ng; ++g) xsum[g] = 0.f;
+    for (int64_t r = 0; r < nr; ++r) {
+        const float *xr = x + r * 64;
+        __m256 mx = _mm256_setzero_ps();
+        const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+        for (int i = 0; i < 8; ++i) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(xr + 8 * i), absmask));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        const float sc = amax > 0.f ? amax / 127.f : 1.f;
+        const __m256 inv = _mm256_set1_ps(1.f / sc);
+        int8_t q[64];
+        int32_t isum = 0;
+        for (int i = 0; i < 8; ++i) {
+            __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + 8 * i), inv)); /* nearest even */
+            v = _mm256_max_epi32(_mm256_min_epi32(v, _mm256_set1_epi32(127)), _mm256_set1_epi32(-127));
+            int32_t t[8];
+            _mm256_storeu_si256((__m256i *)t, v);
+            for (int j = 0; j < 8; ++j) {
+                q[8 * i + j] = (int8_t)t[j];
+                isum += t[j];
+            }
+        }
+        int8_t *lo = x8 + lo_off(r, nr), *hi = x8 + hi_off(r, nr);
+        for (int j = 0; j < 16; ++j) {
+            lo[2 * j] = q[j];
+            lo[2 * j + 1] = q[32 + j];
+            hi[2 * j] = q[16 + j];
+            hi[2 * j + 1] = q[48 + j];
+        }
+        xs[r] = sc;
+        xsum[r / rpg] += sc * (float)isum;
+    }
+}
+
+/* ------------------------------------------------------------------------ int4 row kernels */
+
+/* MB rows of int8 activations against weight row n → y[m * ldy] (+= when accumulate) */
+static inline __attribute__((always_inline)) void row_i8(int MB, const int8_t *x8, const float *xs,
+                                                          const float *xsum, int64_t K, int64_t group,
+                                                          const uint8_t *wrow, const float *srow, const float *zsrow,
+                                                          float *y, int64_t ldy, float bias) {
+    const int64_t nr = K / 64, ng = K / group;
+    const int64_t xstride = K, sstride = nr, gstride = ng;
+    float out[4];
+#if LB_VNNI
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    __m512 acc[4];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    int64_t r = 0;
+    for (; r + 2 <= nr; r += 2) {
+        const __m512i v = _mm512_loadu_si512((const void *)(wrow + r * 32));
+        const __m512i lo = _mm512_and_si512(v, m4);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        const __m512 sv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(srow[(r * 64) / group]),
+                                               _mm512_set1_ps(srow[((r + 1) * 64) / group]));
+        for (int m = 0; m < MB; ++m) {
+            const int8_t *xp = x8 + m * xstride + r * 64;
+            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)xp));
+            d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512((const void *)(xp + 64)));
+            const __m512 xv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(xs[m * sstride + r]),
+                                                   _mm512_set1_ps(xs[m * sstride + r + 1]));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sv, xv), acc[m]);
+        }
+    }
+    if (r < nr) {
+        const __m256i m4y = _mm256_set1_epi8(0x0F);
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(wrow + r * 32));
+        const __m256i lo = _mm256_and_si256(v, m4y);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4y);
+        const float s = srow[(r * 64) / group];
+        for (int m = 0; m < MB; ++m) {
+            const int8_t *xp = x8 + m * xstride + r * 64;
+            __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, _mm256_loadu_si256((const __m256i *)xp));
+            d = _mm256_dpbusd_epi32(d, hi, _mm256_loadu_si256((const __m256i *)(xp + 32)));
+            const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s * xs[m * sstride + r]));
+            acc[m] = _mm512_add_ps(acc[m], _mm512_zextps256_ps512(f));
+        }
+    }
+    for (int m = 0; m < MB; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
+#else
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t r = 0; r < nr; ++r) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(wrow + r * 32));
+        const __m256i lo = _mm256_and_si256(v, m4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        const float s = srow[(r * 64) / group];
+        for (int m = 0; m < MB; ++m) {
+            const int8_t *xp = x8 + m * xstride + r * 64;
+            const __m256i a = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xp));
+            const __m256i b = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xp + 32)));
+            const __m256i d = _mm256_madd_epi16(_mm256_add_epi16(a, b), ones); /* |a + b| <= 4 * 15 * 127 */
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s * xs[m * sstride + r]), acc[m]);
+        }
+    }
+    for (int m = 0; m < MB; ++m) out[m] = hsum256(acc[m]);
+#endif
+    for (int m = 0; m < MB; ++m) {
+        float corr = 0.f;
+        for (int64_t g = 0; g < ng; ++g) corr += zsrow[g] * xsum[m * gstride + g];
+        y[m * ldy] = out[m] - corr + bias;
+    }
+}
+
+/* MB rows of fp32 activations against weight row n: per group, s * dot(q, x) - zs * sum(x) */
+static inline __attribute__((always_inline)) void row_f32(int MB, const float *x, const float *xsum, int64_t K,
+                                                           int64_t group, const uint8_t *wrow, const float *srow,
+                                                           const float *zsrow, float *y, int64_t ldy, float bias) {
+    const int64_t ng = K / group;
+    const __m256i mask = _mm256_set1_epi16(0x000F);
+    __m256 acc[4], gacc[4];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; ++g) {
+        for (int m = 0; m < MB; ++m) gacc[m] = _mm256_setzero_ps();
+        for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 64) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(wrow + k0 / 2));
+            __m256i c[4];
+            c[0] = _mm256_and_si256(v, mask);
+            c[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            c[2] = _mm256_and_si256(_mm256_srli_epi16(v, 8), mask);
+            c[3] = _mm256_srli_epi16(v, 12);
+            for (int q = 0; q < 4; ++q) {
+                const __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(c[q])));
+                const __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(c[q], 1)));
+                for (int m = 0; m < MB; ++m) {
+                    const float *xp = x + m * K + k0 + 16 * q;
+                    gacc[m] = _mm256_fmadd_ps(a, _mm256_loadu_ps(xp), gacc[m]);
+                    gacc[m] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xp + 8), gacc[m]);
+                }
+            }
+        }
+        const __m256 s = _mm256_set1_ps(srow[g]);
+        for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(gacc[m], s, acc[m]);
+    }
+    for (int m = 0; m < MB; ++m) {
+        float corr = 0.f;
+        for (int64_t g = 0; g < ng; ++g) corr += zsrow[g] * xsum[m * ng + g];
+        y[m * ldy] = hsum256(acc[m]) - corr + bias;
+    }
+}
+
+#if LB_VNNI
+/* 8-bit codes [n, k] (column order), activations int8 in column order */
+static inline __attribute__((always_inline)) void row_i8w8(int MB, const int8_t *x8, const float *xs,
+                                                            const float *xsum, int64_t K, int64_t group,
+                                                            const uint8_t *wrow, const float *srow,
+                                                            const float *zsrow, float *y, int64_t ldy, float bias) {
+    const int64_t nr = K / 64, ng = K / group;
+    __m512 acc[4];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t r = 0; r < nr; ++r) {
+        const __m512i w = _mm512_loadu_si512((const void *)(wrow + r * 64));
+        const float s = srow[(r * 64) / group];
+        for (int m = 0; m < MB; ++m) {
+            const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w,
+                                                  _mm512_loadu_si512((const void *)(x8 + m * K + r * 64)));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(s * xs[m * nr + r]), acc[m]);
+        }
+    }
+    for (int m = 0; m < MB; ++m) {
+        float corr = 0.f;
+        for (int64_t g = 0; g < ng; ++g) corr += zsrow[g] * xsum[m * ng + g];
+        y[m * ldy] = _mm512_reduce_add_ps(acc[m]) - corr + bias;
+    }
+}
+
+static void quant_row_natural(const float *x, int64_t K, int64_t group, int8_t *x8, float *xs, float *xsum) {
+    const int64_t nr = K / 64, ng = K / group, rpg = group / 64;
+    for (int64_t g = 0; g < ng; ++g) xsum[g] = 0.f;
+    for (int64_t r = 0; r < nr; ++r) {
+        const __m512 a = _mm512_loadu_ps(x + r * 64), b = _mm512_loadu_ps(x + r * 64 + 16);
+        const __m512 c = _mm512_loadu_ps(x + r * 64 + 32), d = _mm512_loadu_ps(x + r * 64 + 48);
+        const __m512 mx = _mm512_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)),
+                                        _mm512_max_ps(_mm512_abs_ps(c), _mm512_abs_ps(d)));
+        const float amax = _mm512_reduce_max_ps(mx);
+        const float sc = amax > 0.f ? amax / 127.f : 1.f;
+        const __m512 inv = _mm512_set1_ps(1.f / sc);
+        const __m512 v[4] = {a, b, c, d};
+        __m512i isum = _mm512_setzero_si512();
+        for (int i = 0; i < 4; ++i) {
+            __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inv));
+            q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+            isum = _mm512_add_epi32(isum, q);
+            _mm_storeu_si128((__m128i *)(x8 + r * 64 + 16 * i), _mm512_cvtepi32_epi8(q));
+        }
+        xs[r] = sc;
+        xsum[r / rpg] += sc * (float)_mm512_reduce_add_epi32(isum);
+    }
+}
+#endif
+
+/* ------------------------------------------------------------------------ matrices (inside the team) */
+
+typedef struct {
+    int8_t *x8;   /* [M, Kmax] */
+    float *xs;    /* [M, Kmax / 64] */
+    float *xsum;  /* [M, Kmax / 64] (group >= 64) */
+} Act;
+
+/* Quantize M rows of x [M, K] (every thread takes rows; ends with a barrier). fp32 mode: group sums only. */
+static void prep_act(const Model *md, const float *x, int64_t M, int64_t K, int64_t group, const Act *a,
+                     int natural) {
+    const int64_t nr = K / 64, ng = K / group;
+    (void)natural;
+    #pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+        if (md->act_mode == ACT_I8) {
+#if LB_VNNI
+            if (natural) {
+                quant_row_natural(x + m * K, K, group, a->x8 + m * K, a->xs + m * nr, a->xsum + m * ng);
+                continue;
+            }
+#endif
+            quant_row(x + m * K, K, group, a->x8 + m * K, a->xs + m * nr, a->xsum + m * ng);
+        } else {
+            for (int64_t g = 0; g < ng; ++g) {
+                float s = 0.f;
+                for (int64_t k = g * group; k < (g + 1) * group; ++k) s += x[m * K + k];
+                a->xsum[m * ng + g] = s;
+            }
+        }
+    }
+}
+
+#define ROWS_DISPATCH(FN, ...)                                         \
+    do {                                                                \
+        int64_t m = 0;                                                  \
+        for (; m + 4 <= M; m += 4) FN(4, __VA_ARGS__);                  \
+        switch (M - m) {                                                \
+        case 3: FN(3, __VA_ARGS__); break;                              \
+        case 2: FN(2, __VA_ARGS__); break;                              \
+        case 1: FN(1, __VA_ARGS__); break;                              \
+        default: break;                                                 \
+        }                                                               \
+    } while (0)
+
+/* y [M, w->n] = x [M, w->k] @ W^T + bias; the thread's share of the output rows; no barrier at the end
+ * (the caller puts one where the result is read). */
+static void qmatmul(const Model *md, const QMat *w, const float *x, int64_t M, const Act *a, float *y, int w8) {
+    const int64_t K = w->k, nr = K / 64, ng = K / w->group;
+    int64_t n0, n1;
+    share(w->n, 16, &n0, &n1);
+    (void)nr;
+    for (int64_t n = n0; n < n1; ++n) {
+        float srow[MAX_GROUPS], zsrow[MAX_GROUPS];
+        const uint16_t *sh = w->scales + n * ng;
+        const uint8_t *zr = w->zeros + n * ng;
+        int64_t g = 0;
+        for (; g + 8 <= ng; g += 8) {
+            const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sh + g)));
+            const __m256 zv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zr + g))));
+            _mm256_storeu_ps(srow + g, sv);
+            _mm256_storeu_ps(zsrow + g, _mm256_mul_ps(sv, zv));
+        }
+        for (; g < ng; ++g) {
+            srow[g] = _cvtsh_ss(sh[g]);
+            zsrow[g] = srow[g] * (float)zr[g];
+        }
+        const float b = w->bias ? w->bias[n] : 0.f;
+        if (w8) {
+#if LB_VNNI
+            const uint8_t *wrow = w->packed + n * K;
+#define F8(MB, ...) row_i8w8(MB, a->x8 + m * K, a->xs + m * nr, a->xsum + m * ng, K, w->group, wrow, srow, zsrow, \
+                             y + m * w->n + n, w->n, b)
+            ROWS_DISPATCH(F8, 0);
+#undef F8
+#endif
+            continue;
+        }
+        const uint8_t *wrow = w->packed + n * (K / 2);
+        if (md->act_mode == ACT_I8) {
+#define FI8(MB, ...) row_i8(MB, a->x8 + m * K, a->xs + m * nr, a->xsum + m * ng, K, w->group, wrow, srow, zsrow, \
+                            y + m * w->n + n, w->n, b)
+            ROWS_DISPATCH(FI8, 0);
+#undef FI8
+        } else {
+#define FF(MB, ...) row_f32(MB, x + m * K, a->xsum + m * ng, K, w->group, wrow, srow, zsrow, y + m * w->n + n, w->n, b)
+            ROWS_DISPATCH(FF, 0);
+#undef FF
+        }
+    }
+}
+
+/* quantize (barrier) then multiply; ends with a barrier so y can be read by every thread */
+static void linear(const Model *md, const QMat *w, const float *x, int64_t M, const Act *a, float *y) {
+    prep_act(md, x, M, w->k, w->group, a, 0);
+    qmatmul(md, w, x, M, a, y, 0);
+    #pragma omp barrier
+}
+
+/* float lm_head rows: y [M, vocab] */
+static void float_head(const Model *md, const float *x, int64_t M, float *y) {
+    const int64_t H = md->hidden, V = md->vocab;
+    int64_t n0, n1;
+    share(V, 16, &n0, &n1);
+    for (int64_t n = n0; n < n1; ++n) {
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int MB = (int)(M - m0 < 4 ? M - m0 : 4);
+            __m256 acc[4];
+            for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+            for (int64_t k = 0; k + 8 <= H; k += 8) {
+                const __m256 w = md->head_kind == HEAD_BF16 ? bf16x8((const uint16_t *)md->head + n * H + k)
+                                                            : _mm256_loadu_ps((const float *)md->head + n * H + k);
+                for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + (m0 + m) * H + k), acc[m]);
+            }
+            for (int m = 0; m < MB; ++m) {
+                float s = hsum256(acc[m]);
+                for (int64_t k = H - H % 8; k < H; ++k) {
+                    const float w = md->head_kind == HEAD_BF16 ? bf16_1(((const uint16_t *)md->head)[n * H + k])
+                                                               : ((const float *)md->head)[n * H + k];
+                    s += w * x[(m0 + m) * H + k];
+                }
+                y[(m0 + m) * V + n] = s;
+            }
+        }
+    }
+}
+
+/* RMSNorm of M rows [M, n] (the thread's rows) */
+static void rmsnorm_rows(const float *x, const float *w, float *out, int64_t M, int64_t n, float eps) {
+    #pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+        const float *xr = x + m * n;
+        float ss = 0.f;
+        for (int64_t i = 0; i < n; ++i) ss += xr[i] * xr[i];
+        const float r = 1.f / sqrtf(ss / (float)n + eps);
+        for (int64_t i = 0; i < n; ++i) out[m * n + i] = w[i] * (xr[i] * r);
+    }
+}
+
+static void rmsnorm_vec(float *v, const float *w, int64_t n, float eps) {
+    float ss = 0.f;
+    for (int64_t i = 0; i < n; ++i) ss += v[i] * v[i];
+    const float r = 1.f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; ++i) v[i] = w[i] * (v[i] * r);
+}
+
+static void rope(float *v, const float *cs, const float *sn, int64_t hd) {
+    const int64_t h = hd / 2;
+    for (int64_t i = 0; i < h; ++i) {
+        const float a = v[i], b = v[i + h];
+        v[i] = a * cs[i] - b * sn[i];
+        v[i + h] = b * cs[i] + a * sn[i];
+    }
+}
+
+/* ------------------------------------------------------------------------ the model */
+
+static inline size_t al64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+typedef struct {
+    float *x, *h, *qkv, *att, *gu, *act, *scores;
+    Act a;
+} Scratch;
+
+static int64_t kmax_of(const Model *md) {
+    int64_t k = md->hidden > md->inter ? md->hidden : md->inter;
+    const int64_t q = md->n_heads * md->head_dim;
+    return k > q ? k : q;
+}
+
+static size_t layout(const Model *md, int64_t M, int nthreads, char *base, Scratch *s) {
+    const int64_t H = md->hidden, I = md->inter, hd = md->head_dim;
+    const int64_t nq = md->n_heads * hd, nkv = md->n_kv * hd, K = kmax_of(md);
+    size_t off = 0;
+#define TAKE(ptr, type, count)                                    \
+    do {                                                          \
+        if (base) ptr = (type *)(base + off);                     \
+        off += al64(sizeof(type) * (size_t)(count));              \
+    } while (0)
+    Scratch t;
+    TAKE(t.x, float, M * H);
+    TAKE(t.h, float, M * (H > nq ? H : nq));
+    TAKE(t.qkv, float, M * (nq + 2 * nkv));
+    TAKE(t.att, float, M * nq);
+    TAKE(t.gu, float, M * 2 * I);
+    TAKE(t.act, float, M * I);
+    TAKE(t.scores, float, (int64_t)nthreads * md->capacity);
+    TAKE(t.a.x8, int8_t, M * K);
+    TAKE(t.a.xs, float, M * (K / 64));
+    TAKE(t.a.xsum, float, M * (K / 64));
+#undef TAKE
+    if (base) *s = t;
+    return off;
+}
+
+/* bytes of scratch a call with up to M tokens on nthreads threads needs */
+int64_t lowbit_engine_scratch_bytes(const Model *md, int64_t M, int nthreads) {
+    return (int64_t)layout(md, M, nthreads, NULL, NULL);
+}
+
+/* Run M tokens (ids) at positions pos0 .. pos0 + M - 1 through the model, writing their K/V into the cache.
+ * logits: [M, vocab] when all_logits, else [1, vocab] for the last token. Returns 0, or -1 when the
+ * positions do not fit the cache (checked by the caller too). */
+int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_t pos0, float *logits,
+                          int all_logits, int nthreads, void *scratch) {
+    if (pos0 + M > md->capacity || M < 1) return -1;
+    Scratch s;
+    layout(md, M, nthreads, (char *)scratch, &s);
+    const int64_t H = md->hidden, I = md->inter, hd = md->head_dim, nh = md->n_heads, nkv = md->n_kv;
+    const int64_t nq = nh * hd, qkvn = nq + 2 * nkv * hd, cap = md->capacity, half = hd / 2;
+    const int64_t rep = nh / nkv;
+
+    #pragma omp parallel num_threads(nthreads)
+    {
+        const int prof_on = md->prof != NULL && omp_get_thread_num() == 0;
+        double t_last = prof_on ? omp_get_wtime() : 0.0;
+        #pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; ++m) {
+            const int64_t id = ids[m];
+            if (md->embed_bf16) {
+                const uint16_t *e = (const uint16_t *)md->embed + id * H;
+                for (int64_t i = 0; i < H; ++i) s.x[m * H + i] = bf16_1(e[i]);
+            } else {
+                memcpy(s.x + m * H, (const float *)md->embed + id * H, sizeof(float) * H);
+            }
+        }
+        TICK(PROF_EMBED);
+        for (int64_t l = 0; l < md->n_layers; ++l) {
+            const Layer *L = md->layers + l;
+            float *kc = md->kcache + l * nkv * cap * hd, *vc = md->vcache + l * nkv * cap * hd;
+            rmsnorm_rows(s.x, L->in_norm, s.h, M, H, md->eps);
+            TICK(PROF_NORM);
+            linear(md, &L->qkv, s.h, M, &s.a, s.qkv);
+            TICK(PROF_QKV);
+            /* q/k norms (Qwen3), RoPE, K/V into the cache: one (row, head) each */
+            #pragma omp for schedule(static)
+            for (int64_t t = 0; t < M * (nh + nkv); ++t) {
+                const int64_t m = t / (nh + nkv), j = t % (nh + nkv), p = pos0 + m;
+                float *row = s.qkv + m * qkvn;
+                const float *cs = md->cos + p * half, *sn = md->sin + p * half;
+                if (j < nh) {
+                    float *q = row + j * hd;
+                    if (L->q_norm) rmsnorm_vec(q, L->q_norm, hd, md->eps);
+                    rope(q, cs, sn, hd);
+                } else {
+                    const int64_t g = j - nh;
+                    float *k = row + nq + g * hd, *v = row + nq + nkv * hd + g * hd;
+                    if (L->k_norm) rmsnorm_vec(k, L->k_norm, hd, md->eps);
+                    rope(k, cs, sn, hd);
+                    memcpy(kc + (g * cap + p) * hd, k, sizeof(float) * hd);
+                    memcpy(vc + (g * cap + p) * hd, v, sizeof(float) * hd);
+                }
+            }
+            TICK(PROF_ROPE);
+            /* attention, one (row, head) each */
+            #pragma omp for schedule(static)
+            for (int64_t t = 0; t < M * nh; ++t) {
+                const int64_t m = t / nh, h = t % nh, p = pos0 + m, g = h / rep;
+                const float *q = s.qkv + m * qkvn + h * hd;
+                float *sc = s.scores + (int64_t)omp_get_thread_num() * cap;
+                const int64_t j0 = md->window > 0 && p - md->window + 1 > 0 ? p - md->window + 1 : 0;
+                float mx = -INFINITY;
+                for (int64_t j = j0; j <= p; ++j) {
+                    const float *k = kc + (g * cap + j) * hd;
+                    __m256 acc = _mm256_setzero_ps();
+                    int64_t i = 0;
+                    for (; i + 8 <= hd; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), acc);
+                    float d = hsum256(acc);
+                    for (; i < hd; ++i) d += q[i] * k[i];
+                    d *= md->attn_scale;
+                    sc[j] = d;
+                    if (d > mx) mx = d;
+                }
+                float sum = 0.f;
+                for (int64_t j = j0; j <= p; ++j) {
+                    sc[j] = expf(sc[j] - mx);
+                    sum += sc[j];
+                }
+                const float inv = 1.f / sum;
+                float *o = s.att + m * nq + h * hd;
+                for (int64_t i = 0; i < hd; ++i) o[i] = 0.f;
+                for (int64_t j = j0; j <= p; ++j) {
+                    const float w = sc[j] * inv;
+                    const float *v = vc + (g * cap + j) * hd;
+                    int64_t i = 0;
+                    for (; i + 8 <= hd; i += 8)
+                        _mm256_storeu_ps(o + i, _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(v + i),
+                                                                _mm256_loadu_ps(o + i)));
+                    for (; i < hd; ++i) o[i] += w * v[i];
+                }
+            }
+            TICK(PROF_ATTN);
+            linear(md, &L->o, s.att, M, &s.a, s.h);
+            #pragma omp for schedule(static)
+            for (int64_t i = 0; i < M * H; ++i) s.x[i] += s.h[i];
+            TICK(PROF_O);
+            rmsnorm_rows(s.x, L->post_norm, s.h, M, H, md->eps);
+            TICK(PROF_NORM);
+            linear(md, &L->gu, s.h, M, &s.a, s.gu);
+            TICK(PROF_GU);
+            #pragma omp for schedule(static)
+            for (int64_t t = 0; t < M * I; ++t) {
+                const int64_t m = t / I, i = t % I;
+                const float gt = s.gu[m * 2 * I + i], up = s.gu[m * 2 * I + I + i];
+                s.act[t] = gt / (1.f + expf(-gt)) * up;
+            }
+            TICK(PROF_ACT);
+            linear(md, &L->down, s.act, M, &s.a, s.h);
+            #pragma omp for schedule(static)
+            for (int64_t i = 0; i < M * H; ++i) s.x[i] += s.h[i];
+            TICK(PROF_DOWN);
+        }
+        /* final norm and lm_head over the rows asked for */
+        const int64_t r0 = all_logits ? 0 : M - 1, MR = M - r0;
+        rmsnorm_rows(s.x + r0 * H, md->final_norm, s.h, MR, H, md->eps);
+        if (md->head_kind == HEAD_F32 || md->head_kind == HEAD_BF16) {
+            float_head(md, s.h, MR, logits);
+        } else {
+            prep_act(md, s.h, MR, H, md->head_q.group, &s.a, md->head_kind == HEAD_INT8);
+            qmatmul(md, &md->head_q, s.h, MR, &s.a, logits, md->head_kind == HEAD_INT8);
+        }
+        #pragma omp barrier
+        TICK(PROF_HEAD);
+    }
+    return 0;
+}
+
+/* 1 where this object runs int8 activations on AVX-512 VNNI (and an int8 lm_head), 0 for AVX2 */
+int lowbit_engine_isa(void) { return LB_VNNI; }

@@ -1,0 +1,363 @@
+"""The native decoder: a whole Llama/Mistral/Qwen2/Qwen3 model per call in C (``csrc/engine.c``).
+
+``NativeDecoder(qmodel, dtype)`` packs the checkpoint's int4 weights straight into the kernels' nib64
+layout (q/k/v rows concatenated into one matrix, gate/up into another), keeps the norms, the embedding and
+the float lm_head, and preallocates a KV cache. ``forward(ids)`` runs the tokens at the next positions in
+one native call (one OpenMP team for every layer), returning fp32 logits; ``reset()`` empties the cache.
+
+Activations: ``float32`` runs float FMAs on fp32 activations (the reference-exact path, the fp32
+transformers path within 1e-4); ``bfloat16`` rounds each linear's input to int8 per 64 columns, as
+``cpu.vnni_int4`` does (VPDPBUSD on AVX-512 VNNI, VPMADDUBSW on AVX2, same sums), while the residual
+stream, norms, attention and KV cache stay fp32. :func:`unsupported` says why a checkpoint cannot run here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+
+import torch
+
+from lowbit.errors import LowbitError
+
+from . import cpuinfo, native
+
+FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+ACT_MODES = {torch.float32: 0, torch.bfloat16: 1}
+HEAD_F32, HEAD_BF16, HEAD_INT4, HEAD_INT8 = 0, 1, 2, 3
+MAX_GROUPS = 1024  # per weight row (csrc/engine.c)
+CHUNK = 256  # prompt tokens per native call (bounds the scratch; weights are read once per chunk)
+
+_I = ctypes.c_int64
+_P = ctypes.c_void_p
+
+
+class QMat(ctypes.Structure):
+    _fields_ = [("n", _I), ("k", _I), ("group", _I), ("packed", _P), ("scales", _P), ("zeros", _P), ("bias", _P)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("qkv", QMat), ("o", QMat), ("gu", QMat), ("down", QMat), ("in_norm", _P), ("post_norm", _P),
+                ("q_norm", _P), ("k_norm", _P)]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [("hidden", _I), ("n_layers", _I), ("n_heads", _I), ("n_kv", _I), ("head_dim", _I), ("inter", _I),
+                ("vocab", _I), ("capacity", _I), ("window", _I), ("eps", ctypes.c_float),
+                ("attn_scale", ctypes.c_float), ("act_mode", ctypes.c_int), ("head_kind", ctypes.c_int),
+                ("embed_bf16", ctypes.c_int), ("pad", ctypes.c_int), ("embed", _P), ("head", _P), ("head_q", QMat),
+                ("final_norm", _P), ("cos", _P), ("sin", _P), ("layers", ctypes.POINTER(Layer)), ("kcache", _P),
+                ("vcache", _P), ("prof", _P)]
+
+
+#: the ops :meth:`NativeDecoder.profile` times (csrc/engine.c PROF_*); "norm" is both RMSNorms of every layer
+PROFILE_OPS = ("embedding", "norm", "qkv", "rope+kv", "attention", "o_proj+residual", "gate/up", "silu*up",
+               "down+residual", "final norm+lm_head")
+
+
+def _get(config, key, default=None):
+    v = getattr(config, key, default)
+    return default if v is None else v
+
+
+def _rope_params(config) -> dict:
+    return dict(_get(config, "rope_parameters", None) or _get(config, "rope_scaling", None) or {})
+
+
+def head_dim(config) -> int:
+    return int(_get(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def _layer_names(i: int) -> dict[str, str]:
+    p = f"model.layers.{i}."
+    return {x: p + y for x, y in (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
+                                  ("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
+                                  ("down", "mlp.down_proj"))}
+
+
+def wants_vnni() -> bool:
+    return native.vnni_unavailable_reason() is None
+
+
+def unsupported(qmodel, dtype: torch.dtype, lm_head: str = "float") -> str | None:
+    """None when the native decoder runs this checkpoint here, else the one-line reason why not."""
+    reason = native.unavailable_reason()
+    if reason is not None:
+        return reason
+    config = qmodel.config
+    mt = getattr(config, "model_type", None)
+    if mt not in FAMILIES:
+        return f"model type {mt!r} is not one of the native decoder's families ({', '.join(FAMILIES)})"
+    if dtype not in ACT_MODES:
+        return f"activations {str(dtype).replace('torch.', '')}: the native decoder runs fp32 or bf16"
+    if _get(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}: the native decoder runs SiLU MLPs"
+    if _get(config, "use_sliding_window", False) or "sliding_attention" in (_get(config, "layer_types", None) or []):
+        return "per-layer sliding-window attention is not in the native decoder"
+    rope_type = _rope_params(config).get("rope_type", _rope_params(config).get("type", "default"))
+    if rope_type in ("dynamic", "longrope"):
+        return f"rope scaling {rope_type!r} depends on the sequence length; not in the native decoder"
+    if config.num_attention_heads % config.num_key_value_heads:
+        return "attention heads are not a multiple of the KV heads"
+    if head_dim(config) % 2:
+        return "odd head_dim"
+    if lm_head == "int8" and not wants_vnni():
+        return "an int8 lm_head needs AVX-512 VNNI in the native decoder"
+    if lm_head in ("int8", "int4") and config.hidden_size % 64:
+        return f"a quantized lm_head needs hidden_size % 64 == 0, got {config.hidden_size}"
+    n = int(config.num_hidden_layers)
+    expected = {name for i in range(n) for name in _layer_names(i).values()}
+    extra = set(qmodel.qweights) - expected - {"lm_head"}
+    if extra:
+        return f"quantized modules outside the decoder layers' seven linears, e.g. {sorted(extra)[0]}"
+    missing = expected - set(qmodel.qweights)
+    if missing:
+        return f"the native decoder needs every layer's seven linears quantized; {sorted(missing)[0]} is float"
+    for name, qw in qmodel.qweights.items():
+        s = qw.scheme
+        if s.bits != 4:
+            return f"{name} is {s.bits}-bit; the native decoder runs 4-bit weights"
+        if qw.in_features % 64:
+            return f"{name}: in_features {qw.in_features} is not a multiple of 64"
+        gs = qw.in_features if s.group_size == -1 else s.group_size
+        if gs % 64 or qw.in_features % gs:
+            return f"{name}: group size {s.group_size}; the native decoder needs groups of 64, 128 or per channel"
+        if qw.in_features // gs > MAX_GROUPS:
+            return f"{name}: more than {MAX_GROUPS} groups per row"
+        if qw.scales.dtype != torch.float16 and not torch.equal(qw.scales.half().to(qw.scales.dtype), qw.scales):
+            return f"{name}: scales are not float16 values (the native decoder stores them as fp16)"
+        if not qw.has_trivial_g_idx():
+            return f"{name} has act-order (g_idx); the native decoder needs columns in group order"
+    for i in range(n):
+        names = _layer_names(i)
+        for fused in (("q", "k", "v"), ("gate", "up")):
+            gs = {qmodel.qweights[names[x]].scheme.group_size for x in fused}
+            if len(gs) > 1:
+                return f"layer {i}: {'/'.join(fused)} have different group sizes"
+    return None
+
+
+def _fuse(qws, dtype_bias=torch.float32) -> tuple[QMat, list[torch.Tensor]]:
+    """One QMat over the rows of several QuantizedWeights with the same input (and its tensors, kept alive)."""
+    k = qws[0].in_features
+    gs = k if qws[0].scheme.group_size == -1 else qws[0].scheme.group_size
+    packed = torch.cat([native.pack_nibbles(q.codes.contiguous()) for q in qws]).contiguous()
+    scales = torch.cat([q.scales.to(torch.float16) for q in qws]).contiguous()
+    zeros = torch.cat([q.zeros.to(torch.uint8) for q in qws]).contiguous()
+    keep = [packed, scales, zeros]
+    bias = None
+    if any(q.bias is not None for q in qws):
+        bias = torch.cat([q.bias.float() if q.bias is not None else torch.zeros(q.out_features) for q in qws])
+        keep.append(bias.contiguous())
+        bias = keep[-1]
+    m = QMat(packed.shape[0], k, gs, packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+             None if bias is None else bias.data_ptr())
+    return m, keep
+
+
+class NativeDecoder:
+    """The checkpoint in the native decoder's layout, with a KV cache of ``capacity`` positions.
+
+    :param qmodel: a QuantizedModel that :func:`unsupported` accepts.
+    :param dtype: ``torch.float32`` (fp32 activations) or ``torch.bfloat16`` (int8 activations per 64 columns).
+    :param lm_head: ``float`` (the checkpoint's, in ``dtype``), ``int4`` (g64 RTN) or ``int8`` (per channel,
+        AVX-512 VNNI only), quantized at load time as ``lowbit.run.nn.quantize_lm_head`` does.
+    :param consume: take each layer's weights out of ``qmodel.qweights`` once packed, so the unpacked codes
+        (1 byte per weight) are freed layer by layer instead of living beside the packed copy until the end.
+    """
+
+    def __init__(self, qmodel, dtype: torch.dtype = torch.bfloat16, lm_head: str = "float", capacity: int = 256,
+                 consume: bool = False):
+        reason = unsupported(qmodel, dtype, lm_head)
+        if reason is not None:
+            raise LowbitError(f"native decoder: {reason}.")
+        self.config = c = qmodel.config
+        self.dtype = dtype
+        self.vnni = wants_vnni()
+        self.lib = native.engine_library(self.vnni)
+        self.keep: list[torch.Tensor] = []
+        ft = qmodel.float_tensors
+        n = int(c.num_hidden_layers)
+        self.layers = (Layer * n)()
+        for i in range(n):
+            names = _layer_names(i)
+            qw = {x: qmodel.qweights[p] for x, p in names.items()}
+            lay = self.layers[i]
+            for field, parts in (("qkv", ("q", "k", "v")), ("o", ("o",)), ("gu", ("gate", "up")), ("down", ("down",))):
+                m, keep = _fuse([qw[x] for x in parts])
+                setattr(lay, field, m)
+                self.keep += keep
+            if consume:
+                for path in names.values():
+                    del qmodel.qweights[path]
+                del qw
+            p = f"model.layers.{i}."
+            lay.in_norm = self._f32(ft[p + "input_layernorm.weight"])
+            lay.post_norm = self._f32(ft[p + "post_attention_layernorm.weight"])
+            qn, kn = ft.get(p + "self_attn.q_norm.weight"), ft.get(p + "self_attn.k_norm.weight")
+            lay.q_norm = None if qn is None else self._f32(qn)
+            lay.k_norm = None if kn is None else self._f32(kn)
+        md = self.md = Model()
+        md.hidden, md.n_layers = int(c.hidden_size), n
+        md.n_heads, md.n_kv, md.head_dim = int(c.num_attention_heads), int(c.num_key_value_heads), head_dim(c)
+        md.inter, md.vocab = int(c.intermediate_size), int(c.vocab_size)
+        md.window = int(_get(c, "sliding_window", 0) or 0) if c.model_type == "mistral" else 0
+        md.eps = float(_get(c, "rms_norm_eps", 1e-6))
+        md.attn_scale = head_dim(c) ** -0.5
+        md.act_mode = ACT_MODES[dtype]
+        md.layers = self.layers
+        emb = ft["model.embed_tokens.weight"]
+        emb = emb.to(dtype).contiguous()
+        self.keep.append(emb)
+        md.embed, md.embed_bf16 = emb.data_ptr(), int(dtype == torch.bfloat16)
+        self._emb_itemsize = emb.element_size()
+        md.final_norm = self._f32(ft["model.norm.weight"])
+        tied = bool(_get(c, "tie_word_embeddings", False)) or "lm_head.weight" not in ft
+        if "lm_head" in qmodel.qweights:
+            head_w = None
+            m, keep = _fuse([qmodel.qweights["lm_head"]])
+            md.head_kind, md.head_q = HEAD_INT4, m
+            self.keep += keep
+        else:
+            head_w = emb if tied else ft["lm_head.weight"]
+        if head_w is not None and lm_head == "float":
+            hw = head_w.to(dtype).contiguous()
+            self.keep.append(hw)
+            md.head, md.head_kind = hw.data_ptr(), HEAD_F32 if dtype == torch.float32 else HEAD_BF16
+        elif head_w is not None:
+            md.head_kind, md.head_q = self._quant_head(head_w, lm_head)
+        self.lm_head = lm_head
+        self.capacity = 0
+        self.n_past = 0
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._scratch_key = None
+        self.reset(capacity)
+
+    def _f32(self, t: torch.Tensor) -> int:
+        t = t.float().contiguous()
+        self.keep.append(t)
+        return t.data_ptr()
+
+    def _quant_head(self, w: torch.Tensor, mode: str):
+        from lowbit.primitives import quantize
+        from lowbit.run.nn import LM_HEAD_SCHEMES
+        from lowbit.scheme import QuantScheme
+
+        bits, gs, sym = LM_HEAD_SCHEMES[mode]
+        scheme = QuantScheme(bits, gs, sym=sym)
+        parts = [quantize(w[i:i + 4096].float(), scheme) for i in range(0, w.shape[0], 4096)]
+        codes = torch.cat([p.codes for p in parts])
+        scales = torch.cat([p.scales for p in parts]).to(torch.float16).contiguous()
+        zeros = torch.cat([p.zeros for p in parts]).to(torch.uint8).contiguous()
+        packed = native.pack_nibbles(codes) if bits == 4 else codes.contiguous()
+        self.keep += [packed, scales, zeros]
+        k = w.shape[1]
+        m = QMat(w.shape[0], k, k if gs == -1 else gs, packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), None)
+        return (HEAD_INT4 if bits == 4 else HEAD_INT8), m
+
+    # ------------------------------------------------------------------------------------------------
+    def _rope_table(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[capacity, head_dim/2]`` from the family's own transformers rotary module (so rope_theta
+        and rope scaling such as llama3's are exactly transformers')."""
+        mt = self.config.model_type
+        mod = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
+        rot = getattr(mod, f"{FAMILIES[mt]}RotaryEmbedding")(config=self.config)
+        pos = torch.arange(capacity)[None]
+        with torch.no_grad():
+            cos, sin = rot(torch.zeros(1, dtype=torch.float32), pos)
+        h = self.md.head_dim // 2
+        return cos[0, :, :h].float().contiguous(), sin[0, :, :h].float().contiguous()
+
+    def reset(self, capacity: int | None = None) -> None:
+        """Empty the KV cache; with ``capacity``, (re)allocate it for that many positions."""
+        self.n_past = 0
+        if capacity is None or capacity == self.capacity:
+            return
+        if capacity < 1:
+            raise LowbitError(f"KV cache capacity must be at least 1 position, got {capacity}.")
+        md = self.md
+        shape = (md.n_layers, md.n_kv, capacity, md.head_dim)
+        self.kcache = torch.zeros(shape, dtype=torch.float32)
+        self.vcache = torch.zeros(shape, dtype=torch.float32)
+        self.cos, self.sin = self._rope_table(capacity)
+        md.kcache, md.vcache = self.kcache.data_ptr(), self.vcache.data_ptr()
+        md.cos, md.sin = self.cos.data_ptr(), self.sin.data_ptr()
+        md.capacity = self.capacity = capacity
+        self._scratch_key = None
+
+    def weight_bytes(self) -> int:
+        """Bytes of every tensor the decoder holds except the KV cache (each storage once)."""
+        seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.keep}
+        return sum(seen.values())
+
+    def streamed_bytes(self) -> int:
+        """Bytes read per decode step: all weights but the embedding table, unless it is the lm_head too."""
+        emb_is_head = self.md.head == self.md.embed
+        return self.weight_bytes() - (0 if emb_is_head else self.md.vocab * self.md.hidden * self._emb_itemsize)
+
+    def cache_bytes(self) -> int:
+        return 2 * self.kcache.numel() * 4 if self.capacity else 0
+
+    def forward(self, ids, all_logits: bool = False, threads: int | None = None) -> torch.Tensor:
+        """Run ``ids`` (a list or 1-D tensor of token ids) at the next positions; fp32 logits ``[len(ids), vocab]``
+        with ``all_logits``, else ``[vocab]`` of the last token."""
+        ids = torch.as_tensor(ids, dtype=torch.int32).reshape(-1).contiguous()
+        m = ids.numel()
+        if m == 0:
+            raise LowbitError("native decoder: no tokens to run.")
+        if self.n_past + m > self.capacity:
+            raise LowbitError(f"{self.n_past + m} positions do not fit the KV cache of {self.capacity} "
+                              f"(prompt and new tokens must fit; reset with a larger capacity).")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.md.vocab:
+            raise LowbitError(f"token id out of range 0..{self.md.vocab - 1}.")
+        threads = threads or torch.get_num_threads()
+        vocab = self.md.vocab
+        out = torch.empty((m if all_logits else 1), vocab, dtype=torch.float32)
+        for c0 in range(0, m, CHUNK):
+            c1 = min(m, c0 + CHUNK)
+            mc = c1 - c0
+            key = (min(m, CHUNK), threads)
+            if self._scratch_key is None or self._scratch_key[0] < key[0] or self._scratch_key[1] != threads:
+                self._scratch = torch.empty(self.lib.lowbit_engine_scratch_bytes(ctypes.byref(self.md), key[0],
+                                                                                   threads) + 64, dtype=torch.uint8)
+                self._scratch_key = key
+            dst = out[c0:c1] if all_logits else out
+            last = all_logits or c1 == m
+            rc = self.lib.lowbit_engine_forward(ctypes.byref(self.md), ids[c0:].data_ptr(), mc, self.n_past,
+                                                dst.data_ptr() if last else self._scratch_logits(),
+                                                int(all_logits), threads, self._scratch.data_ptr())
+            if rc != 0:
+                raise LowbitError("native decoder: positions do not fit the KV cache.")
+            self.n_past += mc
+        return out if all_logits else out[0]
+
+    def profile(self, prompt_len: int = 128, steps: int = 16, threads: int | None = None) -> dict[str, float]:
+        """Milliseconds per decode step spent in each op (:data:`PROFILE_OPS`, wall time of thread 0 between
+        the team's barriers, so a phase includes waiting for the slowest thread), median-free mean over
+        ``steps`` greedy steps after a ``prompt_len`` random prompt."""
+        self.reset(max(self.capacity, prompt_len + steps + 1))
+        ids = torch.randint(0, self.md.vocab, (prompt_len,), generator=torch.Generator().manual_seed(0))
+        tok = int(self.forward(ids, threads=threads).argmax())
+        acc = (ctypes.c_double * len(PROFILE_OPS))()
+        self.md.prof = ctypes.cast(acc, _P).value
+        try:
+            for _ in range(steps):
+                tok = int(self.forward([tok], threads=threads).argmax())
+        finally:
+            self.md.prof = None
+        return {op: acc[i] * 1e3 / steps for i, op in enumerate(PROFILE_OPS)}
+
+    def _scratch_logits(self) -> int:
+        buf = getattr(self, "_discard", None)
+        if buf is None:
+            buf = self._discard = torch.empty(self.md.vocab, dtype=torch.float32)
+        return buf.data_ptr()
+
+    def describe(self) -> str:
+        isa = "AVX-512 VNNI" if self.vnni else "AVX2"
+        act = "fp32 activations" if self.dtype == torch.float32 else f"int8 activations ({isa})"
+        return f"native decoder, {act}, lm_head {self.lm_head}"
+
+
+def cpu_summary() -> str:
+    return cpuinfo.describe()

@@ -1,0 +1,182 @@
+"""Which runtime runs a checkpoint, and the one generation loop every command uses.
+
+Two paths run a checkpoint on the CPU:
+
+- **native**: the CPU backend's native decoder (``lowbit_cpu.engine``): the whole model per token in C,
+  no Python between the ops. Chosen when the backend is installed and says it covers the checkpoint's
+  family, scheme, activation dtype and this CPU.
+- **transformers**: the transformers model with QuantLinear modules (:func:`lowbit.run.nn.build_model`),
+  for everything else, or when asked for (``--runtime transformers``, ``LOWBIT_RUNTIME=transformers``,
+  or forcing a kernel with ``--kernel``).
+
+:func:`load_runner` picks one and says which and why (``Runner.why``); :func:`generate` is the single
+generation entry point (greedy or sampled, streamer, stop strings) that ``generate``, ``chat`` and any
+server call, whichever path the runner holds.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import LowbitError
+
+RUNTIMES = ("auto", "native", "transformers")
+
+
+@dataclass
+class Runner:
+    """A loaded checkpoint ready to run: ``decoder`` (native) or ``model`` (transformers), never both."""
+
+    qm: Any
+    path: str  # "native" or "transformers"
+    why: str
+    model: Any = None
+    decoder: Any = None
+    dtype: Any = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def config(self):
+        return self.qm.config
+
+    def describe(self) -> str:
+        if self.path == "native":
+            return f"runtime: {self.decoder.describe()} ({self.why})"
+        from .nn import kernels_used
+
+        kernels = ", ".join(f"{k} x{n}" for k, n in kernels_used(self.model).items()) or "none"
+        return f"runtime: transformers, kernels {kernels} ({self.why})"
+
+
+def native_reason(qm, dtype, lm_head: str = "float", kernel: str | None = None, runtime: str = "auto") -> str | None:
+    """None when the native decoder takes this checkpoint, else why the transformers path runs it."""
+    runtime = os.environ.get("LOWBIT_RUNTIME", "").strip() or runtime
+    if runtime not in RUNTIMES:
+        raise LowbitError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}.")
+    if runtime == "transformers":
+        return "asked for the transformers runtime"
+    if kernel:
+        return f"--kernel {kernel} runs through the transformers modules"
+    try:
+        from lowbit_cpu import engine
+    except ImportError:
+        return "the native decoder comes with lowbit-backend-cpu, which is not installed"
+    return engine.unsupported(qm, dtype, lm_head)
+
+
+def load_runner(path: str, dtype_name: str, kernel: str | None = None, lm_head: str = "float",
+                runtime: str = "auto", capacity: int = 2048) -> Runner:
+    """Read the checkpoint at ``path`` (it must hold a tokenizer) and build the runtime that runs it.
+    With ``runtime="native"`` an unsupported checkpoint is an error instead of a fallback."""
+    from ..exporting import read_checkpoint
+    from .load import dtype_of
+
+    qm = read_checkpoint(path)
+    if qm.tokenizer is None:
+        raise LowbitError(f"{path} has no tokenizer files; copy the model's tokenizer into it.")
+    return runner_for(qm, dtype_of(dtype_name), kernel, lm_head, runtime, capacity, consume=True)
+
+
+def runner_for(qm, dtype, kernel: str | None = None, lm_head: str = "float", runtime: str = "auto",
+               capacity: int = 2048, consume: bool = False) -> Runner:
+    """The runner for a QuantizedModel already read. ``consume``: the native decoder may take the quantized
+    weights out of ``qm`` as it packs them (lower peak memory; ``qm`` keeps config, tokenizer and floats)."""
+    reason = native_reason(qm, dtype, lm_head, kernel, runtime)
+    if reason is None:
+        from lowbit_cpu.engine import NativeDecoder
+
+        ctx = int(getattr(qm.config, "max_position_embeddings", capacity) or capacity)
+        dec = NativeDecoder(qm, dtype, lm_head, capacity=min(capacity, ctx), consume=consume)
+        return Runner(qm, "native", "the native decoder covers this model and CPU", decoder=dec, dtype=dtype)
+    if runtime == "native":
+        raise LowbitError(f"--runtime native: {reason}.")
+    from .nn import build_model
+
+    model = build_model(qm, "cpu", dtype, kernel, lm_head=lm_head)
+    if qm.generation_config is not None:
+        model.generation_config = qm.generation_config
+    return Runner(qm, "transformers", reason, model=model, dtype=dtype)
+
+
+def _sample(logits, temperature: float, top_p: float, generator=None) -> int:
+    import torch
+
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, si = probs.sort(descending=True)
+        keep = sp.cumsum(0) - sp < top_p  # the smallest prefix whose mass reaches top_p (first token always)
+        sp = sp * keep
+        return int(si[torch.multinomial(sp / sp.sum(), 1, generator=generator)])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def generate(runner: Runner, ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             eos: list[int] | None = None, streamer=None, stop_strings: list[str] | None = None, tokenizer=None):
+    """Prompt ``ids`` (``[1, P]`` tensor) plus up to ``max_new_tokens`` generated tokens, as ``[1, P + n]``.
+
+    Greedy at ``temperature`` 0, else sampling with nucleus ``top_p``; stops at an ``eos`` id or when the
+    decoded continuation contains one of ``stop_strings``. ``streamer``: a transformers-style streamer
+    (``put`` the prompt, then each token; ``end``)."""
+    import torch
+
+    ids = torch.as_tensor(ids).reshape(1, -1).long()
+    eos = list(eos or [])
+    if runner.path == "transformers":
+        kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, streamer=streamer, eos_token_id=eos or None,
+                                  pad_token_id=eos[0] if eos else None)
+        if temperature > 0:
+            kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=None)
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if stop_strings:
+            kw.update(stop_strings=stop_strings, tokenizer=tokenizer)
+        with torch.no_grad():
+            return runner.model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    dec = runner.decoder
+    need = ids.shape[1] + max_new_tokens
+    if need > dec.capacity:
+        dec.reset(need)
+    dec.reset()
+    if streamer is not None:
+        streamer.put(ids)
+    out = ids[0].tolist()
+    logits = dec.forward(ids[0])
+    new: list[int] = []
+    for step in range(max_new_tokens):
+        tok = _sample(logits, temperature, top_p)
+        new.append(tok)
+        if streamer is not None:
+            streamer.put(torch.tensor([tok]))
+        if tok in eos:
+            break
+        if stop_strings and tokenizer is not None:
+            tail = tokenizer.decode(new[-16:], skip_special_tokens=True)
+            if any(s in tail for s in stop_strings):
+                break
+        if step + 1 < max_new_tokens:
+            logits = dec.forward([tok])
+    if streamer is not None:
+        streamer.end()
+    return torch.tensor([out + new])
+
+
+class LogitsModel:
+    """A transformers-like callable over the native decoder for :func:`lowbit.run.evaluate.perplexity`:
+    ``model(ids[1, T]).logits`` ``[1, T, vocab]``, each call from an empty cache."""
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+        self.config = runner.config
+
+    def __call__(self, ids, use_cache: bool = False):
+        from types import SimpleNamespace
+
+        dec = self.runner.decoder
+        if ids.shape[1] > dec.capacity:
+            dec.reset(ids.shape[1])
+        dec.reset()
+        return SimpleNamespace(logits=dec.forward(ids[0], all_logits=True)[None])
