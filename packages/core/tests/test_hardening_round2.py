@@ -445,3 +445,14 @@ def test_kernel_benchmark_larger_than_memory_is_refused(capsys):
     code, _, err = run(capsys, "bench", "--kernels", "--shapes", "100000x100000", "--group-size", "32", "--batches",
                        "1", "--repeat", "1")
     refused(code, err, "the kernel benchmark of 100000x100000", "of memory")
+
+
+@pytest.mark.parametrize("kind", ["same", "parent"])
+def test_the_issue_export_gptq_v2_onto_its_own_checkpoint(capsys, copy, tmp_path, kind):
+    """The issue's first case as it was filed (needs lowbit-exporters for gptq-v2)."""
+    pytest.importorskip("lowbit_exporters")
+    out = copy if kind == "same" else copy.parent
+    before = tree_digest(copy)
+    code, _, err = run(capsys, "export", copy, "--format", "gptq-v2", "--out", out, "--overwrite")
+    refused(code, err, "the checkpoint")
+    assert tree_digest(copy) == before
