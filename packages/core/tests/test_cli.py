@@ -164,3 +164,12 @@ def test_usage_mistakes_are_one_line(capsys, argv, message):
     out, err = capsys.readouterr()
     assert code == 2 and not out
     assert err.startswith(message) and err.count("\n") == 1 and "usage:" not in err
+
+
+def test_work_directory_sits_beside_the_resolved_output(tmp_path):
+    from lowbit.workdir import work_dir_for
+
+    (tmp_path / "a").mkdir()
+    assert work_dir_for(tmp_path / "a" / ".." / "o") == tmp_path / ".o.work"
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    assert work_dir_for(tmp_path / "link") == tmp_path / ".a.work"

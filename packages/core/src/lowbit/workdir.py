@@ -37,7 +37,9 @@ VERSION = 2
 
 
 def work_dir_for(out: Path) -> Path:
-    out = Path(out).absolute()
+    """``.OUT.work`` beside the directory ``out`` names (``..`` and symlinks resolved, as the output's
+    own lock and temporary directory are: ``a/..`` works beside the directory ``a/..`` is)."""
+    out = Path(os.path.realpath(out))
     return out.with_name(f".{out.name}.work")
 
 
