@@ -369,16 +369,20 @@ def _native_child(spec: dict, qmodel, rss0: int, t0: float) -> dict:
     if spec["ppl_windows"]:
         from types import SimpleNamespace
 
-        from .evaluate import perplexity
-
-        windows = _shared_windows(spec, tokenizer)
-        if windows is None:
-            out["ppl"] = None
-        else:
-            dec.reset(spec["ppl_seqlen"])
-            model = LogitsModel(SimpleNamespace(decoder=dec, config=dec.config))
-            out["ppl"] = perplexity(model, windows=windows, seqlen=spec["ppl_seqlen"], progress=False)["ppl"]
+        dec.reset(spec["ppl_seqlen"])
+        out["ppl"] = _ppl(spec, tokenizer, LogitsModel(SimpleNamespace(decoder=dec, config=dec.config)))
     return out
+
+
+def _ppl(spec: dict, tokenizer, model) -> float | None:
+    """Perplexity of ``model`` on the run's shared windows (None where there are none)."""
+    from .evaluate import perplexity
+
+    windows = _shared_windows(spec, tokenizer)
+    if windows is None:
+        return None
+    with torch.inference_mode():
+        return perplexity(model, windows=windows, seqlen=spec["ppl_seqlen"], progress=False)["ppl"]
 
 
 def _child(spec: dict) -> dict:
@@ -412,14 +416,7 @@ def _child(spec: dict) -> dict:
     # perplexity pass below runs long windows and is left out)
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
     if spec["ppl_windows"]:
-        from .evaluate import perplexity
-
-        windows = _shared_windows(spec, tokenizer)
-        if windows is None:
-            out["ppl"] = None
-        else:
-            with torch.inference_mode():
-                out["ppl"] = perplexity(model, windows=windows, seqlen=spec["ppl_seqlen"], progress=False)["ppl"]
+        out["ppl"] = _ppl(spec, tokenizer, model)
     return out
 
 
