@@ -135,6 +135,8 @@ def quant_autoround(scheme: str, a) -> tuple[dict, dict]:
                  "gradient_accumulate_steps", "enable_minmax_tuning", "enable_quanted_input", "amp", "amp_dtype",
                  "scale_dtype", "data_type", "nblocks", "low_gpu_mem_usage", "enable_norm_bias_tuning",
                  "enable_alg_ext", "disable_opt_rtn")}
+    # the calibration windows come as a DataLoader: its sizes are these (AutoRound's batch_size default is 8)
+    settings.update({"nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "batch_size": a.ar_batch})
     return weights, {"quant_wall_s": round(wall, 1), "peak_rss_mib": round(rss), "version": auto_round.__version__,
                      "settings": settings}
 
@@ -192,21 +194,29 @@ def do_eval(job: str, a) -> None:
     n_linear = sum(1 for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
     if len(weights) != n_linear:
         raise SystemExit(f"{len(weights)} quantized weights for {n_linear} linears")
+    rel = []  # a decode check: each quantized weight's relative error against the float weight it replaces
     with torch.no_grad():
         for k, w in weights.items():
+            rel.append(float((w - state[k]).norm() / state[k].norm()))
             state[k].copy_(w)
+    print(f"{len(rel)} weights replaced; relative weight error mean {sum(rel) / len(rel):.4f}, max {max(rel):.4f}",
+          flush=True)
     res = perplexity(model, tok, seqlen=a.seqlen, max_windows=a.windows or None, progress=False, per_window=True)
     per = res.pop("window_nll")
     from run import _commit, _cpu  # noqa: E402  (benchmarks/quality/run.py, same directory)
 
-    iters = facts.get("settings", {}).get("iters")
+    settings = facts.get("settings", {})
+    if tool == "autoround" and settings.get("nsamples") is None:  # fed as a DataLoader of lowbit's windows
+        settings.update({"nsamples": a.nsamples, "seqlen": a.calib_seqlen, "batch_size": a.ar_batch})
+    iters = settings.get("iters")
     method = "gptq" if tool == "gptqmodel" else "autoround"
     if tool == "autoround" and facts.get("iters_arg") is not None:
         method += f", iters {iters} (not the default)"
     row = {"tool": tool, "method": method, "scheme": scheme, "ppl": res["ppl"],
            "ppl_first8": math.exp(sum(per[:8]) / 8) if len(per) > 8 else None, "windows": res["windows"],
            "eval_seqlen": res["seqlen"], "quant_wall_s": facts["quant_wall_s"], "peak_rss_mib": facts["peak_rss_mib"],
-           "version": facts["version"], "settings": facts["settings"], "eval_s": round(res["seconds"], 1),
+           "version": facts["version"], "settings": settings, "eval_s": round(res["seconds"], 1),
+           "weight_rel_err_mean": sum(rel) / len(rel),
            "nsamples": a.nsamples, "calib_seqlen": a.calib_seqlen, "compute_dtype": "fp32", "threads": a.threads,
            "host": platform.node(), "cpus": os.cpu_count(), "cpu": _cpu(),
            "load_avg_end": facts["load_avg_end"], "load_avg_eval_end": round(os.getloadavg()[0], 1),
