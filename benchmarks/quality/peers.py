@@ -179,7 +179,7 @@ def do_eval(job: str, a) -> None:
     from safetensors import safe_open
 
     from lowbit.loading import load_model
-    from lowbit.run.evaluate import perplexity
+    from lowbit.run.evaluate import eval_text, perplexity, window_ids
 
     f = OUT / f"{tool}-{scheme}.safetensors"
     with safe_open(str(f), "pt") as st:
@@ -201,8 +201,25 @@ def do_eval(job: str, a) -> None:
             state[k].copy_(w)
     print(f"{len(rel)} weights replaced; relative weight error mean {sum(rel) / len(rel):.4f}, max {max(rel):.4f}",
           flush=True)
-    res = perplexity(model, tok, seqlen=a.seqlen, max_windows=a.windows or None, progress=False, per_window=True)
-    per = res.pop("window_nll")
+    # lowbit's perplexity over the protocol's windows, 8 at a time: the same sums (every window has the same
+    # token count), and the windows done so far are kept in TOOL-SCHEME.progress.json, so a run cut short
+    # still says what its first windows gave
+    wins = window_ids(tok, eval_text(), a.seqlen)
+    if a.windows:
+        wins = wins[: a.windows]
+    per, t0, progress = [], time.perf_counter(), OUT / f"{tool}-{scheme}.progress.json"
+    for i in range(0, wins.shape[0], 8):
+        per += perplexity(model, windows=wins[i : i + 8], seqlen=a.seqlen, progress=False, per_window=True)["window_nll"]
+        progress.write_text(json.dumps({"windows": len(per), "of": int(wins.shape[0]),
+                                        "ppl_so_far": math.exp(sum(per) / len(per)),
+                                        "ppl_first8": math.exp(sum(per[:8]) / len(per[:8])), "window_nll": per,
+                                        "weight_rel_err": rel,
+                                        "seconds": round(time.perf_counter() - t0, 1)}))
+    _append_row(tool, scheme, facts, per, rel, time.perf_counter() - t0, a)
+
+
+def _append_row(tool: str, scheme: str, facts: dict, per: list, rel: list, seconds: float, a) -> None:
+    """The results.jsonl row of the windows in ``per`` (all of the test set, or the first ones of a cut run)."""
     from run import _commit, _cpu  # noqa: E402  (benchmarks/quality/run.py, same directory)
 
     settings = facts.get("settings", {})
@@ -212,11 +229,11 @@ def do_eval(job: str, a) -> None:
     method = "gptq" if tool == "gptqmodel" else "autoround"
     if tool == "autoround" and facts.get("iters_arg") is not None:
         method += f", iters {iters} (not the default)"
-    row = {"tool": tool, "method": method, "scheme": scheme, "ppl": res["ppl"],
-           "ppl_first8": math.exp(sum(per[:8]) / 8) if len(per) > 8 else None, "windows": res["windows"],
-           "eval_seqlen": res["seqlen"], "quant_wall_s": facts["quant_wall_s"], "peak_rss_mib": facts["peak_rss_mib"],
-           "version": facts["version"], "settings": settings, "eval_s": round(res["seconds"], 1),
-           "weight_rel_err_mean": sum(rel) / len(rel),
+    row = {"tool": tool, "method": method, "scheme": scheme, "ppl": math.exp(sum(per) / len(per)),
+           "ppl_first8": math.exp(sum(per[:8]) / 8) if len(per) > 8 else None, "windows": len(per),
+           "eval_seqlen": a.seqlen, "quant_wall_s": facts["quant_wall_s"], "peak_rss_mib": facts["peak_rss_mib"],
+           "version": facts["version"], "settings": settings, "eval_s": round(seconds, 1),
+           "weight_rel_err_mean": sum(rel) / len(rel) if rel else None,
            "nsamples": a.nsamples, "calib_seqlen": a.calib_seqlen, "compute_dtype": "fp32", "threads": a.threads,
            "host": platform.node(), "cpus": os.cpu_count(), "cpu": _cpu(),
            "load_avg_end": facts["load_avg_end"], "load_avg_eval_end": round(os.getloadavg()[0], 1),
@@ -226,10 +243,23 @@ def do_eval(job: str, a) -> None:
     print(json.dumps(row), flush=True)
 
 
+def row_from_progress(job: str, a) -> None:
+    """Append the row of an evaluation that was cut short: the windows its progress file holds."""
+    from safetensors import safe_open
+
+    tool, _, scheme = job.partition(":")
+    with safe_open(str(OUT / f"{tool}-{scheme}.safetensors"), "pt") as st:
+        facts = json.loads(st.metadata()["facts"])
+    prog = json.loads((OUT / f"{tool}-{scheme}.progress.json").read_text())
+    _append_row(tool, scheme, facts, prog["window_nll"], prog.get("weight_rel_err", []), prog["seconds"], a)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quant", metavar="TOOL:SCHEME", help="quantize (tools: gptqmodel, autoround; schemes: w4g64, w3g64)")
     p.add_argument("--eval", metavar="TOOL:SCHEME", help="evaluate a --quant output and append its row")
+    p.add_argument("--row-from-progress", metavar="TOOL:SCHEME",
+                   help="append the row of a cut --eval: the first windows its progress file holds")
     p.add_argument("--all", action="store_true", help="--quant then --eval for every tool and scheme, each in a child")
     p.add_argument("--windows", type=int, default=0, help="evaluation windows (0: the full test set, the protocol)")
     p.add_argument("--seqlen", type=int, default=2048)
@@ -244,6 +274,8 @@ def main(argv=None) -> int:
         do_quant(a.quant, a)
     elif a.eval:
         do_eval(a.eval, a)
+    elif a.row_from_progress:
+        row_from_progress(a.row_from_progress, a)
     elif a.all:
         common = [f"--windows={a.windows}", f"--seqlen={a.seqlen}", f"--nsamples={a.nsamples}",
                   f"--calib-seqlen={a.calib_seqlen}", f"--threads={a.threads}", f"--ar-batch={a.ar_batch}"] + \
