@@ -165,7 +165,8 @@ def do_quant(job: str, a) -> None:
     from safetensors.torch import save_file
 
     weights, facts = (quant_gptqmodel if tool == "gptqmodel" else quant_autoround)(scheme, a)
-    facts.update({"load_avg_end": round(os.getloadavg()[0], 1), "date": time.strftime("%Y-%m-%d %H:%M"),
+    ru = resource.getrusage(resource.RUSAGE_SELF)  # CPU seconds: on a shared machine wall time says little alone
+    facts.update({"quant_cpu_s": round(ru.ru_utime + ru.ru_stime, 1), "load_avg_end": round(os.getloadavg()[0], 1), "date": time.strftime("%Y-%m-%d %H:%M"),
                   "n_weights": len(weights), "iters_arg": a.iters})
     OUT.mkdir(exist_ok=True)
     save_file(weights, str(OUT / f"{tool}-{scheme}.safetensors"), metadata={"facts": json.dumps(facts)})
@@ -231,7 +232,7 @@ def _append_row(tool: str, scheme: str, facts: dict, per: list, rel: list, secon
         method += f", iters {iters} (not the default)"
     row = {"tool": tool, "method": method, "scheme": scheme, "ppl": math.exp(sum(per) / len(per)),
            "ppl_first8": math.exp(sum(per[:8]) / 8) if len(per) > 8 else None, "windows": len(per),
-           "eval_seqlen": a.seqlen, "quant_wall_s": facts["quant_wall_s"], "peak_rss_mib": facts["peak_rss_mib"],
+           "eval_seqlen": a.seqlen, "quant_wall_s": facts["quant_wall_s"], "quant_cpu_s": facts.get("quant_cpu_s"), "peak_rss_mib": facts["peak_rss_mib"],
            "version": facts["version"], "settings": settings, "eval_s": round(seconds, 1),
            "weight_rel_err_mean": sum(rel) / len(rel) if rel else None,
            "nsamples": a.nsamples, "calib_seqlen": a.calib_seqlen, "compute_dtype": "fp32", "threads": a.threads,
