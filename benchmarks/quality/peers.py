@@ -93,15 +93,36 @@ def quant_gptqmodel(scheme: str, a) -> tuple[dict, dict]:
     model.save(out)
     wall = time.perf_counter() - t0
     rss = _peak_rss_mib()
-    from lowbit.exporting import read_checkpoint
-
-    qm = read_checkpoint(out)
-    weights = {f"{p}.weight": qw.dequantize(torch.float32).contiguous() for p, qw in qm.qweights.items()}
+    weights = decode_gptq(out)
     settings = {k: v for k, v in _plain(cfg).items()}
     import gptqmodel
 
     return weights, {"quant_wall_s": round(wall, 1), "peak_rss_mib": round(rss), "version": gptqmodel.__version__,
                      "settings": settings, "checkpoint": out}
+
+
+def decode_gptq(path) -> dict:
+    """A GPTQ checkpoint's weights dequantized to fp32 by lowbit's GPTQ reader (needs lowbit-exporters)."""
+    import torch
+
+    from lowbit.exporting import read_checkpoint
+
+    qm = read_checkpoint(path)
+    return {f"{p}.weight": qw.dequantize(torch.float32).contiguous() for p, qw in qm.qweights.items()}
+
+
+def decode_only(job: str, a) -> None:
+    """``--decode gptqmodel:SCHEME=DIR``: write the evaluation input from a GPTQModel checkpoint already saved
+    (a run whose decode step failed), with the quantization's facts given as JSON in ``--facts``."""
+    from safetensors.torch import save_file
+
+    spec, _, path = job.partition("=")
+    weights = decode_gptq(path)
+    facts = json.loads(a.facts)
+    facts.setdefault("n_weights", len(weights))
+    OUT.mkdir(exist_ok=True)
+    save_file(weights, str(OUT / f"{spec.replace(':', '-')}.safetensors"), metadata={"facts": json.dumps(facts)})
+    print(json.dumps(facts), flush=True)
 
 
 def quant_autoround(scheme: str, a) -> tuple[dict, dict]:
@@ -252,13 +273,16 @@ def row_from_progress(job: str, a) -> None:
     with safe_open(str(OUT / f"{tool}-{scheme}.safetensors"), "pt") as st:
         facts = json.loads(st.metadata()["facts"])
     prog = json.loads((OUT / f"{tool}-{scheme}.progress.json").read_text())
-    _append_row(tool, scheme, facts, prog["window_nll"], prog.get("weight_rel_err", []), prog["seconds"], a)
+    per = prog["window_nll"][: a.windows or None]  # --windows N: only the first N (8: the earlier rows' subset)
+    _append_row(tool, scheme, facts, per, prog.get("weight_rel_err", []), prog["seconds"] * len(per) / len(prog["window_nll"]), a)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quant", metavar="TOOL:SCHEME", help="quantize (tools: gptqmodel, autoround; schemes: w4g64, w3g64)")
     p.add_argument("--eval", metavar="TOOL:SCHEME", help="evaluate a --quant output and append its row")
+    p.add_argument("--decode", metavar="TOOL:SCHEME=DIR", help="decode a saved GPTQModel checkpoint (see --facts)")
+    p.add_argument("--facts", default="{}", help="JSON facts of the quantization run, for --decode")
     p.add_argument("--row-from-progress", metavar="TOOL:SCHEME",
                    help="append the row of a cut --eval: the first windows its progress file holds")
     p.add_argument("--all", action="store_true", help="--quant then --eval for every tool and scheme, each in a child")
@@ -275,6 +299,9 @@ def main(argv=None) -> int:
         do_quant(a.quant, a)
     elif a.eval:
         do_eval(a.eval, a)
+    elif a.decode:
+        _setup(a)
+        decode_only(a.decode, a)
     elif a.row_from_progress:
         row_from_progress(a.row_from_progress, a)
     elif a.all:
