@@ -17,8 +17,13 @@ Two phases, each in its own process:
     python benchmarks/quality/peers.py --quant gptqmodel:w4g64 && python benchmarks/quality/peers.py --eval gptqmodel:w4g64
     python benchmarks/quality/peers.py --all            # both phases for every tool and scheme, sequentially
 
+``--row-from-progress TOOL:SCHEME --windows 8`` appends the row of an evaluation that was stopped, from the
+windows it finished (8: the subset every lowbit row also reports); ``--decode gptqmodel:SCHEME=DIR --facts JSON``
+decodes a GPTQModel checkpoint already saved.
+
 The peers run in their own environment (see RESULTS.md, "Peers"): ``auto-round`` and ``gptqmodel`` pull
-dependencies that lowbit's environment does not need. Schemes are asymmetric, group 64, as lowbit's rows;
+dependencies that lowbit's environment does not need, and lowbit's GPTQ reader needs ``lowbit-exporters``
+(``-e packages/exporters``); gptqmodel wants ``GPTQMODEL_CPU_WORKERS=2`` on a 2-core machine. Schemes are asymmetric, group 64, as lowbit's rows;
 every other setting is the peer's default except where ``--iters`` (AutoRound) says otherwise, which the
 row then records.
 """
