@@ -289,6 +289,8 @@ def table() -> str:
             method_s += f", search {r.get('awq_search_tokens') or 4096}"
         if tool == "llmcompressor" and method == "gptq":  # its GPTQModifier default, = lowbit's hessian order
             method_s += ", actorder static"
+        elif tool in ("gptqmodel", "autoround"):  # peers.py rows: the peer's defaults, its label says the rest
+            method_s += ", its defaults" if "iters" not in method else ""
         elif "gptq" in method and "act-order" not in method:  # rows before the column_order field: natural order
             method_s += f", {r.get('column_order') or 'columns'} order"
         first8 = r.get("ppl_first8") or (r["ppl"] if r["windows"] == 8 else None)
