@@ -195,12 +195,11 @@ def cmd_eval_ppl(a) -> int:
     runner = load_runner(a.checkpoint, a.dtype, a.kernel, runtime=a.runtime, capacity=a.seqlen)
     qm = runner.qm
     model = LogitsModel(runner) if runner.path == "native" else runner.model
-    print(runner.describe(), file=sys.stderr)
     seqlen = min(a.seqlen, getattr(qm.config, "max_position_embeddings", None) or a.seqlen)
     windows = window_ids(qm.tokenizer, text, seqlen)
     max_windows = None if a.full else a.windows
     kernels = ({runner.decoder.describe(): 1} if runner.path == "native" else kernels_used(model))
-    res = {"checkpoint": a.checkpoint, "kernels": kernels, "runtime": runner.path,
+    res = {"checkpoint": a.checkpoint, "kernels": kernels, "runtime": runner.path, "runtime_reason": runner.why,
            "quantized": perplexity(model, windows=windows, seqlen=seqlen, max_windows=max_windows,
                                    progress=not a.no_progress)}
     del model
@@ -221,6 +220,7 @@ def cmd_eval_ppl(a) -> int:
         b = res["baseline"]
         rows.insert(0, [f"{b['model']} fp32", f"{b['ppl']:.3f}", f"{b['seconds']:.1f}"])
     print(_table(rows, ["model", "ppl", "seconds"]))
+    print(runner.describe())
     return 0
 
 
@@ -245,7 +245,6 @@ def cmd_generate(a) -> int:
 
     runner = load_runner(a.checkpoint, a.dtype, a.kernel, a.lm_head, a.runtime)
     qm = runner.qm
-    print(runner.describe(), file=sys.stderr)
     ids = _prompt_ids(qm.tokenizer, a.prompt, a.raw)
     if ids.shape[-1] == 0:
         raise LowbitError("the prompt is empty (it encodes to no tokens); give a prompt, or drop --raw so that the "
@@ -255,6 +254,7 @@ def cmd_generate(a) -> int:
         raise LowbitError(f"the prompt ({ids.shape[-1]} tokens) plus --max-new-tokens {a.max_new_tokens} exceeds the "
                           f"model's context of {context} tokens; pass --max-new-tokens "
                           f"{max(1, context - ids.shape[-1])} or less, or a shorter prompt.")
+    print(runner.describe(), file=sys.stderr)  # once the request is known to be one it can run
     streamer = None if a.json else TextStreamer(qm.tokenizer, skip_prompt=True, skip_special_tokens=True)
     gc = qm.generation_config
     eos = getattr(gc, "eos_token_id", None) if gc is not None else None

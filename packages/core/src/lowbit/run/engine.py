@@ -82,7 +82,11 @@ def load_runner(path: str, dtype_name: str, kernel: str | None = None, lm_head: 
 def runner_for(qm, dtype, kernel: str | None = None, lm_head: str = "float", runtime: str = "auto",
                capacity: int = 2048, consume: bool = False) -> Runner:
     """The runner for a QuantizedModel already read. ``consume``: the native decoder may take the quantized
-    weights out of ``qm`` as it packs them (lower peak memory; ``qm`` keeps config, tokenizer and floats)."""
+    weights out of ``qm`` as it packs them (lower peak memory; ``qm`` keeps config, tokenizer and floats).
+    The checkpoint's config is checked against its tensors and the memory here first, whichever runtime runs it."""
+    from .nn import build_model, check_sizes
+
+    check_sizes(qm, dtype)
     reason = native_reason(qm, dtype, lm_head, kernel, runtime)
     if reason is None:
         from lowbit_cpu.engine import NativeDecoder
@@ -92,8 +96,6 @@ def runner_for(qm, dtype, kernel: str | None = None, lm_head: str = "float", run
         return Runner(qm, "native", "the native decoder covers this model and CPU", decoder=dec, dtype=dtype)
     if runtime == "native":
         raise LowbitError(f"--runtime native: {reason}.")
-    from .nn import build_model
-
     model = build_model(qm, "cpu", dtype, kernel, lm_head=lm_head)
     if qm.generation_config is not None:
         model.generation_config = qm.generation_config
