@@ -51,7 +51,7 @@ class Model(ctypes.Structure):
 
 
 #: the ops :meth:`NativeDecoder.profile` times (csrc/engine.c PROF_*); "norm" is both RMSNorms of every layer
-PROFILE_OPS = ("embedding", "norm", "qkv", "rope+kv", "attention", "o_proj+residual", "gate/up", "silu*up",
+PROFILE_OPS = ("embedding", "norm", "qkv", "rope+kv", "attention", "attn out+residual", "gate/up", "silu*up",
                "down+residual", "final norm+lm_head")
 
 
@@ -68,11 +68,21 @@ def head_dim(config) -> int:
     return int(_get(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
-def _layer_names(i: int) -> dict[str, str]:
-    p = f"model.layers.{i}."
-    return {x: p + y for x, y in (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
-                                  ("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
-                                  ("down", "mlp.down_proj"))}
+#: the roles (lowbit.models.LAYER_ROLES) of the seven linears the native decoder runs per layer
+LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _adapter(qmodel):
+    """The family adapter that names the checkpoint's modules (the one it carries, else the installed one's)."""
+    from lowbit.exporting import with_adapter
+
+    return with_adapter(qmodel).adapter
+
+
+def _layer_names(adapter, config, i: int) -> dict[str, str]:
+    """Role → module path of decoder layer ``i``'s seven linears, as the family adapter names them."""
+    roles = adapter.layer_roles(config)
+    return {r: adapter.layer_prefix(i) + roles[r] for r in LINEAR_ROLES}
 
 
 def wants_vnni() -> bool:
@@ -90,6 +100,10 @@ def unsupported(qmodel, dtype: torch.dtype, lm_head: str = "float") -> str | Non
         return f"model type {mt!r} is not one of the native decoder's families ({', '.join(FAMILIES)})"
     if dtype not in ACT_MODES:
         return f"activations {str(dtype).replace('torch.', '')}: the native decoder runs fp32 or bf16"
+    adapter = _adapter(qmodel)
+    roles = adapter.layer_roles(config) if adapter is not None else {}
+    if not set(LINEAR_ROLES) | {"attn_norm", "mlp_norm"} <= set(roles):
+        return "the family adapter does not name the roles the native decoder needs"
     if _get(config, "hidden_act", "silu") != "silu":
         return f"activation {config.hidden_act!r}: the native decoder runs SiLU MLPs"
     if _get(config, "use_sliding_window", False) or "sliding_attention" in (_get(config, "layer_types", None) or []):
@@ -106,8 +120,8 @@ def unsupported(qmodel, dtype: torch.dtype, lm_head: str = "float") -> str | Non
     if lm_head in ("int8", "int4") and config.hidden_size % 64:
         return f"a quantized lm_head needs hidden_size % 64 == 0, got {config.hidden_size}"
     n = int(config.num_hidden_layers)
-    expected = {name for i in range(n) for name in _layer_names(i).values()}
-    extra = set(qmodel.qweights) - expected - {"lm_head"}
+    expected = {name for i in range(n) for name in _layer_names(adapter, config, i).values()}
+    extra = set(qmodel.qweights) - expected - {adapter.lm_head}
     if extra:
         return f"quantized modules outside the decoder layers' seven linears, e.g. {sorted(extra)[0]}"
     missing = expected - set(qmodel.qweights)
@@ -129,7 +143,7 @@ def unsupported(qmodel, dtype: torch.dtype, lm_head: str = "float") -> str | Non
         if not qw.has_trivial_g_idx():
             return f"{name} has act-order (g_idx); the native decoder needs columns in group order"
     for i in range(n):
-        names = _layer_names(i)
+        names = _layer_names(adapter, config, i)
         for fused in (("q", "k", "v"), ("gate", "up")):
             gs = {qmodel.qweights[names[x]].scheme.group_size for x in fused}
             if len(gs) > 1:
@@ -178,9 +192,11 @@ class NativeDecoder:
         self.keep: list[torch.Tensor] = []
         ft = qmodel.float_tensors
         n = int(c.num_hidden_layers)
+        adapter = _adapter(qmodel)
+        roles = adapter.layer_roles(c)
         self.layers = (Layer * n)()
         for i in range(n):
-            names = _layer_names(i)
+            names = _layer_names(adapter, c, i)
             qw = {x: qmodel.qweights[p] for x, p in names.items()}
             lay = self.layers[i]
             for field, parts in (("qkv", ("q", "k", "v")), ("o", ("o",)), ("gu", ("gate", "up")), ("down", ("down",))):
@@ -191,10 +207,10 @@ class NativeDecoder:
                 for path in names.values():
                     del qmodel.qweights[path]
                 del qw
-            p = f"model.layers.{i}."
-            lay.in_norm = self._f32(ft[p + "input_layernorm.weight"])
-            lay.post_norm = self._f32(ft[p + "post_attention_layernorm.weight"])
-            qn, kn = ft.get(p + "self_attn.q_norm.weight"), ft.get(p + "self_attn.k_norm.weight")
+            p = adapter.layer_prefix(i)
+            lay.in_norm = self._f32(ft[p + roles["attn_norm"] + ".weight"])
+            lay.post_norm = self._f32(ft[p + roles["mlp_norm"] + ".weight"])
+            qn, kn = (ft.get(p + roles[r] + ".weight") if r in roles else None for r in ("q_norm", "k_norm"))
             lay.q_norm = None if qn is None else self._f32(qn)
             lay.k_norm = None if kn is None else self._f32(kn)
         md = self.md = Model()
@@ -206,20 +222,21 @@ class NativeDecoder:
         md.attn_scale = head_dim(c) ** -0.5
         md.act_mode = ACT_MODES[dtype]
         md.layers = self.layers
-        emb = ft["model.embed_tokens.weight"]
+        emb = ft[adapter.embedding + ".weight"]
         emb = emb.to(dtype).contiguous()
         self.keep.append(emb)
         md.embed, md.embed_bf16 = emb.data_ptr(), int(dtype == torch.bfloat16)
         self._emb_itemsize = emb.element_size()
-        md.final_norm = self._f32(ft["model.norm.weight"])
-        tied = bool(_get(c, "tie_word_embeddings", False)) or "lm_head.weight" not in ft
-        if "lm_head" in qmodel.qweights:
+        md.final_norm = self._f32(ft[adapter.final_norm + ".weight"])
+        head_name = adapter.lm_head + ".weight"
+        tied = bool(_get(c, "tie_word_embeddings", False)) or head_name not in ft
+        if adapter.lm_head in qmodel.qweights:
             head_w = None
-            m, keep = _fuse([qmodel.qweights["lm_head"]])
+            m, keep = _fuse([qmodel.qweights[adapter.lm_head]])
             md.head_kind, md.head_q = HEAD_INT4, m
             self.keep += keep
         else:
-            head_w = emb if tied else ft["lm_head.weight"]
+            head_w = emb if tied else ft[head_name]
         if head_w is not None and lm_head == "float":
             hw = head_w.to(dtype).contiguous()
             self.keep.append(hw)

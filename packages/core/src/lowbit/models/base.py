@@ -27,8 +27,9 @@ from ..registry import Registry
 
 #: the roles a decoder layer's modules can have (:meth:`Adapter.layer_roles`): the attention's query,
 #: key, value and output projections, a gated MLP's gate, up and down projections, a fused q/k/v or
-#: gate/up projection, and the norm feeding the attention and the one feeding the MLP
-LAYER_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up", "attn_norm", "mlp_norm")
+#: gate/up projection, the norm feeding the attention and the one feeding the MLP, and per-head query and
+#: key norms (Qwen3)
+LAYER_ROLES = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "gate_up", "attn_norm", "mlp_norm", "q_norm", "k_norm")
 
 
 def config_get(config: Any, key: str, default: Any = None) -> Any:

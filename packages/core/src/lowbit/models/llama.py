@@ -82,6 +82,8 @@ class LlamaAdapter(Adapter):
         return {**att, **mlp_shapes(config_get(config, "hidden_size"), inter)}
 
     def layer_roles(self, config: Any) -> dict[str, str]:
+        if config_get(config, "model_type") == "qwen3":  # per-head RMSNorms of queries and keys
+            return {**ROLES, "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
         return dict(ROLES)
 
     def biased_linears(self, config: Any) -> set[str]:
