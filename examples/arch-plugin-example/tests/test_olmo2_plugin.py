@@ -9,6 +9,7 @@ from lowbit import pipeline, read_checkpoint
 from lowbit.cli import main
 from lowbit.errors import ModelLoadError
 from lowbit.plugins import registry, reset_plugin_manager
+from lowbit.recipe import Recipe
 from lowbit.run.nn import build_float_model, build_model
 from lowbit.scheme import QuantScheme
 from lowbit.testing.models import save_tiny_model, tiny_model
@@ -35,7 +36,7 @@ def test_disabled_plugin_leaves_olmo2_unknown(monkeypatch, olmo2_dir):
     monkeypatch.setenv("LOWBIT_DISABLED_PLUGINS", "example-olmo2")
     reset_plugin_manager()
     with pytest.raises(ModelLoadError, match="'olmo2' is not supported; supported: .*llama"):
-        pipeline.plan(str(olmo2_dir), "rtn", QuantScheme(4, 32))
+        pipeline.plan(str(olmo2_dir), Recipe("rtn", QuantScheme(4, 32)))
 
 
 def test_shapes_and_groups_match_the_model():
