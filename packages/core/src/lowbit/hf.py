@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -70,11 +69,13 @@ class ShardWriter:
     """Write safetensors shards one tensor at a time, so memory holds one tensor, never a shard.
 
     Tensors go to a shard in the order they are added; a new shard starts when the next tensor
-    would take the current one past ``max_shard_bytes``. A shard's bytes are appended to a data
-    file as they come; :meth:`close` writes each shard's header (only known once the shard is
-    complete) followed by its data, names the files ``model.safetensors`` or
-    ``model-0000N-of-0000M.safetensors`` and writes the index, as transformers does. The files are
-    plain safetensors (``format: pt`` metadata) that ``safetensors.safe_open`` validates.
+    would take the current one past ``max_shard_bytes``. A shard's bytes are appended to its file
+    as they come, after room left for the header (only known once the shard is complete);
+    :meth:`close` writes each header into its file, names the files ``model.safetensors`` or
+    ``model-0000N-of-0000M.safetensors`` and writes the index, as transformers does. Each shard is
+    written once, in place, so a run's extra disk is never a second copy of a shard (see
+    :func:`_put_header`). The files are plain safetensors (``format: pt`` metadata) that
+    ``safetensors.safe_open`` validates.
 
     Each tensor's :func:`tensor_digest` is computed from the bytes as they are written
     (``digests``), so a checkpoint's manifest hashes need no second read of what was written.
@@ -125,6 +126,7 @@ class ShardWriter:
             self._fh.close()
         data = self.out_dir / f".{self.prefix}-shard{len(self._shards):05d}.data"
         self._fh = open(data, "wb")
+        self._fh.write(bytes(HEADER_ROOM))
         self._shards.append({"data": data, "header": {}, "size": 0})
 
     def close(self, index: bool = True) -> list[str]:
@@ -143,17 +145,53 @@ class ShardWriter:
         for shard, fname in zip(self._shards, names):
             header = {"__metadata__": {"format": "pt"}, **shard["header"]}
             raw = json.dumps(header, separators=(",", ":")).encode()
-            raw += b" " * (-len(raw) % 8)
-            with open(self.out_dir / fname, "wb") as out, open(shard["data"], "rb") as data:
-                out.write(struct.pack("<Q", len(raw)))
-                out.write(raw)
-                shutil.copyfileobj(data, out, 16 << 20)
-            shard["data"].unlink()
+            _put_header(shard["data"], raw, shard["size"])
+            shard["data"].rename(self.out_dir / fname)
         self.weight_map = {k: fname for shard, fname in zip(self._shards, names) for k in shard["header"]}
         if n > 1 and index:
             write_index(self.out_dir / f"{self.prefix}.safetensors.index.json", self.weight_map)
         fault_point("tensors-written")  # tests kill a run here (mid-write)
         return names
+
+
+#: bytes left for a shard's header ahead of its data (8-byte length + JSON); a larger header moves
+#: the data in place, a smaller one in a large shard is padded with spaces, as safetensors allows
+HEADER_ROOM = 1 << 20
+#: shards up to this size always get an exact header (moving their data costs little)
+_EXACT_HEADER_BYTES = 64 << 20
+_MOVE_CHUNK = 16 << 20
+
+
+def _put_header(path: Path, raw: bytes, size: int) -> None:
+    """Write a safetensors header into ``path``, whose ``size`` data bytes start at ``HEADER_ROOM``.
+
+    The data moves within the same file when the header does not fill the room exactly (small
+    shards, or a header larger than the room), so no second copy of the shard is ever on disk;
+    a large shard whose header fits keeps its data where it is and pads the header with spaces
+    (the safetensors format allows trailing whitespace in the header)."""
+    raw += b" " * (-len(raw) % 8)
+    start = 8 + len(raw)
+    if start < HEADER_ROOM and size > _EXACT_HEADER_BYTES:
+        raw += b" " * (HEADER_ROOM - start)
+        start = HEADER_ROOM
+    with open(path, "r+b") as f:
+        if start < HEADER_ROOM:  # move the data towards the start, first bytes first
+            for off in range(0, size, _MOVE_CHUNK):
+                f.seek(HEADER_ROOM + off)
+                chunk = f.read(min(_MOVE_CHUNK, size - off))
+                f.seek(start + off)
+                f.write(chunk)
+            f.truncate(start + size)
+        elif start > HEADER_ROOM:  # move it towards the end, last bytes first
+            for end in range(size, 0, -_MOVE_CHUNK):
+                off = max(0, end - _MOVE_CHUNK)
+                f.seek(HEADER_ROOM + off)
+                chunk = f.read(end - off)
+                f.seek(start + off)
+                f.write(chunk)
+        f.seek(0)
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
 
 
 def write_index(path: Path, weight_map: Mapping[str, str]) -> None:
