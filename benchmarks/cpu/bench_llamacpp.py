@@ -3,21 +3,26 @@
     python benchmarks/cpu/bench_llamacpp.py                           # 1 thread, CPU clock (RESULTS.md)
     python benchmarks/cpu/bench_llamacpp.py --threads 2 --clock wall  # both cores, wall clock
     python benchmarks/cpu/bench_llamacpp.py --models demo             # one model
+    python benchmarks/cpu/bench_llamacpp.py --models llama-2-7b-shape --prompt-lens 128,1024 --schemes g32-sym,g64-asym
 
-Models: ``demo`` (SmolLM2-135M, the demo model; its float weights as lowbit converts them) and
-``llama-3.2-1b-shape`` (Llama-3.2-1B's shapes: hidden 2048, 16 layers, 32 heads / 8 KV heads, MLP 8192, tied
-embeddings, rope_theta 500000 with llama3 scaling; random N(0, 0.02) weights written once under ``--out``,
-the demo model's tokenizer and vocabulary of 49152 instead of 128256).
+Models: ``demo`` (SmolLM2-135M, the demo model; its float weights as lowbit converts them) and two synthetic
+shapes with random N(0, 0.02) weights written once under ``--out`` (bf16 safetensors, one tensor at a time, so
+the 7B shape never needs its 13 GB in memory) and the demo model's tokenizer (49152 tokens, which llama.cpp's
+converter knows): ``llama-3.2-1b-shape`` (hidden 2048, 16 layers, 32 heads / 8 KV heads, MLP 8192, tied
+embeddings, rope_theta 500000 with llama3 scaling) and ``llama-2-7b-shape`` (hidden 4096, 32 layers, 32 heads,
+MLP 11008, untied, rope_theta 10000).
 
-From the same float weights: lowbit W4 g64 asym (GPTQ for the demo model, RTN for the random one) with the
+From the same float weights: lowbit W4 at each ``--schemes`` entry (``g64-asym``: group 64 asymmetric;
+``g32-sym``: group 32 symmetric, Q4_0's bits) by GPTQ for the demo model and RTN for the random ones, with the
 float lm_head and with the lm_head quantized to int8 at load time, each on the native decoder and on the
 transformers modules (``lowbit bench --runtime both``); the weights dequantized to bf16 in plain
 transformers; llama.cpp (llama-cpp-python) on Q4_0 and Q4_1 GGUFs that llama.cpp's own tools make:
 ``convert_hf_to_gguf.py`` from llama-cpp-python's sdist (downloaded once with pip into ``--out``) writes F16,
 ``llama_cpp.llama_model_quantize`` writes Q4_0 and Q4_1 with llama.cpp's default choices for the other
-tensors. Prompt 128 random tokens, 64 greedy decode steps, batch 1, median of 3 runs, each row in its own
-child process; perplexity (demo only) on the same 4 WikiText-2 test windows of 512 tokens for every row.
-Each table goes to ``benchmarks/cpu/llamacpp-<model>-<clock>-<threads>thread.json`` and stdout, with
+tensors. Prompts of each ``--prompt-lens`` length (random tokens), 64 greedy decode steps after the shortest
+prompt and 8 after longer ones, batch 1, median of ``--repeat`` runs, each row in its own child process;
+perplexity (demo only) on the same 4 WikiText-2 test windows of 512 tokens for every row. Each table goes to
+``benchmarks/cpu/llamacpp-<model>[-<scheme>][-p<prompt>]-<clock>-<threads>thread.json`` and stdout, with
 ``uptime`` before and after (the machine is shared).
 """
 
@@ -45,38 +50,52 @@ def demo_dir() -> Path:
     return resolve_local(resolve("demo"))
 
 
-def synthetic_1b(out: Path) -> Path:
-    """Llama-3.2-1B's shapes with random weights (bf16 safetensors) and the demo model's tokenizer, made once."""
-    d = out / "synthetic" / "llama-3.2-1b-shape"
+#: the synthetic shapes (LlamaConfig fields); the vocabulary is the demo tokenizer's
+SHAPES = {
+    "llama-3.2-1b-shape": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "llama-2-7b-shape": dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+}
+#: W4 schemes of the lowbit rows: quantize flags
+SCHEMES = {"g64-asym": ["--group-size", "64"], "g32-sym": ["--group-size", "32", "--sym"]}
+
+
+def synthetic(name: str, out: Path) -> Path:
+    """A synthetic model of ``SHAPES[name]`` with random weights (bf16 safetensors shards) and the demo model's
+    tokenizer, written once, one tensor at a time."""
+    d = out / "synthetic" / name
     if (d / "config.json").exists():
         return d
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from lowbit.hf import ShardWriter
+    from lowbit.weights import empty_model
 
     tok = AutoTokenizer.from_pretrained(demo_dir())
-    cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                      num_key_value_heads=8, head_dim=64, vocab_size=len(tok), max_position_embeddings=131072,
-                      rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id,
-                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 8192})
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                for rows in torch.split(p, 4096):
-                    rows.copy_(torch.randn(rows.shape, generator=g) * 0.02)
-    model.tie_weights()
+    cfg = LlamaConfig(vocab_size=len(tok), rms_norm_eps=1e-5, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, **SHAPES[name])
+    model = empty_model(cfg)
     tmp = d.with_name(d.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    tmp.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    writer = ShardWriter(tmp, max_shard_bytes=2 * 1024**3)
+    for pname, p in model.named_parameters():
+        if cfg.tie_word_embeddings and pname == "lm_head.weight":
+            continue
+        t = torch.ones(p.shape) if pname.endswith("norm.weight") else torch.randn(p.shape, generator=g) * 0.02
+        writer.add(pname, t.to(torch.bfloat16))
+        del t
+    writer.close()
+    cfg.dtype = "bfloat16"
+    cfg.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
     os.replace(tmp, d)
     return d
@@ -125,10 +144,10 @@ def ggufs(name: str, hf: Path, out: Path) -> dict[str, Path]:
     return res
 
 
-def checkpoint(name: str, hf: Path, out: Path, method: str) -> Path:
-    dst = out / f"{name}-{method}-w4g64"
+def checkpoint(name: str, hf: Path, out: Path, method: str, scheme: str) -> Path:
+    dst = out / f"{name}-{method}-w4{scheme}"
     if not (dst / "lowbit").exists():
-        sh([sys.executable, "-m", "lowbit.cli", "quantize", hf, "--method", method, "--bits", "4", "--group-size", "64",
+        sh([sys.executable, "-m", "lowbit.cli", "quantize", hf, "--method", method, "--bits", "4", *SCHEMES[scheme],
             "--out", dst, "--no-progress"])
     return dst / "lowbit"
 
@@ -136,34 +155,44 @@ def checkpoint(name: str, hf: Path, out: Path, method: str) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("out"), help="checkpoints, GGUFs and the synthetic model")
-    ap.add_argument("--models", default="demo,llama-3.2-1b-shape")
+    ap.add_argument("--models", default="demo,llama-3.2-1b-shape,llama-2-7b-shape")
+    ap.add_argument("--schemes", default="g64-asym", help=f"lowbit W4 schemes, comma-separated: {', '.join(SCHEMES)}")
+    ap.add_argument("--prompt-lens", default="128", help="prompt lengths, comma-separated (e.g. 128,1024)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="cpu")
     ap.add_argument("--repeat", type=int, default=3)
     a, rest = ap.parse_known_args()
+    prompts = sorted(int(p) for p in a.prompt_lens.split(","))
+    schemes = a.schemes.split(",")
+    for bad in [m for m in a.models.split(",") if m != "demo" and m not in SHAPES] + \
+               [x for x in schemes if x not in SCHEMES]:
+        raise SystemExit(f"unknown model or scheme {bad!r}: models demo, {', '.join(SHAPES)}; schemes {', '.join(SCHEMES)}")
+    from lowbit.run.bench import format_model_table
+
     for name in a.models.split(","):
         if name == "demo":
             hf, method, ppl = demo_dir(), "gptq", ["--ppl-windows", "4", "--ppl-seqlen", "512"]
-        elif name == "llama-3.2-1b-shape":
-            hf, method, ppl = synthetic_1b(a.out), "rtn", []
         else:
-            raise SystemExit(f"unknown model {name!r}: demo or llama-3.2-1b-shape")
+            hf, method, ppl = synthetic(name, a.out), "rtn", []
         files = ggufs(name, hf, a.out)
-        ckpt = checkpoint(name, hf, a.out, method)
-        up0 = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-        cmd = [sys.executable, "-m", "lowbit.cli", "bench", ckpt, "--runtime", "both", "--lm-head", "float",
-               "--lm-head", "int8", "--llama-cpp", files["Q4_0"], "--llama-cpp", files["Q4_1"], "--prompt-len", "128",
-               "--new-tokens", "64", "--repeat", str(a.repeat), "--threads", str(a.threads), "--clock", a.clock,
-               *ppl, *rest, "--json"]
-        report = json.loads(sh(cmd, capture_output=True, text=True).stdout)
-        report["uptime"] = [up0, subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()]
-        report["model_name"] = name
-        path = HERE / f"llamacpp-{name}-{a.clock}-{a.threads}thread.json"
-        path.write_text(json.dumps(report, indent=1) + "\n")
-        from lowbit.run.bench import format_model_table
-
-        print(f"\n## {name}\nuptime: {report['uptime'][0]} / after: {report['uptime'][1]}\n")
-        print(format_model_table(report), flush=True)
+        for scheme in schemes:
+            ckpt = checkpoint(name, hf, a.out, method, scheme)
+            for plen in prompts:
+                up0 = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+                cmd = [sys.executable, "-m", "lowbit.cli", "bench", ckpt, "--runtime", "both", "--lm-head", "float",
+                       "--lm-head", "int8", "--llama-cpp", files["Q4_0"], "--llama-cpp", files["Q4_1"],
+                       "--prompt-len", str(plen), "--new-tokens", "64" if plen == prompts[0] else "8",
+                       "--repeat", str(a.repeat), "--threads", str(a.threads), "--clock", a.clock,
+                       *(ppl if plen == prompts[0] else []), *rest, "--json"]
+                report = json.loads(sh(cmd, capture_output=True, text=True).stdout)
+                report["uptime"] = [up0, subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()]
+                report["model_name"], report["scheme"] = name, scheme
+                tag = name + ("" if scheme == "g64-asym" else f"-{scheme}") + ("" if plen == 128 else f"-p{plen}")
+                path = HERE / f"llamacpp-{tag}-{a.clock}-{a.threads}thread.json"
+                path.write_text(json.dumps(report, indent=1) + "\n")
+                print(f"\n## {name}, W4 {scheme}, prompt {plen}\nuptime: {report['uptime'][0]} / after: "
+                      f"{report['uptime'][1]}\n")
+                print(format_model_table(report), flush=True)
     return 0
 
 
