@@ -267,3 +267,27 @@ def test_search_quantizes_as_the_final_rtn_step(scheme):
     w = (blocks.view(64, -1, 32) * d + m).view(64, 256)
     for x in (w, torch.randn(64, 256, generator=g)):
         assert torch.equal(_fq(x, scheme), fake_quantize(x, scheme))
+
+
+@pytest.mark.parametrize("drop", ["layers", "scheme", "groups"])
+def test_dump_with_malformed_metadata_is_one_error(tmp_path, drop):
+    """A dump whose metadata lacks a field (hand-edited, or written by another tool) is a
+    CheckpointError naming the file, not a KeyError from deep inside the reader."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    scheme = QuantScheme(4, 32)
+    f = tmp_path / "a.safetensors"
+    run_steps(outlier_llama(), [AWQ(scheme, n_grid=3, dump=str(f)), RTN(scheme)], calib_ids(4, 16))
+    with safe_open(str(f), framework="pt") as h:
+        meta = json.loads(h.metadata()["lowbit-awq"])
+        tensors = {k: h.get_tensor(k) for k in h.keys()}
+    if drop == "groups":
+        for rec in meta["layers"].values():
+            del rec["groups"]
+    else:
+        del meta[drop]
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={"lowbit-awq": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="malformed metadata"):
+        AWQ(scheme, load=str(bad))

@@ -93,8 +93,14 @@ def read_results(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CheckpointError(f"{path} is not an awq dump (no {FORMAT} metadata); pass a file written by --dump-awq.")
     if meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"awq dump {path} has version {meta.get('version')}; this lowbit reads {FORMAT_VERSION}.")
-    for rec in meta["layers"].values():
-        keys = [g["scales"] for g in rec["groups"]] + list(rec["clip"].values())
+    try:
+        keys_per_layer = [[g["scales"] for g in rec["groups"]] + list(rec["clip"].values())
+                          for rec in meta["layers"].values()]
+        QuantScheme.from_dict(meta["scheme"])
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"awq dump {path} has malformed metadata ({type(e).__name__}: {e}); "
+                              "dump it again with --dump-awq.") from e
+    for keys in keys_per_layer:
         missing = [k for k in keys if k not in tensors]
         if missing:
             raise CheckpointError(f"awq dump {path} is truncated: tensor {missing[0]} is missing; dump it again.")
