@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 
 from lowbit import CheckpointError, QuantizedModel, QuantizedWeight, QuantScheme, UnsupportedSchemeError
+from lowbit.exporting import with_adapter
 from lowbit.packing import Packer, pack_bits, unpack_bits
 
 from ._common import HFQuantFormat, first, make_scheme, quant_config, shape_problem, unquantized_block_linears
@@ -172,6 +173,23 @@ class AwqGemvPacker(Packer):
                                scheme=scheme, bias=tensors.get("bias"))
 
 
+def modules_to_not_convert(qmodel: QuantizedModel) -> list[str]:
+    """``modules_to_not_convert``: the float linears inside the decoder layers (a MoE router) as their
+    path in a layer, and the float modules outside the layers (a vision tower) spelled twice.
+
+    The readers match the entries differently. transformers 5 matches each entry from the model root
+    (at a module boundary) or as a suffix of the module path, so a vision tower must be written as
+    its whole path (``model.vision_tower``): the bare name matched nothing and transformers 5.23 made
+    the tower's linears AWQ layers, then failed on their missing ``weight``. AutoAWQ and vLLM match
+    substrings of their own module paths, and vLLM's multimodal models hold the tower at their root
+    (``vision_tower.…``), so they need the bare name. A layer-relative path (``mlp.gate``) is a suffix
+    and a substring, which every reader matches."""
+    adapter = with_adapter(qmodel).adapter
+    names = unquantized_block_linears(qmodel)
+    outside = adapter.float_modules if adapter is not None else ()
+    return names + [m.rpartition(".")[2] for m in outside if "." in m]
+
+
 def _version_of(qc: dict) -> str:
     return str(first(qc, "version", "format", default="gemm")).lower()
 
@@ -214,7 +232,7 @@ class AutoAWQExporter(HFQuantFormat):
             "group_size": s.group_size,
             "bits": s.bits,
             "version": self.version,
-            "modules_to_not_convert": unquantized_block_linears(qmodel) or None,
+            "modules_to_not_convert": modules_to_not_convert(qmodel) or None,
         }
 
     def parse(self, path, qc, packed):

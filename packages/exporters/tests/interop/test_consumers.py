@@ -21,29 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # exporters_testlib
 from exporters_testlib import tiny_qmodel  # noqa: E402
+from interop_consumers import assert_logits_close, dequantize_gemm, needs_autoawq, needs_gptqmodel  # noqa: E402
 
 from lowbit import QuantScheme, export  # noqa: E402
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-try:
-    import gptqmodel  # noqa: F401
-    import optimum  # noqa: F401
-
-    GPTQMODEL_MISSING = None
-except ImportError as err:  # pragma: no cover - depends on the environment
-    GPTQMODEL_MISSING = f"transformers + gptqmodel not usable here: {type(err).__name__}: {err}"
-
-try:
-    from awq.utils.packing_utils import dequantize_gemm
-
-    AUTOAWQ_MISSING = None
-except ImportError as err:  # pragma: no cover
-    dequantize_gemm = None
-    AUTOAWQ_MISSING = f"AutoAWQ not usable here: {type(err).__name__}: {err}"
-
-needs_gptqmodel = pytest.mark.skipif(GPTQMODEL_MISSING is not None, reason=GPTQMODEL_MISSING or "")
-needs_autoawq = pytest.mark.skipif(AUTOAWQ_MISSING is not None, reason=AUTOAWQ_MISSING or "")
 
 CASES = [
     ("gptq", QuantScheme(4, 32, sym=True)),
@@ -72,20 +52,6 @@ def dequantized_reference(qm, dtype=torch.float16):
     if qm.config.tie_word_embeddings:
         model.tie_weights()
     return model
-
-
-def assert_logits_close(got: torch.Tensor, ref: torch.Tensor, rel: float = 1e-2):
-    got, ref = got.float(), ref.float()
-    scale = ref.abs().max().item()
-    err = (got - ref).abs().max().item()
-    print(f"logits: max |consumer - dequantized reference| = {err:.3g} at logit scale {scale:.3g}")
-    # fp16 tolerance. Measured on the tiny model: GPTQ 7e-4, AWQ 9e-4 (gptqmodel 7.7) / 4.5e-3 (7.6, whose
-    # CPU int4 kernel rounds its zero offsets) at logit scale ~0.9; the same model decoded with the wrong
-    # AWQ nibble order is off by 1.03, so 1e-2 of the scale separates right from wrong by 100x.
-    # On the 30-layer demo model (rel=2.5e-2) the CPU int4 kernel is off by 0.114 (gptqmodel 7.7) / 0.352
-    # (7.6) at logit scale 29.3, identically for the GPTQ and the AWQ export (the same kernel runs both).
-    assert err <= rel * max(scale, 1.0), (err, scale)
-    assert torch.equal(got[:, -1].argmax(-1), ref[:, -1].argmax(-1))
 
 
 @needs_gptqmodel

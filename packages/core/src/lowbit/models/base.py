@@ -72,8 +72,9 @@ class Adapter:
     embedding: ClassVar[str] = "model.embed_tokens"
     final_norm: ClassVar[str] = "model.norm"
     lm_head: ClassVar[str] = "lm_head"
-    #: modules outside the decoder layers that stay float and that a consumer must not convert to
-    #: quantized linears (a vision tower); AutoAWQ-style configs list them in modules_to_not_convert
+    #: paths, from the model root, of modules outside the decoder layers that stay float and that a
+    #: consumer must not convert to quantized linears (a vision tower); AutoAWQ-style configs list them
+    #: in modules_to_not_convert
     float_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, name: str | None = None, model_types: tuple[str, ...] | None = None,

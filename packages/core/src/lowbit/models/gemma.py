@@ -59,7 +59,7 @@ class Gemma3VisionAdapter(GemmaAdapter):
     layers_path = "model.language_model.layers"
     embedding = "model.language_model.embed_tokens"
     final_norm = "model.language_model.norm"
-    float_modules = ("vision_tower", "multi_modal_projector")
+    float_modules = ("model.vision_tower", "model.multi_modal_projector")
 
     def linear_shapes(self, config: Any) -> dict[str, tuple[int, int]]:
         return super().linear_shapes(config_get(config, "text_config"))
