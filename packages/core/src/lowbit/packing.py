@@ -11,6 +11,7 @@ the Triton kernels' layout differ only in what they pack along which dimension.
 
 from __future__ import annotations
 
+import sys
 from math import gcd
 from typing import ClassVar
 
@@ -74,6 +75,28 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     *lead, length = values.shape
     if length % nv:
         raise ValueError(f"{bits}-bit packing needs a multiple of {nv} values, got {length}")
+    if bits in (2, 4, 8) and sys.byteorder == "little":
+        return _pack_bytes(values, bits)
+    return _pack_words(values, bits)
+
+
+def _pack_bytes(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pack_bits` for widths that divide a byte, on a little-endian host: each byte holds
+    ``8 / bits`` values, the first in its low bits, so the bytes read as int32 words are the
+    LSB-first words (one byte per value of temporaries, where the word loop widens to uint64)."""
+    *lead, length = values.shape
+    per = 8 // bits
+    v = values.detach().cpu().to(torch.uint8).reshape(*lead, length // per, per)
+    b = v[..., 0].clone()
+    for i in range(1, per):
+        b |= v[..., i] << (bits * i)
+    return b.reshape(*lead, length // per).view(torch.int32)
+
+
+def _pack_words(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pack_bits` for any width (3 and 5–7 bits straddle words), in uint64 arithmetic."""
+    nv, nw = block(bits)
+    *lead, length = values.shape
     v = _np(values).astype(np.uint64).reshape(*lead, length // nv, nv)
     words = np.zeros((*lead, length // nv, nw), dtype=np.uint64)
     for i in range(nv):
