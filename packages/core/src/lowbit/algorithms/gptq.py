@@ -165,8 +165,8 @@ class GPTQ(Quantizer):
         checked = {p: ctx.check_block(p, out, kept[p][0]) for p, out in outputs.items() if kept[p]}
         hess = {}
         for p in paths:
-            if p in acc:
-                hess[p] = symmetric_from_upper(acc[p]).mul_(2.0 / count[p])
+            if p in acc:  # in place: a Hessian of a wide input (11008 columns: 485 MB) is held once
+                hess[p] = symmetric_from_upper(acc.pop(p), inplace=True).mul_(2.0 / count[p])
             else:  # no calibration token reached it (a MoE expert nobody routed to): H = I, i.e. RTN
                 hess[p] = torch.eye(ctx.module(p).in_features)
                 ctx.report.setdefault("gptq_unrouted", []).append(p)
@@ -181,9 +181,13 @@ def add_gram_upper(acc: torch.Tensor, x: torch.Tensor, block: int = 128) -> None
         acc[i:i + block, i:].addmm_(x[:, i:i + block].T, x[:, i:])
 
 
-def symmetric_from_upper(acc: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle is ``acc``'s."""
-    return torch.triu(acc) + torch.triu(acc, 1).T
+def symmetric_from_upper(acc: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle is ``acc``'s (``inplace``: written into ``acc``,
+    with one strict triangle's copy as the only temporary; the same values either way)."""
+    if not inplace:
+        return torch.triu(acc) + torch.triu(acc, 1).T
+    lower = torch.triu(acc, 1).T
+    return acc.triu_().add_(lower)
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, *, damp: float = 0.01,
@@ -212,6 +216,7 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessian: torch.Tensor, schem
     n, k = W.shape
     scheme.check_shape(k)
     H = hessian.detach().float().clone()
+    del hessian  # a caller that handed its Hessian over (the pass) no longer holds two
     gs = scheme.group_width(k)
     ng = k // gs
     maxq = scheme.maxq
@@ -230,12 +235,14 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessian: torch.Tensor, schem
         scales, zeros = choose_qparams(W, scheme, observer=observer)
     if perm is not None:
         W = W[:, perm]
-        H = H[perm][:, perm]
+        H = H[perm]  # two steps: the unpermuted matrix is freed before the second copy is made
+        H = H[:, perm]
     # group of the column at each (possibly permuted) position
     orig_col = perm if perm is not None else torch.arange(k, device=W.device)
     pos_group = (orig_col // gs if static else torch.arange(k) // gs).tolist()
 
     Hinv = _inverse_cholesky(H, damp)
+    del H
     # work on Wᵀ so that a column of W is a contiguous row (rank-1 updates are GEMMs)
     Wt = W.T.contiguous()
     codes_t = torch.zeros(k, n, dtype=torch.uint8, device=W.device)
@@ -292,14 +299,18 @@ def gptq_quantize_many(weights: list[torch.Tensor], hessian: torch.Tensor, schem
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + λI)⁻¹``, λ = damp · mean(diag H), raising λ ×10 up to 3
-    times when the factorisation fails."""
-    mean_diag = float(torch.diag(H).mean())
-    eye = torch.eye(H.shape[0], device=H.device)
+    times when the factorisation fails. ``H``'s diagonal is damped in place (restored before a
+    retry), so at most three matrices of its size are held at once."""
+    diag = torch.diag(H).clone()
+    mean_diag = float(diag.mean())
     for attempt in range(4):
         lam = damp * (10 ** attempt) * mean_diag
-        L, info = torch.linalg.cholesky_ex(H + lam * eye)
+        H.diagonal().copy_(diag + lam)
+        L, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
+            eye = torch.eye(H.shape[0], device=H.device)
             Hinv = torch.cholesky_solve(eye, L)  # = cholesky_inverse(L), much slower on CPU
+            del eye, L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info) == 0:
                 return U
