@@ -1,8 +1,13 @@
 """The native decoder: a whole Llama/Mistral/Qwen2/Qwen3 model per call in C (``csrc/engine.c``).
 
 ``NativeDecoder(qmodel, dtype)`` packs the checkpoint's int4 weights straight into the kernels' nib64
-layout (q/k/v rows concatenated into one matrix, gate/up into another), keeps the norms, the embedding and
-the float lm_head, and preallocates a KV cache. ``forward(ids)`` runs the tokens at the next positions in
+layout (q/k/v rows written into one preallocated matrix, gate/up into another), keeps the norms, the
+embedding and the float lm_head as stored (fp32 or bf16; fp16 ones are widened, as the engine reads only
+those two), and allocates the KV cache for the positions a request needs (``reset(n)``), not the model's
+context. A lazily read lowbit checkpoint (``read_checkpoint(path, lazy=True)``) is converted a block of rows
+at a time from its packed codes on disk (:class:`lowbit.checkpoint.StoredWeight`): no matrix is ever held
+unpacked, and no float copy of a quantized weight is made, so the peak is the packed weights plus a few MB.
+``forward(ids)`` runs the tokens at the next positions in
 one native call (one OpenMP team for every layer), returning fp32 logits; ``reset()`` empties the cache.
 
 Activations: ``float32`` runs float FMAs on fp32 activations (the reference-exact path, the fp32
@@ -85,6 +90,20 @@ def _layer_names(adapter, config, i: int) -> dict[str, str]:
     return {r: adapter.layer_prefix(i) + roles[r] for r in LINEAR_ROLES}
 
 
+def _weight(qmodel, name: str):
+    """The quantized linear ``name``: a :class:`lowbit.checkpoint.StoredWeight` (codes still on disk) where the
+    checkpoint was read lazily, else the QuantizedWeight; both give scheme, shapes, scales, zeros, g_idx, bias."""
+    stored = getattr(qmodel.qweights, "stored", None)
+    return stored(name) if stored is not None else qmodel.qweights[name]
+
+
+def _code_rows(w):
+    """``w``'s uint8 codes in blocks of rows (a StoredWeight reads and unpacks them block by block)."""
+    if hasattr(w, "code_rows"):
+        return w.code_rows()
+    return (w.codes[r:r + 1024] for r in range(0, w.out_features, 1024))
+
+
 def wants_vnni() -> bool:
     return native.vnni_unavailable_reason() is None
 
@@ -127,7 +146,8 @@ def unsupported(qmodel, dtype: torch.dtype, lm_head: str = "float") -> str | Non
     missing = expected - set(qmodel.qweights)
     if missing:
         return f"the native decoder needs every layer's seven linears quantized; {sorted(missing)[0]} is float"
-    for name, qw in qmodel.qweights.items():
+    facts = {name: _weight(qmodel, name) for name in qmodel.qweights}  # scales, zeros, g_idx: codes not read
+    for name, qw in facts.items():
         s = qw.scheme
         if s.bits != 4:
             return f"{name} is {s.bits}-bit; the native decoder runs 4-bit weights"
@@ -145,25 +165,58 @@ def unsupported(qmodel, dtype: torch.dtype, lm_head: str = "float") -> str | Non
     for i in range(n):
         names = _layer_names(adapter, config, i)
         for fused in (("q", "k", "v"), ("gate", "up")):
-            gs = {qmodel.qweights[names[x]].scheme.group_size for x in fused}
+            gs = {facts[names[x]].scheme.group_size for x in fused}
             if len(gs) > 1:
                 return f"layer {i}: {'/'.join(fused)} have different group sizes"
     return None
 
 
-def _fuse(qws, dtype_bias=torch.float32) -> tuple[QMat, list[torch.Tensor]]:
-    """One QMat over the rows of several QuantizedWeights with the same input (and its tensors, kept alive)."""
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; nothing elsewhere). Reading a
+    checkpoint frees many buffers of a few MB; glibc keeps such freed memory in the heap, so without this the
+    resident set would carry the reads' garbage beside the packed weights."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+
+
+def _as_stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float table (embedding, lm_head) as the engine will read it: as stored where that is fp32 or bf16
+    (the engine widens bf16 to fp32 exactly, so fp32 activations give the same sums as a float copy);
+    another dtype (fp16) cast to the activation ``dtype`` (the engine reads only those two)."""
+    t = t if t.dtype in (torch.float32, torch.bfloat16) else t.to(dtype)
+    return t.contiguous()
+
+
+def _fuse(qws) -> tuple[QMat, list[torch.Tensor]]:
+    """One QMat over the rows of several quantized linears with the same input (QuantizedWeights or
+    StoredWeights), each written into its rows of preallocated tensors (no concatenated copies), its codes
+    converted to nib64 a block of rows at a time (and its tensors, kept alive)."""
     k = qws[0].in_features
     gs = k if qws[0].scheme.group_size == -1 else qws[0].scheme.group_size
-    packed = torch.cat([native.pack_nibbles(q.codes.contiguous()) for q in qws]).contiguous()
-    scales = torch.cat([q.scales.to(torch.float16) for q in qws]).contiguous()
-    zeros = torch.cat([q.zeros.to(torch.uint8) for q in qws]).contiguous()
-    keep = [packed, scales, zeros]
-    bias = None
-    if any(q.bias is not None for q in qws):
-        bias = torch.cat([q.bias.float() if q.bias is not None else torch.zeros(q.out_features) for q in qws])
-        keep.append(bias.contiguous())
-        bias = keep[-1]
+    n = sum(q.out_features for q in qws)
+    ng = qws[0].scales.shape[1]
+    packed = torch.empty(n, k // 2, dtype=torch.uint8)
+    scales = torch.empty(n, ng, dtype=torch.float16)
+    zeros = torch.empty(n, ng, dtype=torch.uint8)
+    bias = torch.zeros(n, dtype=torch.float32) if any(q.bias is not None for q in qws) else None
+    r0 = 0
+    for q in qws:
+        r = r0
+        for codes in _code_rows(q):
+            packed[r:r + codes.shape[0]] = native.pack_nibbles(codes)
+            r += codes.shape[0]
+        if r != r0 + q.out_features:
+            raise LowbitError(f"native decoder: {q.out_features} rows expected, {r - r0} codes rows read.")
+        scales[r0:r] = q.scales
+        zeros[r0:r] = q.zeros
+        if q.bias is not None:
+            bias[r0:r] = q.bias
+        r0 = r
+    keep = [packed, scales, zeros] + ([bias] if bias is not None else [])
     m = QMat(packed.shape[0], k, gs, packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
              None if bias is None else bias.data_ptr())
     return m, keep
@@ -176,8 +229,11 @@ class NativeDecoder:
     :param dtype: ``torch.float32`` (fp32 activations) or ``torch.bfloat16`` (int8 activations per 64 columns).
     :param lm_head: ``float`` (the checkpoint's, in ``dtype``), ``int4`` (g64 RTN) or ``int8`` (per channel,
         AVX-512 VNNI only), quantized at load time as ``lowbit.run.nn.quantize_lm_head`` does.
+    :param capacity: KV cache positions to allocate now (0: none until :meth:`reset` is given a size, as
+        :func:`lowbit.run.engine.generate` does from each request).
     :param consume: take each layer's weights out of ``qmodel.qweights`` once packed, so the unpacked codes
-        (1 byte per weight) are freed layer by layer instead of living beside the packed copy until the end.
+        (1 byte per weight) are freed layer by layer instead of living beside the packed copy until the end
+        (a lazily read checkpoint holds none: its codes are read from disk as they are converted).
     """
 
     def __init__(self, qmodel, dtype: torch.dtype = torch.bfloat16, lm_head: str = "float", capacity: int = 256,
@@ -185,6 +241,7 @@ class NativeDecoder:
         reason = unsupported(qmodel, dtype, lm_head)
         if reason is not None:
             raise LowbitError(f"native decoder: {reason}.")
+        release_free_heap()  # what reading and verifying the checkpoint freed, before the weights are allocated
         self.config = c = qmodel.config
         self.dtype = dtype
         self.vnni = wants_vnni()
@@ -197,16 +254,14 @@ class NativeDecoder:
         self.layers = (Layer * n)()
         for i in range(n):
             names = _layer_names(adapter, c, i)
-            qw = {x: qmodel.qweights[p] for x, p in names.items()}
             lay = self.layers[i]
             for field, parts in (("qkv", ("q", "k", "v")), ("o", ("o",)), ("gu", ("gate", "up")), ("down", ("down",))):
-                m, keep = _fuse([qw[x] for x in parts])
+                m, keep = _fuse([_weight(qmodel, names[x]) for x in parts])
                 setattr(lay, field, m)
                 self.keep += keep
-            if consume:
+            if consume and isinstance(qmodel.qweights, dict):
                 for path in names.values():
                     del qmodel.qweights[path]
-                del qw
             p = adapter.layer_prefix(i)
             lay.in_norm = self._f32(ft[p + roles["attn_norm"] + ".weight"])
             lay.post_norm = self._f32(ft[p + roles["mlp_norm"] + ".weight"])
@@ -222,25 +277,24 @@ class NativeDecoder:
         md.attn_scale = head_dim(c) ** -0.5
         md.act_mode = ACT_MODES[dtype]
         md.layers = self.layers
-        emb = ft[adapter.embedding + ".weight"]
-        emb = emb.to(dtype).contiguous()
+        emb = _as_stored(ft[adapter.embedding + ".weight"], dtype)
         self.keep.append(emb)
-        md.embed, md.embed_bf16 = emb.data_ptr(), int(dtype == torch.bfloat16)
+        md.embed, md.embed_bf16 = emb.data_ptr(), int(emb.dtype == torch.bfloat16)
         self._emb_itemsize = emb.element_size()
         md.final_norm = self._f32(ft[adapter.final_norm + ".weight"])
         head_name = adapter.lm_head + ".weight"
         tied = bool(_get(c, "tie_word_embeddings", False)) or head_name not in ft
         if adapter.lm_head in qmodel.qweights:
             head_w = None
-            m, keep = _fuse([qmodel.qweights[adapter.lm_head]])
+            m, keep = _fuse([_weight(qmodel, adapter.lm_head)])
             md.head_kind, md.head_q = HEAD_INT4, m
             self.keep += keep
         else:
             head_w = emb if tied else ft[head_name]
         if head_w is not None and lm_head == "float":
-            hw = head_w.to(dtype).contiguous()
+            hw = head_w if head_w is emb else _as_stored(head_w, dtype)
             self.keep.append(hw)
-            md.head, md.head_kind = hw.data_ptr(), HEAD_F32 if dtype == torch.float32 else HEAD_BF16
+            md.head, md.head_kind = hw.data_ptr(), HEAD_BF16 if hw.dtype == torch.bfloat16 else HEAD_F32
         elif head_w is not None:
             md.head_kind, md.head_q = self._quant_head(head_w, lm_head)
         self.lm_head = lm_head
@@ -248,7 +302,9 @@ class NativeDecoder:
         self.n_past = 0
         self._scratch = torch.empty(0, dtype=torch.uint8)
         self._scratch_key = None
-        self.reset(capacity)
+        self.kcache = self.vcache = None
+        if capacity:
+            self.reset(capacity)
 
     def _f32(self, t: torch.Tensor) -> int:
         t = t.float().contiguous()
@@ -294,6 +350,8 @@ class NativeDecoder:
             raise LowbitError(f"KV cache capacity must be at least 1 position, got {capacity}.")
         md = self.md
         shape = (md.n_layers, md.n_kv, capacity, md.head_dim)
+        md.capacity = self.capacity = 0  # the old cache goes before the new one is allocated
+        self.kcache = self.vcache = None
         self.kcache = torch.zeros(shape, dtype=torch.float32)
         self.vcache = torch.zeros(shape, dtype=torch.float32)
         self.cos, self.sin = self._rope_table(capacity)
@@ -313,7 +371,7 @@ class NativeDecoder:
         return self.weight_bytes() - (0 if emb_is_head else self.md.vocab * self.md.hidden * self._emb_itemsize)
 
     def cache_bytes(self) -> int:
-        return 2 * self.kcache.numel() * 4 if self.capacity else 0
+        return 2 * self.kcache.numel() * 4 if self.kcache is not None else 0
 
     def forward(self, ids, all_logits: bool = False, threads: int | None = None) -> torch.Tensor:
         """Run ``ids`` (a list or 1-D tensor of token ids) at the next positions; fp32 logits ``[len(ids), vocab]``

@@ -394,10 +394,10 @@ def _child(spec: dict) -> dict:
     dtype = DTYPES[spec["dtype"]]
     rss0 = _rss_bytes()
     t0 = time.perf_counter()
+    if spec.get("runtime") == "native":  # read lazily, as load_runner does: the packed codes go straight in
+        return _native_child(spec, read_checkpoint(spec["checkpoint"], lazy=True), rss0, t0)
     qmodel = read_checkpoint(spec["checkpoint"])
     tokenizer = qmodel.tokenizer
-    if spec.get("runtime") == "native":
-        return _native_child(spec, qmodel, rss0, t0)
     if spec["float"]:
         model = lnn.build_float_model(qmodel, dtype)
         kernels = {"transformers nn.Linear": len(qmodel.qweights)}

@@ -67,23 +67,33 @@ def native_reason(qm, dtype, lm_head: str = "float", kernel: str | None = None, 
 
 
 def load_runner(path: str, dtype_name: str, kernel: str | None = None, lm_head: str = "float",
-                runtime: str = "auto", capacity: int = 2048) -> Runner:
+                runtime: str = "auto", capacity: int = 0) -> Runner:
     """Read the checkpoint at ``path`` (it must hold a tokenizer) and build the runtime that runs it.
-    With ``runtime="native"`` an unsupported checkpoint is an error instead of a fallback."""
+    With ``runtime="native"`` an unsupported checkpoint is an error instead of a fallback.
+
+    A lowbit checkpoint is read lazily (verified, then its tensors read as they are used): the native
+    decoder converts its packed codes straight into its own layout, so the quantized weights are never held
+    unpacked; the transformers path reads it whole. ``capacity``: KV cache positions to allocate now (0: as
+    each request needs, see :func:`generate`)."""
     from ..exporting import read_checkpoint
     from .load import dtype_of
 
-    qm = read_checkpoint(path)
+    dtype = dtype_of(dtype_name)
+    qm = read_checkpoint(path, lazy=True)
     if qm.tokenizer is None:
         raise LowbitError(f"{path} has no tokenizer files; copy the model's tokenizer into it.")
-    return runner_for(qm, dtype_of(dtype_name), kernel, lm_head, runtime, capacity, consume=True)
+    if not isinstance(qm.qweights, dict) and native_reason(qm, dtype, lm_head, kernel, runtime) is not None:
+        qm = read_checkpoint(path)  # the transformers modules are built from QuantizedWeights
+    return runner_for(qm, dtype, kernel, lm_head, runtime, capacity, consume=True)
 
 
 def runner_for(qm, dtype, kernel: str | None = None, lm_head: str = "float", runtime: str = "auto",
-               capacity: int = 2048, consume: bool = False) -> Runner:
+               capacity: int = 0, consume: bool = False) -> Runner:
     """The runner for a QuantizedModel already read. ``consume``: the native decoder may take the quantized
     weights out of ``qm`` as it packs them (lower peak memory; ``qm`` keeps config, tokenizer and floats).
-    The checkpoint's config is checked against its tensors and the memory here first, whichever runtime runs it."""
+    The checkpoint's config is checked against its tensors and the memory here first, whichever runtime runs it.
+    ``capacity``: the native decoder's KV cache positions to allocate now, at most the model's context
+    (0: none until a request sizes it)."""
     from .nn import build_model, check_sizes
 
     check_sizes(qm, dtype)
@@ -91,15 +101,23 @@ def runner_for(qm, dtype, kernel: str | None = None, lm_head: str = "float", run
     if reason is None:
         from lowbit_cpu.engine import NativeDecoder
 
-        ctx = int(getattr(qm.config, "max_position_embeddings", capacity) or capacity)
-        dec = NativeDecoder(qm, dtype, lm_head, capacity=min(capacity, ctx), consume=consume)
+        ctx = context_of(qm.config)
+        dec = NativeDecoder(qm, dtype, lm_head, capacity=min(capacity, ctx or capacity), consume=consume)
         return Runner(qm, "native", "the native decoder covers this model and CPU", decoder=dec, dtype=dtype)
     if runtime == "native":
         raise LowbitError(f"--runtime native: {reason}.")
+    if not isinstance(qm.qweights, dict):
+        raise LowbitError("the transformers runtime needs the checkpoint read whole (read_checkpoint(path)).")
     model = build_model(qm, "cpu", dtype, kernel, lm_head=lm_head)
     if qm.generation_config is not None:
         model.generation_config = qm.generation_config
     return Runner(qm, "transformers", reason, model=model, dtype=dtype)
+
+
+def context_of(config) -> int | None:
+    """The model's context (max_position_embeddings), or None where the config does not give one."""
+    ctx = getattr(config, "max_position_embeddings", None)
+    return int(ctx) if isinstance(ctx, int) and ctx > 0 else None
 
 
 def _sample(logits, temperature: float, top_p: float, generator=None) -> int:
@@ -139,7 +157,12 @@ def generate(runner: Runner, ids, max_new_tokens: int, temperature: float = 0.0,
         with torch.no_grad():
             return runner.model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
     dec = runner.decoder
+    # the KV cache is sized from the request (grown, never shrunk); a request past the model's context is refused
     need = ids.shape[1] + max_new_tokens
+    ctx = context_of(runner.config)
+    if ctx and need > ctx:
+        raise LowbitError(f"the prompt ({ids.shape[1]} tokens) plus {max_new_tokens} new tokens exceeds the model's "
+                          f"context of {ctx} tokens.")
     if need > dec.capacity:
         dec.reset(need)
     dec.reset()
