@@ -50,8 +50,8 @@ def test_packed_load_is_bit_identical_to_the_unpacked_path(tmp_path, family, dty
 
 
 def test_bf16_tables_are_kept_as_stored_and_give_the_fp32_copy_logits(tmp_path):
-    """A bf16 embedding and lm_head stay bf16 (half the bytes); the engine widens them exactly, so fp32
-    activations give the logits of an fp32 copy of the same values, bit for bit."""
+    """A bf16 embedding and lm_head stay bf16 for fp32 activations (half the bytes of the fp32 copy the old
+    loader made); the engine widens them exactly, so the logits are the fp32 copy's, bit for bit."""
     qm = make_qmodel("llama", tie_word_embeddings=False)
     qm.float_tensors = {k: v.bfloat16() for k, v in qm.float_tensors.items()}
     wide = make_qmodel("llama", tie_word_embeddings=False)

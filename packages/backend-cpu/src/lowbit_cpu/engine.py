@@ -2,8 +2,8 @@
 
 ``NativeDecoder(qmodel, dtype)`` packs the checkpoint's int4 weights straight into the kernels' nib64
 layout (q/k/v rows written into one preallocated matrix, gate/up into another), keeps the norms, the
-embedding and the float lm_head as stored (fp32 or bf16; fp16 ones are widened, as the engine reads only
-those two), and allocates the KV cache for the positions a request needs (``reset(n)``), not the model's
+embedding and the float lm_head (bf16 as stored; another dtype cast to the activations', block by block), and
+allocates the KV cache for the positions a request needs (``reset(n)``), not the model's
 context. A lazily read lowbit checkpoint (``read_checkpoint(path, lazy=True)``) is converted a block of rows
 at a time from its packed codes on disk (:class:`lowbit.checkpoint.StoredWeight`): no matrix is ever held
 unpacked, and no float copy of a quantized weight is made, so the peak is the packed weights plus a few MB.
@@ -183,12 +183,26 @@ def release_free_heap() -> None:
     trim(0)
 
 
-def _as_stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A float table (embedding, lm_head) as the engine will read it: as stored where that is fp32 or bf16
-    (the engine widens bf16 to fp32 exactly, so fp32 activations give the same sums as a float copy);
-    another dtype (fp16) cast to the activation ``dtype`` (the engine reads only those two)."""
-    t = t if t.dtype in (torch.float32, torch.bfloat16) else t.to(dtype)
-    return t.contiguous()
+#: bytes of a float table read per block while it is cast (a lazily read checkpoint's embedding and lm_head)
+TABLE_CHUNK_BYTES = 4 * 1024**2
+
+
+def _table(ft, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """A float table (embedding, lm_head) as the engine reads it: bf16 as stored (the engine widens it to fp32
+    exactly, so fp32 activations give the sums of an fp32 copy), any other dtype cast to the activation
+    ``dtype`` (fp32 stays fp32 for fp32 activations). From a lazily read checkpoint it is read and cast a block
+    of rows at a time into its destination (never the stored table and its cast copy at once)."""
+    chunked = getattr(ft, "chunked", None)
+    if chunked is None:
+        t = ft[name]
+        return (t if t.dtype == torch.bfloat16 else t.to(dtype)).contiguous()
+    src = chunked(name, chunk_bytes=TABLE_CHUNK_BYTES)
+    out = torch.empty(src.shape, dtype=torch.bfloat16 if src.dtype == torch.bfloat16 else dtype)
+    r = 0
+    for block_ in src.chunks():
+        out[r:r + block_.shape[0]] = block_
+        r += block_.shape[0]
+    return out
 
 
 def _fuse(qws) -> tuple[QMat, list[torch.Tensor]]:
@@ -277,7 +291,7 @@ class NativeDecoder:
         md.attn_scale = head_dim(c) ** -0.5
         md.act_mode = ACT_MODES[dtype]
         md.layers = self.layers
-        emb = _as_stored(ft[adapter.embedding + ".weight"], dtype)
+        emb = _table(ft, adapter.embedding + ".weight", dtype)
         self.keep.append(emb)
         md.embed, md.embed_bf16 = emb.data_ptr(), int(emb.dtype == torch.bfloat16)
         self._emb_itemsize = emb.element_size()
@@ -285,18 +299,15 @@ class NativeDecoder:
         head_name = adapter.lm_head + ".weight"
         tied = bool(_get(c, "tie_word_embeddings", False)) or head_name not in ft
         if adapter.lm_head in qmodel.qweights:
-            head_w = None
             m, keep = _fuse([_weight(qmodel, adapter.lm_head)])
             md.head_kind, md.head_q = HEAD_INT4, m
             self.keep += keep
-        else:
-            head_w = emb if tied else ft[head_name]
-        if head_w is not None and lm_head == "float":
-            hw = head_w if head_w is emb else _as_stored(head_w, dtype)
+        elif lm_head == "float":
+            hw = emb if tied else _table(ft, head_name, dtype)
             self.keep.append(hw)
             md.head, md.head_kind = hw.data_ptr(), HEAD_BF16 if hw.dtype == torch.bfloat16 else HEAD_F32
-        elif head_w is not None:
-            md.head_kind, md.head_q = self._quant_head(head_w, lm_head)
+        else:
+            md.head_kind, md.head_q = self._quant_head(emb if tied else ft[head_name], lm_head)
         self.lm_head = lm_head
         self.capacity = 0
         self.n_past = 0

@@ -432,11 +432,12 @@ class _LazyFloats(Mapping):
             raise KeyError(name)
         return self._t.shape(name)
 
-    def chunked(self, name: str):
-        """``name`` as row chunks (:class:`lowbit.hf.TensorChunks`), for writing it without holding it."""
+    def chunked(self, name: str, **kw):
+        """``name`` as row chunks (:class:`lowbit.hf.TensorChunks`; ``kw``: its ``dtype``, ``chunk_bytes``), for
+        writing or converting it without holding it."""
         if name not in self._names:
             raise KeyError(name)
-        return self._t.chunked(name)
+        return self._t.chunked(name, **kw)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
