@@ -288,6 +288,20 @@ def _rss_bytes() -> int:
         return 0
 
 
+def _peak_rss_bytes() -> int:
+    """This process's resident high-water mark: VmHWM, which starts afresh at exec. (ru_maxrss does not: Linux
+    carries the parent's mark over fork and exec, so a child of a bench that had read a checkpoint reported
+    the parent's peak, not its own.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _model_bytes(model) -> int:
     from .nn import QuantLinear
 
@@ -365,7 +379,7 @@ def _native_child(spec: dict, qmodel, rss0: int, t0: float) -> dict:
            "weights_bytes": dec.weight_bytes(), "kv_cache_bytes": dec.cache_bytes(),
            "rss_after_load_bytes": _rss_bytes() - rss0}
     out.update(_measure_native(dec, spec["prompt_len"], spec["new_tokens"], spec["repeat"], vocab, spec["clock"]))
-    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    out["peak_rss_bytes"] = _peak_rss_bytes() - rss0
     if spec["ppl_windows"]:
         from types import SimpleNamespace
 
@@ -412,9 +426,9 @@ def _child(spec: dict) -> dict:
     out = {"kernels": kernels, "scheme": scheme, "load_s": load_s, "weights_bytes": _model_bytes(model),
            "rss_after_load_bytes": _rss_bytes() - rss0}
     out.update(_measure_model(model, spec["prompt_len"], spec["new_tokens"], spec["repeat"], vocab, spec["clock"]))
-    # ru_maxrss is KiB on Linux: the process's high-water mark, loading and generation included (the
+    # the process's high-water mark, loading and generation included (the
     # perplexity pass below runs long windows and is left out)
-    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    out["peak_rss_bytes"] = _peak_rss_bytes() - rss0
     if spec["ppl_windows"]:
         out["ppl"] = _ppl(spec, tokenizer, model)
     return out
@@ -503,7 +517,7 @@ def _llama_child(spec: dict) -> dict:
     out = {"kernels": {label: 1}, "scheme": Path(spec["gguf"]).name,
            "load_s": load_s, "weights_bytes": size, "rss_after_load_bytes": None, "prefill_s": p,
            "prefill_tok_s": spec["prompt_len"] / p, "decode_s_per_token": d, "decode_tok_s": 1 / d,
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0, "disk_bytes": size}
+           "peak_rss_bytes": _peak_rss_bytes() - rss0, "disk_bytes": size}
     del llm
     if spec["ppl_windows"]:
         windows = _shared_windows(spec, None)
@@ -603,7 +617,7 @@ def _runtimes(path: Path, dtype: str, lm_heads, runtime: str) -> dict[str, list[
     from ..exporting import read_checkpoint
     from .engine import native_reason
 
-    qm = read_checkpoint(path)
+    qm = read_checkpoint(path, lazy=True)  # the decision needs shapes and scales, not the codes
     out = {}
     for h in lm_heads:
         ok = native_reason(qm, DTYPES[dtype], h) is None
