@@ -8,6 +8,7 @@ the peak is the resident set's high-water mark of a child process above its own 
 the engine are loaded.
 """
 
+import ctypes
 import json
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from lowbit import read_checkpoint
 from lowbit.checkpoint import LowbitCheckpoint
 from lowbit.errors import CheckpointError, LowbitError
 from lowbit.run import engine as runtime
+from lowbit.scheme import QuantScheme
 from lowbit_cpu import engine, native
 
 pytestmark = pytest.mark.skipif(native.unavailable_reason() is not None,
@@ -156,3 +158,42 @@ def test_loader_peak_is_the_packed_weights_plus_a_few_mb(tmp_path):
     codes = layers * (5 * hidden * hidden // 2 + 3 * hidden * inter)  # q, o: hidden²; k, v: hidden²/4 (4 of 16 heads)
     assert got["weights"] > codes / 2
     assert got["peak"] - got["weights"] < 24 * 2**20, got
+
+
+def test_int8_embedding_decodes_its_rows_exactly():
+    """``embedding="int8"``: each row looked up is (code - zero) * scale of the per-row int8 quantization (the int8
+    lm_head's), so fp32 activations give, bit for bit, the logits of a float table holding those decoded rows."""
+    from lowbit.primitives import quantize
+    from lowbit.run.nn import LM_HEAD_SCHEMES
+
+    qm = make_qmodel("llama", tie_word_embeddings=False)
+    bits, gs, sym = LM_HEAD_SCHEMES["int8"]
+    emb = "model.embed_tokens.weight"
+    decoded = make_qmodel("llama", tie_word_embeddings=False)
+    decoded.float_tensors = {**qm.float_tensors,
+                             emb: quantize(qm.float_tensors[emb].float(), QuantScheme(bits, gs, sym=sym)).dequantize()}
+    ids = prompt(16)[0]
+    int8 = engine.NativeDecoder(qm, torch.float32, capacity=16, embedding="int8")
+    assert int8.md.embed_bf16 == engine.EMBED_INT8 and "embedding int8" in int8.describe()
+    want = engine.NativeDecoder(decoded, torch.float32, capacity=16).forward(ids, all_logits=True)
+    assert torch.equal(int8.forward(ids, all_logits=True), want)
+    v, h = qm.config.vocab_size, qm.config.hidden_size
+    plain = engine.NativeDecoder(qm, torch.float32, capacity=16)
+    assert plain.weight_bytes() - int8.weight_bytes() == 3 * v * h - 3 * v  # fp32 rows → int8 rows + fp16 scale, zero
+
+
+def test_int8_embedding_shares_a_tied_int8_lm_head_and_is_refused_beside_a_tied_float_one(tmp_path):
+    if not engine.wants_vnni():
+        pytest.skip("an int8 lm_head needs AVX-512 VNNI")
+    qm = make_qmodel("llama", tie_word_embeddings=True)
+    head = engine.NativeDecoder(qm, torch.bfloat16, lm_head="int8", capacity=16)
+    both = engine.NativeDecoder(qm, torch.bfloat16, lm_head="int8", capacity=16, embedding="int8")
+    assert both.md.embed == ctypes.addressof(both.md) + engine.Model.head_q.offset  # one table
+    table = qm.float_tensors["model.embed_tokens.weight"]
+    assert head.weight_bytes() - both.weight_bytes() == table.numel() * 2  # only the float (bf16) table is gone
+    assert both.streamed_bytes() == both.weight_bytes()
+    assert both.forward(prompt(16)[0]).isfinite().all()
+    reason = engine.unsupported(qm, torch.bfloat16, "float", "int8")
+    assert reason == "an int8 embedding with the tied float lm_head would keep the float table too; add --lm-head int8"
+    with pytest.raises(LowbitError, match=r"^--embedding int8 runs on the native decoder only, .*add --lm-head int8\.$"):
+        runtime.runner_for(qm, torch.bfloat16, embedding="int8")

@@ -24,12 +24,14 @@ import importlib
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.run.engine import EMBEDDINGS
 
 from . import cpuinfo, native
 
 FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 ACT_MODES = {torch.float32: 0, torch.bfloat16: 1}
 HEAD_F32, HEAD_BF16, HEAD_INT4, HEAD_INT8 = 0, 1, 2, 3
+EMBED_INT8 = 2  # Model.embed_bf16: embed points to a QMat of int8 rows (csrc/engine.c embed_int8_row)
 MAX_GROUPS = 1024  # per weight row (csrc/engine.c)
 CHUNK = 256  # prompt tokens per native call (bounds the scratch; weights are read once per chunk)
 
@@ -108,7 +110,7 @@ def wants_vnni() -> bool:
     return native.vnni_unavailable_reason() is None
 
 
-def unsupported(qmodel, dtype: torch.dtype, lm_head: str = "float") -> str | None:
+def unsupported(qmodel, dtype: torch.dtype, lm_head: str = "float", embedding: str = "float") -> str | None:
     """None when the native decoder runs this checkpoint here, else the one-line reason why not."""
     reason = native.unavailable_reason()
     if reason is not None:
@@ -138,6 +140,11 @@ def unsupported(qmodel, dtype: torch.dtype, lm_head: str = "float") -> str | Non
         return "an int8 lm_head needs AVX-512 VNNI in the native decoder"
     if lm_head in ("int8", "int4") and config.hidden_size % 64:
         return f"a quantized lm_head needs hidden_size % 64 == 0, got {config.hidden_size}"
+    if embedding not in EMBEDDINGS:
+        return f"embedding {embedding!r} is not one of {', '.join(EMBEDDINGS)}"
+    if embedding == "int8" and lm_head == "float" and adapter.lm_head not in qmodel.qweights and (
+            bool(_get(config, "tie_word_embeddings", False)) or adapter.lm_head + ".weight" not in qmodel.float_tensors):
+        return "an int8 embedding with the tied float lm_head would keep the float table too; add --lm-head int8"
     n = int(config.num_hidden_layers)
     expected = {name for i in range(n) for name in _layer_names(adapter, config, i).values()}
     extra = set(qmodel.qweights) - expected - {adapter.lm_head}
@@ -243,6 +250,9 @@ class NativeDecoder:
     :param dtype: ``torch.float32`` (fp32 activations) or ``torch.bfloat16`` (int8 activations per 64 columns).
     :param lm_head: ``float`` (the checkpoint's, in ``dtype``), ``int4`` (g64 RTN) or ``int8`` (per channel,
         AVX-512 VNNI only), quantized at load time as ``lowbit.run.nn.quantize_lm_head`` does.
+    :param embedding: ``float`` (bf16 as stored, else in ``dtype``) or ``int8`` (opt-in: per-row symmetric int8
+        codes, the int8 lm_head's quantization, a quarter of fp32's bytes; with a tied ``int8`` lm_head the two are
+        one table), looked up and decoded to fp32 per token.
     :param capacity: KV cache positions to allocate now (0: none until :meth:`reset` is given a size, as
         :func:`lowbit.run.engine.generate` does from each request).
     :param consume: take each layer's weights out of ``qmodel.qweights`` once packed, so the unpacked codes
@@ -251,8 +261,8 @@ class NativeDecoder:
     """
 
     def __init__(self, qmodel, dtype: torch.dtype = torch.bfloat16, lm_head: str = "float", capacity: int = 256,
-                 consume: bool = False):
-        reason = unsupported(qmodel, dtype, lm_head)
+                 consume: bool = False, embedding: str = "float"):
+        reason = unsupported(qmodel, dtype, lm_head, embedding)
         if reason is not None:
             raise LowbitError(f"native decoder: {reason}.")
         release_free_heap()  # what reading and verifying the checkpoint freed, before the weights are allocated
@@ -291,13 +301,14 @@ class NativeDecoder:
         md.attn_scale = head_dim(c) ** -0.5
         md.act_mode = ACT_MODES[dtype]
         md.layers = self.layers
-        emb = _table(ft, adapter.embedding + ".weight", dtype)
-        self.keep.append(emb)
-        md.embed, md.embed_bf16 = emb.data_ptr(), int(emb.dtype == torch.bfloat16)
-        self._emb_itemsize = emb.element_size()
-        md.final_norm = self._f32(ft[adapter.final_norm + ".weight"])
-        head_name = adapter.lm_head + ".weight"
+        emb_name, head_name = adapter.embedding + ".weight", adapter.lm_head + ".weight"
         tied = bool(_get(c, "tie_word_embeddings", False)) or head_name not in ft
+        md.final_norm = self._f32(ft[adapter.final_norm + ".weight"])
+        emb = None
+        if embedding == "float":
+            emb = _table(ft, emb_name, dtype)
+            self.keep.append(emb)
+            md.embed, md.embed_bf16 = emb.data_ptr(), int(emb.dtype == torch.bfloat16)
         if adapter.lm_head in qmodel.qweights:
             m, keep = _fuse([_weight(qmodel, adapter.lm_head)])
             md.head_kind, md.head_q = HEAD_INT4, m
@@ -307,8 +318,18 @@ class NativeDecoder:
             self.keep.append(hw)
             md.head, md.head_kind = hw.data_ptr(), HEAD_BF16 if hw.dtype == torch.bfloat16 else HEAD_F32
         else:
-            md.head_kind, md.head_q = self._quant_head(emb if tied else ft[head_name], lm_head)
-        self.lm_head = lm_head
+            md.head_kind, md.head_q = self._quant_table(ft, emb_name if tied else head_name, lm_head, emb if tied else None)
+        if embedding == "int8":
+            if tied and lm_head == "int8":  # one int8 table serves both
+                md.embed = ctypes.addressof(md) + Model.head_q.offset
+            else:
+                self._emb_q = self._quant_table(ft, emb_name, "int8")[1]
+                md.embed = ctypes.addressof(self._emb_q)
+            md.embed_bf16 = EMBED_INT8
+        # the embedding's bytes a decode step does not read (none where the lm_head reads the same table)
+        shared = tied and (lm_head == embedding == "int8" or (lm_head == embedding == "float"))
+        self._emb_unread = 0 if shared else md.vocab * md.hidden * (1 if emb is None else emb.element_size())
+        self.lm_head, self.embedding = lm_head, embedding
         self.capacity = 0
         self.n_past = 0
         self._scratch = torch.empty(0, dtype=torch.uint8)
@@ -322,21 +343,37 @@ class NativeDecoder:
         self.keep.append(t)
         return t.data_ptr()
 
-    def _quant_head(self, w: torch.Tensor, mode: str):
+    def _quant_table(self, ft, name: str, mode: str, table: torch.Tensor | None = None):
+        """(head kind, QMat) of the float table ``name`` (lm_head or embedding) quantized at load time as
+        ``lowbit.run.nn.quantize_lm_head`` does (:data:`lowbit.run.nn.LM_HEAD_SCHEMES`: rows are quantized
+        independently), a block of rows at a time into preallocated codes: from ``table`` where it is already
+        in memory, else from the checkpoint (a lazily read one in blocks, never the whole float table)."""
         from lowbit.primitives import quantize
         from lowbit.run.nn import LM_HEAD_SCHEMES
         from lowbit.scheme import QuantScheme
 
         bits, gs, sym = LM_HEAD_SCHEMES[mode]
         scheme = QuantScheme(bits, gs, sym=sym)
-        parts = [quantize(w[i:i + 4096].float(), scheme) for i in range(0, w.shape[0], 4096)]
-        codes = torch.cat([p.codes for p in parts])
-        scales = torch.cat([p.scales for p in parts]).to(torch.float16).contiguous()
-        zeros = torch.cat([p.zeros for p in parts]).to(torch.uint8).contiguous()
-        packed = native.pack_nibbles(codes) if bits == 4 else codes.contiguous()
+        chunked = getattr(ft, "chunked", None)
+        if table is None and chunked is not None:
+            src = chunked(name, chunk_bytes=TABLE_CHUNK_BYTES)
+            (n, k), blocks = src.shape, src.chunks()
+        else:
+            t = ft[name] if table is None else table
+            (n, k), blocks = t.shape, (t[i:i + 4096] for i in range(0, t.shape[0], 4096))
+        ng = scheme.num_groups(k)
+        packed = torch.empty(n, k // 2 if bits == 4 else k, dtype=torch.uint8)
+        scales = torch.empty(n, ng, dtype=torch.float16)
+        zeros = torch.empty(n, ng, dtype=torch.uint8)
+        r = 0
+        for block_ in blocks:
+            q = quantize(block_.float(), scheme)
+            rows = slice(r, r + block_.shape[0])
+            packed[rows] = native.pack_nibbles(q.codes) if bits == 4 else q.codes
+            scales[rows], zeros[rows] = q.scales, q.zeros
+            r += block_.shape[0]
         self.keep += [packed, scales, zeros]
-        k = w.shape[1]
-        m = QMat(w.shape[0], k, k if gs == -1 else gs, packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), None)
+        m = QMat(n, k, k if gs == -1 else gs, packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), None)
         return (HEAD_INT4 if bits == 4 else HEAD_INT8), m
 
     # ------------------------------------------------------------------------------------------------
@@ -378,8 +415,7 @@ class NativeDecoder:
 
     def streamed_bytes(self) -> int:
         """Bytes read per decode step: all weights but the embedding table, unless it is the lm_head too."""
-        emb_is_head = self.md.head == self.md.embed
-        return self.weight_bytes() - (0 if emb_is_head else self.md.vocab * self.md.hidden * self._emb_itemsize)
+        return self.weight_bytes() - self._emb_unread
 
     def cache_bytes(self) -> int:
         return 2 * self.kcache.numel() * 4 if self.kcache is not None else 0
@@ -442,7 +478,7 @@ class NativeDecoder:
     def describe(self) -> str:
         isa = "AVX-512 VNNI" if self.vnni else "AVX2"
         act = "fp32 activations" if self.dtype == torch.float32 else f"int8 activations ({isa})"
-        return f"native decoder, {act}, lm_head {self.lm_head}"
+        return f"native decoder, {act}, lm_head {self.lm_head}" + (", embedding int8" if self.embedding == "int8" else "")
 
 
 def cpu_summary() -> str:
