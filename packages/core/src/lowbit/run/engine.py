@@ -93,6 +93,9 @@ def load_runner(path: str, dtype_name: str, kernel: str | None = None, lm_head: 
     qm = read_checkpoint(path, lazy=True)
     if qm.tokenizer is None:
         raise LowbitError(f"{path} has no tokenizer files; copy the model's tokenizer into it.")
+    from .nn import check_sizes
+
+    check_sizes(qm, dtype)  # before anything walks the config's layers (a config of 10^9 layers is refused here)
     if not isinstance(qm.qweights, dict) and native_reason(qm, dtype, lm_head, kernel, runtime, embedding) is not None:
         if embedding != "float":  # the one-line refusal, before reading the checkpoint whole
             return runner_for(qm, dtype, kernel, lm_head, runtime, capacity, embedding=embedding)
