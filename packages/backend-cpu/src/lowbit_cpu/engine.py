@@ -327,7 +327,7 @@ class NativeDecoder:
                 md.embed = ctypes.addressof(self._emb_q)
             md.embed_bf16 = EMBED_INT8
         # the embedding's bytes a decode step does not read (none where the lm_head reads the same table)
-        shared = tied and (lm_head == embedding == "int8" or (lm_head == embedding == "float"))
+        shared = tied and adapter.lm_head not in qmodel.qweights and lm_head == embedding
         self._emb_unread = 0 if shared else md.vocab * md.hidden * (1 if emb is None else emb.element_size())
         self.lm_head, self.embedding = lm_head, embedding
         self.capacity = 0
