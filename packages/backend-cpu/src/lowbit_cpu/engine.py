@@ -360,7 +360,7 @@ class NativeDecoder:
             (n, k), blocks = src.shape, src.chunks()
         else:
             t = ft[name] if table is None else table
-            (n, k), blocks = t.shape, (t[i:i + 4096] for i in range(0, t.shape[0], 4096))
+            (n, k), blocks = t.shape, (t[i:i + 1024] for i in range(0, t.shape[0], 1024))  # 8 MB of fp32 at hidden 2048
         ng = scheme.num_groups(k)
         packed = torch.empty(n, k // 2 if bits == 4 else k, dtype=torch.uint8)
         scales = torch.empty(n, ng, dtype=torch.float16)
