@@ -1,8 +1,13 @@
 """The native decoder: a whole Llama/Mistral/Qwen2/Qwen3 model per call in C (``csrc/engine.c``).
 
 ``NativeDecoder(qmodel, dtype)`` packs the checkpoint's int4 weights straight into the kernels' nib64
-layout (q/k/v rows concatenated into one matrix, gate/up into another), keeps the norms, the embedding and
-the float lm_head, and preallocates a KV cache. ``forward(ids)`` runs the tokens at the next positions in
+layout (q/k/v rows written into one preallocated matrix, gate/up into another), keeps the norms, the
+embedding and the float lm_head (bf16 as stored; another dtype cast to the activations', block by block), and
+allocates the KV cache for the positions a request needs (``reset(n)``), not the model's
+context. A lazily read lowbit checkpoint (``read_checkpoint(path, lazy=True)``) is converted a block of rows
+at a time from its packed codes on disk (:class:`lowbit.checkpoint.StoredWeight`): no matrix is ever held
+unpacked, and no float copy of a quantized weight is made, so the peak is the packed weights plus a few MB.
+``forward(ids)`` runs the tokens at the next positions in
 one native call (one OpenMP team for every layer), returning fp32 logits; ``reset()`` empties the cache.
 
 Activations: ``float32`` runs float FMAs on fp32 activations (the reference-exact path, the fp32
@@ -19,12 +24,14 @@ import importlib
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.run.engine import EMBEDDINGS
 
 from . import cpuinfo, native
 
 FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 ACT_MODES = {torch.float32: 0, torch.bfloat16: 1}
 HEAD_F32, HEAD_BF16, HEAD_INT4, HEAD_INT8 = 0, 1, 2, 3
+EMBED_INT8 = 2  # Model.embed_bf16: embed points to a QMat of int8 rows (csrc/engine.c embed_int8_row)
 MAX_GROUPS = 1024  # per weight row (csrc/engine.c)
 CHUNK = 256  # prompt tokens per native call (bounds the scratch; weights are read once per chunk)
 
@@ -85,11 +92,25 @@ def _layer_names(adapter, config, i: int) -> dict[str, str]:
     return {r: adapter.layer_prefix(i) + roles[r] for r in LINEAR_ROLES}
 
 
+def _weight(qmodel, name: str):
+    """The quantized linear ``name``: a :class:`lowbit.checkpoint.StoredWeight` (codes still on disk) where the
+    checkpoint was read lazily, else the QuantizedWeight; both give scheme, shapes, scales, zeros, g_idx, bias."""
+    stored = getattr(qmodel.qweights, "stored", None)
+    return stored(name) if stored is not None else qmodel.qweights[name]
+
+
+def _code_rows(w):
+    """``w``'s uint8 codes in blocks of rows (a StoredWeight reads and unpacks them block by block)."""
+    if hasattr(w, "code_rows"):
+        return w.code_rows()
+    return (w.codes[r:r + 1024] for r in range(0, w.out_features, 1024))
+
+
 def wants_vnni() -> bool:
     return native.vnni_unavailable_reason() is None
 
 
-def unsupported(qmodel, dtype: torch.dtype, lm_head: str = "float") -> str | None:
+def unsupported(qmodel, dtype: torch.dtype, lm_head: str = "float", embedding: str = "float") -> str | None:
     """None when the native decoder runs this checkpoint here, else the one-line reason why not."""
     reason = native.unavailable_reason()
     if reason is not None:
@@ -119,6 +140,11 @@ def unsupported(qmodel, dtype: torch.dtype, lm_head: str = "float") -> str | Non
         return "an int8 lm_head needs AVX-512 VNNI in the native decoder"
     if lm_head in ("int8", "int4") and config.hidden_size % 64:
         return f"a quantized lm_head needs hidden_size % 64 == 0, got {config.hidden_size}"
+    if embedding not in EMBEDDINGS:
+        return f"embedding {embedding!r} is not one of {', '.join(EMBEDDINGS)}"
+    if embedding == "int8" and lm_head == "float" and adapter.lm_head not in qmodel.qweights and (
+            bool(_get(config, "tie_word_embeddings", False)) or adapter.lm_head + ".weight" not in qmodel.float_tensors):
+        return "an int8 embedding with the tied float lm_head would keep the float table too; add --lm-head int8"
     n = int(config.num_hidden_layers)
     expected = {name for i in range(n) for name in _layer_names(adapter, config, i).values()}
     extra = set(qmodel.qweights) - expected - {adapter.lm_head}
@@ -127,7 +153,8 @@ def unsupported(qmodel, dtype: torch.dtype, lm_head: str = "float") -> str | Non
     missing = expected - set(qmodel.qweights)
     if missing:
         return f"the native decoder needs every layer's seven linears quantized; {sorted(missing)[0]} is float"
-    for name, qw in qmodel.qweights.items():
+    facts = {name: _weight(qmodel, name) for name in qmodel.qweights}  # scales, zeros, g_idx: codes not read
+    for name, qw in facts.items():
         s = qw.scheme
         if s.bits != 4:
             return f"{name} is {s.bits}-bit; the native decoder runs 4-bit weights"
@@ -145,25 +172,72 @@ def unsupported(qmodel, dtype: torch.dtype, lm_head: str = "float") -> str | Non
     for i in range(n):
         names = _layer_names(adapter, config, i)
         for fused in (("q", "k", "v"), ("gate", "up")):
-            gs = {qmodel.qweights[names[x]].scheme.group_size for x in fused}
+            gs = {facts[names[x]].scheme.group_size for x in fused}
             if len(gs) > 1:
                 return f"layer {i}: {'/'.join(fused)} have different group sizes"
     return None
 
 
-def _fuse(qws, dtype_bias=torch.float32) -> tuple[QMat, list[torch.Tensor]]:
-    """One QMat over the rows of several QuantizedWeights with the same input (and its tensors, kept alive)."""
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; nothing elsewhere). Reading a
+    checkpoint frees many buffers of a few MB; glibc keeps such freed memory in the heap, so without this the
+    resident set would carry the reads' garbage beside the packed weights."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+
+
+#: bytes of a float table read per block while it is cast (a lazily read checkpoint's embedding and lm_head)
+TABLE_CHUNK_BYTES = 4 * 1024**2
+
+
+def _table(ft, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """A float table (embedding, lm_head) as the engine reads it: bf16 as stored (the engine widens it to fp32
+    exactly, so fp32 activations give the sums of an fp32 copy), any other dtype cast to the activation
+    ``dtype`` (fp32 stays fp32 for fp32 activations). From a lazily read checkpoint it is read and cast a block
+    of rows at a time into its destination (never the stored table and its cast copy at once)."""
+    chunked = getattr(ft, "chunked", None)
+    if chunked is None:
+        t = ft[name]
+        return (t if t.dtype == torch.bfloat16 else t.to(dtype)).contiguous()
+    src = chunked(name, chunk_bytes=TABLE_CHUNK_BYTES)
+    out = torch.empty(src.shape, dtype=torch.bfloat16 if src.dtype == torch.bfloat16 else dtype)
+    r = 0
+    for block_ in src.chunks():
+        out[r:r + block_.shape[0]] = block_
+        r += block_.shape[0]
+    return out
+
+
+def _fuse(qws) -> tuple[QMat, list[torch.Tensor]]:
+    """One QMat over the rows of several quantized linears with the same input (QuantizedWeights or
+    StoredWeights), each written into its rows of preallocated tensors (no concatenated copies), its codes
+    converted to nib64 a block of rows at a time (and its tensors, kept alive)."""
     k = qws[0].in_features
     gs = k if qws[0].scheme.group_size == -1 else qws[0].scheme.group_size
-    packed = torch.cat([native.pack_nibbles(q.codes.contiguous()) for q in qws]).contiguous()
-    scales = torch.cat([q.scales.to(torch.float16) for q in qws]).contiguous()
-    zeros = torch.cat([q.zeros.to(torch.uint8) for q in qws]).contiguous()
-    keep = [packed, scales, zeros]
-    bias = None
-    if any(q.bias is not None for q in qws):
-        bias = torch.cat([q.bias.float() if q.bias is not None else torch.zeros(q.out_features) for q in qws])
-        keep.append(bias.contiguous())
-        bias = keep[-1]
+    n = sum(q.out_features for q in qws)
+    ng = qws[0].scales.shape[1]
+    packed = torch.empty(n, k // 2, dtype=torch.uint8)
+    scales = torch.empty(n, ng, dtype=torch.float16)
+    zeros = torch.empty(n, ng, dtype=torch.uint8)
+    bias = torch.zeros(n, dtype=torch.float32) if any(q.bias is not None for q in qws) else None
+    r0 = 0
+    for q in qws:
+        r = r0
+        for codes in _code_rows(q):
+            packed[r:r + codes.shape[0]] = native.pack_nibbles(codes)
+            r += codes.shape[0]
+        if r != r0 + q.out_features:
+            raise LowbitError(f"native decoder: {q.out_features} rows expected, {r - r0} codes rows read.")
+        scales[r0:r] = q.scales
+        zeros[r0:r] = q.zeros
+        if q.bias is not None:
+            bias[r0:r] = q.bias
+        r0 = r
+    keep = [packed, scales, zeros] + ([bias] if bias is not None else [])
     m = QMat(packed.shape[0], k, gs, packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
              None if bias is None else bias.data_ptr())
     return m, keep
@@ -176,15 +250,22 @@ class NativeDecoder:
     :param dtype: ``torch.float32`` (fp32 activations) or ``torch.bfloat16`` (int8 activations per 64 columns).
     :param lm_head: ``float`` (the checkpoint's, in ``dtype``), ``int4`` (g64 RTN) or ``int8`` (per channel,
         AVX-512 VNNI only), quantized at load time as ``lowbit.run.nn.quantize_lm_head`` does.
+    :param embedding: ``float`` (bf16 as stored, else in ``dtype``) or ``int8`` (opt-in: per-row symmetric int8
+        codes, the int8 lm_head's quantization, a quarter of fp32's bytes; with a tied ``int8`` lm_head the two are
+        one table), looked up and decoded to fp32 per token.
+    :param capacity: KV cache positions to allocate now (0: none until :meth:`reset` is given a size, as
+        :func:`lowbit.run.engine.generate` does from each request).
     :param consume: take each layer's weights out of ``qmodel.qweights`` once packed, so the unpacked codes
-        (1 byte per weight) are freed layer by layer instead of living beside the packed copy until the end.
+        (1 byte per weight) are freed layer by layer instead of living beside the packed copy until the end
+        (a lazily read checkpoint holds none: its codes are read from disk as they are converted).
     """
 
     def __init__(self, qmodel, dtype: torch.dtype = torch.bfloat16, lm_head: str = "float", capacity: int = 256,
-                 consume: bool = False):
-        reason = unsupported(qmodel, dtype, lm_head)
+                 consume: bool = False, embedding: str = "float"):
+        reason = unsupported(qmodel, dtype, lm_head, embedding)
         if reason is not None:
             raise LowbitError(f"native decoder: {reason}.")
+        release_free_heap()  # what reading and verifying the checkpoint freed, before the weights are allocated
         self.config = c = qmodel.config
         self.dtype = dtype
         self.vnni = wants_vnni()
@@ -197,16 +278,14 @@ class NativeDecoder:
         self.layers = (Layer * n)()
         for i in range(n):
             names = _layer_names(adapter, c, i)
-            qw = {x: qmodel.qweights[p] for x, p in names.items()}
             lay = self.layers[i]
             for field, parts in (("qkv", ("q", "k", "v")), ("o", ("o",)), ("gu", ("gate", "up")), ("down", ("down",))):
-                m, keep = _fuse([qw[x] for x in parts])
+                m, keep = _fuse([_weight(qmodel, names[x]) for x in parts])
                 setattr(lay, field, m)
                 self.keep += keep
-            if consume:
+            if consume and isinstance(qmodel.qweights, dict):
                 for path in names.values():
                     del qmodel.qweights[path]
-                del qw
             p = adapter.layer_prefix(i)
             lay.in_norm = self._f32(ft[p + roles["attn_norm"] + ".weight"])
             lay.post_norm = self._f32(ft[p + roles["mlp_norm"] + ".weight"])
@@ -222,54 +301,79 @@ class NativeDecoder:
         md.attn_scale = head_dim(c) ** -0.5
         md.act_mode = ACT_MODES[dtype]
         md.layers = self.layers
-        emb = ft[adapter.embedding + ".weight"]
-        emb = emb.to(dtype).contiguous()
-        self.keep.append(emb)
-        md.embed, md.embed_bf16 = emb.data_ptr(), int(dtype == torch.bfloat16)
-        self._emb_itemsize = emb.element_size()
-        md.final_norm = self._f32(ft[adapter.final_norm + ".weight"])
-        head_name = adapter.lm_head + ".weight"
+        emb_name, head_name = adapter.embedding + ".weight", adapter.lm_head + ".weight"
         tied = bool(_get(c, "tie_word_embeddings", False)) or head_name not in ft
+        md.final_norm = self._f32(ft[adapter.final_norm + ".weight"])
+        emb = None
+        if embedding == "float":
+            emb = _table(ft, emb_name, dtype)
+            self.keep.append(emb)
+            md.embed, md.embed_bf16 = emb.data_ptr(), int(emb.dtype == torch.bfloat16)
         if adapter.lm_head in qmodel.qweights:
-            head_w = None
-            m, keep = _fuse([qmodel.qweights[adapter.lm_head]])
+            m, keep = _fuse([_weight(qmodel, adapter.lm_head)])
             md.head_kind, md.head_q = HEAD_INT4, m
             self.keep += keep
-        else:
-            head_w = emb if tied else ft[head_name]
-        if head_w is not None and lm_head == "float":
-            hw = head_w.to(dtype).contiguous()
+        elif lm_head == "float":
+            hw = emb if tied else _table(ft, head_name, dtype)
             self.keep.append(hw)
-            md.head, md.head_kind = hw.data_ptr(), HEAD_F32 if dtype == torch.float32 else HEAD_BF16
-        elif head_w is not None:
-            md.head_kind, md.head_q = self._quant_head(head_w, lm_head)
-        self.lm_head = lm_head
+            md.head, md.head_kind = hw.data_ptr(), HEAD_BF16 if hw.dtype == torch.bfloat16 else HEAD_F32
+        else:
+            md.head_kind, md.head_q = self._quant_table(ft, emb_name if tied else head_name, lm_head, emb if tied else None)
+        if embedding == "int8":
+            if tied and lm_head == "int8":  # one int8 table serves both
+                md.embed = ctypes.addressof(md) + Model.head_q.offset
+            else:
+                self._emb_q = self._quant_table(ft, emb_name, "int8")[1]
+                md.embed = ctypes.addressof(self._emb_q)
+            md.embed_bf16 = EMBED_INT8
+        # the embedding's bytes a decode step does not read (none where the lm_head reads the same table)
+        shared = tied and adapter.lm_head not in qmodel.qweights and lm_head == embedding
+        self._emb_unread = 0 if shared else md.vocab * md.hidden * (1 if emb is None else emb.element_size())
+        self.lm_head, self.embedding = lm_head, embedding
         self.capacity = 0
         self.n_past = 0
         self._scratch = torch.empty(0, dtype=torch.uint8)
         self._scratch_key = None
-        self.reset(capacity)
+        self.kcache = self.vcache = None
+        if capacity:
+            self.reset(capacity)
 
     def _f32(self, t: torch.Tensor) -> int:
         t = t.float().contiguous()
         self.keep.append(t)
         return t.data_ptr()
 
-    def _quant_head(self, w: torch.Tensor, mode: str):
+    def _quant_table(self, ft, name: str, mode: str, table: torch.Tensor | None = None):
+        """(head kind, QMat) of the float table ``name`` (lm_head or embedding) quantized at load time as
+        ``lowbit.run.nn.quantize_lm_head`` does (:data:`lowbit.run.nn.LM_HEAD_SCHEMES`: rows are quantized
+        independently), a block of rows at a time into preallocated codes: from ``table`` where it is already
+        in memory, else from the checkpoint (a lazily read one in blocks, never the whole float table)."""
         from lowbit.primitives import quantize
         from lowbit.run.nn import LM_HEAD_SCHEMES
         from lowbit.scheme import QuantScheme
 
         bits, gs, sym = LM_HEAD_SCHEMES[mode]
         scheme = QuantScheme(bits, gs, sym=sym)
-        parts = [quantize(w[i:i + 4096].float(), scheme) for i in range(0, w.shape[0], 4096)]
-        codes = torch.cat([p.codes for p in parts])
-        scales = torch.cat([p.scales for p in parts]).to(torch.float16).contiguous()
-        zeros = torch.cat([p.zeros for p in parts]).to(torch.uint8).contiguous()
-        packed = native.pack_nibbles(codes) if bits == 4 else codes.contiguous()
+        chunked = getattr(ft, "chunked", None)
+        if table is None and chunked is not None:
+            src = chunked(name, chunk_bytes=TABLE_CHUNK_BYTES)
+            (n, k), blocks = src.shape, src.chunks()
+        else:
+            t = ft[name] if table is None else table
+            (n, k), blocks = t.shape, (t[i:i + 1024] for i in range(0, t.shape[0], 1024))  # 8 MB of fp32 at hidden 2048
+        ng = scheme.num_groups(k)
+        packed = torch.empty(n, k // 2 if bits == 4 else k, dtype=torch.uint8)
+        scales = torch.empty(n, ng, dtype=torch.float16)
+        zeros = torch.empty(n, ng, dtype=torch.uint8)
+        r = 0
+        for block_ in blocks:
+            q = quantize(block_.float(), scheme)
+            rows = slice(r, r + block_.shape[0])
+            packed[rows] = native.pack_nibbles(q.codes) if bits == 4 else q.codes
+            scales[rows], zeros[rows] = q.scales, q.zeros
+            r += block_.shape[0]
         self.keep += [packed, scales, zeros]
-        k = w.shape[1]
-        m = QMat(w.shape[0], k, k if gs == -1 else gs, packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), None)
+        m = QMat(n, k, k if gs == -1 else gs, packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), None)
         return (HEAD_INT4 if bits == 4 else HEAD_INT8), m
 
     # ------------------------------------------------------------------------------------------------
@@ -294,6 +398,8 @@ class NativeDecoder:
             raise LowbitError(f"KV cache capacity must be at least 1 position, got {capacity}.")
         md = self.md
         shape = (md.n_layers, md.n_kv, capacity, md.head_dim)
+        md.capacity = self.capacity = 0  # the old cache goes before the new one is allocated
+        self.kcache = self.vcache = None
         self.kcache = torch.zeros(shape, dtype=torch.float32)
         self.vcache = torch.zeros(shape, dtype=torch.float32)
         self.cos, self.sin = self._rope_table(capacity)
@@ -309,11 +415,10 @@ class NativeDecoder:
 
     def streamed_bytes(self) -> int:
         """Bytes read per decode step: all weights but the embedding table, unless it is the lm_head too."""
-        emb_is_head = self.md.head == self.md.embed
-        return self.weight_bytes() - (0 if emb_is_head else self.md.vocab * self.md.hidden * self._emb_itemsize)
+        return self.weight_bytes() - self._emb_unread
 
     def cache_bytes(self) -> int:
-        return 2 * self.kcache.numel() * 4 if self.capacity else 0
+        return 2 * self.kcache.numel() * 4 if self.kcache is not None else 0
 
     def forward(self, ids, all_logits: bool = False, threads: int | None = None) -> torch.Tensor:
         """Run ``ids`` (a list or 1-D tensor of token ids) at the next positions; fp32 logits ``[len(ids), vocab]``
@@ -373,7 +478,7 @@ class NativeDecoder:
     def describe(self) -> str:
         isa = "AVX-512 VNNI" if self.vnni else "AVX2"
         act = "fp32 activations" if self.dtype == torch.float32 else f"int8 activations ({isa})"
-        return f"native decoder, {act}, lm_head {self.lm_head}"
+        return f"native decoder, {act}, lm_head {self.lm_head}" + (", embedding int8" if self.embedding == "int8" else "")
 
 
 def cpu_summary() -> str:

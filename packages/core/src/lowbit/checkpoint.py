@@ -27,7 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,7 +51,7 @@ from .hf import (
 )
 from .packing import block, pack_bits, unpack_bits
 from .qmodel import QuantizedModel
-from .qweight import QuantizedWeight
+from .qweight import QuantizedWeight, check_parts
 from .scheme import QuantScheme
 
 MANIFEST = "lowbit.json"
@@ -326,6 +327,31 @@ def write_layer_file(path: Path, qweights: Mapping[str, QuantizedWeight], floats
     return writer.digests, {m: qw.in_features for m, qw in qweights.items()}
 
 
+#: packed code bytes read per block by :meth:`StoredWeight.code_rows` (its unpacking's 64-bit temporaries are
+#: 16x that: a few MB, whatever the matrix)
+_ROWS_BYTES = 256 * 1024
+
+
+@dataclass
+class StoredWeight:
+    """One quantized linear of a lazily read checkpoint with its codes left on disk: every other part read
+    and checked as :class:`QuantizedWeight` checks them, and :meth:`code_rows` giving the codes a block of
+    rows at a time, so a consumer with its own layout (the CPU backend's native decoder) converts them
+    without the whole matrix ever unpacked."""
+
+    scheme: QuantScheme
+    in_features: int
+    out_features: int
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor | None
+    bias: torch.Tensor | None
+    code_rows: Callable[[], Iterator[torch.Tensor]]  # uint8 [rows, K] codes, consecutive row blocks
+
+    def has_trivial_g_idx(self) -> bool:
+        return QuantizedWeight.has_trivial_g_idx(self)  # reads only g_idx, scheme and in_features
+
+
 class _LazyQWeights(Mapping):
     def __init__(self, tensors: LazyTensors, manifest: dict, scheme: QuantScheme, path: Path):
         self._t, self._scheme, self._path = tensors, scheme, path
@@ -333,13 +359,53 @@ class _LazyQWeights(Mapping):
         self._widths = manifest.get("in_features") if manifest.get("format_version", 0) >= 2 else {}
         self._parts = _PARTS if self._widths else _PARTS_V1
 
-    def __getitem__(self, mod: str) -> QuantizedWeight:
+    def _found(self, mod: str, parts) -> dict:
         if mod not in self._mods:
             raise KeyError(mod)
-        found = {p: self._t[f"{mod}.{p}"] if f"{mod}.{p}" in self._t else None for p in self._parts}
-        if any(found[p] is None for p in self._parts[:3]):
+        found = {p: self._t[f"{mod}.{p}"] if f"{mod}.{p}" in self._t else None for p in parts}
+        if any(f"{mod}.{p}" not in self._t for p in self._parts[:3]):
             raise CheckpointError(f"{self._path}: tensors of {mod} are missing; the checkpoint is incomplete.")
-        return _build(self._path, mod, found, self._scheme, self._widths.get(mod))
+        return found
+
+    def __getitem__(self, mod: str) -> QuantizedWeight:
+        return _build(self._path, mod, self._found(mod, self._parts), self._scheme, self._widths.get(mod))
+
+    def shape(self, mod: str) -> list[int]:
+        """``[out_features, in_features]`` of ``mod`` from the headers and manifest; nothing is read."""
+        if mod not in self._mods:
+            raise KeyError(mod)
+        codes = f"{mod}.{self._parts[0]}"
+        if codes not in self._t:
+            raise CheckpointError(f"{self._path}: tensors of {mod} are missing; the checkpoint is incomplete.")
+        rows, cols = (self._t.shape(codes) + [0, 0])[:2]
+        return [rows, self._widths.get(mod, cols)]
+
+    def stored(self, mod: str) -> StoredWeight:
+        """``mod`` with its codes left on disk (:class:`StoredWeight`)."""
+        found = self._found(mod, self._parts[1:])
+        name = f"{mod}.{self._parts[0]}"
+        n, k = self.shape(mod)
+        dtype = self._t.dtype(name)
+        if self._widths:  # version 2: packed words, checked as from_parts checks them
+            nv, nw = block(self._scheme.bits)
+            if len(self._t.shape(name)) != 2 or dtype != torch.int32 or self._t.shape(name)[1] != -(-k // nv) * nw:
+                raise CheckpointError(f"{self._path}: {mod}: qcodes {dtype} {self._t.shape(name)} cannot hold {k} "
+                                      f"{self._scheme.bits}-bit codes per row ({CODES_LAYOUT})")
+        try:  # every part but the codes checked as every read checks them (codes: as they are read, below)
+            check_parts(n, k, found["scales"], found["zeros"], self._scheme, found["g_idx"], found["bias"])
+        except CheckpointError as err:
+            raise CheckpointError(f"{self._path}: {mod}: {err}") from err
+
+        def code_rows() -> Iterator[torch.Tensor]:
+            for block_ in self._t.chunked(name, chunk_bytes=_ROWS_BYTES).chunks():
+                codes = unpack_bits(block_, self._scheme.bits, k) if self._widths else block_
+                if codes.numel() and (codes.dtype != torch.uint8 or int(codes.max()) > self._scheme.maxq):
+                    raise CheckpointError(f"{self._path}: {mod}: codes exceed {self._scheme.maxq} for "
+                                          f"{self._scheme.bits}-bit")
+                yield codes
+
+        return StoredWeight(self._scheme, k, n, found["scales"], found["zeros"], found["g_idx"], found["bias"],
+                            code_rows)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._mods)
@@ -358,11 +424,20 @@ class _LazyFloats(Mapping):
             raise KeyError(name)
         return self._t[name]
 
-    def chunked(self, name: str):
-        """``name`` as row chunks (:class:`lowbit.hf.TensorChunks`), for writing it without holding it."""
+    def __contains__(self, name) -> bool:  # from the headers (Mapping's default would read the tensor)
+        return name in self._names
+
+    def shape(self, name: str) -> list[int]:
         if name not in self._names:
             raise KeyError(name)
-        return self._t.chunked(name)
+        return self._t.shape(name)
+
+    def chunked(self, name: str, **kw):
+        """``name`` as row chunks (:class:`lowbit.hf.TensorChunks`; ``kw``: its ``dtype``, ``chunk_bytes``), for
+        writing or converting it without holding it."""
+        if name not in self._names:
+            raise KeyError(name)
+        return self._t.chunked(name, **kw)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)

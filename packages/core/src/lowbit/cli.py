@@ -28,6 +28,7 @@ from .argtypes import path as path_arg
 from .errors import LowbitError
 from .plugins import registry
 from .recipe import Recipe, method_steps
+from .run.engine import embedding_arg
 from .run.load import DTYPES, dtype_of
 from .scheme import DEFAULT_GROUP_SIZE
 
@@ -243,7 +244,7 @@ def cmd_generate(a) -> int:
 
     from .run.engine import generate, load_runner
 
-    runner = load_runner(a.checkpoint, a.dtype, a.kernel, a.lm_head, a.runtime)
+    runner = load_runner(a.checkpoint, a.dtype, a.kernel, a.lm_head, a.runtime, embedding=a.embedding)
     qm = runner.qm
     ids = _prompt_ids(qm.tokenizer, a.prompt, a.raw)
     if ids.shape[-1] == 0:
@@ -479,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lm-head", choices=("float", "int8", "int4"), default="float",
                      help="keep the checkpoint's float lm_head (default) or quantize it at load time: int8 per "
                           "channel, int4 g64 (faster decode; see benchmarks/cpu/RESULTS.md for the perplexity cost)")
+    embedding_arg(gen)
     gen.add_argument("--json", action="store_true")
     _runtime_arg(gen)
     gen.set_defaults(func=cmd_generate)

@@ -359,6 +359,9 @@ class LazyTensors(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._where[name].read(name)
 
+    def __contains__(self, name) -> bool:  # from the headers (Mapping's default would read the tensor)
+        return name in self._where
+
     def __iter__(self):
         return iter(self._where)
 
@@ -372,15 +375,18 @@ class LazyTensors(Mapping):
         """The file that holds tensor ``name``."""
         return self._where[name].path
 
-    def chunked(self, name: str, dtype: torch.dtype | None = None) -> TensorChunks:
-        """``name`` as row blocks of about :data:`CHUNK_BYTES`, cast to ``dtype`` (default: as stored)."""
+    def dtype(self, name: str) -> torch.dtype:
+        return self._where[name].entries[name][0]
+
+    def chunked(self, name: str, dtype: torch.dtype | None = None, chunk_bytes: int = CHUNK_BYTES) -> TensorChunks:
+        """``name`` as row blocks of about ``chunk_bytes``, cast to ``dtype`` (default: as stored)."""
         sf = self._where[name]
         stored, shape, start, stop = sf.entries[name]
         dtype = dtype or stored
         if not shape:
             return TensorChunks(dtype, shape, lambda: iter([self[name]]))
         row = (stop - start) // max(shape[0], 1)
-        rows = max(1, CHUNK_BYTES // max(row * max(dtype.itemsize // stored.itemsize, 1), 1))
+        rows = max(1, chunk_bytes // max(row * max(dtype.itemsize // stored.itemsize, 1), 1))
 
         def chunks() -> Iterator[torch.Tensor]:
             with open(sf.path, "rb") as f:

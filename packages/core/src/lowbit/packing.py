@@ -116,6 +116,10 @@ def unpack_bits(words: torch.Tensor, bits: int, length: int | None = None) -> to
     *lead, nwords = words.shape
     if nwords % nw:
         raise ValueError(f"{bits}-bit unpacking needs a multiple of {nw} words, got {nwords}")
+    if bits == 4 and sys.byteorder == "little":  # the same values from the words' bytes: low nibble first
+        b = words.detach().cpu().contiguous().view(torch.uint8)
+        out = torch.stack([b & 15, b >> 4], dim=-1).reshape(*lead, nwords * 8)
+        return (out if length is None else out[..., :length]).contiguous()
     w64 = _np(words).astype(np.int32).view(np.uint32).astype(np.uint64).reshape(*lead, nwords // nw, nw)
     mask = np.uint64((1 << bits) - 1)
     vals = np.zeros((*lead, nwords // nw, nv), dtype=np.uint64)

@@ -60,35 +60,10 @@ class QuantizedWeight:
         """Raise CheckpointError when the tensors disagree with each other or the scheme, or the
         scales are not finite. Every reader builds QuantizedWeights, so this runs on every read of
         every format."""
-        n, k = self.codes.shape if self.codes.dim() == 2 else (None, None)
-        ng = self.scheme.num_groups(k) if k else None
-        problems = []
         if self.codes.dim() != 2 or self.codes.dtype != torch.uint8:
-            problems.append(f"codes must be uint8 [N, K], got {self.codes.dtype} {list(self.codes.shape)}")
-        else:
-            if list(self.scales.shape) != [n, ng]:
-                problems.append(f"scales shape {list(self.scales.shape)} != [N={n}, NG={ng}]")
-            if list(self.zeros.shape) != [n, ng]:
-                problems.append(f"zeros shape {list(self.zeros.shape)} != [N={n}, NG={ng}]")
-            if self.g_idx is not None and list(self.g_idx.shape) != [k]:
-                problems.append(f"g_idx shape {list(self.g_idx.shape)} != [K={k}]")
-            if self.bias is not None and list(self.bias.shape) != [n]:
-                problems.append(f"bias shape {list(self.bias.shape)} != [N={n}]")
-        if not problems and not self.scales.is_floating_point():
-            problems.append(f"scales must be float, got {self.scales.dtype}")
-        elif not problems and self.scales.numel() and not bool(torch.isfinite(self.scales).all()):
-            problems.append("scales hold NaN or Inf (they would decode to NaN weights and empty output)")
-        if not problems and self.codes.numel() and int(self.codes.max()) > self.scheme.maxq:
-            problems.append(f"codes exceed {self.scheme.maxq} for {self.scheme.bits}-bit")
-        if not problems and self.zeros.is_floating_point():
-            problems.append(f"zeros must be integers, got {self.zeros.dtype}")
-        elif not problems and self.zeros.numel() and (int(self.zeros.max()) > self.scheme.maxq or int(self.zeros.min()) < 0):
-            problems.append(f"zeros outside [0, {self.scheme.maxq}] for {self.scheme.bits}-bit")
-        if self.g_idx is not None and not problems and self.g_idx.numel():
-            if int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= ng:
-                problems.append(f"g_idx values outside [0, {ng})")
-        if problems:
-            raise CheckpointError("inconsistent quantized weight: " + "; ".join(problems))
+            raise CheckpointError("inconsistent quantized weight: codes must be uint8 [N, K], got "
+                                  f"{self.codes.dtype} {list(self.codes.shape)}")
+        check_parts(*self.codes.shape, self.scales, self.zeros, self.scheme, self.g_idx, self.bias, self.codes)
 
     def group_index(self) -> torch.Tensor:
         """``int64 [K]``: the group of every input column."""
@@ -150,3 +125,35 @@ class QuantizedWeight:
                     ne = (a != b).nonzero()
                     out.append(f"{name}: {ne.shape[0]} of {a.numel()} differ, first at {ne[0].tolist()}")
         return out
+
+
+def check_parts(n: int, k: int, scales: torch.Tensor, zeros: torch.Tensor, scheme: QuantScheme,
+                g_idx: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                codes: torch.Tensor | None = None) -> None:
+    """:meth:`QuantizedWeight.validate`'s checks of an ``[n, k]`` weight's parts; ``codes`` None: all but the
+    codes' range (a reader that converts codes as it streams them checks those itself)."""
+    ng = scheme.num_groups(k) if k else None
+    problems = []
+    if list(scales.shape) != [n, ng]:
+        problems.append(f"scales shape {list(scales.shape)} != [N={n}, NG={ng}]")
+    if list(zeros.shape) != [n, ng]:
+        problems.append(f"zeros shape {list(zeros.shape)} != [N={n}, NG={ng}]")
+    if g_idx is not None and list(g_idx.shape) != [k]:
+        problems.append(f"g_idx shape {list(g_idx.shape)} != [K={k}]")
+    if bias is not None and list(bias.shape) != [n]:
+        problems.append(f"bias shape {list(bias.shape)} != [N={n}]")
+    if not problems and not scales.is_floating_point():
+        problems.append(f"scales must be float, got {scales.dtype}")
+    elif not problems and scales.numel() and not bool(torch.isfinite(scales).all()):
+        problems.append("scales hold NaN or Inf (they would decode to NaN weights and empty output)")
+    if not problems and codes is not None and codes.numel() and int(codes.max()) > scheme.maxq:
+        problems.append(f"codes exceed {scheme.maxq} for {scheme.bits}-bit")
+    if not problems and zeros.is_floating_point():
+        problems.append(f"zeros must be integers, got {zeros.dtype}")
+    elif not problems and zeros.numel() and (int(zeros.max()) > scheme.maxq or int(zeros.min()) < 0):
+        problems.append(f"zeros outside [0, {scheme.maxq}] for {scheme.bits}-bit")
+    if g_idx is not None and not problems and g_idx.numel():
+        if int(g_idx.min()) < 0 or int(g_idx.max()) >= ng:
+            problems.append(f"g_idx values outside [0, {ng})")
+    if problems:
+        raise CheckpointError("inconsistent quantized weight: " + "; ".join(problems))

@@ -56,7 +56,7 @@ typedef struct {
     int64_t window;   /* sliding window (keys at p - window < j <= p), 0 = none */
     float eps, attn_scale;
     int act_mode, head_kind, embed_bf16, pad;
-    const void *embed;      /* [vocab, hidden] fp32 or bf16 */
+    const void *embed;      /* [vocab, hidden] fp32 or bf16, or a QMat of int8 rows (embed_bf16 == EMBED_INT8) */
     const void *head;       /* float head [vocab, hidden] (fp32 or bf16), when head_kind is HEAD_F32/BF16 */
     QMat head_q;            /* when head_kind is HEAD_INT4/INT8 */
     const float *final_norm;
@@ -426,6 +426,16 @@ static void linear(const Model *md, const QMat *w, const float *x, int64_t M, co
     #pragma omp barrier
 }
 
+/* embed_bf16 == EMBED_INT8: `embed` points to a QMat of int8 rows (uint8 codes [vocab, hidden], one fp16 scale and
+ * uint8 zero point per row: the int8 lm_head's layout, so a tied model's int8 head and embedding are one table);
+ * row `id` decoded as the lm_head's weights are, (code - zero) * scale in fp32. */
+enum { EMBED_INT8 = 2 };
+static void embed_int8_row(const QMat *e, int64_t id, float *x) {
+    const uint8_t *c = e->packed + id * e->k;
+    const float z = (float)e->zeros[id], sc = _cvtsh_ss(e->scales[id]);
+    for (int64_t i = 0; i < e->k; ++i) x[i] = ((float)c[i] - z) * sc;
+}
+
 /* float lm_head rows: y [M, vocab] */
 static void float_head(const Model *md, const float *x, int64_t M, float *y) {
     const int64_t H = md->hidden, V = md->vocab;
@@ -546,7 +556,9 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
         #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; ++m) {
             const int64_t id = ids[m];
-            if (md->embed_bf16) {
+            if (md->embed_bf16 == EMBED_INT8) {
+                embed_int8_row((const QMat *)md->embed, id, s.x + m * H);
+            } else if (md->embed_bf16) {
                 const uint16_t *e = (const uint16_t *)md->embed + id * H;
                 for (int64_t i = 0; i < H; ++i) s.x[m * H + i] = bf16_1(e[i]);
             } else {

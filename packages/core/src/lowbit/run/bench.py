@@ -38,6 +38,7 @@ from ..argtypes import at_least_two, group_size, int_range, nonnegative_int, pat
 from ..cpuinfo import cpu_name, isa
 from ..errors import LowbitError
 from ..limits import check_fits
+from .engine import EMBEDDINGS
 
 DEFAULT_SHAPES = "4096x4096,4096x11008,11008x4096"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -70,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lm-head", action="append", choices=("float", "int8", "int4"), default=None,
                         help="model level: lowbit row(s) with the float lm_head kept (float) or quantized at load "
                              "time (int8 per channel, int4 g64), repeatable (default float)")
+    parser.add_argument("--embedding", action="append", choices=EMBEDDINGS, default=None,
+                        help="model level: native-decoder row(s) with the float embedding (float) or int8 rows "
+                             "(int8, see generate --embedding), repeatable (default float)")
     parser.add_argument("--llama-cpp", metavar="GGUF", action="append", default=None, type=path,
                         help="model level: also run llama.cpp (llama-cpp-python) on this GGUF file (repeatable); "
                              "'demo' is the demo model's own Q4_1 GGUF")
@@ -97,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     report = model_bench(args.checkpoint, dtype=args.dtype, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                          repeat=args.repeat, ppl_windows=args.ppl_windows, ppl_seqlen=args.ppl_seqlen,
                          baseline=not args.no_float, threads=torch.get_num_threads(), clock=args.clock,
-                         lm_heads=args.lm_head or ["float"], llama_cpp=args.llama_cpp, runtime=args.runtime)
+                         lm_heads=args.lm_head or ["float"], llama_cpp=args.llama_cpp, runtime=args.runtime,
+                         embeddings=args.embedding or ["float"])
     print(json.dumps(report, indent=2) if args.json else format_model_table(report))
     return 0
 
@@ -288,6 +293,20 @@ def _rss_bytes() -> int:
         return 0
 
 
+def _peak_rss_bytes() -> int:
+    """This process's resident high-water mark: VmHWM, which starts afresh at exec. (ru_maxrss does not: Linux
+    carries the parent's mark over fork and exec, so a child of a bench that had read a checkpoint reported
+    the parent's peak, not its own.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _model_bytes(model) -> int:
     from .nn import QuantLinear
 
@@ -356,6 +375,7 @@ def _native_child(spec: dict, qmodel, rss0: int, t0: float) -> dict:
     dtype = DTYPES[spec["dtype"]]
     capacity = spec["prompt_len"] + spec["new_tokens"] + 8  # the KV cache sized from the request
     runner = runner_for(qmodel, dtype, lm_head=spec.get("lm_head", "float"), runtime="native", capacity=capacity,
+                        embedding=spec.get("embedding", "float"),
                         consume=True)
     dec = runner.decoder
     scheme, tokenizer, vocab = qmodel.scheme.describe(), qmodel.tokenizer, int(qmodel.config.vocab_size)
@@ -365,7 +385,7 @@ def _native_child(spec: dict, qmodel, rss0: int, t0: float) -> dict:
            "weights_bytes": dec.weight_bytes(), "kv_cache_bytes": dec.cache_bytes(),
            "rss_after_load_bytes": _rss_bytes() - rss0}
     out.update(_measure_native(dec, spec["prompt_len"], spec["new_tokens"], spec["repeat"], vocab, spec["clock"]))
-    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    out["peak_rss_bytes"] = _peak_rss_bytes() - rss0
     if spec["ppl_windows"]:
         from types import SimpleNamespace
 
@@ -394,10 +414,10 @@ def _child(spec: dict) -> dict:
     dtype = DTYPES[spec["dtype"]]
     rss0 = _rss_bytes()
     t0 = time.perf_counter()
+    if spec.get("runtime") == "native":  # read lazily, as load_runner does: the packed codes go straight in
+        return _native_child(spec, read_checkpoint(spec["checkpoint"], lazy=True), rss0, t0)
     qmodel = read_checkpoint(spec["checkpoint"])
     tokenizer = qmodel.tokenizer
-    if spec.get("runtime") == "native":
-        return _native_child(spec, qmodel, rss0, t0)
     if spec["float"]:
         model = lnn.build_float_model(qmodel, dtype)
         kernels = {"transformers nn.Linear": len(qmodel.qweights)}
@@ -412,9 +432,9 @@ def _child(spec: dict) -> dict:
     out = {"kernels": kernels, "scheme": scheme, "load_s": load_s, "weights_bytes": _model_bytes(model),
            "rss_after_load_bytes": _rss_bytes() - rss0}
     out.update(_measure_model(model, spec["prompt_len"], spec["new_tokens"], spec["repeat"], vocab, spec["clock"]))
-    # ru_maxrss is KiB on Linux: the process's high-water mark, loading and generation included (the
+    # the process's high-water mark, loading and generation included (the
     # perplexity pass below runs long windows and is left out)
-    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    out["peak_rss_bytes"] = _peak_rss_bytes() - rss0
     if spec["ppl_windows"]:
         out["ppl"] = _ppl(spec, tokenizer, model)
     return out
@@ -503,7 +523,7 @@ def _llama_child(spec: dict) -> dict:
     out = {"kernels": {label: 1}, "scheme": Path(spec["gguf"]).name,
            "load_s": load_s, "weights_bytes": size, "rss_after_load_bytes": None, "prefill_s": p,
            "prefill_tok_s": spec["prompt_len"] / p, "decode_s_per_token": d, "decode_tok_s": 1 / d,
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0, "disk_bytes": size}
+           "peak_rss_bytes": _peak_rss_bytes() - rss0, "disk_bytes": size}
     del llm
     if spec["ppl_windows"]:
         windows = _shared_windows(spec, None)
@@ -545,7 +565,7 @@ def _run_child(spec: dict) -> dict:
 
 def model_bench(checkpoint, dtype="bf16", prompt_len=128, new_tokens=32, repeat=3, ppl_windows=0, ppl_seqlen=512,
                 baseline=True, threads=None, clock="wall", lm_heads=("float",), llama_cpp=None,
-                runtime="auto") -> dict:
+                runtime="auto", embeddings=("float",)) -> dict:
     path = Path(checkpoint)
     if not path.exists():
         raise LowbitError(f"checkpoint {checkpoint} does not exist; pass a directory written by lowbit or an exporter.")
@@ -557,18 +577,19 @@ def model_bench(checkpoint, dtype="bf16", prompt_len=128, new_tokens=32, repeat=
         if not Path(gguf).is_file():
             raise LowbitError(f"--llama-cpp {name}: no such GGUF file.")
         ggufs.append(gguf)
-    runtimes = _runtimes(path, dtype, lm_heads, runtime)
+    runtimes = _runtimes(path, dtype, lm_heads, runtime, embeddings)
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp:
         spec = {"checkpoint": str(path), "dtype": dtype, "prompt_len": prompt_len, "new_tokens": new_tokens,
                 "repeat": repeat, "ppl_windows": ppl_windows, "ppl_seqlen": ppl_seqlen,
                 "threads": threads or torch.get_num_threads(), "clock": clock,
                 "windows_path": str(Path(tmp) / "windows.pt")}
         rows = []
-        for head in dict.fromkeys(lm_heads):
-            for rt in runtimes[head]:
-                quant = _run_child({**spec, "float": False, "lm_head": head, "runtime": rt})
+        for (head, emb), rts in runtimes.items():
+            for rt in rts:
+                quant = _run_child({**spec, "float": False, "lm_head": head, "runtime": rt, "embedding": emb})
                 quant["disk_bytes"] = _dir_bytes(path)
-                label = ("" if head == "float" else f", lm_head {head}") + f", {rt}"
+                label = (("" if head == "float" else f", lm_head {head}") + ("" if emb == "float" else f", embedding {emb}")
+                         + f", {rt}")
                 rows.append({"model": f"lowbit {quant['scheme']}{label}", "runtime": rt, **quant})
         base = None
         if baseline:
@@ -596,19 +617,25 @@ def model_bench(checkpoint, dtype="bf16", prompt_len=128, new_tokens=32, repeat=
             "ppl_seqlen": ppl_seqlen, "machine": machine(), "rows": rows}
 
 
-def _runtimes(path: Path, dtype: str, lm_heads, runtime: str) -> dict[str, list[str]]:
-    """lm_head mode → the runtimes its lowbit rows run on (``auto``: the one generate/chat would pick)."""
-    if runtime in ("native", "transformers"):
-        return {h: [runtime] for h in lm_heads}
+def _runtimes(path: Path, dtype: str, lm_heads, runtime: str, embeddings=("float",)) -> dict[tuple, list[str]]:
+    """(lm_head mode, embedding mode) → the runtimes its lowbit rows run on (``auto``: the one generate/chat would
+    pick); an int8 embedding runs on the native decoder only, and has no row where that does not take it."""
     from ..exporting import read_checkpoint
     from .engine import native_reason
 
-    qm = read_checkpoint(path)
+    qm = None if runtime in ("native", "transformers") and set(embeddings) == {"float"} else \
+        read_checkpoint(path, lazy=True)  # the decision needs shapes and scales, not the codes
     out = {}
-    for h in lm_heads:
-        ok = native_reason(qm, DTYPES[dtype], h) is None
-        out[h] = (["native", "transformers"] if ok else ["transformers"]) if runtime == "both" else \
-            (["native"] if ok else ["transformers"])
+    for h in dict.fromkeys(lm_heads):
+        for e in dict.fromkeys(embeddings):
+            ok = qm is None or native_reason(qm, DTYPES[dtype], h, embedding=e) is None
+            if e != "float":
+                out[h, e] = ["native"] if ok and runtime != "transformers" else []
+            elif runtime in ("native", "transformers"):
+                out[h, e] = [runtime]
+            else:
+                out[h, e] = (["native", "transformers"] if ok else ["transformers"]) if runtime == "both" else \
+                    (["native"] if ok else ["transformers"])
     return out
 
 

@@ -23,6 +23,8 @@ from typing import Any
 from ..errors import LowbitError
 
 RUNTIMES = ("auto", "native", "transformers")
+#: the native decoder's embedding modes (``--embedding``): the float table, or int8 rows (opt-in, native only)
+EMBEDDINGS = ("float", "int8")
 
 
 @dataclass
@@ -50,7 +52,16 @@ class Runner:
         return f"runtime: transformers, kernels {kernels} ({self.why})"
 
 
-def native_reason(qm, dtype, lm_head: str = "float", kernel: str | None = None, runtime: str = "auto") -> str | None:
+def embedding_arg(p) -> None:
+    """``--embedding`` of the commands that run a checkpoint (generate, serve, bench)."""
+    p.add_argument("--embedding", choices=EMBEDDINGS, default="float",
+                   help="the native decoder's embedding: the checkpoint's float table (default; bf16 as stored) or "
+                        "int8 rows quantized at load time (opt-in, a quarter of fp32's bytes; with a tied "
+                        "--lm-head int8 both use one table)")
+
+
+def native_reason(qm, dtype, lm_head: str = "float", kernel: str | None = None, runtime: str = "auto",
+                  embedding: str = "float") -> str | None:
     """None when the native decoder takes this checkpoint, else why the transformers path runs it."""
     runtime = os.environ.get("LOWBIT_RUNTIME", "").strip() or runtime
     if runtime not in RUNTIMES:
@@ -63,43 +74,70 @@ def native_reason(qm, dtype, lm_head: str = "float", kernel: str | None = None, 
         from lowbit_cpu import engine
     except ImportError:
         return "the native decoder comes with lowbit-backend-cpu, which is not installed"
-    return engine.unsupported(qm, dtype, lm_head)
+    return engine.unsupported(qm, dtype, lm_head, embedding)
 
 
 def load_runner(path: str, dtype_name: str, kernel: str | None = None, lm_head: str = "float",
-                runtime: str = "auto", capacity: int = 2048) -> Runner:
+                runtime: str = "auto", capacity: int = 0, embedding: str = "float") -> Runner:
     """Read the checkpoint at ``path`` (it must hold a tokenizer) and build the runtime that runs it.
-    With ``runtime="native"`` an unsupported checkpoint is an error instead of a fallback."""
+    With ``runtime="native"`` an unsupported checkpoint is an error instead of a fallback.
+
+    A lowbit checkpoint is read lazily (verified, then its tensors read as they are used): the native
+    decoder converts its packed codes straight into its own layout, so the quantized weights are never held
+    unpacked; the transformers path reads it whole. ``capacity``: KV cache positions to allocate now (0: as
+    each request needs, see :func:`generate`)."""
     from ..exporting import read_checkpoint
     from .load import dtype_of
 
-    qm = read_checkpoint(path)
+    dtype = dtype_of(dtype_name)
+    qm = read_checkpoint(path, lazy=True)
     if qm.tokenizer is None:
         raise LowbitError(f"{path} has no tokenizer files; copy the model's tokenizer into it.")
-    return runner_for(qm, dtype_of(dtype_name), kernel, lm_head, runtime, capacity, consume=True)
+    from .nn import check_sizes
+
+    check_sizes(qm, dtype)  # before anything walks the config's layers (a config of 10^9 layers is refused here)
+    if not isinstance(qm.qweights, dict) and native_reason(qm, dtype, lm_head, kernel, runtime, embedding) is not None:
+        if embedding != "float":  # the one-line refusal, before reading the checkpoint whole
+            return runner_for(qm, dtype, kernel, lm_head, runtime, capacity, embedding=embedding)
+        qm = read_checkpoint(path)  # the transformers modules are built from QuantizedWeights
+    return runner_for(qm, dtype, kernel, lm_head, runtime, capacity, consume=True, embedding=embedding)
 
 
 def runner_for(qm, dtype, kernel: str | None = None, lm_head: str = "float", runtime: str = "auto",
-               capacity: int = 2048, consume: bool = False) -> Runner:
+               capacity: int = 0, consume: bool = False, embedding: str = "float") -> Runner:
     """The runner for a QuantizedModel already read. ``consume``: the native decoder may take the quantized
     weights out of ``qm`` as it packs them (lower peak memory; ``qm`` keeps config, tokenizer and floats).
-    The checkpoint's config is checked against its tensors and the memory here first, whichever runtime runs it."""
+    The checkpoint's config is checked against its tensors and the memory here first, whichever runtime runs it.
+    ``capacity``: the native decoder's KV cache positions to allocate now, at most the model's context
+    (0: none until a request sizes it). ``embedding``: ``int8`` (opt-in) stores the native decoder's embedding as
+    int8 rows; the transformers path has no such mode, so it is refused there."""
     from .nn import build_model, check_sizes
 
     check_sizes(qm, dtype)
-    reason = native_reason(qm, dtype, lm_head, kernel, runtime)
+    reason = native_reason(qm, dtype, lm_head, kernel, runtime, embedding)
     if reason is None:
         from lowbit_cpu.engine import NativeDecoder
 
-        ctx = int(getattr(qm.config, "max_position_embeddings", capacity) or capacity)
-        dec = NativeDecoder(qm, dtype, lm_head, capacity=min(capacity, ctx), consume=consume)
+        ctx = context_of(qm.config)
+        dec = NativeDecoder(qm, dtype, lm_head, capacity=min(capacity, ctx or capacity), consume=consume,
+                            embedding=embedding)
         return Runner(qm, "native", "the native decoder covers this model and CPU", decoder=dec, dtype=dtype)
     if runtime == "native":
         raise LowbitError(f"--runtime native: {reason}.")
+    if embedding != "float":
+        raise LowbitError(f"--embedding {embedding} runs on the native decoder only, which does not run this: {reason}.")
+    if not isinstance(qm.qweights, dict):
+        raise LowbitError("the transformers runtime needs the checkpoint read whole (read_checkpoint(path)).")
     model = build_model(qm, "cpu", dtype, kernel, lm_head=lm_head)
     if qm.generation_config is not None:
         model.generation_config = qm.generation_config
     return Runner(qm, "transformers", reason, model=model, dtype=dtype)
+
+
+def context_of(config) -> int | None:
+    """The model's context (max_position_embeddings), or None where the config does not give one."""
+    ctx = getattr(config, "max_position_embeddings", None)
+    return int(ctx) if isinstance(ctx, int) and ctx > 0 else None
 
 
 def _sample(logits, temperature: float, top_p: float, generator=None) -> int:
@@ -139,7 +177,12 @@ def generate(runner: Runner, ids, max_new_tokens: int, temperature: float = 0.0,
         with torch.no_grad():
             return runner.model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
     dec = runner.decoder
+    # the KV cache is sized from the request (grown, never shrunk); a request past the model's context is refused
     need = ids.shape[1] + max_new_tokens
+    ctx = context_of(runner.config)
+    if ctx and need > ctx:
+        raise LowbitError(f"the prompt ({ids.shape[1]} tokens) plus {max_new_tokens} new tokens exceeds the model's "
+                          f"context of {ctx} tokens.")
     if need > dec.capacity:
         dec.reset(need)
     dec.reset()

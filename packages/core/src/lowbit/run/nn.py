@@ -67,8 +67,12 @@ def check_sizes(qmodel: QuantizedModel, dtype: torch.dtype) -> None:
     """Refuse a checkpoint whose config disagrees with its tensors, or whose float model (what
     :func:`build_model` allocates before swapping in the quantized linears) does not fit in memory,
     before anything is allocated (:mod:`lowbit.limits`)."""
-    shapes = {f"{m}.weight": [qw.out_features, qw.in_features] for m, qw in qmodel.qweights.items()}
-    shapes.update({n: list(t.shape) for n, t in qmodel.float_tensors.items()})
+    qw, ft = qmodel.qweights, qmodel.float_tensors
+    # a lazily read checkpoint's shapes come from its headers (nothing read, nothing unpacked)
+    qshape = getattr(qw, "shape", lambda m: [qw[m].out_features, qw[m].in_features])
+    fshape = getattr(ft, "shape", lambda n: list(ft[n].shape))
+    shapes = {f"{m}.weight": list(qshape(m)) for m in qw}
+    shapes.update({n: list(fshape(n)) for n in ft})
     meta = meta_model(qmodel.config, error=CheckpointError, where="the checkpoint", tensors_on_disk=len(shapes))
     check_shapes(meta, shapes, "the checkpoint", CheckpointError)
     total, _ = parameter_bytes(meta, dtype)

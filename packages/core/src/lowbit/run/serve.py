@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import LowbitError
+from .engine import embedding_arg
 
 #: request bodies larger than this are refused (413) before they are read
 MAX_BODY_BYTES = 4 << 20
@@ -56,6 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto (default): the native decoder where it covers the model and CPU, else transformers")
     p.add_argument("--lm-head", choices=("float", "int8", "int4"), default="float",
                    help="keep the checkpoint's float lm_head (default) or quantize it at load time")
+    embedding_arg(p)
 
 
 # ----------------------------------------------------------------------------------- errors
@@ -483,7 +485,7 @@ def run(args) -> int:
     except OSError as err:
         raise LowbitError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}.") from None
     fmt = detect_format(args.checkpoint)
-    runner = load_runner(args.checkpoint, args.dtype, args.kernel, args.lm_head, args.runtime)
+    runner = load_runner(args.checkpoint, args.dtype, args.kernel, args.lm_head, args.runtime, embedding=args.embedding)
     qm = runner.qm
     name = args.model_name or args.checkpoint
     engine = Engine(qm, runner, name, args.max_tokens, args.max_queue)
