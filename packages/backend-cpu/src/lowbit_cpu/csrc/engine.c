@@ -17,9 +17,20 @@
  * The float lm_head is fp32 or bf16 (the model's dtype); an int4 lm_head runs as the layers; an int8 one
  * (per channel, codes uint8) only in the VNNI build.
  *
+ * Prompt chunks (M > 1 rows) on AMX-INT8 (the VNNI build also gets -mamx-tile -mamx-int8; Model.gemm picks
+ * the path per call): one TDPBSUD per 16 rows x 16 weight rows x one run of 64 columns, activations as
+ * int8 per 64 columns (as above) in A, a 16-row block of the weight unpacked from nib64 to uint8 in B (VNNI
+ * order, one 1 KiB tile per run, in a per-thread scratch, reused across every 16-row block of the chunk),
+ * each tile's int32 sums scaled by the run's activation scale times the group's weight scale into fp32, the
+ * zero point as zero * scale * (group sum of the activations) once per group. The same int32 sums as the
+ * VPDPBUSD path, so the two agree but for the order of fp32 additions. The weights stay in their one
+ * resident layout (nib64); no second copy. Linux grants the tile state on request (arch_prctl
+ * ARCH_REQ_XCOMP_PERM, lowbit_engine_amx_init); without it, or without AMX, Model.gemm stays GEMM_ROWS.
+ *
  * Built twice by lowbit_cpu.native: with -mavx2 -mfma -mf16c (no AVX-512 instruction anywhere) and with the
- * AVX-512 VNNI flags added; the Python side loads the one the CPU can run.
+ * AVX-512 VNNI (and AMX) flags added; the Python side loads the one the CPU can run.
  */
+#define _GNU_SOURCE
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -31,10 +42,20 @@
 #else
 #define LB_VNNI 0
 #endif
+#if LB_VNNI && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define LB_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define LB_AMX 0
+#endif
 
 enum { ACT_F32 = 0, ACT_I8 = 1 };
 enum { MAX_GROUPS = 1024 }; /* groups per weight row (checked by lowbit_cpu.engine) */
 enum { HEAD_F32 = 0, HEAD_BF16 = 1, HEAD_INT4 = 2, HEAD_INT8 = 3 };
+/* Model.gemm: how int8-activation matrices with more than one row run (one row always runs row_i8) */
+enum { GEMM_ROWS = 0, GEMM_AMX = 1 };
+enum { AMX_MIN_ROWS = 4 }; /* fewer rows: the row kernels (the tile would be mostly empty) */
 
 typedef struct {
     int64_t n, k, group;
@@ -55,7 +76,7 @@ typedef struct {
     int64_t capacity; /* KV cache positions */
     int64_t window;   /* sliding window (keys at p - window < j <= p), 0 = none */
     float eps, attn_scale;
-    int act_mode, head_kind, embed_bf16, pad;
+    int act_mode, head_kind, embed_bf16, gemm;
     const void *embed;      /* [vocab, hidden] fp32 or bf16 */
     const void *head;       /* float head [vocab, hidden] (fp32 or bf16), when head_kind is HEAD_F32/BF16 */
     QMat head_q;            /* when head_kind is HEAD_INT4/INT8 */
@@ -327,21 +348,188 @@ static void quant_row_natural(const float *x, int64_t K, int64_t group, int8_t *
 }
 #endif
 
+/* ------------------------------------------------------------------------ AMX-INT8 tiles (M > 1 rows) */
+
+static inline size_t al64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+/* per-thread AMX scratch for inputs of up to K columns: the weight block's B tiles [K/64][16][64], its scales
+ * and zero * scale per group [K/64][16] (group >= 64), two int32 C tiles */
+static size_t amx_thread_bytes(int64_t K) {
+    return al64((size_t)K * 16) + 2 * al64(sizeof(float) * 16 * (size_t)(K / 64)) + 2048;
+}
+
+#if LB_VNNI
+/* 16 x 16 dwords, rows → columns (r[i] lane j becomes r[j] lane i) */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) { /* r[4i + c], 128-bit lane L: column 4L + c of rows 4i .. 4i+3 */
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {
+        const __m512i u0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), u1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
+        const __m512i u2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
+        const __m512i u3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
+        t[c] = _mm512_shuffle_i32x4(u0, u2, 0x88);
+        t[4 + c] = _mm512_shuffle_i32x4(u0, u2, 0xDD);
+        t[8 + c] = _mm512_shuffle_i32x4(u1, u3, 0x88);
+        t[12 + c] = _mm512_shuffle_i32x4(u1, u3, 0xDD);
+    }
+    for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+#endif
+
+#if LB_AMX
+/* Ask Linux for the AMX tile state (XFEATURE_XTILEDATA = 18) for this process; 1 when granted. */
+int lowbit_engine_amx_init(void) { return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18) == 0; }
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileCfg;
+
+/* Weight rows n0 .. n0+nb-1 (nb <= 16; the rest of the block zero) → wb: per run of 64 columns one B tile in
+ * the VNNI order (tile row k4 = columns 4k4 .. 4k4+3 of each of the 16 weight rows, as uint8 codes); per group
+ * the rows' scales sv and zero * scale zv, [K/group][16]. */
+static void amx_pack_block(const QMat *w, int w8, int64_t n0, int nb, uint8_t *wb, float *sv, float *zv) {
+    const int64_t K = w->k, nr = K / 64, ng = K / w->group;
+    const __m512i m4 = _mm512_set1_epi16(0x000F);
+    for (int64_t r = 0; r < nr; ++r) {
+        __m512i v[16];
+        for (int i = 0; i < 16; ++i) {
+            if (i >= nb) {
+                v[i] = _mm512_setzero_si512();
+            } else if (w8) {
+                v[i] = _mm512_loadu_si512((const void *)(w->packed + (n0 + i) * K + r * 64));
+            } else { /* nib64: u16 lane j holds columns j, 16+j, 32+j, 48+j in its four nibbles */
+                const __m256i p = _mm256_loadu_si256((const __m256i *)(w->packed + (n0 + i) * (K / 2) + r * 32));
+                const __m512i a = _mm512_inserti64x4(_mm512_castsi256_si512(p), _mm256_srli_epi16(p, 4), 1);
+                const __m512i b = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(p, 8)),
+                                                     _mm256_srli_epi16(p, 12), 1);
+                v[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi16_epi8(_mm512_and_si512(a, m4))),
+                                          _mm512_cvtepi16_epi8(_mm512_and_si512(b, m4)), 1);
+            }
+        }
+        transpose16(v);
+        for (int k4 = 0; k4 < 16; ++k4) _mm512_storeu_si512((void *)(wb + r * 1024 + k4 * 64), v[k4]);
+    }
+    for (int64_t g = 0; g < ng; ++g) {
+        for (int i = 0; i < 16; ++i) {
+            const float s = i < nb ? _cvtsh_ss(w->scales[(n0 + i) * ng + g]) : 0.f;
+            sv[g * 16 + i] = s;
+            zv[g * 16 + i] = i < nb ? s * (float)w->zeros[(n0 + i) * ng + g] : 0.f;
+        }
+    }
+}
+
+/* one run's C tile (16 rows x 16 weight rows, int32) into the fp32 accumulators: * weight scale * run scale */
+#define AMX_SCALE(cbuf, rr)                                                                            \
+    do {                                                                                               \
+        const __m512 s_ = _mm512_loadu_ps(sv + ((rr) / rpg) * 16);                                     \
+        for (int i = 0; i < 16; ++i)                                                                   \
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)((cbuf) + i * 16))), \
+                                     _mm512_mul_ps(s_, _mm512_set1_ps(xs[i * nr + (rr)])), acc[i]);    \
+    } while (0)
+
+/* y [M, w->n] = x8 [M, K] @ W^T + bias on the tiles; the thread's share of the weight rows in blocks of 16, each
+ * unpacked once into its scratch ts and multiplied by every 16-row block of x8 (rows past M are padding in the
+ * scratch, computed and not stored). No barrier at the end. */
+static void qmatmul_amx(const QMat *w, int64_t M, const int8_t *x8, const float *xsall, const float *xsumall,
+                        float *y, int w8, char *ts) {
+    const int64_t K = w->k, N = w->n, nr = K / 64, ng = K / w->group, rpg = w->group / 64;
+    uint8_t *wb = (uint8_t *)ts;
+    float *sv = (float *)(ts + al64((size_t)K * 16));
+    float *zv = (float *)((char *)sv + al64(sizeof(float) * 16 * (size_t)nr));
+    int32_t *cb = (int32_t *)((char *)zv + al64(sizeof(float) * 16 * (size_t)nr));
+    TileCfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 6; ++t) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+    int64_t n0s, n1s;
+    share(N, 16, &n0s, &n1s);
+    for (int64_t n0 = n0s; n0 < n1s; n0 += 16) {
+        const int nb = (int)(n1s - n0 < 16 ? n1s - n0 : 16);
+        amx_pack_block(w, w8, n0, nb, wb, sv, zv);
+        const __mmask16 nmask = (__mmask16)((1u << nb) - 1u);
+        const __m512 bias = w->bias ? _mm512_maskz_loadu_ps(nmask, w->bias + n0) : _mm512_setzero_ps();
+        for (int64_t m0 = 0; m0 < M; m0 += 16) {
+            const int mb = (int)(M - m0 < 16 ? M - m0 : 16);
+            const int8_t *xa = x8 + m0 * K;
+            const float *xs = xsall + m0 * nr;
+            __m512 acc[16];
+            for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+            int64_t r = 0;
+            for (; r + 2 <= nr; r += 2) {
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_loadd(2, xa + r * 64, K);
+                _tile_loadd(4, wb + r * 1024, 64);
+                _tile_dpbsud(0, 2, 4);
+                _tile_loadd(3, xa + (r + 1) * 64, K);
+                _tile_loadd(5, wb + (r + 1) * 1024, 64);
+                _tile_dpbsud(1, 3, 5);
+                _tile_stored(0, cb, 64);
+                _tile_stored(1, cb + 256, 64);
+                AMX_SCALE(cb, r);
+                AMX_SCALE(cb + 256, r + 1);
+            }
+            if (r < nr) {
+                _tile_zero(0);
+                _tile_loadd(2, xa + r * 64, K);
+                _tile_loadd(4, wb + r * 1024, 64);
+                _tile_dpbsud(0, 2, 4);
+                _tile_stored(0, cb, 64);
+                AMX_SCALE(cb, r);
+            }
+            const float *xsum = xsumall + m0 * ng;
+            for (int64_t g = 0; g < ng; ++g) {
+                const __m512 z = _mm512_loadu_ps(zv + g * 16);
+                for (int i = 0; i < mb; ++i) acc[i] = _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[i * ng + g]), acc[i]);
+            }
+            for (int i = 0; i < mb; ++i) _mm512_mask_storeu_ps(y + (m0 + i) * N + n0, nmask, _mm512_add_ps(acc[i], bias));
+        }
+    }
+    _tile_release();
+}
+#undef AMX_SCALE
+#else
+int lowbit_engine_amx_init(void) { return 0; }
+#endif
+
 /* ------------------------------------------------------------------------ matrices (inside the team) */
 
 typedef struct {
-    int8_t *x8;   /* [M, Kmax] */
-    float *xs;    /* [M, Kmax / 64] */
-    float *xsum;  /* [M, Kmax / 64] (group >= 64) */
+    int8_t *x8;   /* [M16, Kmax] (M16: M rounded up to 16, the AMX tiles' rows; the pad rows are zero) */
+    float *xs;    /* [M16, Kmax / 64] */
+    float *xsum;  /* [M16, Kmax / 64] (group >= 64) */
+    char *amx;    /* per thread amx_thread_bytes(Kmax) (the VNNI build only) */
+    size_t amx_stride;
 } Act;
 
 /* Quantize M rows of x [M, K] (every thread takes rows; ends with a barrier). fp32 mode: group sums only. */
 static void prep_act(const Model *md, const float *x, int64_t M, int64_t K, int64_t group, const Act *a,
                      int natural) {
     const int64_t nr = K / 64, ng = K / group;
-    (void)natural;
+    const int64_t Mp = natural ? (M + 15) / 16 * 16 : M; /* the tiles read whole 16-row blocks */
     #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m) {
+    for (int64_t m = 0; m < Mp; ++m) {
+        if (m >= M) {
+            memset(a->x8 + m * K, 0, (size_t)K);
+            memset(a->xs + m * nr, 0, sizeof(float) * nr);
+            memset(a->xsum + m * ng, 0, sizeof(float) * ng);
+            continue;
+        }
         if (md->act_mode == ACT_I8) {
 #if LB_VNNI
             if (natural) {
@@ -419,10 +607,26 @@ static void qmatmul(const Model *md, const QMat *w, const float *x, int64_t M, c
     }
 }
 
-/* quantize (barrier) then multiply; ends with a barrier so y can be read by every thread */
+static inline int use_amx(const Model *md, int64_t M) {
+    return LB_AMX && md->gemm == GEMM_AMX && md->act_mode == ACT_I8 && M >= AMX_MIN_ROWS;
+}
+
+/* quantize (barrier) then multiply, on the tiles where use_amx, else the row kernels; no barrier at the end */
+static void matmul(const Model *md, const QMat *w, const float *x, int64_t M, const Act *a, float *y, int w8) {
+#if LB_AMX
+    if (use_amx(md, M)) {
+        prep_act(md, x, M, w->k, w->group, a, 1);
+        qmatmul_amx(w, M, a->x8, a->xs, a->xsum, y, w8, a->amx + (size_t)omp_get_thread_num() * a->amx_stride);
+        return;
+    }
+#endif
+    prep_act(md, x, M, w->k, w->group, a, w8);
+    qmatmul(md, w, x, M, a, y, w8);
+}
+
+/* a layer's linear; ends with a barrier so y can be read by every thread */
 static void linear(const Model *md, const QMat *w, const float *x, int64_t M, const Act *a, float *y) {
-    prep_act(md, x, M, w->k, w->group, a, 0);
-    qmatmul(md, w, x, M, a, y, 0);
+    matmul(md, w, x, M, a, y, 0);
     #pragma omp barrier
 }
 
@@ -482,9 +686,98 @@ static void rope(float *v, const float *cs, const float *sn, int64_t hd) {
     }
 }
 
-/* ------------------------------------------------------------------------ the model */
+/* ------------------------------------------------------------------------ blocked causal attention (prompt chunks) */
 
-static inline size_t al64(size_t n) { return (n + 63) & ~(size_t)63; }
+#if LB_VNNI
+enum { ATT_BLOCK = 16, ATT_MAX_HD = 256 };
+
+/* e^x, x <= 0 (x - max of the row): Cephes' expf polynomial on x - n ln 2, times 2^n; relative error ~1e-7 */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* Head h of query rows m0 .. m0+mb-1 (positions pos0 + m, mb <= 16) against the cached keys, as the row loop
+ * computes it but per block of 16 keys: the keys transposed once (kt [hd][16]) and used by every row of the block,
+ * the scores and softmax 16 at a time. sc: [16][capacity + 16] per thread. */
+static void attend_block(const Model *md, const float *qkv, int64_t qkvn, int64_t m0, int mb, int64_t h,
+                         int64_t pos0, const float *kc, const float *vc, float *sc, float *att) {
+    const int64_t hd = md->head_dim, cap = md->capacity, nq = md->n_heads * hd;
+    const int64_t g = h / (md->n_heads / md->n_kv);
+    const int64_t p_first = pos0 + m0, p_last = pos0 + m0 + mb - 1;
+    int64_t j_first[16] = {0};
+    for (int i = 0; i < mb; ++i) {
+        const int64_t p = p_first + i;
+        j_first[i] = md->window > 0 && p - md->window + 1 > 0 ? p - md->window + 1 : 0;
+    }
+    const int64_t jb0 = j_first[0] & ~(int64_t)15, j_end = p_last + 1;
+    __attribute__((aligned(64))) float kt[ATT_MAX_HD * 16];
+    const __m512 scale = _mm512_set1_ps(md->attn_scale);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t jb = jb0; jb < j_end; jb += 16) {
+        const int nk = (int)(j_end - jb < 16 ? j_end - jb : 16);
+        for (int64_t d0 = 0; d0 < hd; d0 += 16) {
+            __m512i rows[16];
+            for (int k = 0; k < 16; ++k)
+                rows[k] = k < nk ? _mm512_loadu_si512((const void *)(kc + (g * cap + jb + k) * hd + d0))
+                                 : _mm512_setzero_si512();
+            transpose16(rows);
+            for (int d = 0; d < 16; ++d) _mm512_store_si512((void *)(kt + (d0 + d) * 16), rows[d]);
+        }
+        for (int i = 0; i < mb; ++i) {
+            const float *q = qkv + (m0 + i) * qkvn + h * hd;
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+            for (int64_t d = 0; d < hd; d += 2) {
+                a0 = _mm512_fmadd_ps(_mm512_set1_ps(q[d]), _mm512_load_ps(kt + d * 16), a0);
+                a1 = _mm512_fmadd_ps(_mm512_set1_ps(q[d + 1]), _mm512_load_ps(kt + (d + 1) * 16), a1);
+            }
+            _mm512_storeu_ps(sc + i * (cap + 16) + (jb - jb0), _mm512_mul_ps(_mm512_add_ps(a0, a1), scale));
+        }
+    }
+    for (int i = 0; i < mb; ++i) {
+        /* keys j_first[i] .. p (inclusive) of row i, at sc[i][j - jb0] */
+        float *row = sc + i * (cap + 16) - jb0;
+        const int64_t lo = j_first[i], hi = p_first + i + 1;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = lo; j < hi; j += 16) {
+            const __mmask16 k = _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32((int)(hi - j < 16 ? hi - j : 16)));
+            mx = _mm512_mask_max_ps(mx, k, mx, _mm512_maskz_loadu_ps(k, row + j));
+        }
+        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = lo; j < hi; j += 16) {
+            const __mmask16 k = _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32((int)(hi - j < 16 ? hi - j : 16)));
+            const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row + j), m));
+            _mm512_mask_storeu_ps(row + j, k, e);
+            sum = _mm512_mask_add_ps(sum, k, sum, e);
+        }
+        const float inv = 1.f / _mm512_reduce_add_ps(sum);
+        __m512 o[ATT_MAX_HD / 16];
+        const int64_t nv = hd / 16;
+        for (int64_t c = 0; c < nv; ++c) o[c] = _mm512_setzero_ps();
+        for (int64_t j = lo; j < hi; ++j) {
+            const __m512 w = _mm512_set1_ps(row[j]);
+            const float *v = vc + (g * cap + j) * hd;
+            for (int64_t c = 0; c < nv; ++c) o[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16 * c), o[c]);
+        }
+        float *out = att + (m0 + i) * nq + h * hd;
+        for (int64_t c = 0; c < nv; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], _mm512_set1_ps(inv)));
+    }
+}
+#endif
+
+/* ------------------------------------------------------------------------ the model */
 
 typedef struct {
     float *x, *h, *qkv, *att, *gu, *act, *scores;
@@ -513,10 +806,13 @@ static size_t layout(const Model *md, int64_t M, int nthreads, char *base, Scrat
     TAKE(t.att, float, M * nq);
     TAKE(t.gu, float, M * 2 * I);
     TAKE(t.act, float, M * I);
-    TAKE(t.scores, float, (int64_t)nthreads * md->capacity);
-    TAKE(t.a.x8, int8_t, M * K);
-    TAKE(t.a.xs, float, M * (K / 64));
-    TAKE(t.a.xsum, float, M * (K / 64));
+    TAKE(t.scores, float, (int64_t)nthreads * (LB_VNNI ? 16 * (md->capacity + 16) : md->capacity));
+    const int64_t M16 = (M + 15) / 16 * 16;
+    TAKE(t.a.x8, int8_t, M16 * K);
+    TAKE(t.a.xs, float, M16 * (K / 64));
+    TAKE(t.a.xsum, float, M16 * (K / 64));
+    t.a.amx_stride = LB_AMX ? amx_thread_bytes(K) : 0;
+    TAKE(t.a.amx, char, (int64_t)nthreads * (int64_t)t.a.amx_stride);
 #undef TAKE
     if (base) *s = t;
     return off;
@@ -581,6 +877,18 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
                 }
             }
             TICK(PROF_ROPE);
+#if LB_VNNI
+            if (M > 1 && hd % 16 == 0 && hd <= ATT_MAX_HD) {
+                /* a prompt chunk: (head, block of 16 rows) each, blocks of 16 keys */
+                const int64_t nblk = (M + 15) / 16;
+                #pragma omp for schedule(dynamic, 1)
+                for (int64_t t = 0; t < nblk * nh; ++t) {
+                    const int64_t b = nblk - 1 - t / nh, h = t % nh; /* the longest blocks first */
+                    attend_block(md, s.qkv, qkvn, b * 16, (int)(M - b * 16 < 16 ? M - b * 16 : 16), h, pos0, kc, vc,
+                                 s.scores + (int64_t)omp_get_thread_num() * (cap + 16) * 16, s.att);
+                }
+            } else
+#endif
             /* attention, one (row, head) each */
             #pragma omp for schedule(static)
             for (int64_t t = 0; t < M * nh; ++t) {
@@ -645,8 +953,7 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
         if (md->head_kind == HEAD_F32 || md->head_kind == HEAD_BF16) {
             float_head(md, s.h, MR, logits);
         } else {
-            prep_act(md, s.h, MR, H, md->head_q.group, &s.a, md->head_kind == HEAD_INT8);
-            qmatmul(md, &md->head_q, s.h, MR, &s.a, logits, md->head_kind == HEAD_INT8);
+            matmul(md, &md->head_q, s.h, MR, &s.a, logits, md->head_kind == HEAD_INT8);
         }
         #pragma omp barrier
         TICK(PROF_HEAD);
