@@ -663,8 +663,11 @@ static void rmsnorm_rows(const float *x, const float *w, float *out, int64_t M, 
     #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; ++m) {
         const float *xr = x + m * n;
-        float ss = 0.f;
-        for (int64_t i = 0; i < n; ++i) ss += xr[i] * xr[i];
+        __m256 acc = _mm256_setzero_ps();
+        int64_t i0 = 0;
+        for (; i0 + 8 <= n; i0 += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i0), _mm256_loadu_ps(xr + i0), acc);
+        float ss = hsum256(acc);
+        for (int64_t i = i0; i < n; ++i) ss += xr[i] * xr[i];
         const float r = 1.f / sqrtf(ss / (float)n + eps);
         for (int64_t i = 0; i < n; ++i) out[m * n + i] = w[i] * (xr[i] * r);
     }
@@ -691,9 +694,9 @@ static void rope(float *v, const float *cs, const float *sn, int64_t hd) {
 #if LB_VNNI
 enum { ATT_BLOCK = 16, ATT_MAX_HD = 256 };
 
-/* e^x, x <= 0 (x - max of the row): Cephes' expf polynomial on x - n ln 2, times 2^n; relative error ~1e-7 */
+/* e^x: Cephes' expf polynomial on x - n ln 2, times 2^n; relative error ~1e-7 (x clamped to [-87.3, 88.7]) */
 static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -936,10 +939,19 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
             linear(md, &L->gu, s.h, M, &s.a, s.gu);
             TICK(PROF_GU);
             #pragma omp for schedule(static)
-            for (int64_t t = 0; t < M * I; ++t) {
-                const int64_t m = t / I, i = t % I;
-                const float gt = s.gu[m * 2 * I + i], up = s.gu[m * 2 * I + I + i];
-                s.act[t] = gt / (1.f + expf(-gt)) * up;
+            for (int64_t m = 0; m < M; ++m) {
+                const float *gate = s.gu + m * 2 * I, *up = gate + I;
+                float *act = s.act + m * I;
+                int64_t i = 0;
+#if LB_VNNI
+                for (; i + 16 <= I; i += 16) {
+                    const __m512 gt = _mm512_loadu_ps(gate + i);
+                    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gt));
+                    _mm512_storeu_ps(act + i, _mm512_mul_ps(_mm512_div_ps(gt, _mm512_add_ps(_mm512_set1_ps(1.f), e)),
+                                                            _mm512_loadu_ps(up + i)));
+                }
+#endif
+                for (; i < I; ++i) act[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
             }
             TICK(PROF_ACT);
             linear(md, &L->down, s.act, M, &s.a, s.h);
