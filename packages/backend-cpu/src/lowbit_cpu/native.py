@@ -35,10 +35,10 @@ CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-
 VNNI_SOURCE = Path(__file__).parent / "csrc" / "int4_vnni.c"
 VNNI_CFLAGS = [*CFLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
 ENGINE_SOURCE = Path(__file__).parent / "csrc" / "engine.c"
-# the decoder's AVX-512 build also holds its AMX-INT8 prompt path (run only where amx_unavailable_reason is None)
-ENGINE_VNNI_CFLAGS = [*VNNI_CFLAGS, "-mamx-tile", "-mamx-int8"]
+# the decoder's AVX-512 build also holds its AMX prompt path (int8 matrices, bf16 attention) (run only where amx_unavailable_reason is None)
+ENGINE_VNNI_CFLAGS = [*VNNI_CFLAGS, "-mamx-tile", "-mamx-int8", "-mamx-bf16"]
 # /proc/cpuinfo flags of the AMX-INT8 tiles
-AMX_FLAGS = ("amx_tile", "amx_int8")
+AMX_FLAGS = ("amx_tile", "amx_int8", "amx_bf16")
 # /proc/cpuinfo flags the VNNI kernel's instructions need
 VNNI_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 
@@ -178,14 +178,14 @@ def engine_library(vnni: bool) -> ctypes.CDLL:
 
 @functools.lru_cache(maxsize=1)
 def amx_unavailable_reason() -> str | None:
-    """None when the native decoder's AMX-INT8 prompt path runs here: AVX-512 VNNI, the AMX-TILE and AMX-INT8
+    """None when the native decoder's AMX prompt path runs here: AVX-512 VNNI, the AMX-TILE, AMX-INT8 and AMX-BF16
     flags, and Linux granting this process the tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM)``, asked once)."""
     reason = vnni_unavailable_reason()
     if reason is not None:
         return reason
     missing = [f for f in AMX_FLAGS if f not in cpuinfo.cpu_flags()]
     if missing:
-        return f"needs AMX-INT8 ({', '.join(missing)} missing); this CPU is {cpuinfo.describe()}"
+        return f"needs AMX-INT8 and AMX-BF16 ({', '.join(missing)} missing); this CPU is {cpuinfo.describe()}"
     if not engine_library(True).lowbit_engine_amx_init():
         return "Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM; kernel older than 5.16?)"
     return None

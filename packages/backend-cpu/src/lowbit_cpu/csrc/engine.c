@@ -42,7 +42,7 @@
 #else
 #define LB_VNNI 0
 #endif
-#if LB_VNNI && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#if LB_VNNI && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
 #define LB_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -395,6 +395,8 @@ typedef struct {
     uint8_t rows[16];
 } TileCfg;
 
+static void amx_tile_config(void);
+
 /* Weight rows n0 .. n0+nb-1 (nb <= 16; the rest of the block zero) → wb: per run of 64 columns one B tile in
  * the VNNI order (tile row k4 = columns 4k4 .. 4k4+3 of each of the 16 weight rows, as uint8 codes); per group
  * the rows' scales sv and zero * scale zv, [K/group][16]. */
@@ -448,19 +450,13 @@ static void qmatmul_amx(const QMat *w, int64_t M, const int8_t *x8, const float 
     float *sv = (float *)(ts + al64((size_t)K * 16));
     float *zv = (float *)((char *)sv + al64(sizeof(float) * 16 * (size_t)nr));
     int32_t *cb = (int32_t *)((char *)zv + al64(sizeof(float) * 16 * (size_t)nr));
-    TileCfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 6; ++t) {
-        cfg.colsb[t] = 64;
-        cfg.rows[t] = 16;
-    }
-    _tile_loadconfig(&cfg);
+    amx_tile_config();
     int64_t n0s, n1s;
     share(N, 16, &n0s, &n1s);
     for (int64_t n0 = n0s; n0 < n1s; n0 += 16) {
         const int nb = (int)(n1s - n0 < 16 ? n1s - n0 : 16);
         amx_pack_block(w, w8, n0, nb, wb, sv, zv);
+        __asm__ __volatile__("" ::: "memory"); /* the tile loads below are asm without a memory clobber */
         const __mmask16 nmask = (__mmask16)((1u << nb) - 1u);
         const __m512 bias = w->bias ? _mm512_maskz_loadu_ps(nmask, w->bias + n0) : _mm512_setzero_ps();
         for (int64_t m0 = 0; m0 < M; m0 += 16) {
@@ -780,10 +776,154 @@ static void attend_block(const Model *md, const float *qkv, int64_t qkvn, int64_
 }
 #endif
 
+#if LB_AMX
+/* per-thread scratch of attend_group_amx: K^T tiles, V tiles, scores, bf16 probabilities, bf16 queries, one C tile */
+static size_t att_amx_bytes(int64_t cap, int64_t hd) {
+    return al64((size_t)(cap / 16 + 2) * (size_t)(hd / 32) * 1024) + al64((size_t)(cap / 32 + 2) * (size_t)(hd / 16) * 1024) +
+           al64(sizeof(float) * 16 * (size_t)(cap + 32)) + al64(2 * 16 * (size_t)(cap + 32)) + al64(2 * 16 * (size_t)hd) + 1024;
+}
+
+/* fp32 → bf16, round to nearest even, in the high half of each 32-bit lane */
+static inline __m512i bf16_hi(__m512 x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+}
+
+/* 16 + 16 floats → 32 bf16 in order (dword k holds elements 2k, 2k+1: the tiles' pairs) */
+static inline __m512i bf16x32(__m512 a, __m512 b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_hi(a), 16))),
+                              _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_hi(b), 16)), 1);
+}
+
+#define CBAR() __asm__ __volatile__("" ::: "memory") /* the tile loads are asm without a memory clobber */
+
+/* The int8-activation mode's prompt attention on AMX-BF16: KV head g, query rows m0 .. m0+mb-1 of every query
+ * head sharing it. Keys and values are rounded to bf16 once per block (K^T tiles of 16 keys x 32 dims, V tiles
+ * of 32 keys x 16 dims) and used by all those heads; scores Q K^T in fp32 (TDPBF16PS), softmax in fp32, the
+ * probabilities rounded to bf16 for P V (fp32 sums): the arithmetic of a bf16 SDPA. */
+static void attend_group_amx(const Model *md, const float *qkv, int64_t qkvn, int64_t m0, int mb, int64_t g,
+                             int64_t pos0, const float *kc, const float *vc, char *ts, float *att) {
+    const int64_t hd = md->head_dim, cap = md->capacity, nq = md->n_heads * hd, rep = md->n_heads / md->n_kv;
+    const int64_t ndc = hd / 32, nd16 = hd / 16, ss = cap + 32;
+    const int64_t p_first = pos0 + m0, p_last = pos0 + m0 + mb - 1;
+    int64_t j_first[16] = {0};
+    for (int i = 0; i < mb; ++i) {
+        const int64_t p = p_first + i;
+        j_first[i] = md->window > 0 && p - md->window + 1 > 0 ? p - md->window + 1 : 0;
+    }
+    const int64_t jb0 = j_first[0] & ~(int64_t)15, j_end = p_last + 1;
+    const int64_t nkb = (j_end - jb0 + 15) / 16, nkp = (j_end - jb0 + 31) / 32;
+    uint8_t *kT = (uint8_t *)ts;
+    uint8_t *vT = kT + al64((size_t)(cap / 16 + 2) * (size_t)ndc * 1024);
+    float *sc = (float *)(vT + al64((size_t)(cap / 32 + 2) * (size_t)nd16 * 1024));
+    uint16_t *pb = (uint16_t *)((char *)sc + al64(sizeof(float) * 16 * (size_t)ss));
+    uint16_t *qb = (uint16_t *)((char *)pb + al64(2 * 16 * (size_t)ss));
+    float *ob = (float *)((char *)qb + al64(2 * 16 * (size_t)hd));
+    const float *kg = kc + g * cap * hd, *vg = vc + g * cap * hd;
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+        const int64_t j = jb0 + kb * 16;
+        const int nk = (int)(j_end - j < 16 ? j_end - j : 16);
+        for (int64_t dc = 0; dc < ndc; ++dc) {
+            __m512i r[16];
+            for (int k = 0; k < 16; ++k) {
+                const float *kr = kg + (j + k) * hd + dc * 32;
+                r[k] = k < nk ? bf16x32(_mm512_loadu_ps(kr), _mm512_loadu_ps(kr + 16)) : _mm512_setzero_si512();
+            }
+            transpose16(r); /* tile row k2: dims 2k2, 2k2+1 of each of the 16 keys */
+            for (int k2 = 0; k2 < 16; ++k2) _mm512_storeu_si512((void *)(kT + (kb * ndc + dc) * 1024 + k2 * 64), r[k2]);
+        }
+    }
+    const __m512i himask = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (int64_t kp = 0; kp < nkp; ++kp) {
+        for (int64_t d16 = 0; d16 < nd16; ++d16) {
+            for (int k2 = 0; k2 < 16; ++k2) { /* tile row k2: keys 2k2, 2k2+1 of the 32, interleaved per dim */
+                const int64_t j = jb0 + kp * 32 + 2 * k2;
+                const __m512i lo = j < j_end ? _mm512_srli_epi32(bf16_hi(_mm512_loadu_ps(vg + j * hd + d16 * 16)), 16)
+                                             : _mm512_setzero_si512();
+                const __m512i hi = j + 1 < j_end
+                                       ? _mm512_and_si512(bf16_hi(_mm512_loadu_ps(vg + (j + 1) * hd + d16 * 16)), himask)
+                                       : _mm512_setzero_si512();
+                _mm512_storeu_si512((void *)(vT + (kp * nd16 + d16) * 1024 + k2 * 64), _mm512_or_si512(lo, hi));
+            }
+        }
+    }
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 scale = _mm512_set1_ps(md->attn_scale);
+    for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
+        for (int i = 0; i < 16; ++i) {
+            const float *q = qkv + (m0 + i) * qkvn + h * hd;
+            for (int64_t dc = 0; dc < ndc; ++dc)
+                _mm512_storeu_si512((void *)(qb + i * hd + dc * 32),
+                                    i < mb ? bf16x32(_mm512_loadu_ps(q + dc * 32), _mm512_loadu_ps(q + dc * 32 + 16))
+                                           : _mm512_setzero_si512());
+        }
+        CBAR();
+        for (int64_t kb = 0; kb < nkb; ++kb) {
+            _tile_zero(0);
+            for (int64_t dc = 0; dc < ndc; ++dc) {
+                _tile_loadd(1, qb + dc * 32, hd * 2);
+                _tile_loadd(2, kT + (kb * ndc + dc) * 1024, 64);
+                _tile_dpbf16ps(0, 1, 2);
+            }
+            _tile_stored(0, sc + kb * 16, ss * 4);
+        }
+        float inv[16];
+        for (int i = 0; i < 16; ++i) {
+            uint16_t *prow = pb + i * ss - jb0;
+            memset(pb + i * ss, 0, sizeof(uint16_t) * (size_t)nkp * 32);
+            if (i >= mb) continue;
+            const float *row = sc + i * ss - jb0;
+            const int64_t lo = j_first[i], hi = p_first + i + 1;
+            __m512 mx = _mm512_set1_ps(-INFINITY);
+            for (int64_t j = lo; j < hi; j += 16) {
+                const __mmask16 k = _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32((int)(hi - j < 16 ? hi - j : 16)));
+                mx = _mm512_mask_max_ps(mx, k, mx, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, row + j), scale));
+            }
+            const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t j = lo; j < hi; j += 16) {
+                const __mmask16 k = _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32((int)(hi - j < 16 ? hi - j : 16)));
+                const __m512 e = exp512(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, row + j), scale, m));
+                sum = _mm512_mask_add_ps(sum, k, sum, e);
+                _mm256_mask_storeu_epi16(prow + j, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_hi(e), 16)));
+            }
+            inv[i] = 1.f / _mm512_reduce_add_ps(sum);
+        }
+        CBAR();
+        for (int64_t d16 = 0; d16 < nd16; ++d16) {
+            _tile_zero(0);
+            for (int64_t kp = 0; kp < nkp; ++kp) {
+                _tile_loadd(1, pb + kp * 32, ss * 2);
+                _tile_loadd(2, vT + (kp * nd16 + d16) * 1024, 64);
+                _tile_dpbf16ps(0, 1, 2);
+            }
+            _tile_stored(0, ob, 64);
+            for (int i = 0; i < mb; ++i)
+                _mm512_storeu_ps(att + (m0 + i) * nq + h * hd + d16 * 16,
+                                 _mm512_mul_ps(_mm512_loadu_ps(ob + i * 16), _mm512_set1_ps(inv[i])));
+        }
+    }
+}
+
+static void amx_tile_config(void) {
+    TileCfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 6; ++t) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+}
+#endif
+
 /* ------------------------------------------------------------------------ the model */
 
 typedef struct {
     float *x, *h, *qkv, *att, *gu, *act, *scores;
+    char *attx; /* per thread att_amx_bytes (the AMX build) */
+    size_t attx_stride;
     Act a;
 } Scratch;
 
@@ -810,6 +950,12 @@ static size_t layout(const Model *md, int64_t M, int nthreads, char *base, Scrat
     TAKE(t.gu, float, M * 2 * I);
     TAKE(t.act, float, M * I);
     TAKE(t.scores, float, (int64_t)nthreads * (LB_VNNI ? 16 * (md->capacity + 16) : md->capacity));
+#if LB_AMX
+    t.attx_stride = att_amx_bytes(md->capacity, hd);
+#else
+    t.attx_stride = 0;
+#endif
+    TAKE(t.attx, char, (int64_t)nthreads * (int64_t)t.attx_stride);
     const int64_t M16 = (M + 15) / 16 * 16;
     TAKE(t.a.x8, int8_t, M16 * K);
     TAKE(t.a.xs, float, M16 * (K / 64));
@@ -880,6 +1026,20 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
                 }
             }
             TICK(PROF_ROPE);
+#if LB_AMX
+            if (use_amx(md, M) && hd % 32 == 0 && hd <= ATT_MAX_HD) {
+                /* int8 mode, a prompt chunk: (KV head, block of 16 rows) each, on the bf16 tiles */
+                const int64_t nblk = (M + 15) / 16;
+                amx_tile_config();
+                #pragma omp for schedule(dynamic, 1)
+                for (int64_t t = 0; t < nblk * nkv; ++t) {
+                    const int64_t b = nblk - 1 - t / nkv, g = t % nkv; /* the longest blocks first */
+                    attend_group_amx(md, s.qkv, qkvn, b * 16, (int)(M - b * 16 < 16 ? M - b * 16 : 16), g, pos0, kc, vc,
+                                     s.attx + (size_t)omp_get_thread_num() * s.attx_stride, s.att);
+                }
+                _tile_release();
+            } else
+#endif
 #if LB_VNNI
             if (M > 1 && hd % 16 == 0 && hd <= ATT_MAX_HD) {
                 /* a prompt chunk: (head, block of 16 rows) each, blocks of 16 keys */
