@@ -352,10 +352,10 @@ static void quant_row_natural(const float *x, int64_t K, int64_t group, int8_t *
 
 static inline size_t al64(size_t n) { return (n + 63) & ~(size_t)63; }
 
-/* per-thread AMX scratch for inputs of up to K columns: the weight block's B tiles [K/64][16][64], its scales
- * and zero * scale per group [K/64][16] (group >= 64), two int32 C tiles */
+/* per-thread AMX scratch for inputs of up to K columns: two weight blocks' B tiles [K/64][16][64], their scales
+ * and zero * scale per group [K/64][16] (group >= 64), four int32 C tiles and their fp32 accumulators */
 static size_t amx_thread_bytes(int64_t K) {
-    return al64((size_t)K * 16) + 2 * al64(sizeof(float) * 16 * (size_t)(K / 64)) + 2048;
+    return 2 * al64((size_t)K * 16) + 4 * al64(sizeof(float) * 16 * (size_t)(K / 64)) + 4096 + 4096;
 }
 
 #if LB_VNNI
@@ -431,74 +431,80 @@ static void amx_pack_block(const QMat *w, int w8, int64_t n0, int nb, uint8_t *w
     }
 }
 
-/* one run's C tile (16 rows x 16 weight rows, int32) into the fp32 accumulators: * weight scale * run scale */
-#define AMX_SCALE(cbuf, rr)                                                                            \
-    do {                                                                                               \
-        const __m512 s_ = _mm512_loadu_ps(sv + ((rr) / rpg) * 16);                                     \
-        for (int i = 0; i < 16; ++i)                                                                   \
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)((cbuf) + i * 16))), \
-                                     _mm512_mul_ps(s_, _mm512_set1_ps(xs[i * nr + (rr)])), acc[i]);    \
-    } while (0)
-
-/* y [M, w->n] = x8 [M, K] @ W^T + bias on the tiles; the thread's share of the weight rows in blocks of 16, each
- * unpacked once into its scratch ts and multiplied by every 16-row block of x8 (rows past M are padding in the
- * scratch, computed and not stored). No barrier at the end. */
+/* y [M, w->n] = x8 [M, K] @ W^T + bias on the tiles. The thread's share of the weight rows goes in blocks of 32 (two
+ * B tiles per run), each unpacked once into its scratch ts and multiplied by every 32-row block of x8 (two A
+ * tiles): four independent C tiles per run of 64 columns, each scaled into fp32 accumulators (weight scale of the
+ * group x activation scale of the run). Rows past M are padding in the scratch, computed and not stored. No
+ * barrier at the end. */
 static void qmatmul_amx(const QMat *w, int64_t M, const int8_t *x8, const float *xsall, const float *xsumall,
                         float *y, int w8, char *ts) {
     const int64_t K = w->k, N = w->n, nr = K / 64, ng = K / w->group, rpg = w->group / 64;
-    uint8_t *wb = (uint8_t *)ts;
-    float *sv = (float *)(ts + al64((size_t)K * 16));
-    float *zv = (float *)((char *)sv + al64(sizeof(float) * 16 * (size_t)nr));
-    int32_t *cb = (int32_t *)((char *)zv + al64(sizeof(float) * 16 * (size_t)nr));
+    const size_t wbytes = al64((size_t)K * 16), sbytes = al64(sizeof(float) * 16 * (size_t)nr);
+    uint8_t *wb[2] = {(uint8_t *)ts, (uint8_t *)ts + wbytes};
+    float *sv[2] = {(float *)(ts + 2 * wbytes), (float *)(ts + 2 * wbytes + sbytes)};
+    float *zv[2] = {(float *)(ts + 2 * wbytes + 2 * sbytes), (float *)(ts + 2 * wbytes + 3 * sbytes)};
+    int32_t *cb = (int32_t *)(ts + 2 * wbytes + 4 * sbytes);       /* [4][16][16] */
+    float *acc = (float *)(ts + 2 * wbytes + 4 * sbytes + 4096);   /* [4][16][16]: tile t = 2 * (m half) + n half */
     amx_tile_config();
     int64_t n0s, n1s;
     share(N, 16, &n0s, &n1s);
-    for (int64_t n0 = n0s; n0 < n1s; n0 += 16) {
-        const int nb = (int)(n1s - n0 < 16 ? n1s - n0 : 16);
-        amx_pack_block(w, w8, n0, nb, wb, sv, zv);
+    for (int64_t n0 = n0s; n0 < n1s; n0 += 32) {
+        int nb[2];
+        nb[0] = (int)(n1s - n0 < 16 ? n1s - n0 : 16);
+        nb[1] = (int)(n1s - n0 - 16 <= 0 ? 0 : (n1s - n0 - 16 < 16 ? n1s - n0 - 16 : 16));
+        for (int h = 0; h < 2; ++h) amx_pack_block(w, w8, n0 + 16 * h, nb[h], wb[h], sv[h], zv[h]);
         __asm__ __volatile__("" ::: "memory"); /* the tile loads below are asm without a memory clobber */
-        const __mmask16 nmask = (__mmask16)((1u << nb) - 1u);
-        const __m512 bias = w->bias ? _mm512_maskz_loadu_ps(nmask, w->bias + n0) : _mm512_setzero_ps();
-        for (int64_t m0 = 0; m0 < M; m0 += 16) {
-            const int mb = (int)(M - m0 < 16 ? M - m0 : 16);
-            const int8_t *xa = x8 + m0 * K;
-            const float *xs = xsall + m0 * nr;
-            __m512 acc[16];
-            for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-            int64_t r = 0;
-            for (; r + 2 <= nr; r += 2) {
+        for (int64_t m0 = 0; m0 < M; m0 += 32) {
+            memset(acc, 0, sizeof(float) * 1024);
+            for (int64_t r = 0; r < nr; ++r) {
+                const int8_t *xa = x8 + m0 * K + r * 64;
                 _tile_zero(0);
                 _tile_zero(1);
-                _tile_loadd(2, xa + r * 64, K);
-                _tile_loadd(4, wb + r * 1024, 64);
-                _tile_dpbsud(0, 2, 4);
-                _tile_loadd(3, xa + (r + 1) * 64, K);
-                _tile_loadd(5, wb + (r + 1) * 1024, 64);
-                _tile_dpbsud(1, 3, 5);
+                _tile_zero(2);
+                _tile_zero(3);
+                _tile_loadd(4, xa, K);
+                _tile_loadd(5, xa + 16 * K, K);
+                _tile_loadd(6, wb[0] + r * 1024, 64);
+                _tile_loadd(7, wb[1] + r * 1024, 64);
+                _tile_dpbsud(0, 4, 6);
+                _tile_dpbsud(1, 4, 7);
+                _tile_dpbsud(2, 5, 6);
+                _tile_dpbsud(3, 5, 7);
                 _tile_stored(0, cb, 64);
                 _tile_stored(1, cb + 256, 64);
-                AMX_SCALE(cb, r);
-                AMX_SCALE(cb + 256, r + 1);
+                _tile_stored(2, cb + 512, 64);
+                _tile_stored(3, cb + 768, 64);
+                const int64_t g = r / rpg;
+                for (int t = 0; t < 4; ++t) {
+                    const __m512 s = _mm512_loadu_ps(sv[t & 1] + g * 16);
+                    const float *xs = xsall + (m0 + 16 * (t >> 1)) * nr + r;
+                    const int32_t *c = cb + t * 256;
+                    float *a = acc + t * 256;
+                    for (int i = 0; i < 16; ++i)
+                        _mm512_storeu_ps(a + i * 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(c + i * 16))),
+                                                                     _mm512_mul_ps(s, _mm512_set1_ps(xs[i * nr])),
+                                                                     _mm512_loadu_ps(a + i * 16)));
+                }
             }
-            if (r < nr) {
-                _tile_zero(0);
-                _tile_loadd(2, xa + r * 64, K);
-                _tile_loadd(4, wb + r * 1024, 64);
-                _tile_dpbsud(0, 2, 4);
-                _tile_stored(0, cb, 64);
-                AMX_SCALE(cb, r);
+            for (int t = 0; t < 4; ++t) {
+                const int h = t & 1, mh = t >> 1;
+                const int64_t mt = m0 + 16 * mh;
+                if (nb[h] == 0 || mt >= M) continue;
+                const int mb = (int)(M - mt < 16 ? M - mt : 16);
+                const __mmask16 nmask = (__mmask16)((1u << nb[h]) - 1u);
+                const __m512 bias = w->bias ? _mm512_maskz_loadu_ps(nmask, w->bias + n0 + 16 * h) : _mm512_setzero_ps();
+                const float *xsum = xsumall + mt * ng;
+                for (int i = 0; i < mb; ++i) {
+                    __m512 v = _mm512_add_ps(_mm512_loadu_ps(acc + t * 256 + i * 16), bias);
+                    for (int64_t g = 0; g < ng; ++g)
+                        v = _mm512_fnmadd_ps(_mm512_loadu_ps(zv[h] + g * 16), _mm512_set1_ps(xsum[i * ng + g]), v);
+                    _mm512_mask_storeu_ps(y + (mt + i) * N + n0 + 16 * h, nmask, v);
+                }
             }
-            const float *xsum = xsumall + m0 * ng;
-            for (int64_t g = 0; g < ng; ++g) {
-                const __m512 z = _mm512_loadu_ps(zv + g * 16);
-                for (int i = 0; i < mb; ++i) acc[i] = _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[i * ng + g]), acc[i]);
-            }
-            for (int i = 0; i < mb; ++i) _mm512_mask_storeu_ps(y + (m0 + i) * N + n0, nmask, _mm512_add_ps(acc[i], bias));
         }
     }
     _tile_release();
 }
-#undef AMX_SCALE
 #else
 int lowbit_engine_amx_init(void) { return 0; }
 #endif
@@ -506,9 +512,9 @@ int lowbit_engine_amx_init(void) { return 0; }
 /* ------------------------------------------------------------------------ matrices (inside the team) */
 
 typedef struct {
-    int8_t *x8;   /* [M16, Kmax] (M16: M rounded up to 16, the AMX tiles' rows; the pad rows are zero) */
-    float *xs;    /* [M16, Kmax / 64] */
-    float *xsum;  /* [M16, Kmax / 64] (group >= 64) */
+    int8_t *x8;   /* [M32, Kmax] (M32: M rounded up to 32, two AMX tiles' rows; the pad rows are zero) */
+    float *xs;    /* [M32, Kmax / 64] */
+    float *xsum;  /* [M32, Kmax / 64] (group >= 64) */
     char *amx;    /* per thread amx_thread_bytes(Kmax) (the VNNI build only) */
     size_t amx_stride;
 } Act;
@@ -517,7 +523,7 @@ typedef struct {
 static void prep_act(const Model *md, const float *x, int64_t M, int64_t K, int64_t group, const Act *a,
                      int natural) {
     const int64_t nr = K / 64, ng = K / group;
-    const int64_t Mp = natural ? (M + 15) / 16 * 16 : M; /* the tiles read whole 16-row blocks */
+    const int64_t Mp = natural ? (M + 31) / 32 * 32 : M; /* the tiles read whole 32-row blocks */
     #pragma omp for schedule(static)
     for (int64_t m = 0; m < Mp; ++m) {
         if (m >= M) {
@@ -910,7 +916,7 @@ static void amx_tile_config(void) {
     TileCfg cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
-    for (int t = 0; t < 6; ++t) {
+    for (int t = 0; t < 8; ++t) {
         cfg.colsb[t] = 64;
         cfg.rows[t] = 16;
     }
@@ -956,10 +962,10 @@ static size_t layout(const Model *md, int64_t M, int nthreads, char *base, Scrat
     t.attx_stride = 0;
 #endif
     TAKE(t.attx, char, (int64_t)nthreads * (int64_t)t.attx_stride);
-    const int64_t M16 = (M + 15) / 16 * 16;
-    TAKE(t.a.x8, int8_t, M16 * K);
-    TAKE(t.a.xs, float, M16 * (K / 64));
-    TAKE(t.a.xsum, float, M16 * (K / 64));
+    const int64_t M32 = (M + 31) / 32 * 32;
+    TAKE(t.a.x8, int8_t, M32 * K);
+    TAKE(t.a.xs, float, M32 * (K / 64));
+    TAKE(t.a.xsum, float, M32 * (K / 64));
     t.a.amx_stride = LB_AMX ? amx_thread_bytes(K) : 0;
     TAKE(t.a.amx, char, (int64_t)nthreads * (int64_t)t.a.amx_stride);
 #undef TAKE
