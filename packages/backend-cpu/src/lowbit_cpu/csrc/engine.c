@@ -783,10 +783,15 @@ static void attend_block(const Model *md, const float *qkv, int64_t qkvn, int64_
 #endif
 
 #if LB_AMX
-/* per-thread scratch of attend_group_amx: K^T tiles, V tiles, scores, bf16 probabilities, bf16 queries, one C tile */
+/* per-thread scratch of attend_group_amx: scores, bf16 probabilities, bf16 queries, one C tile */
 static size_t att_amx_bytes(int64_t cap, int64_t hd) {
-    return al64((size_t)(cap / 16 + 2) * (size_t)(hd / 32) * 1024) + al64((size_t)(cap / 32 + 2) * (size_t)(hd / 16) * 1024) +
-           al64(sizeof(float) * 16 * (size_t)(cap + 32)) + al64(2 * 16 * (size_t)(cap + 32)) + al64(2 * 16 * (size_t)hd) + 1024;
+    return al64(sizeof(float) * 16 * (size_t)(cap + 32)) + al64(2 * 16 * (size_t)(cap + 32)) + al64(2 * 16 * (size_t)hd) + 1024;
+}
+
+/* one KV head's keys and values as bf16 tiles, per block of 32 positions: two K^T tiles per 32 dims (16 keys each),
+ * then one V tile per 16 dims (32 keys); shared by the team, built once per layer and chunk */
+static size_t kv_tiles_bytes(int64_t cap, int64_t hd) {
+    return (size_t)(cap / 32 + 1) * (size_t)(2 * (hd / 32) + hd / 16) * 1024;
 }
 
 /* fp32 → bf16, round to nearest even, in the high half of each 32-bit lane */
@@ -804,12 +809,44 @@ static inline __m512i bf16x32(__m512 a, __m512 b) {
 
 #define CBAR() __asm__ __volatile__("" ::: "memory") /* the tile loads are asm without a memory clobber */
 
+/* positions 32 kb .. 32 kb + 31 of KV head g (those < j_end; the rest zero) into its bf16 tiles kv (kv_tiles_bytes) */
+static void build_kv_tiles(const Model *md, const float *kc, const float *vc, int64_t g, int64_t kb, int64_t j_end,
+                           uint8_t *kv) {
+    const int64_t hd = md->head_dim, cap = md->capacity, ndc = hd / 32, nd16 = hd / 16;
+    const float *kg = kc + g * cap * hd, *vg = vc + g * cap * hd;
+    uint8_t *blk = kv + (size_t)kb * (size_t)(2 * ndc + nd16) * 1024;
+    for (int half = 0; half < 2; ++half) {
+        const int64_t j = kb * 32 + half * 16;
+        const int nk = (int)(j_end - j < 0 ? 0 : (j_end - j < 16 ? j_end - j : 16));
+        for (int64_t dc = 0; dc < ndc; ++dc) {
+            __m512i r[16];
+            for (int k = 0; k < 16; ++k) {
+                const float *kr = kg + (j + k) * hd + dc * 32;
+                r[k] = k < nk ? bf16x32(_mm512_loadu_ps(kr), _mm512_loadu_ps(kr + 16)) : _mm512_setzero_si512();
+            }
+            transpose16(r); /* tile row k2: dims 2k2, 2k2+1 of each of the 16 keys */
+            for (int k2 = 0; k2 < 16; ++k2) _mm512_storeu_si512((void *)(blk + (dc * 2 + half) * 1024 + k2 * 64), r[k2]);
+        }
+    }
+    const __m512i himask = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (int64_t d16 = 0; d16 < nd16; ++d16) {
+        for (int k2 = 0; k2 < 16; ++k2) { /* tile row k2: keys 2k2, 2k2+1 of the 32, interleaved per dim */
+            const int64_t j = kb * 32 + 2 * k2;
+            const __m512i lo = j < j_end ? _mm512_srli_epi32(bf16_hi(_mm512_loadu_ps(vg + j * hd + d16 * 16)), 16)
+                                         : _mm512_setzero_si512();
+            const __m512i hi = j + 1 < j_end ? _mm512_and_si512(bf16_hi(_mm512_loadu_ps(vg + (j + 1) * hd + d16 * 16)), himask)
+                                             : _mm512_setzero_si512();
+            _mm512_storeu_si512((void *)(blk + (2 * ndc + d16) * 1024 + k2 * 64), _mm512_or_si512(lo, hi));
+        }
+    }
+}
+
 /* The int8-activation mode's prompt attention on AMX-BF16: KV head g, query rows m0 .. m0+mb-1 of every query
  * head sharing it. Keys and values are rounded to bf16 once per block (K^T tiles of 16 keys x 32 dims, V tiles
  * of 32 keys x 16 dims) and used by all those heads; scores Q K^T in fp32 (TDPBF16PS), softmax in fp32, the
  * probabilities rounded to bf16 for P V (fp32 sums): the arithmetic of a bf16 SDPA. */
 static void attend_group_amx(const Model *md, const float *qkv, int64_t qkvn, int64_t m0, int mb, int64_t g,
-                             int64_t pos0, const float *kc, const float *vc, char *ts, float *att) {
+                             int64_t pos0, const uint8_t *kv, char *ts, float *att) {
     const int64_t hd = md->head_dim, cap = md->capacity, nq = md->n_heads * hd, rep = md->n_heads / md->n_kv;
     const int64_t ndc = hd / 32, nd16 = hd / 16, ss = cap + 32;
     const int64_t p_first = pos0 + m0, p_last = pos0 + m0 + mb - 1;
@@ -818,42 +855,14 @@ static void attend_group_amx(const Model *md, const float *qkv, int64_t qkvn, in
         const int64_t p = p_first + i;
         j_first[i] = md->window > 0 && p - md->window + 1 > 0 ? p - md->window + 1 : 0;
     }
-    const int64_t jb0 = j_first[0] & ~(int64_t)15, j_end = p_last + 1;
+    const int64_t jb0 = j_first[0] & ~(int64_t)31, j_end = p_last + 1;
     const int64_t nkb = (j_end - jb0 + 15) / 16, nkp = (j_end - jb0 + 31) / 32;
-    uint8_t *kT = (uint8_t *)ts;
-    uint8_t *vT = kT + al64((size_t)(cap / 16 + 2) * (size_t)ndc * 1024);
-    float *sc = (float *)(vT + al64((size_t)(cap / 32 + 2) * (size_t)nd16 * 1024));
+    const size_t blk = (size_t)(2 * ndc + nd16) * 1024; /* bytes per 32 positions in kv */
+    const uint8_t *kv0 = kv + (size_t)(jb0 / 32) * blk;
+    float *sc = (float *)ts;
     uint16_t *pb = (uint16_t *)((char *)sc + al64(sizeof(float) * 16 * (size_t)ss));
     uint16_t *qb = (uint16_t *)((char *)pb + al64(2 * 16 * (size_t)ss));
     float *ob = (float *)((char *)qb + al64(2 * 16 * (size_t)hd));
-    const float *kg = kc + g * cap * hd, *vg = vc + g * cap * hd;
-    for (int64_t kb = 0; kb < nkb; ++kb) {
-        const int64_t j = jb0 + kb * 16;
-        const int nk = (int)(j_end - j < 16 ? j_end - j : 16);
-        for (int64_t dc = 0; dc < ndc; ++dc) {
-            __m512i r[16];
-            for (int k = 0; k < 16; ++k) {
-                const float *kr = kg + (j + k) * hd + dc * 32;
-                r[k] = k < nk ? bf16x32(_mm512_loadu_ps(kr), _mm512_loadu_ps(kr + 16)) : _mm512_setzero_si512();
-            }
-            transpose16(r); /* tile row k2: dims 2k2, 2k2+1 of each of the 16 keys */
-            for (int k2 = 0; k2 < 16; ++k2) _mm512_storeu_si512((void *)(kT + (kb * ndc + dc) * 1024 + k2 * 64), r[k2]);
-        }
-    }
-    const __m512i himask = _mm512_set1_epi32((int)0xFFFF0000u);
-    for (int64_t kp = 0; kp < nkp; ++kp) {
-        for (int64_t d16 = 0; d16 < nd16; ++d16) {
-            for (int k2 = 0; k2 < 16; ++k2) { /* tile row k2: keys 2k2, 2k2+1 of the 32, interleaved per dim */
-                const int64_t j = jb0 + kp * 32 + 2 * k2;
-                const __m512i lo = j < j_end ? _mm512_srli_epi32(bf16_hi(_mm512_loadu_ps(vg + j * hd + d16 * 16)), 16)
-                                             : _mm512_setzero_si512();
-                const __m512i hi = j + 1 < j_end
-                                       ? _mm512_and_si512(bf16_hi(_mm512_loadu_ps(vg + (j + 1) * hd + d16 * 16)), himask)
-                                       : _mm512_setzero_si512();
-                _mm512_storeu_si512((void *)(vT + (kp * nd16 + d16) * 1024 + k2 * 64), _mm512_or_si512(lo, hi));
-            }
-        }
-    }
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512 scale = _mm512_set1_ps(md->attn_scale);
     for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
@@ -869,7 +878,7 @@ static void attend_group_amx(const Model *md, const float *qkv, int64_t qkvn, in
             _tile_zero(0);
             for (int64_t dc = 0; dc < ndc; ++dc) {
                 _tile_loadd(1, qb + dc * 32, hd * 2);
-                _tile_loadd(2, kT + (kb * ndc + dc) * 1024, 64);
+                _tile_loadd(2, kv0 + (size_t)(kb / 2) * blk + (size_t)(dc * 2 + (kb & 1)) * 1024, 64);
                 _tile_dpbf16ps(0, 1, 2);
             }
             _tile_stored(0, sc + kb * 16, ss * 4);
@@ -901,7 +910,7 @@ static void attend_group_amx(const Model *md, const float *qkv, int64_t qkvn, in
             _tile_zero(0);
             for (int64_t kp = 0; kp < nkp; ++kp) {
                 _tile_loadd(1, pb + kp * 32, ss * 2);
-                _tile_loadd(2, vT + (kp * nd16 + d16) * 1024, 64);
+                _tile_loadd(2, kv0 + (size_t)kp * blk + (size_t)(2 * ndc + d16) * 1024, 64);
                 _tile_dpbf16ps(0, 1, 2);
             }
             _tile_stored(0, ob, 64);
@@ -930,6 +939,7 @@ typedef struct {
     float *x, *h, *qkv, *att, *gu, *act, *scores;
     char *attx; /* per thread att_amx_bytes (the AMX build) */
     size_t attx_stride;
+    uint8_t *kvt; /* [n_kv] kv_tiles_bytes (the AMX build) */
     Act a;
 } Scratch;
 
@@ -962,6 +972,9 @@ static size_t layout(const Model *md, int64_t M, int nthreads, char *base, Scrat
     t.attx_stride = 0;
 #endif
     TAKE(t.attx, char, (int64_t)nthreads * (int64_t)t.attx_stride);
+#if LB_AMX
+    TAKE(t.kvt, uint8_t, md->n_kv * (int64_t)kv_tiles_bytes(md->capacity, hd));
+#endif
     const int64_t M32 = (M + 31) / 32 * 32;
     TAKE(t.a.x8, int8_t, M32 * K);
     TAKE(t.a.xs, float, M32 * (K / 64));
@@ -1035,13 +1048,16 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
 #if LB_AMX
             if (use_amx(md, M) && hd % 32 == 0 && hd <= ATT_MAX_HD) {
                 /* int8 mode, a prompt chunk: (KV head, block of 16 rows) each, on the bf16 tiles */
-                const int64_t nblk = (M + 15) / 16;
+                const int64_t nblk = (M + 15) / 16, nkb = (pos0 + M + 31) / 32;
+                const size_t kvb = kv_tiles_bytes(cap, hd);
+                #pragma omp for schedule(static)
+                for (int64_t t = 0; t < nkv * nkb; ++t) build_kv_tiles(md, kc, vc, t / nkb, t % nkb, pos0 + M, s.kvt + (t / nkb) * kvb);
                 amx_tile_config();
                 #pragma omp for schedule(dynamic, 1)
                 for (int64_t t = 0; t < nblk * nkv; ++t) {
                     const int64_t b = nblk - 1 - t / nkv, g = t % nkv; /* the longest blocks first */
-                    attend_group_amx(md, s.qkv, qkvn, b * 16, (int)(M - b * 16 < 16 ? M - b * 16 : 16), g, pos0, kc, vc,
-                                     s.attx + (size_t)omp_get_thread_num() * s.attx_stride, s.att);
+                    attend_group_amx(md, s.qkv, qkvn, b * 16, (int)(M - b * 16 < 16 ? M - b * 16 : 16), g, pos0,
+                                     s.kvt + g * kvb, s.attx + (size_t)omp_get_thread_num() * s.attx_stride, s.att);
                 }
                 _tile_release();
             } else
