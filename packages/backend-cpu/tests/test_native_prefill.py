@@ -17,10 +17,10 @@ Tolerances (relative to the logits' norm):
 
 import pytest
 import torch
+from test_native_decoder import make_qmodel, rel
 
 from lowbit.run.nn import build_model
 from lowbit_cpu import engine, native
-from test_native_decoder import make_qmodel, rel
 
 pytestmark = [
     pytest.mark.skipif(native.unavailable_reason() is not None, reason=str(native.unavailable_reason())),
