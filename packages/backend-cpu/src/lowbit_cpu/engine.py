@@ -27,7 +27,7 @@ ACT_MODES = {torch.float32: 0, torch.bfloat16: 1}
 HEAD_F32, HEAD_BF16, HEAD_INT4, HEAD_INT8 = 0, 1, 2, 3
 GEMM_ROWS, GEMM_AMX = 0, 1  # Model.gemm: int8-activation prompt chunks on the row kernels or the AMX tiles
 MAX_GROUPS = 1024  # per weight row (csrc/engine.c)
-CHUNK = 256  # prompt tokens per native call (bounds the scratch; weights are read once per chunk)
+CHUNK = 512  # prompt tokens per native call (bounds the scratch; weights are read, and unpacked for AMX, once per chunk)
 
 _I = ctypes.c_int64
 _P = ctypes.c_void_p
