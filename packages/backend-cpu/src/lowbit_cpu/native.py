@@ -164,7 +164,13 @@ def engine_library(vnni: bool) -> ctypes.CDLL:
     reason = vnni_unavailable_reason() if vnni else unavailable_reason()
     if reason is not None:
         raise MissingDependencyError(f"lowbit-backend-cpu native decoder: {reason}.")
-    lib = _load(ENGINE_SOURCE, ENGINE_VNNI_CFLAGS if vnni else CFLAGS, {})
+    if vnni:
+        try:
+            lib = _load(ENGINE_SOURCE, ENGINE_VNNI_CFLAGS, {})
+        except MissingDependencyError:  # a compiler without AMX intrinsics: the VNNI build without the AMX path
+            lib = _load(ENGINE_SOURCE, VNNI_CFLAGS, {})
+    else:
+        lib = _load(ENGINE_SOURCE, CFLAGS, {})
     lib.lowbit_engine_scratch_bytes.argtypes = [_P, _I, ctypes.c_int]
     lib.lowbit_engine_scratch_bytes.restype = _I
     lib.lowbit_engine_forward.argtypes = [_P, _P, _I, _I, _P, ctypes.c_int, ctypes.c_int, _P]
@@ -173,6 +179,8 @@ def engine_library(vnni: bool) -> ctypes.CDLL:
     lib.lowbit_engine_isa.restype = ctypes.c_int
     lib.lowbit_engine_amx_init.argtypes = []
     lib.lowbit_engine_amx_init.restype = ctypes.c_int
+    lib.lowbit_engine_amx_built.argtypes = []
+    lib.lowbit_engine_amx_built.restype = ctypes.c_int
     return lib
 
 
@@ -186,6 +194,8 @@ def amx_unavailable_reason() -> str | None:
     missing = [f for f in AMX_FLAGS if f not in cpuinfo.cpu_flags()]
     if missing:
         return f"needs AMX-INT8 and AMX-BF16 ({', '.join(missing)} missing); this CPU is {cpuinfo.describe()}"
+    if not engine_library(True).lowbit_engine_amx_built():
+        return f"the native decoder was built without AMX ({compiler()} lacks -mamx-tile/-mamx-int8/-mamx-bf16)"
     if not engine_library(True).lowbit_engine_amx_init():
         return "Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM; kernel older than 5.16?)"
     return None

@@ -1157,3 +1157,6 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
 
 /* 1 where this object runs int8 activations on AVX-512 VNNI (and an int8 lm_head), 0 for AVX2 */
 int lowbit_engine_isa(void) { return LB_VNNI; }
+
+/* 1 where this object holds the AMX prompt path (built with the AMX flags) */
+int lowbit_engine_amx_built(void) { return LB_AMX; }
