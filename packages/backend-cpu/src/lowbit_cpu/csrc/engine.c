@@ -17,15 +17,18 @@
  * The float lm_head is fp32 or bf16 (the model's dtype); an int4 lm_head runs as the layers; an int8 one
  * (per channel, codes uint8) only in the VNNI build.
  *
- * Prompt chunks (M > 1 rows) on AMX-INT8 (the VNNI build also gets -mamx-tile -mamx-int8; Model.gemm picks
- * the path per call): one TDPBSUD per 16 rows x 16 weight rows x one run of 64 columns, activations as
- * int8 per 64 columns (as above) in A, a 16-row block of the weight unpacked from nib64 to uint8 in B (VNNI
- * order, one 1 KiB tile per run, in a per-thread scratch, reused across every 16-row block of the chunk),
- * each tile's int32 sums scaled by the run's activation scale times the group's weight scale into fp32, the
- * zero point as zero * scale * (group sum of the activations) once per group. The same int32 sums as the
- * VPDPBUSD path, so the two agree but for the order of fp32 additions. The weights stay in their one
- * resident layout (nib64); no second copy. Linux grants the tile state on request (arch_prctl
- * ARCH_REQ_XCOMP_PERM, lowbit_engine_amx_init); without it, or without AMX, Model.gemm stays GEMM_ROWS.
+ * Prompt chunks (M >= AMX_MIN_ROWS rows, int8 mode) on AMX (the VNNI build also gets -mamx-tile -mamx-int8
+ * -mamx-bf16; Model.gemm picks the path per call):
+ *   matrices: TDPBSUD per 16 rows x 16 weight rows x one run of 64 columns (2 x 2 such tiles per step),
+ *     activations as int8 per 64 columns (as above) in A, a 16-row block of the weight unpacked from nib64 to
+ *     uint8 in B (VNNI order, one 1 KiB tile per run, in a per-thread scratch, reused across the chunk), each
+ *     tile's int32 sums scaled by the run's activation scale times the group's weight scale into fp32, the zero
+ *     point as zero * scale * (group sum of the activations) once per group. The same int32 sums as the
+ *     VPDPBUSD path, so the two agree but for the order of fp32 additions. The weights stay in their one
+ *     resident layout (nib64); no second copy.
+ *   attention: TDPBF16PS on keys, values, queries and probabilities rounded to bf16 (fp32 sums and softmax).
+ * Linux grants the tile state on request (arch_prctl ARCH_REQ_XCOMP_PERM, lowbit_engine_amx_init); without it,
+ * or without AMX, Model.gemm stays GEMM_ROWS (the row kernels; fp32 attention blocked 16 x 16 in this build).
  *
  * Built twice by lowbit_cpu.native: with -mavx2 -mfma -mf16c (no AVX-512 instruction anywhere) and with the
  * AVX-512 VNNI (and AMX) flags added; the Python side loads the one the CPU can run.
