@@ -111,6 +111,7 @@ def test_avx2_build_matches_vnni_and_has_no_avx512(monkeypatch):
     qm = make_qmodel("llama")
     ids = prompt(24)[0]
     first = engine.NativeDecoder(qm, torch.bfloat16, capacity=32)
+    first.md.gemm = engine.GEMM_ROWS  # the VPDPBUSD row kernels (the AMX tiles: test_native_prefill.py)
     a = first.forward(ids, all_logits=True)
     from lowbit import cpuinfo as core_cpuinfo
 

@@ -32,8 +32,9 @@ FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "
 ACT_MODES = {torch.float32: 0, torch.bfloat16: 1}
 HEAD_F32, HEAD_BF16, HEAD_INT4, HEAD_INT8 = 0, 1, 2, 3
 EMBED_INT8 = 2  # Model.embed_bf16: embed points to a QMat of int8 rows (csrc/engine.c embed_int8_row)
+GEMM_ROWS, GEMM_AMX = 0, 1  # Model.gemm: int8-activation prompt chunks on the row kernels or the AMX tiles
 MAX_GROUPS = 1024  # per weight row (csrc/engine.c)
-CHUNK = 256  # prompt tokens per native call (bounds the scratch; weights are read once per chunk)
+CHUNK = 512  # prompt tokens per native call (bounds the scratch; weights are read, and unpacked for AMX, once per chunk)
 
 _I = ctypes.c_int64
 _P = ctypes.c_void_p
@@ -52,7 +53,7 @@ class Model(ctypes.Structure):
     _fields_ = [("hidden", _I), ("n_layers", _I), ("n_heads", _I), ("n_kv", _I), ("head_dim", _I), ("inter", _I),
                 ("vocab", _I), ("capacity", _I), ("window", _I), ("eps", ctypes.c_float),
                 ("attn_scale", ctypes.c_float), ("act_mode", ctypes.c_int), ("head_kind", ctypes.c_int),
-                ("embed_bf16", ctypes.c_int), ("pad", ctypes.c_int), ("embed", _P), ("head", _P), ("head_q", QMat),
+                ("embed_bf16", ctypes.c_int), ("gemm", ctypes.c_int), ("embed", _P), ("head", _P), ("head_q", QMat),
                 ("final_norm", _P), ("cos", _P), ("sin", _P), ("layers", ctypes.POINTER(Layer)), ("kcache", _P),
                 ("vcache", _P), ("prof", _P)]
 
@@ -300,6 +301,8 @@ class NativeDecoder:
         md.eps = float(_get(c, "rms_norm_eps", 1e-6))
         md.attn_scale = head_dim(c) ** -0.5
         md.act_mode = ACT_MODES[dtype]
+        self.amx = self.vnni and dtype == torch.bfloat16 and native.amx_unavailable_reason() is None
+        md.gemm = GEMM_AMX if self.amx else GEMM_ROWS
         md.layers = self.layers
         emb_name, head_name = adapter.embedding + ".weight", adapter.lm_head + ".weight"
         tied = bool(_get(c, "tie_word_embeddings", False)) or head_name not in ft
@@ -477,6 +480,8 @@ class NativeDecoder:
 
     def describe(self) -> str:
         isa = "AVX-512 VNNI" if self.vnni else "AVX2"
+        if self.md.gemm == GEMM_AMX:
+            isa += ", AMX prompt"
         act = "fp32 activations" if self.dtype == torch.float32 else f"int8 activations ({isa})"
         return f"native decoder, {act}, lm_head {self.lm_head}" + (", embedding int8" if self.embedding == "int8" else "")
 

@@ -35,6 +35,10 @@ CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-
 VNNI_SOURCE = Path(__file__).parent / "csrc" / "int4_vnni.c"
 VNNI_CFLAGS = [*CFLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
 ENGINE_SOURCE = Path(__file__).parent / "csrc" / "engine.c"
+# the decoder's AVX-512 build also holds its AMX prompt path (int8 matrices, bf16 attention) (run only where amx_unavailable_reason is None)
+ENGINE_VNNI_CFLAGS = [*VNNI_CFLAGS, "-mamx-tile", "-mamx-int8", "-mamx-bf16"]
+# /proc/cpuinfo flags of the AMX-INT8 tiles
+AMX_FLAGS = ("amx_tile", "amx_int8", "amx_bf16")
 # /proc/cpuinfo flags the VNNI kernel's instructions need
 VNNI_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 
@@ -160,14 +164,41 @@ def engine_library(vnni: bool) -> ctypes.CDLL:
     reason = vnni_unavailable_reason() if vnni else unavailable_reason()
     if reason is not None:
         raise MissingDependencyError(f"lowbit-backend-cpu native decoder: {reason}.")
-    lib = _load(ENGINE_SOURCE, VNNI_CFLAGS if vnni else CFLAGS, {})
+    if vnni:
+        try:
+            lib = _load(ENGINE_SOURCE, ENGINE_VNNI_CFLAGS, {})
+        except MissingDependencyError:  # a compiler without AMX intrinsics: the VNNI build without the AMX path
+            lib = _load(ENGINE_SOURCE, VNNI_CFLAGS, {})
+    else:
+        lib = _load(ENGINE_SOURCE, CFLAGS, {})
     lib.lowbit_engine_scratch_bytes.argtypes = [_P, _I, ctypes.c_int]
     lib.lowbit_engine_scratch_bytes.restype = _I
     lib.lowbit_engine_forward.argtypes = [_P, _P, _I, _I, _P, ctypes.c_int, ctypes.c_int, _P]
     lib.lowbit_engine_forward.restype = ctypes.c_int
     lib.lowbit_engine_isa.argtypes = []
     lib.lowbit_engine_isa.restype = ctypes.c_int
+    lib.lowbit_engine_amx_init.argtypes = []
+    lib.lowbit_engine_amx_init.restype = ctypes.c_int
+    lib.lowbit_engine_amx_built.argtypes = []
+    lib.lowbit_engine_amx_built.restype = ctypes.c_int
     return lib
+
+
+@functools.lru_cache(maxsize=1)
+def amx_unavailable_reason() -> str | None:
+    """None when the native decoder's AMX prompt path runs here: AVX-512 VNNI, the AMX-TILE, AMX-INT8 and AMX-BF16
+    flags, and Linux granting this process the tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM)``, asked once)."""
+    reason = vnni_unavailable_reason()
+    if reason is not None:
+        return reason
+    missing = [f for f in AMX_FLAGS if f not in cpuinfo.cpu_flags()]
+    if missing:
+        return f"needs AMX-INT8 and AMX-BF16 ({', '.join(missing)} missing); this CPU is {cpuinfo.describe()}"
+    if not engine_library(True).lowbit_engine_amx_built():
+        return f"the native decoder was built without AMX ({compiler()} lacks -mamx-tile/-mamx-int8/-mamx-bf16)"
+    if not engine_library(True).lowbit_engine_amx_init():
+        return "Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM; kernel older than 5.16?)"
+    return None
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,23 @@
  * The float lm_head is fp32 or bf16 (the model's dtype); an int4 lm_head runs as the layers; an int8 one
  * (per channel, codes uint8) only in the VNNI build.
  *
+ * Prompt chunks (M >= AMX_MIN_ROWS rows, int8 mode) on AMX (the VNNI build also gets -mamx-tile -mamx-int8
+ * -mamx-bf16; Model.gemm picks the path per call):
+ *   matrices: TDPBSUD per 16 rows x 16 weight rows x one run of 64 columns (2 x 2 such tiles per step),
+ *     activations as int8 per 64 columns (as above) in A, a 16-row block of the weight unpacked from nib64 to
+ *     uint8 in B (VNNI order, one 1 KiB tile per run, in a per-thread scratch, reused across the chunk), each
+ *     tile's int32 sums scaled by the run's activation scale times the group's weight scale into fp32, the zero
+ *     point as zero * scale * (group sum of the activations) once per group. The same int32 sums as the
+ *     VPDPBUSD path, so the two agree but for the order of fp32 additions. The weights stay in their one
+ *     resident layout (nib64); no second copy.
+ *   attention: TDPBF16PS on keys, values, queries and probabilities rounded to bf16 (fp32 sums and softmax).
+ * Linux grants the tile state on request (arch_prctl ARCH_REQ_XCOMP_PERM, lowbit_engine_amx_init); without it,
+ * or without AMX, Model.gemm stays GEMM_ROWS (the row kernels; fp32 attention blocked 16 x 16 in this build).
+ *
  * Built twice by lowbit_cpu.native: with -mavx2 -mfma -mf16c (no AVX-512 instruction anywhere) and with the
- * AVX-512 VNNI flags added; the Python side loads the one the CPU can run.
+ * AVX-512 VNNI (and AMX) flags added; the Python side loads the one the CPU can run.
  */
+#define _GNU_SOURCE
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -31,10 +45,20 @@
 #else
 #define LB_VNNI 0
 #endif
+#if LB_VNNI && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
+#define LB_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define LB_AMX 0
+#endif
 
 enum { ACT_F32 = 0, ACT_I8 = 1 };
 enum { MAX_GROUPS = 1024 }; /* groups per weight row (checked by lowbit_cpu.engine) */
 enum { HEAD_F32 = 0, HEAD_BF16 = 1, HEAD_INT4 = 2, HEAD_INT8 = 3 };
+/* Model.gemm: how int8-activation matrices with more than one row run (one row always runs row_i8) */
+enum { GEMM_ROWS = 0, GEMM_AMX = 1 };
+enum { AMX_MIN_ROWS = 4 }; /* fewer rows: the row kernels (the tile would be mostly empty) */
 
 typedef struct {
     int64_t n, k, group;
@@ -55,7 +79,7 @@ typedef struct {
     int64_t capacity; /* KV cache positions */
     int64_t window;   /* sliding window (keys at p - window < j <= p), 0 = none */
     float eps, attn_scale;
-    int act_mode, head_kind, embed_bf16, pad;
+    int act_mode, head_kind, embed_bf16, gemm;
     const void *embed;      /* [vocab, hidden] fp32 or bf16, or a QMat of int8 rows (embed_bf16 == EMBED_INT8) */
     const void *head;       /* float head [vocab, hidden] (fp32 or bf16), when head_kind is HEAD_F32/BF16 */
     QMat head_q;            /* when head_kind is HEAD_INT4/INT8 */
@@ -327,21 +351,190 @@ static void quant_row_natural(const float *x, int64_t K, int64_t group, int8_t *
 }
 #endif
 
+/* ------------------------------------------------------------------------ AMX-INT8 tiles (M > 1 rows) */
+
+static inline size_t al64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+/* per-thread AMX scratch for inputs of up to K columns: two weight blocks' B tiles [K/64][16][64], their scales
+ * and zero * scale per group [K/64][16] (group >= 64), four int32 C tiles and their fp32 accumulators */
+static size_t amx_thread_bytes(int64_t K) {
+    return 2 * al64((size_t)K * 16) + 4 * al64(sizeof(float) * 16 * (size_t)(K / 64)) + 4096 + 4096;
+}
+
+#if LB_VNNI
+/* 16 x 16 dwords, rows → columns (r[i] lane j becomes r[j] lane i) */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) { /* r[4i + c], 128-bit lane L: column 4L + c of rows 4i .. 4i+3 */
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {
+        const __m512i u0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), u1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
+        const __m512i u2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
+        const __m512i u3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
+        t[c] = _mm512_shuffle_i32x4(u0, u2, 0x88);
+        t[4 + c] = _mm512_shuffle_i32x4(u0, u2, 0xDD);
+        t[8 + c] = _mm512_shuffle_i32x4(u1, u3, 0x88);
+        t[12 + c] = _mm512_shuffle_i32x4(u1, u3, 0xDD);
+    }
+    for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+#endif
+
+#if LB_AMX
+/* Ask Linux for the AMX tile state (XFEATURE_XTILEDATA = 18) for this process; 1 when granted. */
+int lowbit_engine_amx_init(void) { return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18) == 0; }
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileCfg;
+
+static void amx_tile_config(void);
+
+/* Weight rows n0 .. n0+nb-1 (nb <= 16; the rest of the block zero) → wb: per run of 64 columns one B tile in
+ * the VNNI order (tile row k4 = columns 4k4 .. 4k4+3 of each of the 16 weight rows, as uint8 codes); per group
+ * the rows' scales sv and zero * scale zv, [K/group][16]. */
+static void amx_pack_block(const QMat *w, int w8, int64_t n0, int nb, uint8_t *wb, float *sv, float *zv) {
+    const int64_t K = w->k, nr = K / 64, ng = K / w->group;
+    const __m512i m4 = _mm512_set1_epi16(0x000F);
+    for (int64_t r = 0; r < nr; ++r) {
+        __m512i v[16];
+        for (int i = 0; i < 16; ++i) {
+            if (i >= nb) {
+                v[i] = _mm512_setzero_si512();
+            } else if (w8) {
+                v[i] = _mm512_loadu_si512((const void *)(w->packed + (n0 + i) * K + r * 64));
+            } else { /* nib64: u16 lane j holds columns j, 16+j, 32+j, 48+j in its four nibbles */
+                const __m256i p = _mm256_loadu_si256((const __m256i *)(w->packed + (n0 + i) * (K / 2) + r * 32));
+                const __m512i a = _mm512_inserti64x4(_mm512_castsi256_si512(p), _mm256_srli_epi16(p, 4), 1);
+                const __m512i b = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(p, 8)),
+                                                     _mm256_srli_epi16(p, 12), 1);
+                v[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi16_epi8(_mm512_and_si512(a, m4))),
+                                          _mm512_cvtepi16_epi8(_mm512_and_si512(b, m4)), 1);
+            }
+        }
+        transpose16(v);
+        for (int k4 = 0; k4 < 16; ++k4) _mm512_storeu_si512((void *)(wb + r * 1024 + k4 * 64), v[k4]);
+    }
+    for (int64_t g = 0; g < ng; ++g) {
+        for (int i = 0; i < 16; ++i) {
+            const float s = i < nb ? _cvtsh_ss(w->scales[(n0 + i) * ng + g]) : 0.f;
+            sv[g * 16 + i] = s;
+            zv[g * 16 + i] = i < nb ? s * (float)w->zeros[(n0 + i) * ng + g] : 0.f;
+        }
+    }
+}
+
+/* y [M, w->n] = x8 [M, K] @ W^T + bias on the tiles. The thread's share of the weight rows goes in blocks of 32 (two
+ * B tiles per run), each unpacked once into its scratch ts and multiplied by every 32-row block of x8 (two A
+ * tiles): four independent C tiles per run of 64 columns, each scaled into fp32 accumulators (weight scale of the
+ * group x activation scale of the run). Rows past M are padding in the scratch, computed and not stored. No
+ * barrier at the end. */
+static void qmatmul_amx(const QMat *w, int64_t M, const int8_t *x8, const float *xsall, const float *xsumall,
+                        float *y, int w8, char *ts) {
+    const int64_t K = w->k, N = w->n, nr = K / 64, ng = K / w->group, rpg = w->group / 64;
+    const size_t wbytes = al64((size_t)K * 16), sbytes = al64(sizeof(float) * 16 * (size_t)nr);
+    uint8_t *wb[2] = {(uint8_t *)ts, (uint8_t *)ts + wbytes};
+    float *sv[2] = {(float *)(ts + 2 * wbytes), (float *)(ts + 2 * wbytes + sbytes)};
+    float *zv[2] = {(float *)(ts + 2 * wbytes + 2 * sbytes), (float *)(ts + 2 * wbytes + 3 * sbytes)};
+    int32_t *cb = (int32_t *)(ts + 2 * wbytes + 4 * sbytes);       /* [4][16][16] */
+    float *acc = (float *)(ts + 2 * wbytes + 4 * sbytes + 4096);   /* [4][16][16]: tile t = 2 * (m half) + n half */
+    amx_tile_config();
+    int64_t n0s, n1s;
+    share(N, 16, &n0s, &n1s);
+    for (int64_t n0 = n0s; n0 < n1s; n0 += 32) {
+        int nb[2];
+        nb[0] = (int)(n1s - n0 < 16 ? n1s - n0 : 16);
+        nb[1] = (int)(n1s - n0 - 16 <= 0 ? 0 : (n1s - n0 - 16 < 16 ? n1s - n0 - 16 : 16));
+        for (int h = 0; h < 2; ++h) amx_pack_block(w, w8, n0 + 16 * h, nb[h], wb[h], sv[h], zv[h]);
+        __asm__ __volatile__("" ::: "memory"); /* the tile loads below are asm without a memory clobber */
+        for (int64_t m0 = 0; m0 < M; m0 += 32) {
+            memset(acc, 0, sizeof(float) * 1024);
+            for (int64_t r = 0; r < nr; ++r) {
+                const int8_t *xa = x8 + m0 * K + r * 64;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                _tile_loadd(4, xa, K);
+                _tile_loadd(5, xa + 16 * K, K);
+                _tile_loadd(6, wb[0] + r * 1024, 64);
+                _tile_loadd(7, wb[1] + r * 1024, 64);
+                _tile_dpbsud(0, 4, 6);
+                _tile_dpbsud(1, 4, 7);
+                _tile_dpbsud(2, 5, 6);
+                _tile_dpbsud(3, 5, 7);
+                _tile_stored(0, cb, 64);
+                _tile_stored(1, cb + 256, 64);
+                _tile_stored(2, cb + 512, 64);
+                _tile_stored(3, cb + 768, 64);
+                const int64_t g = r / rpg;
+                for (int t = 0; t < 4; ++t) {
+                    const __m512 s = _mm512_loadu_ps(sv[t & 1] + g * 16);
+                    const float *xs = xsall + (m0 + 16 * (t >> 1)) * nr + r;
+                    const int32_t *c = cb + t * 256;
+                    float *a = acc + t * 256;
+                    for (int i = 0; i < 16; ++i)
+                        _mm512_storeu_ps(a + i * 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(c + i * 16))),
+                                                                     _mm512_mul_ps(s, _mm512_set1_ps(xs[i * nr])),
+                                                                     _mm512_loadu_ps(a + i * 16)));
+                }
+            }
+            for (int t = 0; t < 4; ++t) {
+                const int h = t & 1, mh = t >> 1;
+                const int64_t mt = m0 + 16 * mh;
+                if (nb[h] == 0 || mt >= M) continue;
+                const int mb = (int)(M - mt < 16 ? M - mt : 16);
+                const __mmask16 nmask = (__mmask16)((1u << nb[h]) - 1u);
+                const __m512 bias = w->bias ? _mm512_maskz_loadu_ps(nmask, w->bias + n0 + 16 * h) : _mm512_setzero_ps();
+                const float *xsum = xsumall + mt * ng;
+                for (int i = 0; i < mb; ++i) {
+                    __m512 v = _mm512_add_ps(_mm512_loadu_ps(acc + t * 256 + i * 16), bias);
+                    for (int64_t g = 0; g < ng; ++g)
+                        v = _mm512_fnmadd_ps(_mm512_loadu_ps(zv[h] + g * 16), _mm512_set1_ps(xsum[i * ng + g]), v);
+                    _mm512_mask_storeu_ps(y + (mt + i) * N + n0 + 16 * h, nmask, v);
+                }
+            }
+        }
+    }
+    _tile_release();
+}
+#else
+int lowbit_engine_amx_init(void) { return 0; }
+#endif
+
 /* ------------------------------------------------------------------------ matrices (inside the team) */
 
 typedef struct {
-    int8_t *x8;   /* [M, Kmax] */
-    float *xs;    /* [M, Kmax / 64] */
-    float *xsum;  /* [M, Kmax / 64] (group >= 64) */
+    int8_t *x8;   /* [M32, Kmax] (M32: M rounded up to 32, two AMX tiles' rows; the pad rows are zero) */
+    float *xs;    /* [M32, Kmax / 64] */
+    float *xsum;  /* [M32, Kmax / 64] (group >= 64) */
+    char *amx;    /* per thread amx_thread_bytes(Kmax) (the VNNI build only) */
+    size_t amx_stride;
 } Act;
 
 /* Quantize M rows of x [M, K] (every thread takes rows; ends with a barrier). fp32 mode: group sums only. */
 static void prep_act(const Model *md, const float *x, int64_t M, int64_t K, int64_t group, const Act *a,
                      int natural) {
     const int64_t nr = K / 64, ng = K / group;
-    (void)natural;
+    const int64_t Mp = natural ? (M + 31) / 32 * 32 : M; /* the tiles read whole 32-row blocks */
     #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m) {
+    for (int64_t m = 0; m < Mp; ++m) {
+        if (m >= M) {
+            memset(a->x8 + m * K, 0, (size_t)K);
+            memset(a->xs + m * nr, 0, sizeof(float) * nr);
+            memset(a->xsum + m * ng, 0, sizeof(float) * ng);
+            continue;
+        }
         if (md->act_mode == ACT_I8) {
 #if LB_VNNI
             if (natural) {
@@ -419,10 +612,26 @@ static void qmatmul(const Model *md, const QMat *w, const float *x, int64_t M, c
     }
 }
 
-/* quantize (barrier) then multiply; ends with a barrier so y can be read by every thread */
+static inline int use_amx(const Model *md, int64_t M) {
+    return LB_AMX && md->gemm == GEMM_AMX && md->act_mode == ACT_I8 && M >= AMX_MIN_ROWS;
+}
+
+/* quantize (barrier) then multiply, on the tiles where use_amx, else the row kernels; no barrier at the end */
+static void matmul(const Model *md, const QMat *w, const float *x, int64_t M, const Act *a, float *y, int w8) {
+#if LB_AMX
+    if (use_amx(md, M)) {
+        prep_act(md, x, M, w->k, w->group, a, 1);
+        qmatmul_amx(w, M, a->x8, a->xs, a->xsum, y, w8, a->amx + (size_t)omp_get_thread_num() * a->amx_stride);
+        return;
+    }
+#endif
+    prep_act(md, x, M, w->k, w->group, a, w8);
+    qmatmul(md, w, x, M, a, y, w8);
+}
+
+/* a layer's linear; ends with a barrier so y can be read by every thread */
 static void linear(const Model *md, const QMat *w, const float *x, int64_t M, const Act *a, float *y) {
-    prep_act(md, x, M, w->k, w->group, a, 0);
-    qmatmul(md, w, x, M, a, y, 0);
+    matmul(md, w, x, M, a, y, 0);
     #pragma omp barrier
 }
 
@@ -469,8 +678,11 @@ static void rmsnorm_rows(const float *x, const float *w, float *out, int64_t M, 
     #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; ++m) {
         const float *xr = x + m * n;
-        float ss = 0.f;
-        for (int64_t i = 0; i < n; ++i) ss += xr[i] * xr[i];
+        __m256 acc = _mm256_setzero_ps();
+        int64_t i0 = 0;
+        for (; i0 + 8 <= n; i0 += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i0), _mm256_loadu_ps(xr + i0), acc);
+        float ss = hsum256(acc);
+        for (int64_t i = i0; i < n; ++i) ss += xr[i] * xr[i];
         const float r = 1.f / sqrtf(ss / (float)n + eps);
         for (int64_t i = 0; i < n; ++i) out[m * n + i] = w[i] * (xr[i] * r);
     }
@@ -492,12 +704,255 @@ static void rope(float *v, const float *cs, const float *sn, int64_t hd) {
     }
 }
 
-/* ------------------------------------------------------------------------ the model */
+/* ------------------------------------------------------------------------ blocked causal attention (prompt chunks) */
 
-static inline size_t al64(size_t n) { return (n + 63) & ~(size_t)63; }
+#if LB_VNNI
+enum { ATT_BLOCK = 16, ATT_MAX_HD = 256 };
+
+/* e^x: Cephes' expf polynomial on x - n ln 2, times 2^n; relative error ~1e-7 (x clamped to [-87.3, 88.7]) */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* Head h of query rows m0 .. m0+mb-1 (positions pos0 + m, mb <= 16) against the cached keys, as the row loop
+ * computes it but per block of 16 keys: the keys transposed once (kt [hd][16]) and used by every row of the block,
+ * the scores and softmax 16 at a time. sc: [16][capacity + 16] per thread. */
+static void attend_block(const Model *md, const float *qkv, int64_t qkvn, int64_t m0, int mb, int64_t h,
+                         int64_t pos0, const float *kc, const float *vc, float *sc, float *att) {
+    const int64_t hd = md->head_dim, cap = md->capacity, nq = md->n_heads * hd;
+    const int64_t g = h / (md->n_heads / md->n_kv);
+    const int64_t p_first = pos0 + m0, p_last = pos0 + m0 + mb - 1;
+    int64_t j_first[16] = {0};
+    for (int i = 0; i < mb; ++i) {
+        const int64_t p = p_first + i;
+        j_first[i] = md->window > 0 && p - md->window + 1 > 0 ? p - md->window + 1 : 0;
+    }
+    const int64_t jb0 = j_first[0] & ~(int64_t)15, j_end = p_last + 1;
+    __attribute__((aligned(64))) float kt[ATT_MAX_HD * 16];
+    const __m512 scale = _mm512_set1_ps(md->attn_scale);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t jb = jb0; jb < j_end; jb += 16) {
+        const int nk = (int)(j_end - jb < 16 ? j_end - jb : 16);
+        for (int64_t d0 = 0; d0 < hd; d0 += 16) {
+            __m512i rows[16];
+            for (int k = 0; k < 16; ++k)
+                rows[k] = k < nk ? _mm512_loadu_si512((const void *)(kc + (g * cap + jb + k) * hd + d0))
+                                 : _mm512_setzero_si512();
+            transpose16(rows);
+            for (int d = 0; d < 16; ++d) _mm512_store_si512((void *)(kt + (d0 + d) * 16), rows[d]);
+        }
+        for (int i = 0; i < mb; ++i) {
+            const float *q = qkv + (m0 + i) * qkvn + h * hd;
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+            for (int64_t d = 0; d < hd; d += 2) {
+                a0 = _mm512_fmadd_ps(_mm512_set1_ps(q[d]), _mm512_load_ps(kt + d * 16), a0);
+                a1 = _mm512_fmadd_ps(_mm512_set1_ps(q[d + 1]), _mm512_load_ps(kt + (d + 1) * 16), a1);
+            }
+            _mm512_storeu_ps(sc + i * (cap + 16) + (jb - jb0), _mm512_mul_ps(_mm512_add_ps(a0, a1), scale));
+        }
+    }
+    for (int i = 0; i < mb; ++i) {
+        /* keys j_first[i] .. p (inclusive) of row i, at sc[i][j - jb0] */
+        float *row = sc + i * (cap + 16) - jb0;
+        const int64_t lo = j_first[i], hi = p_first + i + 1;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = lo; j < hi; j += 16) {
+            const __mmask16 k = _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32((int)(hi - j < 16 ? hi - j : 16)));
+            mx = _mm512_mask_max_ps(mx, k, mx, _mm512_maskz_loadu_ps(k, row + j));
+        }
+        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = lo; j < hi; j += 16) {
+            const __mmask16 k = _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32((int)(hi - j < 16 ? hi - j : 16)));
+            const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row + j), m));
+            _mm512_mask_storeu_ps(row + j, k, e);
+            sum = _mm512_mask_add_ps(sum, k, sum, e);
+        }
+        const float inv = 1.f / _mm512_reduce_add_ps(sum);
+        __m512 o[ATT_MAX_HD / 16];
+        const int64_t nv = hd / 16;
+        for (int64_t c = 0; c < nv; ++c) o[c] = _mm512_setzero_ps();
+        for (int64_t j = lo; j < hi; ++j) {
+            const __m512 w = _mm512_set1_ps(row[j]);
+            const float *v = vc + (g * cap + j) * hd;
+            for (int64_t c = 0; c < nv; ++c) o[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16 * c), o[c]);
+        }
+        float *out = att + (m0 + i) * nq + h * hd;
+        for (int64_t c = 0; c < nv; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], _mm512_set1_ps(inv)));
+    }
+}
+#endif
+
+#if LB_AMX
+/* per-thread scratch of attend_group_amx: scores, bf16 probabilities, bf16 queries, one C tile */
+static size_t att_amx_bytes(int64_t cap, int64_t hd) {
+    return al64(sizeof(float) * 16 * (size_t)(cap + 32)) + al64(2 * 16 * (size_t)(cap + 32)) + al64(2 * 16 * (size_t)hd) + 1024;
+}
+
+/* one KV head's keys and values as bf16 tiles, per block of 32 positions: two K^T tiles per 32 dims (16 keys each),
+ * then one V tile per 16 dims (32 keys); shared by the team, built once per layer and chunk */
+static size_t kv_tiles_bytes(int64_t cap, int64_t hd) {
+    return (size_t)(cap / 32 + 1) * (size_t)(2 * (hd / 32) + hd / 16) * 1024;
+}
+
+/* fp32 → bf16, round to nearest even, in the high half of each 32-bit lane */
+static inline __m512i bf16_hi(__m512 x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+}
+
+/* 16 + 16 floats → 32 bf16 in order (dword k holds elements 2k, 2k+1: the tiles' pairs) */
+static inline __m512i bf16x32(__m512 a, __m512 b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_hi(a), 16))),
+                              _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_hi(b), 16)), 1);
+}
+
+#define CBAR() __asm__ __volatile__("" ::: "memory") /* the tile loads are asm without a memory clobber */
+
+/* positions 32 kb .. 32 kb + 31 of KV head g (those < j_end; the rest zero) into its bf16 tiles kv (kv_tiles_bytes) */
+static void build_kv_tiles(const Model *md, const float *kc, const float *vc, int64_t g, int64_t kb, int64_t j_end,
+                           uint8_t *kv) {
+    const int64_t hd = md->head_dim, cap = md->capacity, ndc = hd / 32, nd16 = hd / 16;
+    const float *kg = kc + g * cap * hd, *vg = vc + g * cap * hd;
+    uint8_t *blk = kv + (size_t)kb * (size_t)(2 * ndc + nd16) * 1024;
+    for (int half = 0; half < 2; ++half) {
+        const int64_t j = kb * 32 + half * 16;
+        const int nk = (int)(j_end - j < 0 ? 0 : (j_end - j < 16 ? j_end - j : 16));
+        for (int64_t dc = 0; dc < ndc; ++dc) {
+            __m512i r[16];
+            for (int k = 0; k < 16; ++k) {
+                const float *kr = kg + (j + k) * hd + dc * 32;
+                r[k] = k < nk ? bf16x32(_mm512_loadu_ps(kr), _mm512_loadu_ps(kr + 16)) : _mm512_setzero_si512();
+            }
+            transpose16(r); /* tile row k2: dims 2k2, 2k2+1 of each of the 16 keys */
+            for (int k2 = 0; k2 < 16; ++k2) _mm512_storeu_si512((void *)(blk + (dc * 2 + half) * 1024 + k2 * 64), r[k2]);
+        }
+    }
+    const __m512i himask = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (int64_t d16 = 0; d16 < nd16; ++d16) {
+        for (int k2 = 0; k2 < 16; ++k2) { /* tile row k2: keys 2k2, 2k2+1 of the 32, interleaved per dim */
+            const int64_t j = kb * 32 + 2 * k2;
+            const __m512i lo = j < j_end ? _mm512_srli_epi32(bf16_hi(_mm512_loadu_ps(vg + j * hd + d16 * 16)), 16)
+                                         : _mm512_setzero_si512();
+            const __m512i hi = j + 1 < j_end ? _mm512_and_si512(bf16_hi(_mm512_loadu_ps(vg + (j + 1) * hd + d16 * 16)), himask)
+                                             : _mm512_setzero_si512();
+            _mm512_storeu_si512((void *)(blk + (2 * ndc + d16) * 1024 + k2 * 64), _mm512_or_si512(lo, hi));
+        }
+    }
+}
+
+/* The int8-activation mode's prompt attention on AMX-BF16: KV head g, query rows m0 .. m0+mb-1 of every query
+ * head sharing it. Keys and values are rounded to bf16 once per block (K^T tiles of 16 keys x 32 dims, V tiles
+ * of 32 keys x 16 dims) and used by all those heads; scores Q K^T in fp32 (TDPBF16PS), softmax in fp32, the
+ * probabilities rounded to bf16 for P V (fp32 sums): the arithmetic of a bf16 SDPA. */
+static void attend_group_amx(const Model *md, const float *qkv, int64_t qkvn, int64_t m0, int mb, int64_t g,
+                             int64_t pos0, const uint8_t *kv, char *ts, float *att) {
+    const int64_t hd = md->head_dim, cap = md->capacity, nq = md->n_heads * hd, rep = md->n_heads / md->n_kv;
+    const int64_t ndc = hd / 32, nd16 = hd / 16, ss = cap + 32;
+    const int64_t p_first = pos0 + m0, p_last = pos0 + m0 + mb - 1;
+    int64_t j_first[16] = {0};
+    for (int i = 0; i < mb; ++i) {
+        const int64_t p = p_first + i;
+        j_first[i] = md->window > 0 && p - md->window + 1 > 0 ? p - md->window + 1 : 0;
+    }
+    const int64_t jb0 = j_first[0] & ~(int64_t)31, j_end = p_last + 1;
+    const int64_t nkb = (j_end - jb0 + 15) / 16, nkp = (j_end - jb0 + 31) / 32;
+    const size_t blk = (size_t)(2 * ndc + nd16) * 1024; /* bytes per 32 positions in kv */
+    const uint8_t *kv0 = kv + (size_t)(jb0 / 32) * blk;
+    float *sc = (float *)ts;
+    uint16_t *pb = (uint16_t *)((char *)sc + al64(sizeof(float) * 16 * (size_t)ss));
+    uint16_t *qb = (uint16_t *)((char *)pb + al64(2 * 16 * (size_t)ss));
+    float *ob = (float *)((char *)qb + al64(2 * 16 * (size_t)hd));
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 scale = _mm512_set1_ps(md->attn_scale);
+    for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
+        for (int i = 0; i < 16; ++i) {
+            const float *q = qkv + (m0 + i) * qkvn + h * hd;
+            for (int64_t dc = 0; dc < ndc; ++dc)
+                _mm512_storeu_si512((void *)(qb + i * hd + dc * 32),
+                                    i < mb ? bf16x32(_mm512_loadu_ps(q + dc * 32), _mm512_loadu_ps(q + dc * 32 + 16))
+                                           : _mm512_setzero_si512());
+        }
+        CBAR();
+        for (int64_t kb = 0; kb < nkb; ++kb) {
+            _tile_zero(0);
+            for (int64_t dc = 0; dc < ndc; ++dc) {
+                _tile_loadd(1, qb + dc * 32, hd * 2);
+                _tile_loadd(2, kv0 + (size_t)(kb / 2) * blk + (size_t)(dc * 2 + (kb & 1)) * 1024, 64);
+                _tile_dpbf16ps(0, 1, 2);
+            }
+            _tile_stored(0, sc + kb * 16, ss * 4);
+        }
+        float inv[16];
+        for (int i = 0; i < 16; ++i) {
+            uint16_t *prow = pb + i * ss - jb0;
+            memset(pb + i * ss, 0, sizeof(uint16_t) * (size_t)nkp * 32);
+            if (i >= mb) continue;
+            const float *row = sc + i * ss - jb0;
+            const int64_t lo = j_first[i], hi = p_first + i + 1;
+            __m512 mx = _mm512_set1_ps(-INFINITY);
+            for (int64_t j = lo; j < hi; j += 16) {
+                const __mmask16 k = _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32((int)(hi - j < 16 ? hi - j : 16)));
+                mx = _mm512_mask_max_ps(mx, k, mx, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, row + j), scale));
+            }
+            const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t j = lo; j < hi; j += 16) {
+                const __mmask16 k = _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32((int)(hi - j < 16 ? hi - j : 16)));
+                const __m512 e = exp512(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, row + j), scale, m));
+                sum = _mm512_mask_add_ps(sum, k, sum, e);
+                _mm256_mask_storeu_epi16(prow + j, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_hi(e), 16)));
+            }
+            inv[i] = 1.f / _mm512_reduce_add_ps(sum);
+        }
+        CBAR();
+        for (int64_t d16 = 0; d16 < nd16; ++d16) {
+            _tile_zero(0);
+            for (int64_t kp = 0; kp < nkp; ++kp) {
+                _tile_loadd(1, pb + kp * 32, ss * 2);
+                _tile_loadd(2, kv0 + (size_t)kp * blk + (size_t)(2 * ndc + d16) * 1024, 64);
+                _tile_dpbf16ps(0, 1, 2);
+            }
+            _tile_stored(0, ob, 64);
+            for (int i = 0; i < mb; ++i)
+                _mm512_storeu_ps(att + (m0 + i) * nq + h * hd + d16 * 16,
+                                 _mm512_mul_ps(_mm512_loadu_ps(ob + i * 16), _mm512_set1_ps(inv[i])));
+        }
+    }
+}
+
+static void amx_tile_config(void) {
+    TileCfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; ++t) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+}
+#endif
+
+/* ------------------------------------------------------------------------ the model */
 
 typedef struct {
     float *x, *h, *qkv, *att, *gu, *act, *scores;
+    char *attx; /* per thread att_amx_bytes (the AMX build) */
+    size_t attx_stride;
+    uint8_t *kvt; /* [n_kv] kv_tiles_bytes (the AMX build) */
     Act a;
 } Scratch;
 
@@ -523,10 +978,22 @@ static size_t layout(const Model *md, int64_t M, int nthreads, char *base, Scrat
     TAKE(t.att, float, M * nq);
     TAKE(t.gu, float, M * 2 * I);
     TAKE(t.act, float, M * I);
-    TAKE(t.scores, float, (int64_t)nthreads * md->capacity);
-    TAKE(t.a.x8, int8_t, M * K);
-    TAKE(t.a.xs, float, M * (K / 64));
-    TAKE(t.a.xsum, float, M * (K / 64));
+    TAKE(t.scores, float, (int64_t)nthreads * (LB_VNNI ? 16 * (md->capacity + 16) : md->capacity));
+#if LB_AMX
+    t.attx_stride = att_amx_bytes(md->capacity, hd);
+#else
+    t.attx_stride = 0;
+#endif
+    TAKE(t.attx, char, (int64_t)nthreads * (int64_t)t.attx_stride);
+#if LB_AMX
+    TAKE(t.kvt, uint8_t, md->n_kv * (int64_t)kv_tiles_bytes(md->capacity, hd));
+#endif
+    const int64_t M32 = (M + 31) / 32 * 32;
+    TAKE(t.a.x8, int8_t, M32 * K);
+    TAKE(t.a.xs, float, M32 * (K / 64));
+    TAKE(t.a.xsum, float, M32 * (K / 64));
+    t.a.amx_stride = LB_AMX ? amx_thread_bytes(K) : 0;
+    TAKE(t.a.amx, char, (int64_t)nthreads * (int64_t)t.a.amx_stride);
 #undef TAKE
     if (base) *s = t;
     return off;
@@ -593,6 +1060,35 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
                 }
             }
             TICK(PROF_ROPE);
+#if LB_AMX
+            if (use_amx(md, M) && hd % 32 == 0 && hd <= ATT_MAX_HD) {
+                /* int8 mode, a prompt chunk: (KV head, block of 16 rows) each, on the bf16 tiles */
+                const int64_t nblk = (M + 15) / 16, nkb = (pos0 + M + 31) / 32;
+                const size_t kvb = kv_tiles_bytes(cap, hd);
+                #pragma omp for schedule(static)
+                for (int64_t t = 0; t < nkv * nkb; ++t) build_kv_tiles(md, kc, vc, t / nkb, t % nkb, pos0 + M, s.kvt + (t / nkb) * kvb);
+                amx_tile_config();
+                #pragma omp for schedule(dynamic, 1)
+                for (int64_t t = 0; t < nblk * nkv; ++t) {
+                    const int64_t b = nblk - 1 - t / nkv, g = t % nkv; /* the longest blocks first */
+                    attend_group_amx(md, s.qkv, qkvn, b * 16, (int)(M - b * 16 < 16 ? M - b * 16 : 16), g, pos0,
+                                     s.kvt + g * kvb, s.attx + (size_t)omp_get_thread_num() * s.attx_stride, s.att);
+                }
+                _tile_release();
+            } else
+#endif
+#if LB_VNNI
+            if (M > 1 && hd % 16 == 0 && hd <= ATT_MAX_HD) {
+                /* a prompt chunk: (head, block of 16 rows) each, blocks of 16 keys */
+                const int64_t nblk = (M + 15) / 16;
+                #pragma omp for schedule(dynamic, 1)
+                for (int64_t t = 0; t < nblk * nh; ++t) {
+                    const int64_t b = nblk - 1 - t / nh, h = t % nh; /* the longest blocks first */
+                    attend_block(md, s.qkv, qkvn, b * 16, (int)(M - b * 16 < 16 ? M - b * 16 : 16), h, pos0, kc, vc,
+                                 s.scores + (int64_t)omp_get_thread_num() * (cap + 16) * 16, s.att);
+                }
+            } else
+#endif
             /* attention, one (row, head) each */
             #pragma omp for schedule(static)
             for (int64_t t = 0; t < M * nh; ++t) {
@@ -640,10 +1136,19 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
             linear(md, &L->gu, s.h, M, &s.a, s.gu);
             TICK(PROF_GU);
             #pragma omp for schedule(static)
-            for (int64_t t = 0; t < M * I; ++t) {
-                const int64_t m = t / I, i = t % I;
-                const float gt = s.gu[m * 2 * I + i], up = s.gu[m * 2 * I + I + i];
-                s.act[t] = gt / (1.f + expf(-gt)) * up;
+            for (int64_t m = 0; m < M; ++m) {
+                const float *gate = s.gu + m * 2 * I, *up = gate + I;
+                float *act = s.act + m * I;
+                int64_t i = 0;
+#if LB_VNNI
+                for (; i + 16 <= I; i += 16) {
+                    const __m512 gt = _mm512_loadu_ps(gate + i);
+                    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gt));
+                    _mm512_storeu_ps(act + i, _mm512_mul_ps(_mm512_div_ps(gt, _mm512_add_ps(_mm512_set1_ps(1.f), e)),
+                                                            _mm512_loadu_ps(up + i)));
+                }
+#endif
+                for (; i < I; ++i) act[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
             }
             TICK(PROF_ACT);
             linear(md, &L->down, s.act, M, &s.a, s.h);
@@ -657,8 +1162,7 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
         if (md->head_kind == HEAD_F32 || md->head_kind == HEAD_BF16) {
             float_head(md, s.h, MR, logits);
         } else {
-            prep_act(md, s.h, MR, H, md->head_q.group, &s.a, md->head_kind == HEAD_INT8);
-            qmatmul(md, &md->head_q, s.h, MR, &s.a, logits, md->head_kind == HEAD_INT8);
+            matmul(md, &md->head_q, s.h, MR, &s.a, logits, md->head_kind == HEAD_INT8);
         }
         #pragma omp barrier
         TICK(PROF_HEAD);
@@ -668,3 +1172,6 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
 
 /* 1 where this object runs int8 activations on AVX-512 VNNI (and an int8 lm_head), 0 for AVX2 */
 int lowbit_engine_isa(void) { return LB_VNNI; }
+
+/* 1 where this object holds the AMX prompt path (built with the AMX flags) */
+int lowbit_engine_amx_built(void) { return LB_AMX; }
