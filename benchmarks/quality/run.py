@@ -60,6 +60,8 @@ def one_lowbit(method: str, scheme_name: str, a) -> dict:
     opts: dict = {"gptq": {"column_order": a.column_order}} if "gptq" in method else {}
     if "signround" in method:
         opts["signround"] = {"iters": a.signround_iters}
+    if "awq" in method and a.awq_no_clip:
+        opts.setdefault("awq", {})["clip"] = False
     awq_dump = HERE / "awq" / f"{scheme_name}.safetensors"
     if method == "awq" and a.dump_awq:
         awq_dump.parent.mkdir(exist_ok=True)
@@ -97,6 +99,7 @@ def one_lowbit(method: str, scheme_name: str, a) -> dict:
         "step_seconds": {k: round(sum(r.get(k, 0) for r in layers), 1)
                          for k in ("awq_seconds", "gptq_seconds", "signround_seconds")},
         "awq_search_tokens": search_tokens, "signround_iters": a.signround_iters if "signround" in method else None,
+        "awq_clip": not a.awq_no_clip if "awq" in method else None,
     }
 
 
@@ -276,6 +279,8 @@ def table() -> str:
     latest: dict = {}
     for r in rows:  # the newest row of each (tool, method, scheme, windows) wins
         label = r["method"] + (", fp16 scales" if r["tool"] == "llmcompressor" and r.get("scale_dtype") == "fp16" else "")
+        if r.get("awq_clip") is False:
+            label += ", AWQ scales only (no clip)"
         if r.get("signround_iters") is not None:
             label += f", iters {r['signround_iters']}"
         if r.get("compute_dtype") == "bf16" and r["method"] != "rtn":  # AMX rows: calibration matmuls in bf16
@@ -338,6 +343,8 @@ def main(argv=None) -> int:
                    help="save llm-compressor's quantized (dequantized) weights to DIR before its evaluation")
     p.add_argument("--signround-iters", type=int, default=20,
                    help="signround's steps per layer (its default is 200; AutoRound's row here used 20)")
+    p.add_argument("--awq-no-clip", action="store_true",
+                   help="AWQ rows scale only, without the clipping search (with signround, which learns the ranges)")
     p.add_argument("--progress", action="store_true", help="show the quantization pass's progress bars")
     p.add_argument("--table", action="store_true", help="only rewrite RESULTS.md's table from results.jsonl")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -351,7 +358,8 @@ def main(argv=None) -> int:
                        f"--threads={a.threads}", f"--column-order={a.column_order}",
                        f"--signround-iters={a.signround_iters}",
                        f"--save-llmcompressor={a.save_llmcompressor}", f"--llmc-scale-dtype={a.llmc_scale_dtype}"] + (["--dump-awq"] if a.dump_awq else []) + \
-                      (["--reuse-awq"] if a.reuse_awq else []) + (["--progress"] if a.progress else [])
+                      (["--reuse-awq"] if a.reuse_awq else []) + (["--progress"] if a.progress else []) + \
+                      (["--awq-no-clip"] if a.awq_no_clip else [])
         for job in jobs(a):
             print(f"== {job}", flush=True)
             rc = subprocess.call([sys.executable, __file__, f"--one={job}", *passthrough])
