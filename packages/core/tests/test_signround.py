@@ -213,3 +213,41 @@ class TestSignRoundConformance(QuantizerConformance):
     quantizer = SignRound
     options = {"iters": 20}
     schemes = (QuantScheme(4, 64), QuantScheme(3, 32), QuantScheme(4, -1, sym=True))
+
+
+def test_the_target_is_the_untouched_float_layer_after_a_transform():
+    """The pass takes the float outputs before any step: after a transform that changes the function (as
+    AWQ's clipping does) signround's target is still the original layer's."""
+    from lowbit.algorithms.base import Quantizer
+    from lowbit.pipeline import capture_layer_inputs, run_pass
+    from lowbit.recipe import Recipe
+
+    seen = []
+
+    class Shrink(Quantizer):  # a transform that changes the function: halves every linear's weight
+        name, quantizes = "shrink", False
+
+        def apply(self, ctx):
+            with torch.no_grad():
+                for p in ctx.linear_paths():
+                    ctx.module(p).weight.mul_(0.5)
+
+    class Spy(SignRound):
+        def apply(self, ctx):
+            seen.append((ctx.float_outputs, ctx.forward()))
+            super().apply(ctx)
+
+    scheme = QuantScheme(4, 32)
+    model, ids = outlier_llama(), calib_ids()
+    xs, kws = capture_layer_inputs(copy.deepcopy(model), LLAMA_FAMILY, ids, 4, 0)
+    layer0 = copy.deepcopy(LLAMA_FAMILY.layers(model)[0])
+    with torch.no_grad():
+        want = [layer0(x, **kw) for x, kw in zip(xs, kws)]
+    want = [w[0] if isinstance(w, tuple) else w for w in want]
+    run_pass(model, LLAMA_FAMILY, [Shrink(scheme), Spy(scheme, iters=3)], Recipe("shrink+signround", scheme, batch_size=4),
+             ids, progress=False)
+    targets, shrunk = seen[0]
+    assert len(targets) == len(want) == 2
+    for t, w in zip(targets, want):
+        torch.testing.assert_close(t, w, rtol=1e-5, atol=1e-5)
+    assert max(float((c - w).abs().max()) for c, w in zip(shrunk, want)) > 1e-2

@@ -16,9 +16,11 @@ range factors      ``α`` (the group's max), ``β`` (its min), each ``[N, NG]`` 
 =================  ==========================================================================
 
 The loss is the mean squared error between the layer with every linear quantized-dequantized that
-way and the float layer (as the step receives it: after AWQ's scaling with ``awq+signround``), on
-the calibration inputs the pass hands this layer (they come through the already quantized earlier
-layers). ``round`` passes gradients straight through (``x + (round(x) - x).detach()``), the zero
+way and the float layer's outputs, on the calibration inputs the pass hands this layer (they come
+through the already quantized earlier layers). The float outputs are the untouched layer's, which the pass takes before any step
+(``needs_float_outputs``): with ``awq+signround`` the weights start from AWQ's scaled (and, unless
+``--no-awq-clip``, clipped) layer, but the target stays the original function, which AWQ's clipping
+changes. ``round`` passes gradients straight through (``x + (round(x) - x).detach()``), the zero
 point's rounding too; the clamp to ``[0, maxq]`` passes none outside the range.
 
 Each of ``iters`` steps takes ``batch_size`` calibration samples drawn at random (a seeded generator
@@ -63,6 +65,7 @@ class SignRound(Quantizer):
     name = "signround"
     quantizes = True
     needs_calibration = True
+    needs_float_outputs = True
     description = ("rounding offsets and group ranges learnt by signed gradient descent on the layer's output "
                    "error (Cheng et al. 2023, AutoRound's algorithm)")
     options = (
@@ -115,7 +118,9 @@ class SignRound(Quantizer):
     def _optimize(self, ctx: LayerContext, params: dict[str, _Rounding], iters: int) -> tuple[float, float]:
         """Signed gradient descent on every linear's offsets (and range factors); keeps the best step's
         values in ``params``. Returns (the first step's loss, the best loss)."""
-        targets = ctx.forward()  # the float layer's outputs: the steps change only the copies below
+        # the float layer's outputs, from before any step when the pass took them (after AWQ the layer
+        # computes another function when AWQ clipped); the steps change only the copies below
+        targets = ctx.float_outputs if ctx.float_outputs is not None else ctx.forward()
         batches = _Samples(ctx.inputs, ctx.kwargs, targets)
         gen = torch.Generator().manual_seed((self.opts["seed"] + ctx.index) % 2**64)
         lr = float(self.opts["lr"] or 1.0 / iters)
