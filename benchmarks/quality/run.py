@@ -1,4 +1,4 @@
-"""Quality benchmark: WikiText-2 test perplexity of RTN, AWQ, GPTQ and AWQ+GPTQ on the demo model.
+"""Quality benchmark: WikiText-2 test perplexity of RTN, AWQ, GPTQ, AWQ+GPTQ (and SignRound) on the demo model.
 
 Each quantization runs in its own subprocess, so its wall time and peak RSS are its own. Rows are
 appended to ``results.jsonl`` as they finish (a killed run keeps what it measured); ``--table``
@@ -7,6 +7,7 @@ rewrites RESULTS.md from that file.
     python benchmarks/quality/run.py                      # everything (hours on a 2-core box)
     python benchmarks/quality/run.py --schemes w4g64 --methods rtn,gptq --windows 10
     python benchmarks/quality/run.py --table              # RESULTS.md from results.jsonl
+    python benchmarks/quality/run.py --schemes w4g64 --methods signround,awq+signround --signround-iters 20
 
 When ``llmcompressor`` is importable, ``--llmcompressor`` adds its RTN, GPTQ and AWQ at W4 g64 on
 the same model, calibration tokens and evaluation windows.
@@ -57,6 +58,10 @@ def one_lowbit(method: str, scheme_name: str, a) -> dict:
     bits, gs = SCHEMES[scheme_name]
     scheme = QuantScheme(bits, gs)
     opts: dict = {"gptq": {"column_order": a.column_order}} if "gptq" in method else {}
+    if "signround" in method:
+        opts["signround"] = {"iters": a.signround_iters}
+    if "awq" in method and a.awq_no_clip:
+        opts.setdefault("awq", {})["clip"] = False
     awq_dump = HERE / "awq" / f"{scheme_name}.safetensors"
     if method == "awq" and a.dump_awq:
         awq_dump.parent.mkdir(exist_ok=True)
@@ -74,10 +79,10 @@ def one_lowbit(method: str, scheme_name: str, a) -> dict:
 
         a.compute_dtype = "bf16" if fast_compute_dtype() == torch.bfloat16 else "fp32"
     compute = torch.float32 if a.compute_dtype == "fp32" else torch.bfloat16
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     qm = quantize(None, method=method, scheme=scheme, nsamples=a.nsamples, seqlen=a.calib_seqlen,
-                  step_options=opts, compute_dtype=compute, progress=False)
-    wall = time.perf_counter() - t0
+                  step_options=opts, compute_dtype=compute, progress=a.progress)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     rss = _peak_rss_mib()
     report = qm.manifest.get("report", {})
     layers = report.get("layers", [])
@@ -87,11 +92,14 @@ def one_lowbit(method: str, scheme_name: str, a) -> dict:
     return {
         "tool": "lowbit", "method": method, "column_order": a.column_order if "gptq" in method else None,
         "scheme": scheme_name, "ppl": ppl["ppl"], "ppl_first8": ppl.get("ppl_first8"), "windows": ppl["windows"],
-        "eval_seqlen": ppl["seqlen"], "quant_wall_s": round(wall, 1), "pass_s": report.get("seconds"),
+        "eval_seqlen": ppl["seqlen"], "quant_wall_s": round(wall, 1), "quant_cpu_s": round(cpu, 1),
+        "pass_s": report.get("seconds"),
         "peak_rss_mib": round(rss), "mean_layer_err": sum(errs) / len(errs) if errs else None,
         "last_layer_err": errs[-1] if errs else None, "awq_loaded": "load" in opts.get("awq", {}),
-        "step_seconds": {k: round(sum(r.get(k, 0) for r in layers), 1) for k in ("awq_seconds", "gptq_seconds")},
-        "awq_search_tokens": search_tokens,
+        "step_seconds": {k: round(sum(r.get(k, 0) for r in layers), 1)
+                         for k in ("awq_seconds", "gptq_seconds", "signround_seconds")},
+        "awq_search_tokens": search_tokens, "signround_iters": a.signround_iters if "signround" in method else None,
+        "awq_clip": not a.awq_no_clip if "awq" in method else None,
     }
 
 
@@ -271,18 +279,24 @@ def table() -> str:
     latest: dict = {}
     for r in rows:  # the newest row of each (tool, method, scheme, windows) wins
         label = r["method"] + (", fp16 scales" if r["tool"] == "llmcompressor" and r.get("scale_dtype") == "fp16" else "")
+        if r.get("awq_clip") is False:
+            label += ", AWQ scales only (no clip)"
+        if r.get("signround_iters") is not None:
+            label += f", iters {r['signround_iters']}"
         if r.get("compute_dtype") == "bf16" and r["method"] != "rtn":  # AMX rows: calibration matmuls in bf16
             label += ", bf16 matmuls"
         latest[(r["tool"], label, r["scheme"], r["windows"])] = r
     lines = ["| tool | method | scheme | PPL | windows × seqlen | PPL, first 8 windows | quant wall (s) | "
-             "AWQ / GPTQ step (s) | peak RSS (MiB) | mean layer err | load avg | commit | CPU |",
+             "AWQ / GPTQ or signround step (s) | peak RSS (MiB) | mean layer err | load avg | commit | CPU |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    order = {m: i for i, m in enumerate(["fp32"] + METHODS)}
+    order = {m: i for i, m in enumerate(["fp32"] + METHODS + ["signround", "awq+signround"])}
     # full-set rows (most windows) first, then by scheme, tool and method
     for (tool, label, scheme, _), r in sorted(latest.items(), key=lambda kv: (-kv[0][3], kv[0][0] != "fp32", kv[0][2],
                                                                                 kv[0][0], order.get(kv[0][1].split(",")[0], 9))):
         steps = r.get("step_seconds") or {}
-        st = " / ".join(_fmt(steps.get(k) or None, ".0f") for k in ("awq_seconds", "gptq_seconds"))
+        st = " / ".join(_fmt(steps.get(k) or None, ".0f") for k in ("awq_seconds", "gptq_seconds")) \
+            if not steps.get("signround_seconds") else f"{_fmt(steps.get('awq_seconds') or None, '.0f')} / " \
+            f"{steps['signround_seconds']:.0f}"
         method_s = label + (" (AWQ loaded)" if r.get("awq_loaded") else "")
         method = r["method"]
         if tool == "lowbit" and "awq" in method:  # rows before the field searched on 4096 tokens
@@ -327,6 +341,11 @@ def main(argv=None) -> int:
                         "the precision lowbit and the AutoAWQ / GPTQ formats store")
     p.add_argument("--save-llmcompressor", metavar="DIR", default="",
                    help="save llm-compressor's quantized (dequantized) weights to DIR before its evaluation")
+    p.add_argument("--signround-iters", type=int, default=20,
+                   help="signround's steps per layer (its default is 200; AutoRound's row here used 20)")
+    p.add_argument("--awq-no-clip", action="store_true",
+                   help="AWQ rows scale only, without the clipping search (with signround, which learns the ranges)")
+    p.add_argument("--progress", action="store_true", help="show the quantization pass's progress bars")
     p.add_argument("--table", action="store_true", help="only rewrite RESULTS.md's table from results.jsonl")
     p.add_argument("--one", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -337,8 +356,10 @@ def main(argv=None) -> int:
         passthrough = [f"--windows={a.windows}", f"--seqlen={a.seqlen}", f"--nsamples={a.nsamples}",
                        f"--calib-seqlen={a.calib_seqlen}", f"--compute-dtype={a.compute_dtype}",
                        f"--threads={a.threads}", f"--column-order={a.column_order}",
+                       f"--signround-iters={a.signround_iters}",
                        f"--save-llmcompressor={a.save_llmcompressor}", f"--llmc-scale-dtype={a.llmc_scale_dtype}"] + (["--dump-awq"] if a.dump_awq else []) + \
-                      (["--reuse-awq"] if a.reuse_awq else [])
+                      (["--reuse-awq"] if a.reuse_awq else []) + (["--progress"] if a.progress else []) + \
+                      (["--awq-no-clip"] if a.awq_no_clip else [])
         for job in jobs(a):
             print(f"== {job}", flush=True)
             rc = subprocess.call([sys.executable, __file__, f"--one={job}", *passthrough])

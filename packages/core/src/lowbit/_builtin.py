@@ -10,10 +10,12 @@ def lowbit_register_quantizers(register):
     from .algorithms.awq import AWQ
     from .algorithms.gptq import GPTQ
     from .algorithms.rtn import RTN
+    from .algorithms.signround import SignRound
 
     register.add(RTN)
     register.add(AWQ)
     register.add(GPTQ)
+    register.add(SignRound)
 
 
 @hookimpl

@@ -138,3 +138,11 @@ def temperature(text: str) -> float:
     if x != 0 and not x >= MIN_TEMPERATURE:
         raise argparse.ArgumentTypeError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {text!r}")
     return x
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (a learning rate)."""
+    x = _float(text)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text!r}")
+    return x

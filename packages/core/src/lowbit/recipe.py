@@ -27,6 +27,8 @@ METHODS: dict[str, list[str]] = {
     "awq": ["awq", "rtn"],
     "gptq": ["gptq"],
     "awq+gptq": ["awq", "gptq"],
+    "signround": ["signround"],
+    "awq+signround": ["awq", "signround"],
 }
 
 
@@ -121,7 +123,7 @@ class Recipe:
             if not steps:
                 raise UnsupportedSchemeError(f"method {self.method!r} has no transform step to export; use --method awq.")
         elif not steps[-1].quantizes:
-            raise UnsupportedSchemeError(f"the last step of {self.method!r} must quantize (rtn or gptq), "
+            raise UnsupportedSchemeError(f"the last step of {self.method!r} must quantize (rtn, gptq or signround), "
                                          f"got {steps[-1].name}.")
         return steps
 

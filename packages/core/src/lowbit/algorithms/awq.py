@@ -129,7 +129,7 @@ class _GroupStats:
 
 
 class AWQ(Quantizer):
-    """Activation-aware scaling + clipping search (a transform step; follow it with rtn or gptq).
+    """Activation-aware scaling + clipping search (a transform step; follow it with rtn, gptq or signround).
 
     Options: ``n_grid`` points of the α grid (and of the clip grid), ``duo_scaling``, ``clip``,
     ``dump`` (path to write the search results), ``load`` (path of results to apply instead of
@@ -141,7 +141,7 @@ class AWQ(Quantizer):
     name = "awq"
     quantizes = False
     needs_calibration = True
-    description = "activation-aware scale search + clipping (transform; then rtn or gptq)"
+    description = "activation-aware scale search + clipping (transform; then rtn, gptq or signround)"
     options = (
         Option("n_grid", 20, flag="--awq-grid", help="scale search grid points",
                type=int_range(2, 1000, "each point is a search over every group; finer grids change nothing")),

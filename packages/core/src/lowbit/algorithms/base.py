@@ -38,6 +38,10 @@ class Quantizer:
     #: True when, run first, the step streams the untouched float layer with ``reference=True``
     #: (:meth:`LayerContext.stream`), so the pass need not run a forward for the error report
     records_reference: bool = False
+    #: True when the step needs the untouched float layer's outputs on every calibration batch
+    #: (``ctx.float_outputs``, taken by the pass before any step), e.g. as a target after a transform
+    #: step that changes the function (AWQ's clipping)
+    needs_float_outputs: ClassVar[bool] = False
     options: ClassVar[tuple[Option, ...]] = ()
     description: ClassVar[str] = ""
 

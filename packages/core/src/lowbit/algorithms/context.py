@@ -110,6 +110,7 @@ class LayerContext:
     replays: dict[str, Replay] = field(default_factory=dict)
     batch: int = 0
     reference: list[torch.Tensor] | None = None  # the float layer's outputs on the first report batches
+    float_outputs: list[torch.Tensor] | None = None  # on every batch, for steps that need them (before any step)
     report_batches: int | None = None
 
     def module(self, path: str) -> nn.Module:
