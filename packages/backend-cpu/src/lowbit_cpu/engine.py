@@ -24,7 +24,7 @@ import importlib
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.run.engine import EMBEDDINGS
+from lowbit.run.nn import EMBEDDINGS
 
 from . import cpuinfo, native
 

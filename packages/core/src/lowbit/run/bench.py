@@ -38,7 +38,7 @@ from ..argtypes import at_least_two, group_size, int_range, nonnegative_int, pat
 from ..cpuinfo import cpu_name, isa
 from ..errors import LowbitError
 from ..limits import check_fits
-from .engine import EMBEDDINGS
+from .nn import EMBEDDINGS
 
 DEFAULT_SHAPES = "4096x4096,4096x11008,11008x4096"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

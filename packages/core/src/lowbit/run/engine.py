@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import LowbitError
+from .nn import EMBEDDINGS
 
 RUNTIMES = ("auto", "native", "transformers")
-#: the native decoder's embedding modes (``--embedding``): the float table, or int8 rows (opt-in, native only)
-EMBEDDINGS = ("float", "int8")
 
 
 @dataclass

@@ -93,6 +93,8 @@ def _load_floats(model: nn.Module, tensors: dict[str, torch.Tensor], skip: set[s
         model.tie_weights()
 
 
+#: the native decoder's embedding modes (``--embedding``): the float table, or int8 rows (opt-in, native only)
+EMBEDDINGS = ("float", "int8")
 # load-time quantization of the float lm_head (opt-in): name → (bits, group size, symmetric)
 LM_HEAD_SCHEMES = {"int8": (8, -1, True), "int4": (4, 64, False)}
 
