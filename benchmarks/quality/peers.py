@@ -17,7 +17,8 @@ Two phases, each in its own process:
     python benchmarks/quality/peers.py --quant gptqmodel:w4g64 && python benchmarks/quality/peers.py --eval gptqmodel:w4g64
     python benchmarks/quality/peers.py --all            # both phases for every tool and scheme, sequentially
 
-``--row-from-progress TOOL:SCHEME --windows 8`` appends the row of an evaluation that was stopped, from the
+``--eval TOOL:SCHEME --resume`` continues a cut evaluation after the windows its progress file holds (the same
+weights file: its per-weight errors must match). ``--row-from-progress TOOL:SCHEME --windows 8`` appends the row of an evaluation that was stopped, from the
 windows it finished (8: the subset every lowbit row also reports); ``--decode gptqmodel:SCHEME=DIR --facts JSON``
 decodes a GPTQModel checkpoint already saved.
 
@@ -235,14 +236,21 @@ def do_eval(job: str, a) -> None:
     if a.windows:
         wins = wins[: a.windows]
     per, t0, progress = [], time.perf_counter(), OUT / f"{tool}-{scheme}.progress.json"
-    for i in range(0, wins.shape[0], 8):
+    done_s = 0.0
+    if a.resume and progress.exists():  # a cut run of the same weights file: keep the windows it scored
+        prog = json.loads(progress.read_text())
+        if prog["of"] != int(wins.shape[0]) or prog["weight_rel_err"] != rel or prog["windows"] % 8:
+            raise SystemExit(f"{progress} is not a cut run of these weights and windows; run without --resume")
+        per, done_s = list(prog["window_nll"]), prog["seconds"]
+        print(f"resuming after {len(per)} windows ({done_s} s)", flush=True)
+    for i in range(len(per), wins.shape[0], 8):
         per += perplexity(model, windows=wins[i : i + 8], seqlen=a.seqlen, progress=False, per_window=True)["window_nll"]
         progress.write_text(json.dumps({"windows": len(per), "of": int(wins.shape[0]),
                                         "ppl_so_far": math.exp(sum(per) / len(per)),
                                         "ppl_first8": math.exp(sum(per[:8]) / len(per[:8])), "window_nll": per,
                                         "weight_rel_err": rel,
-                                        "seconds": round(time.perf_counter() - t0, 1)}))
-    _append_row(tool, scheme, facts, per, rel, time.perf_counter() - t0, a)
+                                        "seconds": round(done_s + time.perf_counter() - t0, 1)}))
+    _append_row(tool, scheme, facts, per, rel, done_s + time.perf_counter() - t0, a)
 
 
 def _append_row(tool: str, scheme: str, facts: dict, per: list, rel: list, seconds: float, a) -> None:
@@ -298,6 +306,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=None, help="AutoRound iterations (default: its own, 200)")
     p.add_argument("--ar-batch", type=int, default=8, help="AutoRound calibration batch (its default batch_size is 8)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--resume", action="store_true",
+                   help="--eval: keep the windows a cut run of the same weights left in its progress file")
     a = p.parse_args(argv)
     sys.path.insert(0, str(HERE))
     if a.quant:
