@@ -251,3 +251,55 @@ def test_the_target_is_the_untouched_float_layer_after_a_transform():
     for t, w in zip(targets, want):
         torch.testing.assert_close(t, w, rtol=1e-5, atol=1e-5)
     assert max(float((c - w).abs().max()) for c, w in zip(shrunk, want)) > 1e-2
+
+
+def _float_model_outputs(model, ids, batch_size):
+    """Every layer's output in the float model itself (its own activations through every float layer)."""
+    from lowbit.pipeline import capture_layer_inputs
+
+    model = copy.deepcopy(model)
+    xs, kws = capture_layer_inputs(model, LLAMA_FAMILY, ids, batch_size, 0)
+    outs = []
+    with torch.no_grad():
+        for layer in LLAMA_FAMILY.layers(model):
+            xs = [layer(x, **kw) for x, kw in zip(xs, kws)]
+            xs = [x[0] if isinstance(x, tuple) else x for x in xs]
+            outs.append(xs)
+    return outs
+
+
+def test_target_is_the_float_models_own_output_at_every_layer():
+    """From layer 1 on, the target is the float model's output of the layer (the float stream), not the
+    float layer run on the inputs that the quantized layer 0 changed."""
+    from lowbit.pipeline import run_pass
+    from lowbit.recipe import Recipe
+
+    seen = []
+
+    class Spy(SignRound):
+        def apply(self, ctx):
+            seen.append((ctx.float_outputs, ctx.forward()))
+            super().apply(ctx)
+
+    scheme = QuantScheme(3, 32)
+    model, ids = outlier_llama(), calib_ids()
+    want = _float_model_outputs(model, ids, 4)
+    run_pass(model, LLAMA_FAMILY, [Spy(scheme, iters=2)], Recipe("signround", scheme, batch_size=4), ids, progress=False)
+    assert len(seen) == len(want) >= 2
+    for (targets, on_quantized_inputs), w in zip(seen, want):
+        for t, x in zip(targets, w):
+            torch.testing.assert_close(t, x, rtol=1e-5, atol=1e-5)
+    # layer 1's float layer on the quantized stream differs from the float model's output
+    assert max(float((a - b).abs().max()) for a, b in zip(seen[1][1], want[1])) > 1e-4
+
+
+def test_float_stream_at_a_resumed_layer_equals_the_straight_run():
+    from lowbit.pipeline import _float_stream_at, capture_layer_inputs
+
+    model, ids = outlier_llama(), calib_ids()
+    want = _float_model_outputs(model, ids, 4)
+    xs, kws = capture_layer_inputs(copy.deepcopy(model), LLAMA_FAMILY, ids, 4, 0)
+    got = _float_stream_at(LLAMA_FAMILY.layers(model), LLAMA_FAMILY, 1, xs, kws, None)
+    for g, w in zip(got, want[0]):
+        assert torch.equal(g, w)
+    assert _float_stream_at(LLAMA_FAMILY.layers(model), LLAMA_FAMILY, 0, xs, kws, None) == xs

@@ -220,12 +220,15 @@ def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], recipe:
         finally:
             for h in upcasts:
                 h.remove()
+        float_stream = any(s.needs_float_outputs for s in steps)
+        fp_inputs = _float_stream_at(layers, adapter, start, inputs, kwargs, source) if float_stream else None
         if start_inputs is not None:
             inputs = start_inputs
         inputs, kwargs = _to(inputs, device), _to(kwargs, device)
+        fp_inputs = _to(fp_inputs, device) if float_stream else None
         release(model, outer)
     else:
-        inputs, kwargs = [], []
+        inputs, kwargs, float_stream, fp_inputs = [], [], False, None
     qweights: dict = {}
     report = PassReport()
     bar = tqdm(total=len(layers), desc="quantizing", unit="layer", disable=not progress)
@@ -249,9 +252,11 @@ def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], recipe:
         ctx = LayerContext(i, prefix, layer, adapter.groups(layer), scheme, inputs, kwargs,
                            qweights=qweights, compute_dtype=compute_dtype, blocks=adapter.blocks(layer),
                            report_batches=report_batches)
-        if needs_data and any(s.needs_float_outputs for s in steps):
-            ctx.float_outputs = ctx.forward()  # before any step changes the layer
-            ctx.reference = ctx.float_outputs[:report_batches]
+        if float_stream:  # the float model's own activations through the untouched layer, before any step
+            quantized_inputs, ctx.inputs = ctx.inputs, fp_inputs
+            ctx.float_outputs = ctx.forward()
+            ctx.inputs = quantized_inputs
+            fp_inputs = ctx.float_outputs
         if needs_data and not steps[0].records_reference:
             ctx.reference_outputs()  # before any step changes the layer
         for s in steps:
@@ -294,6 +299,27 @@ def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], recipe:
         s.finish()
     report.seconds = time.perf_counter() - t0
     return qweights, report
+
+
+@torch.no_grad()
+def _float_stream_at(layers, adapter: Adapter, start: int, inputs: list[torch.Tensor], kwargs: list[dict],
+                     source) -> list[torch.Tensor]:
+    """The float model's activations at layer ``start`` (its first layer's ``inputs`` run through the
+    untouched float layers before it): what steps that want the float model's outputs as their target
+    (``needs_float_outputs``) see when a run resumes part way."""
+    xs = list(inputs)
+    for i in range(start):
+        layer = layers[i]
+        if source is not None:
+            materialize(layer, adapter.layer_prefix(i), source, torch.float32)
+        outs = []
+        for x, kw in zip(xs, kwargs):
+            out = layer(x, **kw)
+            outs.append((out[0] if isinstance(out, tuple) else out).to(x.dtype))
+        xs = outs
+        if source is not None:
+            release(layer)
+    return xs
 
 
 def float_tensors_of(model: nn.Module, qweights: dict) -> dict[str, torch.Tensor]:

@@ -38,9 +38,11 @@ class Quantizer:
     #: True when, run first, the step streams the untouched float layer with ``reference=True``
     #: (:meth:`LayerContext.stream`), so the pass need not run a forward for the error report
     records_reference: bool = False
-    #: True when the step needs the untouched float layer's outputs on every calibration batch
-    #: (``ctx.float_outputs``, taken by the pass before any step), e.g. as a target after a transform
-    #: step that changes the function (AWQ's clipping)
+    #: True when the step needs the float model's own outputs of this layer on every calibration batch
+    #: (``ctx.float_outputs``): the untouched float layer run by the pass, before any step, on the
+    #: float model's activations (a second activation stream the pass carries beside the quantized
+    #: one), so a step can aim at what the float model computes rather than at the float layer on
+    #: inputs the earlier quantized layers already changed
     needs_float_outputs: ClassVar[bool] = False
     options: ClassVar[tuple[Option, ...]] = ()
     description: ClassVar[str] = ""

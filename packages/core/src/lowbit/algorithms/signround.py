@@ -15,12 +15,13 @@ range factors      ``α`` (the group's max), ``β`` (its min), each ``[N, NG]`` 
                    take in 0, symmetric ones use ``2·max(|lo|, |hi|) / maxq``)
 =================  ==========================================================================
 
-The loss is the mean squared error between the layer with every linear quantized-dequantized that
-way and the float layer's outputs, on the calibration inputs the pass hands this layer (they come
-through the already quantized earlier layers). The float outputs are the untouched layer's, which the pass takes before any step
-(``needs_float_outputs``): with ``awq+signround`` the weights start from AWQ's scaled (and, unless
-``--no-awq-clip``, clipped) layer, but the target stays the original function, which AWQ's clipping
-changes. ``round`` passes gradients straight through (``x + (round(x) - x).detach()``), the zero
+The loss is the mean squared error between the output of the layer with every linear
+quantized-dequantized that way, run on the calibration inputs the pass hands this layer (they come
+through the already quantized earlier layers), and the float model's own output of this layer (the
+untouched float layer on the float model's activations, which the pass carries beside the quantized
+ones: ``needs_float_outputs``). So each layer also learns to cancel the error the layers before it
+left, as AutoRound does; and with ``awq+signround``, whose weights start from AWQ's scaled (and,
+unless ``--no-awq-clip``, clipped) layer, the target stays the original function. ``round`` passes gradients straight through (``x + (round(x) - x).detach()``), the zero
 point's rounding too; the clamp to ``[0, maxq]`` passes none outside the range.
 
 Each of ``iters`` steps takes ``batch_size`` calibration samples drawn at random (a seeded generator
