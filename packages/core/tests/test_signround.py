@@ -286,7 +286,7 @@ def test_target_is_the_float_models_own_output_at_every_layer():
     want = _float_model_outputs(model, ids, 4)
     run_pass(model, LLAMA_FAMILY, [Spy(scheme, iters=2)], Recipe("signround", scheme, batch_size=4), ids, progress=False)
     assert len(seen) == len(want) >= 2
-    for (targets, on_quantized_inputs), w in zip(seen, want):
+    for (targets, _), w in zip(seen, want):
         for t, x in zip(targets, w):
             torch.testing.assert_close(t, x, rtol=1e-5, atol=1e-5)
     # layer 1's float layer on the quantized stream differs from the float model's output

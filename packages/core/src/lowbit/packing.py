@@ -86,8 +86,8 @@ def _pack_bytes(values: torch.Tensor, bits: int) -> torch.Tensor:
     LSB-first words (one byte per value of temporaries, where the word loop widens to uint64)."""
     *lead, length = values.shape
     per = 8 // bits
-    v = values.detach().cpu().to(torch.uint8).reshape(*lead, length // per, per)
-    b = v[..., 0].clone()
+    v = values.detach().cpu().to(torch.uint8).contiguous().reshape(*lead, length // per, per)
+    b = v[..., 0].clone(memory_format=torch.contiguous_format)  # a new tensor, never a view of ``values``
     for i in range(1, per):
         b |= v[..., i] << (bits * i)
     return b.reshape(*lead, length // per).view(torch.int32)
