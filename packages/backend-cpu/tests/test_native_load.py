@@ -130,6 +130,7 @@ PEAK_CHILD = textwrap.dedent("""
     from lowbit import read_checkpoint
     from lowbit_cpu import engine, native
     native.engine_library(engine.wants_vnni())
+    native.amx_unavailable_reason()  # process setup (the AMX tile permission), not the loader
     import transformers.models.llama.modeling_llama  # noqa: F401  (what the rope table imports)
     def status(key):  # VmHWM: this process's own high-water mark (ru_maxrss would carry the parent's over exec)
         with open("/proc/self/status") as f:
