@@ -146,8 +146,9 @@ PEAK_CHILD = textwrap.dedent("""
 @pytest.mark.slow
 def test_loader_peak_is_the_packed_weights_plus_a_few_mb(tmp_path):
     """Two layers at a 1B model's width (hidden 2048, MLP 8192): 67 MB packed, while the codes unpacked are
-    134 MB and one layer's gate/up alone 34 MB. The load's peak above the packed weights must stay under
-    24 MiB, so unpacking the model, or even one fused matrix, fails it."""
+    134 MB and one layer's gate/up alone 34 MB. The load's peak above the packed weights is 18-25 MiB in the
+    environments measured (the checkpoint reader's 11-12 MiB, the engine's structures); unpacking the model,
+    or even one fused matrix, adds at least 34 MB on top of that, so a bound of 32 MiB fails it."""
     hidden, inter, layers = 2048, 8192, 2
     qm = make_qmodel("llama", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                      num_attention_heads=16, num_key_value_heads=4, vocab_size=512)
@@ -158,7 +159,7 @@ def test_loader_peak_is_the_packed_weights_plus_a_few_mb(tmp_path):
     got = json.loads(out.stdout.strip().splitlines()[-1])
     codes = layers * (5 * hidden * hidden // 2 + 3 * hidden * inter)  # q, o: hidden²; k, v: hidden²/4 (4 of 16 heads)
     assert got["weights"] > codes / 2
-    assert got["peak"] - got["weights"] < 24 * 2**20, got
+    assert got["peak"] - got["weights"] < 32 * 2**20, got
 
 
 def test_int8_embedding_decodes_its_rows_exactly():
