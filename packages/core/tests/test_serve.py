@@ -367,7 +367,7 @@ def gated(ckpt):
     sock.close()
 
 
-def _wait(cond, timeout=30):
+def _wait(cond, timeout=120):  # a liveness wait: generous for a loaded machine (a first use builds the native library)
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, "timed out"
