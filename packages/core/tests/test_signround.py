@@ -44,7 +44,7 @@ def test_fake_quant_at_the_start_is_rtn(scheme):
     torch.testing.assert_close(r.fake_quant(), rtn.dequantize(), rtol=0, atol=float(step) * 2**-10 * scheme.maxq)
 
 
-def test_offsets_move_codes_and_stay_in_range():
+def test_offsets_move_codes_and_factors_stay_in_range():
     scheme = QuantScheme(3, 32)
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(4))
     r = _Rounding(w, scheme)
@@ -54,10 +54,14 @@ def test_offsets_move_codes_and_stay_in_range():
     qw = r.emit(None)
     assert int(qw.codes.max()) <= scheme.maxq
     torch.testing.assert_close(r.fake_quant(), qw.dequantize(), rtol=0, atol=float(qw.scales.float().max()) * 2e-3)
-    r.v.fill_(2.0)
-    r.alpha.fill_(0.1)
+    r.v.fill_(1.25)  # past the next level: AutoRound bounds V only by its step sizes, and so does lowbit
+    r.alpha.fill_(-0.3)
+    r.beta.fill_(1.4)
     r.clamp_()
-    assert float(r.v.max()) == 0.5 and float(r.alpha.min()) == 0.5
+    assert float(r.v.max()) == 1.25 and float(r.alpha.min()) == 0.0 and float(r.beta.max()) == 1.0
+    qw = r.emit(None)
+    assert int(qw.codes.max()) <= scheme.maxq
+    torch.testing.assert_close(r.fake_quant(), qw.dequantize(), rtol=0, atol=float(qw.scales.float().max()) * 2e-3)
 
 
 def test_straight_through_gradients():
