@@ -3,7 +3,8 @@
     python benchmarks/cpu/bench_llamacpp.py                           # 1 thread, CPU clock (RESULTS.md)
     python benchmarks/cpu/bench_llamacpp.py --threads 2 --clock wall  # both cores, wall clock
     python benchmarks/cpu/bench_llamacpp.py --models demo             # one model
-    python benchmarks/cpu/bench_llamacpp.py --models llama-2-7b-shape --prompt-lens 128,1024 --schemes g32-sym,g64-asym
+    python benchmarks/cpu/bench_llamacpp.py --models llama-2-7b-shape --prompt-lens 128,1024 --schemes g32-sym \
+        --runtime native --lm-heads float --gguf-types Q4_0 --new-tokens 16,8   # the 7B rows of RESULTS.md
 
 Models: ``demo`` (SmolLM2-135M, the demo model; its float weights as lowbit converts them) and two synthetic
 shapes with random N(0, 0.02) weights written once under ``--out`` (bf16 safetensors, one tensor at a time, so
@@ -15,7 +16,8 @@ MLP 11008, untied, rope_theta 10000).
 From the same float weights: lowbit W4 at each ``--schemes`` entry (``g64-asym``: group 64 asymmetric;
 ``g32-sym``: group 32 symmetric, Q4_0's bits) by GPTQ for the demo model and RTN for the random ones, with the
 float lm_head and with the lm_head quantized to int8 at load time, each on the native decoder and on the
-transformers modules (``lowbit bench --runtime both``); the weights dequantized to bf16 in plain
+transformers modules (``lowbit bench --runtime both``; ``--runtime``, ``--lm-heads`` and ``--gguf-types`` pick
+fewer rows where a model is too large to run them all); the weights dequantized to bf16 in plain
 transformers; llama.cpp (llama-cpp-python) on Q4_0 and Q4_1 GGUFs that llama.cpp's own tools make:
 ``convert_hf_to_gguf.py`` from llama-cpp-python's sdist (downloaded once with pip into ``--out``) writes F16,
 ``llama_cpp.llama_model_quantize`` writes Q4_0 and Q4_1 with llama.cpp's default choices for the other
@@ -117,8 +119,9 @@ def llama_cpp_src(out: Path) -> Path:
     return src
 
 
-def ggufs(name: str, hf: Path, out: Path) -> dict[str, Path]:
-    """F16 by llama.cpp's converter, then Q4_0 and Q4_1 by llama.cpp's quantizer, cached under ``out/gguf``."""
+def ggufs(name: str, hf: Path, out: Path, types=("Q4_0", "Q4_1")) -> dict[str, Path]:
+    """F16 by llama.cpp's converter, then ``types`` (Q4_0, Q4_1) by llama.cpp's quantizer, cached under
+    ``out/gguf``."""
     import llama_cpp
 
     d = out / "gguf"
@@ -130,7 +133,7 @@ def ggufs(name: str, hf: Path, out: Path) -> dict[str, Path]:
         sh([sys.executable, src / "convert_hf_to_gguf.py", hf, "--outfile", f"{f16}.tmp", "--outtype", "f16"], env=env)
         os.replace(f"{f16}.tmp", f16)
     res = {}
-    for qt in ("Q4_0", "Q4_1"):
+    for qt in types:
         q = d / f"{name}-{qt}.gguf"
         if not q.exists():
             params = llama_cpp.llama_model_quantize_default_params()
@@ -161,7 +164,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="cpu")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--runtime", choices=("both", "native", "transformers"), default="both",
+                    help="the lowbit rows' runtime(s) (default both)")
+    ap.add_argument("--lm-heads", default="float,int8", help="the lowbit rows' lm_head modes, comma-separated")
+    ap.add_argument("--gguf-types", default="Q4_0,Q4_1", help="llama.cpp rows, comma-separated (Q4_0, Q4_1)")
+    ap.add_argument("--new-tokens", default="64,8",
+                    help="decode steps after the shortest prompt, and after the longer ones (default 64,8)")
     a, rest = ap.parse_known_args()
+    new_short, new_long = (int(x) for x in a.new_tokens.split(","))
+    gguf_types = a.gguf_types.split(",")
     prompts = sorted(int(p) for p in a.prompt_lens.split(","))
     schemes = a.schemes.split(",")
     for bad in [m for m in a.models.split(",") if m != "demo" and m not in SHAPES] + \
@@ -174,14 +185,15 @@ def main() -> int:
             hf, method, ppl = demo_dir(), "gptq", ["--ppl-windows", "4", "--ppl-seqlen", "512"]
         else:
             hf, method, ppl = synthetic(name, a.out), "rtn", []
-        files = ggufs(name, hf, a.out)
+        files = ggufs(name, hf, a.out, gguf_types)
         for scheme in schemes:
             ckpt = checkpoint(name, hf, a.out, method, scheme)
             for plen in prompts:
                 up0 = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-                cmd = [sys.executable, "-m", "lowbit.cli", "bench", ckpt, "--runtime", "both", "--lm-head", "float",
-                       "--lm-head", "int8", "--llama-cpp", files["Q4_0"], "--llama-cpp", files["Q4_1"],
-                       "--prompt-len", str(plen), "--new-tokens", "64" if plen == prompts[0] else "8",
+                cmd = [sys.executable, "-m", "lowbit.cli", "bench", ckpt, "--runtime", a.runtime,
+                       *[x for h in a.lm_heads.split(",") for x in ("--lm-head", h)],
+                       *[x for t in gguf_types for x in ("--llama-cpp", files[t])],
+                       "--prompt-len", str(plen), "--new-tokens", str(new_short if plen == prompts[0] else new_long),
                        "--repeat", str(a.repeat), "--threads", str(a.threads), "--clock", a.clock,
                        *(ppl if plen == prompts[0] else []), *rest, "--json"]
                 report = json.loads(sh(cmd, capture_output=True, text=True).stdout)

@@ -44,6 +44,17 @@ def test_quantize_writes_checkpoint_and_json(capsys, tiny_dir, tmp_path):
     code, out, err = run(capsys, "generate", str(tmp_path / "q/lowbit"), "Hello", "--max-new-tokens", "5", "--json")
     assert code == 0, err
     assert json.loads(out)["new_tokens"] == 5
+    # several prompts: one batch, each completion the one its prompt gets alone (greedy)
+    alone = []
+    for prompt in ("Hello", "The capital of France is"):
+        code, out, err = run(capsys, "generate", str(tmp_path / "q/lowbit"), prompt, "--max-new-tokens", "6", "--json")
+        alone.append(json.loads(out)["completion"])
+    code, out, err = run(capsys, "generate", str(tmp_path / "q/lowbit"), "Hello", "The capital of France is",
+                         "--max-new-tokens", "6", "--json")
+    assert code == 0, err
+    batch = json.loads(out)
+    assert [r["prompt"] for r in batch] == ["Hello", "The capital of France is"]
+    assert [r["completion"] for r in batch] == alone
 
 
 @pytest.fixture(scope="module")

@@ -334,7 +334,8 @@ class NativeDecoder:
         self._emb_unread = 0 if shared else md.vocab * md.hidden * (1 if emb is None else emb.element_size())
         self.lm_head, self.embedding = lm_head, embedding
         self.capacity = 0
-        self.n_past = 0
+        self.slots = 1
+        self.past = [0]  # positions filled, per cache slot
         self._scratch = torch.empty(0, dtype=torch.uint8)
         self._scratch_key = None
         self.kcache = self.vcache = None
@@ -392,23 +393,35 @@ class NativeDecoder:
         h = self.md.head_dim // 2
         return cos[0, :, :h].float().contiguous(), sin[0, :, :h].float().contiguous()
 
-    def reset(self, capacity: int | None = None) -> None:
-        """Empty the KV cache; with ``capacity``, (re)allocate it for that many positions."""
-        self.n_past = 0
-        if capacity is None or capacity == self.capacity:
+    @property
+    def n_past(self) -> int:
+        """Positions filled in slot 0 (the one sequence of :meth:`forward` without ``slot``)."""
+        return self.past[0]
+
+    def reset(self, capacity: int | None = None, slots: int | None = None) -> None:
+        """Empty the KV cache; with ``capacity`` (positions per sequence) or ``slots`` (sequences, for
+        :meth:`forward_rows`), (re)allocate it for that many."""
+        capacity = self.capacity if capacity is None else capacity
+        slots = self.slots if slots is None else slots
+        if slots < 1:
+            raise LowbitError(f"the KV cache needs at least 1 sequence slot, got {slots}.")
+        self.past = [0] * slots
+        if capacity == self.capacity and slots == self.slots and (self.kcache is not None or capacity == 0):
             return
         if capacity < 1:
             raise LowbitError(f"KV cache capacity must be at least 1 position, got {capacity}.")
         md = self.md
-        shape = (md.n_layers, md.n_kv, capacity, md.head_dim)
+        shape = (slots, md.n_layers, md.n_kv, capacity, md.head_dim)
         md.capacity = self.capacity = 0  # the old cache goes before the new one is allocated
         self.kcache = self.vcache = None
         self.kcache = torch.zeros(shape, dtype=torch.float32)
         self.vcache = torch.zeros(shape, dtype=torch.float32)
-        self.cos, self.sin = self._rope_table(capacity)
+        if getattr(self, "cos", None) is None or self.cos.shape[0] != capacity:
+            self.cos, self.sin = self._rope_table(capacity)
         md.kcache, md.vcache = self.kcache.data_ptr(), self.vcache.data_ptr()
         md.cos, md.sin = self.cos.data_ptr(), self.sin.data_ptr()
         md.capacity = self.capacity = capacity
+        self.slots = slots
         self._scratch_key = None
 
     def weight_bytes(self) -> int:
@@ -423,38 +436,75 @@ class NativeDecoder:
     def cache_bytes(self) -> int:
         return 2 * self.kcache.numel() * 4 if self.kcache is not None else 0
 
-    def forward(self, ids, all_logits: bool = False, threads: int | None = None) -> torch.Tensor:
-        """Run ``ids`` (a list or 1-D tensor of token ids) at the next positions; fp32 logits ``[len(ids), vocab]``
-        with ``all_logits``, else ``[vocab]`` of the last token."""
+    def _ids(self, ids) -> torch.Tensor:
         ids = torch.as_tensor(ids, dtype=torch.int32).reshape(-1).contiguous()
-        m = ids.numel()
-        if m == 0:
+        if ids.numel() == 0:
             raise LowbitError("native decoder: no tokens to run.")
-        if self.n_past + m > self.capacity:
-            raise LowbitError(f"{self.n_past + m} positions do not fit the KV cache of {self.capacity} "
-                              f"(prompt and new tokens must fit; reset with a larger capacity).")
         if int(ids.min()) < 0 or int(ids.max()) >= self.md.vocab:
             raise LowbitError(f"token id out of range 0..{self.md.vocab - 1}.")
+        return ids
+
+    def _scratch_for(self, rows: int, threads: int) -> int:
+        """The scratch of a call with ``rows`` rows on ``threads`` threads (grown, kept between calls)."""
+        if self._scratch_key is None or self._scratch_key[0] < rows or self._scratch_key[1] != threads:
+            self._scratch = torch.empty(self.lib.lowbit_engine_scratch_bytes(ctypes.byref(self.md), rows, threads) + 64,
+                                        dtype=torch.uint8)
+            self._scratch_key = (rows, threads)
+        return self._scratch.data_ptr()
+
+    def forward(self, ids, all_logits: bool = False, threads: int | None = None, slot: int = 0) -> torch.Tensor:
+        """Run ``ids`` (a list or 1-D tensor of token ids) at the next positions of the sequence in cache ``slot``;
+        fp32 logits ``[len(ids), vocab]`` with ``all_logits``, else ``[vocab]`` of the last token."""
+        ids = self._ids(ids)
+        m = ids.numel()
+        if not 0 <= slot < self.slots:
+            raise LowbitError(f"native decoder: sequence slot {slot} is not one of the {self.slots} allocated.")
+        if self.past[slot] + m > self.capacity:
+            raise LowbitError(f"{self.past[slot] + m} positions do not fit the KV cache of {self.capacity} "
+                              f"(prompt and new tokens must fit; reset with a larger capacity).")
         threads = threads or torch.get_num_threads()
-        vocab = self.md.vocab
-        out = torch.empty((m if all_logits else 1), vocab, dtype=torch.float32)
+        out = torch.empty((m if all_logits else 1), self.md.vocab, dtype=torch.float32)
         for c0 in range(0, m, CHUNK):
             c1 = min(m, c0 + CHUNK)
-            mc = c1 - c0
-            key = (min(m, CHUNK), threads)
-            if self._scratch_key is None or self._scratch_key[0] < key[0] or self._scratch_key[1] != threads:
-                self._scratch = torch.empty(self.lib.lowbit_engine_scratch_bytes(ctypes.byref(self.md), key[0],
-                                                                                   threads) + 64, dtype=torch.uint8)
-                self._scratch_key = key
+            scratch = self._scratch_for(min(m, CHUNK), threads)
             dst = out[c0:c1] if all_logits else out
             last = all_logits or c1 == m
-            rc = self.lib.lowbit_engine_forward(ctypes.byref(self.md), ids[c0:].data_ptr(), mc, self.n_past,
-                                                dst.data_ptr() if last else self._scratch_logits(),
-                                                int(all_logits), threads, self._scratch.data_ptr())
+            rc = self.lib.lowbit_engine_forward(ctypes.byref(self.md), ids[c0:].data_ptr(), c1 - c0, self.past[slot],
+                                                slot, dst.data_ptr() if last else self._scratch_logits(),
+                                                int(all_logits), threads, scratch)
             if rc != 0:
                 raise LowbitError("native decoder: positions do not fit the KV cache.")
-            self.n_past += mc
+            self.past[slot] += c1 - c0
         return out if all_logits else out[0]
+
+    def forward_rows(self, ids, slots, threads: int | None = None) -> torch.Tensor:
+        """Batched decode: token ``ids[i]`` at the next position of the sequence in cache slot ``slots[i]``, all
+        in one call (the weights are read once for every sequence); fp32 logits ``[len(ids), vocab]``."""
+        ids = self._ids(ids)
+        slot_t = torch.as_tensor(slots, dtype=torch.int64).reshape(-1).contiguous()
+        m = ids.numel()
+        if slot_t.numel() != m or len(set(slot_t.tolist())) != m:
+            raise LowbitError(f"native decoder: {m} tokens need {m} distinct sequence slots, got {slot_t.tolist()}.")
+        if int(slot_t.min()) < 0 or int(slot_t.max()) >= self.slots:
+            raise LowbitError(f"native decoder: sequence slots {slot_t.tolist()} are not all among the "
+                              f"{self.slots} allocated.")
+        pos = torch.tensor([self.past[i] for i in slot_t.tolist()], dtype=torch.int64)
+        if int(pos.max()) >= self.capacity:
+            raise LowbitError(f"{int(pos.max()) + 1} positions do not fit the KV cache of {self.capacity} "
+                              f"(prompt and new tokens must fit; reset with a larger capacity).")
+        threads = threads or torch.get_num_threads()
+        out = torch.empty(m, self.md.vocab, dtype=torch.float32)
+        for c0 in range(0, m, CHUNK):
+            c1 = min(m, c0 + CHUNK)
+            scratch = self._scratch_for(min(m, CHUNK), threads)
+            rc = self.lib.lowbit_engine_forward_rows(ctypes.byref(self.md), ids[c0:].data_ptr(), c1 - c0,
+                                                     pos[c0:].data_ptr(), slot_t[c0:].data_ptr(), out[c0:].data_ptr(),
+                                                     threads, scratch)
+            if rc != 0:
+                raise LowbitError("native decoder: positions do not fit the KV cache.")
+        for i in slot_t.tolist():
+            self.past[i] += 1
+        return out
 
     def profile(self, prompt_len: int = 128, steps: int = 16, threads: int | None = None) -> dict[str, float]:
         """Milliseconds per decode step spent in each op (:data:`PROFILE_OPS`, wall time of thread 0 between

@@ -173,8 +173,10 @@ def engine_library(vnni: bool) -> ctypes.CDLL:
         lib = _load(ENGINE_SOURCE, CFLAGS, {})
     lib.lowbit_engine_scratch_bytes.argtypes = [_P, _I, ctypes.c_int]
     lib.lowbit_engine_scratch_bytes.restype = _I
-    lib.lowbit_engine_forward.argtypes = [_P, _P, _I, _I, _P, ctypes.c_int, ctypes.c_int, _P]
+    lib.lowbit_engine_forward.argtypes = [_P, _P, _I, _I, _I, _P, ctypes.c_int, ctypes.c_int, _P]
     lib.lowbit_engine_forward.restype = ctypes.c_int
+    lib.lowbit_engine_forward_rows.argtypes = [_P, _P, _I, _P, _P, _P, ctypes.c_int, _P]
+    lib.lowbit_engine_forward_rows.restype = ctypes.c_int
     lib.lowbit_engine_isa.argtypes = []
     lib.lowbit_engine_isa.restype = ctypes.c_int
     lib.lowbit_engine_amx_init.argtypes = []

@@ -242,31 +242,44 @@ def _runtime_arg(p) -> None:
 def cmd_generate(a) -> int:
     from transformers import TextStreamer
 
-    from .run.engine import generate, load_runner
+    from .run.engine import generate, generate_batch, load_runner
 
     runner = load_runner(a.checkpoint, a.dtype, a.kernel, a.lm_head, a.runtime, embedding=a.embedding)
     qm = runner.qm
-    ids = _prompt_ids(qm.tokenizer, a.prompt, a.raw)
-    if ids.shape[-1] == 0:
-        raise LowbitError("the prompt is empty (it encodes to no tokens); give a prompt, or drop --raw so that the "
-                          "chat template wraps it.")
+    prompts = [_prompt_ids(qm.tokenizer, p, a.raw) for p in a.prompt]
     context = getattr(qm.config, "max_position_embeddings", None)
-    if isinstance(context, int) and ids.shape[-1] + a.max_new_tokens > context:
-        raise LowbitError(f"the prompt ({ids.shape[-1]} tokens) plus --max-new-tokens {a.max_new_tokens} exceeds the "
-                          f"model's context of {context} tokens; pass --max-new-tokens "
-                          f"{max(1, context - ids.shape[-1])} or less, or a shorter prompt.")
+    for n, ids in enumerate(prompts, 1):
+        which = "the prompt" if len(prompts) == 1 else f"prompt {n}"
+        if ids.shape[-1] == 0:
+            raise LowbitError(f"{which} is empty (it encodes to no tokens); give a prompt, or drop --raw so that the "
+                              "chat template wraps it.")
+        if isinstance(context, int) and ids.shape[-1] + a.max_new_tokens > context:
+            raise LowbitError(f"{which} ({ids.shape[-1]} tokens) plus --max-new-tokens {a.max_new_tokens} exceeds "
+                              f"the model's context of {context} tokens; pass --max-new-tokens "
+                              f"{max(1, context - ids.shape[-1])} or less, or a shorter prompt.")
     print(runner.describe(), file=sys.stderr)  # once the request is known to be one it can run
-    streamer = None if a.json else TextStreamer(qm.tokenizer, skip_prompt=True, skip_special_tokens=True)
     gc = qm.generation_config
     eos = getattr(gc, "eos_token_id", None) if gc is not None else None
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     if qm.tokenizer.eos_token_id is not None and qm.tokenizer.eos_token_id not in eos:
         eos.append(qm.tokenizer.eos_token_id)
-    out = generate(runner, ids, a.max_new_tokens, a.temperature, a.top_p, eos=eos, streamer=streamer)
-    text = qm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    if len(prompts) == 1:
+        ids = prompts[0]
+        streamer = None if a.json else TextStreamer(qm.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        outs = [generate(runner, ids, a.max_new_tokens, a.temperature, a.top_p, eos=eos, streamer=streamer)[0].tolist()]
+    else:  # batched decode on the native decoder (one after another on the transformers path)
+        outs = generate_batch(runner, [ids[0].tolist() for ids in prompts], a.max_new_tokens, a.temperature, a.top_p,
+                              eos=eos)
+    results = []
+    for text_in, ids, out in zip(a.prompt, prompts, outs):
+        new = out[ids.shape[1]:]
+        results.append({"prompt": text_in, "completion": qm.tokenizer.decode(new, skip_special_tokens=True),
+                        "new_tokens": len(new), "runtime": runner.path, "runtime_reason": runner.why})
     if a.json:
-        _print_json({"prompt": a.prompt, "completion": text, "new_tokens": int(out.shape[1] - ids.shape[1]),
-                     "runtime": runner.path, "runtime_reason": runner.why})
+        _print_json(results[0] if len(results) == 1 else results)
+    elif len(results) > 1:
+        for n, r in enumerate(results, 1):
+            print(f"[{n}] {r['prompt']}\n{r['completion']}\n")
     return 0
 
 
@@ -466,11 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
     eval_tasks.add_arguments(et)
     et.set_defaults(func=eval_tasks.run)
 
-    gen = sub.add_parser("generate", help="complete one prompt from a checkpoint, streaming",
-                         description="Generate from a quantized checkpoint. The model's chat template wraps the prompt "
-                         "unless --raw.")
+    gen = sub.add_parser("generate", help="complete one prompt from a checkpoint, streaming (several: batched)",
+                         description="Generate from a quantized checkpoint. The model's chat template wraps each "
+                         "prompt unless --raw. One prompt streams its completion; several are decoded together as "
+                         "one batch on the native decoder (one token of every prompt per step) and printed when "
+                         "all are done.")
     gen.add_argument("checkpoint", type=path_arg)
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", nargs="+", help="the prompt (several: a batch)")
     gen.add_argument("--max-new-tokens", type=positive_int, default=64)
     gen.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=probability, default=0.9)

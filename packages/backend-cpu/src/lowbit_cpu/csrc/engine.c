@@ -27,6 +27,10 @@
  *     VPDPBUSD path, so the two agree but for the order of fp32 additions. The weights stay in their one
  *     resident layout (nib64); no second copy.
  *   attention: TDPBF16PS on keys, values, queries and probabilities rounded to bf16 (fp32 sums and softmax).
+ *
+ * Batched decode (lowbit_engine_forward_rows): one token of each of several sequences per call, each sequence in
+ * its own slot of the KV cache ([slots][n_layers, n_kv, capacity, head_dim]); the matrices see the tokens as the
+ * rows of one chunk (the AMX tiles from AMX_MIN_ROWS rows), so the weights are read once for all sequences.
  * Linux grants the tile state on request (arch_prctl ARCH_REQ_XCOMP_PERM, lowbit_engine_amx_init); without it,
  * or without AMX, Model.gemm stays GEMM_ROWS (the row kernels; fp32 attention blocked 16 x 16 in this build).
  *
@@ -58,7 +62,9 @@ enum { MAX_GROUPS = 1024 }; /* groups per weight row (checked by lowbit_cpu.engi
 enum { HEAD_F32 = 0, HEAD_BF16 = 1, HEAD_INT4 = 2, HEAD_INT8 = 3 };
 /* Model.gemm: how int8-activation matrices with more than one row run (one row always runs row_i8) */
 enum { GEMM_ROWS = 0, GEMM_AMX = 1 };
-enum { AMX_MIN_ROWS = 4 }; /* fewer rows: the row kernels (the tile would be mostly empty) */
+/* fewer rows: the row kernels (below this the AMX path's per-call unpack of every weight block costs more than the
+ * row kernels' per-row reads; the crossover was measured by batched decode, see benchmarks/cpu/RESULTS.md) */
+enum { AMX_MIN_ROWS = 12 };
 
 typedef struct {
     int64_t n, k, group;
@@ -86,7 +92,7 @@ typedef struct {
     const float *final_norm;
     const float *cos, *sin; /* [capacity, head_dim/2] */
     const Layer *layers;
-    float *kcache, *vcache; /* [n_layers, n_kv, capacity, head_dim] */
+    float *kcache, *vcache; /* [slots][n_layers, n_kv, capacity, head_dim] (slot 0 for one sequence) */
     double *prof;           /* NULL, or [PROF_N] seconds per op added up by thread 0 (wall time between barriers) */
 } Model;
 
@@ -1004,17 +1010,17 @@ int64_t lowbit_engine_scratch_bytes(const Model *md, int64_t M, int nthreads) {
     return (int64_t)layout(md, M, nthreads, NULL, NULL);
 }
 
-/* Run M tokens (ids) at positions pos0 .. pos0 + M - 1 through the model, writing their K/V into the cache.
- * logits: [M, vocab] when all_logits, else [1, vocab] for the last token. Returns 0, or -1 when the
- * positions do not fit the cache (checked by the caller too). */
-int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_t pos0, float *logits,
-                          int all_logits, int nthreads, void *scratch) {
-    if (pos0 + M > md->capacity || M < 1) return -1;
+/* The forward pass of M rows. One sequence (pos == NULL): the tokens at positions pos0 .. pos0 + M - 1 of
+ * cache slot slot0, prompt chunks on the blocked attention. Rows of several sequences (pos, slot given): row m is
+ * one token of the sequence in cache slot slot[m] at position pos[m] (batched decode: the matrices run on all
+ * rows at once, as a prompt chunk's do; attention is per row, over its own slot). */
+static void run(const Model *md, const int32_t *ids, int64_t M, int64_t pos0, int64_t slot0, const int64_t *pos,
+                const int64_t *slot, float *logits, int all_logits, int nthreads, void *scratch) {
     Scratch s;
     layout(md, M, nthreads, (char *)scratch, &s);
     const int64_t H = md->hidden, I = md->inter, hd = md->head_dim, nh = md->n_heads, nkv = md->n_kv;
     const int64_t nq = nh * hd, qkvn = nq + 2 * nkv * hd, cap = md->capacity, half = hd / 2;
-    const int64_t rep = nh / nkv;
+    const int64_t rep = nh / nkv, slot_stride = md->n_layers * nkv * cap * hd;
 
     #pragma omp parallel num_threads(nthreads)
     {
@@ -1035,7 +1041,8 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
         TICK(PROF_EMBED);
         for (int64_t l = 0; l < md->n_layers; ++l) {
             const Layer *L = md->layers + l;
-            float *kc = md->kcache + l * nkv * cap * hd, *vc = md->vcache + l * nkv * cap * hd;
+            float *kc = md->kcache + slot0 * slot_stride + l * nkv * cap * hd;
+            float *vc = md->vcache + slot0 * slot_stride + l * nkv * cap * hd;
             rmsnorm_rows(s.x, L->in_norm, s.h, M, H, md->eps);
             TICK(PROF_NORM);
             linear(md, &L->qkv, s.h, M, &s.a, s.qkv);
@@ -1043,7 +1050,7 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
             /* q/k norms (Qwen3), RoPE, K/V into the cache: one (row, head) each */
             #pragma omp for schedule(static)
             for (int64_t t = 0; t < M * (nh + nkv); ++t) {
-                const int64_t m = t / (nh + nkv), j = t % (nh + nkv), p = pos0 + m;
+                const int64_t m = t / (nh + nkv), j = t % (nh + nkv), p = pos ? pos[m] : pos0 + m;
                 float *row = s.qkv + m * qkvn;
                 const float *cs = md->cos + p * half, *sn = md->sin + p * half;
                 if (j < nh) {
@@ -1055,13 +1062,14 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
                     float *k = row + nq + g * hd, *v = row + nq + nkv * hd + g * hd;
                     if (L->k_norm) rmsnorm_vec(k, L->k_norm, hd, md->eps);
                     rope(k, cs, sn, hd);
-                    memcpy(kc + (g * cap + p) * hd, k, sizeof(float) * hd);
-                    memcpy(vc + (g * cap + p) * hd, v, sizeof(float) * hd);
+                    const int64_t so = slot ? slot[m] * slot_stride : 0;
+                    memcpy(kc + so + (g * cap + p) * hd, k, sizeof(float) * hd);
+                    memcpy(vc + so + (g * cap + p) * hd, v, sizeof(float) * hd);
                 }
             }
             TICK(PROF_ROPE);
 #if LB_AMX
-            if (use_amx(md, M) && hd % 32 == 0 && hd <= ATT_MAX_HD) {
+            if (!pos && use_amx(md, M) && hd % 32 == 0 && hd <= ATT_MAX_HD) {
                 /* int8 mode, a prompt chunk: (KV head, block of 16 rows) each, on the bf16 tiles */
                 const int64_t nblk = (M + 15) / 16, nkb = (pos0 + M + 31) / 32;
                 const size_t kvb = kv_tiles_bytes(cap, hd);
@@ -1078,7 +1086,7 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
             } else
 #endif
 #if LB_VNNI
-            if (M > 1 && hd % 16 == 0 && hd <= ATT_MAX_HD) {
+            if (!pos && M > 1 && hd % 16 == 0 && hd <= ATT_MAX_HD) {
                 /* a prompt chunk: (head, block of 16 rows) each, blocks of 16 keys */
                 const int64_t nblk = (M + 15) / 16;
                 #pragma omp for schedule(dynamic, 1)
@@ -1092,13 +1100,14 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
             /* attention, one (row, head) each */
             #pragma omp for schedule(static)
             for (int64_t t = 0; t < M * nh; ++t) {
-                const int64_t m = t / nh, h = t % nh, p = pos0 + m, g = h / rep;
+                const int64_t m = t / nh, h = t % nh, p = pos ? pos[m] : pos0 + m, g = h / rep;
+                const int64_t so = slot ? slot[m] * slot_stride : 0;
                 const float *q = s.qkv + m * qkvn + h * hd;
                 float *sc = s.scores + (int64_t)omp_get_thread_num() * cap;
                 const int64_t j0 = md->window > 0 && p - md->window + 1 > 0 ? p - md->window + 1 : 0;
                 float mx = -INFINITY;
                 for (int64_t j = j0; j <= p; ++j) {
-                    const float *k = kc + (g * cap + j) * hd;
+                    const float *k = kc + so + (g * cap + j) * hd;
                     __m256 acc = _mm256_setzero_ps();
                     int64_t i = 0;
                     for (; i + 8 <= hd; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), acc);
@@ -1118,7 +1127,7 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
                 for (int64_t i = 0; i < hd; ++i) o[i] = 0.f;
                 for (int64_t j = j0; j <= p; ++j) {
                     const float w = sc[j] * inv;
-                    const float *v = vc + (g * cap + j) * hd;
+                    const float *v = vc + so + (g * cap + j) * hd;
                     int64_t i = 0;
                     for (; i + 8 <= hd; i += 8)
                         _mm256_storeu_ps(o + i, _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(v + i),
@@ -1167,6 +1176,27 @@ int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_
         #pragma omp barrier
         TICK(PROF_HEAD);
     }
+}
+
+/* Run M tokens (ids) of one sequence at positions pos0 .. pos0 + M - 1 through the model, writing their K/V into
+ * cache slot `slot` (0 for a single sequence). logits: [M, vocab] when all_logits, else [1, vocab] for the last token. Returns 0, or -1 when
+ * the positions do not fit the cache (checked by the caller too). */
+int lowbit_engine_forward(const Model *md, const int32_t *ids, int64_t M, int64_t pos0, int64_t slot, float *logits,
+                          int all_logits, int nthreads, void *scratch) {
+    if (pos0 + M > md->capacity || M < 1 || slot < 0) return -1;
+    run(md, ids, M, pos0, slot, NULL, NULL, logits, all_logits, nthreads, scratch);
+    return 0;
+}
+
+/* One token each of M sequences: row m is ids[m] at position pos[m] of cache slot slot[m] (slots distinct, each
+ * below the number allocated: checked by the caller). logits: [M, vocab]. Returns 0, or -1 when a position
+ * does not fit the cache. */
+int lowbit_engine_forward_rows(const Model *md, const int32_t *ids, int64_t M, const int64_t *pos,
+                               const int64_t *slot, float *logits, int nthreads, void *scratch) {
+    if (M < 1) return -1;
+    for (int64_t m = 0; m < M; ++m)
+        if (pos[m] < 0 || pos[m] >= md->capacity || slot[m] < 0) return -1;
+    run(md, ids, M, 0, 0, pos, slot, logits, 1, nthreads, scratch);
     return 0;
 }
 

@@ -80,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runtime", choices=("auto", "native", "transformers", "both"), default="auto",
                         help="model level: the lowbit row(s) on the runtime generate/chat would pick (auto), the "
                              "native decoder, the transformers modules, or both side by side")
+    parser.add_argument("--decode-batch", type=nonnegative_int, default=0, metavar="N",
+                        help="model level: also decode N sequences at once (N prompts of --prompt-len, then "
+                             "--new-tokens steps of one token each) and report their tokens per second together, "
+                             "for the lowbit and bf16 rows (llama-cpp-python decodes one sequence; default 0: off)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -102,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
                          repeat=args.repeat, ppl_windows=args.ppl_windows, ppl_seqlen=args.ppl_seqlen,
                          baseline=not args.no_float, threads=torch.get_num_threads(), clock=args.clock,
                          lm_heads=args.lm_head or ["float"], llama_cpp=args.llama_cpp, runtime=args.runtime,
-                         embeddings=args.embedding or ["float"])
+                         embeddings=args.embedding or ["float"], decode_batch=args.decode_batch)
     print(json.dumps(report, indent=2) if args.json else format_model_table(report))
     return 0
 
@@ -346,6 +350,49 @@ def _measure_model(model, prompt_len: int, new_tokens: int, repeat: int, vocab: 
     return {"prefill_s": p, "prefill_tok_s": prompt_len / p, "decode_s_per_token": d, "decode_tok_s": 1 / d}
 
 
+def _batch_prompts(batch: int, prompt_len: int, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
+
+
+def _batch_row(batch: int, steps: list[float]) -> dict:
+    d = statistics.median(steps)
+    return {"decode_batch": batch, "batch_decode_s_per_step": d, "batch_decode_tok_s": batch / d}
+
+
+@torch.inference_mode()
+def _measure_model_batch(model, batch: int, prompt_len: int, new_tokens: int, vocab: int, clock: str = "wall") -> dict:
+    """Batched decode on the transformers model: ``batch`` prompts prefilled together, then ``new_tokens`` greedy
+    steps of one token per sequence; tokens per second of all sequences together (median step)."""
+    now = CLOCKS[clock]
+    out = model(_batch_prompts(batch, prompt_len, vocab), use_cache=True, logits_to_keep=1)
+    past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    steps = []
+    for _ in range(new_tokens):
+        t = now()
+        out = model(tok, past_key_values=past, use_cache=True)
+        steps.append(now() - t)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return _batch_row(batch, steps)
+
+
+@torch.inference_mode()
+def _measure_native_batch(dec, batch: int, prompt_len: int, new_tokens: int, vocab: int, clock: str = "wall") -> dict:
+    """:func:`_measure_model_batch` on the native decoder: each prompt prefilled into its own cache slot, then
+    steps of one token of every sequence in one call (``forward_rows``)."""
+    now = CLOCKS[clock]
+    prompts = _batch_prompts(batch, prompt_len, vocab)
+    dec.reset(slots=batch)
+    toks = [int(dec.forward(prompts[i], slot=i).argmax()) for i in range(batch)]
+    steps = []
+    for _ in range(new_tokens):
+        t = now()
+        logits = dec.forward_rows(toks, range(batch))
+        steps.append(now() - t)
+        toks = logits.argmax(-1).tolist()
+    dec.reset(slots=1)
+    return _batch_row(batch, steps)
+
+
 @torch.inference_mode()
 def _measure_native(dec, prompt_len: int, new_tokens: int, repeat: int, vocab: int, clock: str = "wall") -> dict:
     """:func:`_measure_model` for the native decoder: prefill (last logits only), then greedy steps."""
@@ -385,7 +432,10 @@ def _native_child(spec: dict, qmodel, rss0: int, t0: float) -> dict:
            "weights_bytes": dec.weight_bytes(), "kv_cache_bytes": dec.cache_bytes(),
            "rss_after_load_bytes": _rss_bytes() - rss0}
     out.update(_measure_native(dec, spec["prompt_len"], spec["new_tokens"], spec["repeat"], vocab, spec["clock"]))
-    out["peak_rss_bytes"] = _peak_rss_bytes() - rss0
+    out["peak_rss_bytes"] = _peak_rss_bytes() - rss0  # batch 1 (the batched run's caches are its own)
+    if spec.get("decode_batch", 0) > 1:
+        out.update(_measure_native_batch(dec, spec["decode_batch"], spec["prompt_len"], spec["new_tokens"], vocab,
+                                         spec["clock"]))
     if spec["ppl_windows"]:
         from types import SimpleNamespace
 
@@ -432,9 +482,12 @@ def _child(spec: dict) -> dict:
     out = {"kernels": kernels, "scheme": scheme, "load_s": load_s, "weights_bytes": _model_bytes(model),
            "rss_after_load_bytes": _rss_bytes() - rss0}
     out.update(_measure_model(model, spec["prompt_len"], spec["new_tokens"], spec["repeat"], vocab, spec["clock"]))
-    # the process's high-water mark, loading and generation included (the
-    # perplexity pass below runs long windows and is left out)
+    # the process's high-water mark, loading and generation included (the batched decode and the
+    # perplexity pass below are left out)
     out["peak_rss_bytes"] = _peak_rss_bytes() - rss0
+    if spec.get("decode_batch", 0) > 1:
+        out.update(_measure_model_batch(model, spec["decode_batch"], spec["prompt_len"], spec["new_tokens"], vocab,
+                                        spec["clock"]))
     if spec["ppl_windows"]:
         out["ppl"] = _ppl(spec, tokenizer, model)
     return out
@@ -565,7 +618,7 @@ def _run_child(spec: dict) -> dict:
 
 def model_bench(checkpoint, dtype="bf16", prompt_len=128, new_tokens=32, repeat=3, ppl_windows=0, ppl_seqlen=512,
                 baseline=True, threads=None, clock="wall", lm_heads=("float",), llama_cpp=None,
-                runtime="auto", embeddings=("float",)) -> dict:
+                runtime="auto", embeddings=("float",), decode_batch=0) -> dict:
     path = Path(checkpoint)
     if not path.exists():
         raise LowbitError(f"checkpoint {checkpoint} does not exist; pass a directory written by lowbit or an exporter.")
@@ -581,7 +634,7 @@ def model_bench(checkpoint, dtype="bf16", prompt_len=128, new_tokens=32, repeat=
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp:
         spec = {"checkpoint": str(path), "dtype": dtype, "prompt_len": prompt_len, "new_tokens": new_tokens,
                 "repeat": repeat, "ppl_windows": ppl_windows, "ppl_seqlen": ppl_seqlen,
-                "threads": threads or torch.get_num_threads(), "clock": clock,
+                "threads": threads or torch.get_num_threads(), "clock": clock, "decode_batch": decode_batch,
                 "windows_path": str(Path(tmp) / "windows.pt")}
         rows = []
         for (head, emb), rts in runtimes.items():
@@ -612,9 +665,13 @@ def model_bench(checkpoint, dtype="bf16", prompt_len=128, new_tokens=32, repeat=
         r["prefill_speedup"] = base["prefill_s"] / r["prefill_s"] if base else None
         r["decode_vs_llama_cpp"] = lc_ref["decode_s_per_token"] / r["decode_s_per_token"] if lc_ref else None
         r["prefill_vs_llama_cpp"] = lc_ref["prefill_s"] / r["prefill_s"] if lc_ref else None
+        if r.get("batch_decode_tok_s"):
+            r["batch_decode_speedup"] = (r["batch_decode_tok_s"] / base["batch_decode_tok_s"]
+                                         if base and base.get("batch_decode_tok_s") else None)
+            r["batch_decode_vs_llama_cpp"] = r["batch_decode_tok_s"] / lc_ref["decode_tok_s"] if lc_ref else None
     return {"kind": "model", "checkpoint": str(path), "activation_dtype": dtype, "prompt_len": prompt_len,
             "new_tokens": new_tokens, "repeat": repeat, "clock": clock, "ppl_windows": ppl_windows,
-            "ppl_seqlen": ppl_seqlen, "machine": machine(), "rows": rows}
+            "ppl_seqlen": ppl_seqlen, "decode_batch": decode_batch, "machine": machine(), "rows": rows}
 
 
 def _runtimes(path: Path, dtype: str, lm_heads, runtime: str, embeddings=("float",)) -> dict[tuple, list[str]]:
@@ -665,4 +722,15 @@ def format_model_table(report: dict) -> str:
         lines.append(f"| {r['model']} | {kern} | {r['weights_bytes'] / mib:.1f} | {r['peak_rss_bytes'] / mib:.0f} | "
                      f"{disk} | {r.get('load_s', 0):.1f} | {ppl} | {r['prefill_tok_s']:.1f} | "
                      f"{r['decode_s_per_token']:.4f} | {r['decode_tok_s']:.1f} | {ds} | {ps} | {lvs} | {lps} |")
+    batched = [r for r in report["rows"] if r.get("batch_decode_tok_s")]
+    if batched:
+        n = report["decode_batch"]
+        lines += ["", f"batched decode: {n} sequences, one token of each per step (llama.cpp: its batch-1 decode)", "",
+                  f"| model | tok/s, {n} sequences | s/step | vs batch 1 | vs bf16 at {n} | vs llama.cpp batch 1 |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in batched:
+            bs = f"{r['batch_decode_speedup']:.2f}x" if r.get("batch_decode_speedup") else "-"
+            bl = f"{r['batch_decode_vs_llama_cpp']:.2f}x" if r.get("batch_decode_vs_llama_cpp") else "-"
+            lines.append(f"| {r['model']} | {r['batch_decode_tok_s']:.1f} | {r['batch_decode_s_per_step']:.4f} | "
+                         f"{r['batch_decode_tok_s'] / r['decode_tok_s']:.2f}x | {bs} | {bl} |")
     return "\n".join(lines)

@@ -208,6 +208,58 @@ def generate(runner: Runner, ids, max_new_tokens: int, temperature: float = 0.0,
     return torch.tensor([out + new])
 
 
+def generate_batch(runner: Runner, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                   eos: list[int] | None = None, threads: int | None = None) -> list[list[int]]:
+    """Several prompts (lists of token ids) continued together: each prompt plus up to ``max_new_tokens``
+    tokens, greedy or sampled as :func:`generate`, each stopping at its own ``eos``.
+
+    On the native decoder this is batched decode: every prompt is prefilled into its own slot of the KV cache,
+    then each step runs one token of every unfinished sequence in one call (the weights are read once per step
+    for all of them), so a step of B sequences costs far less than B steps. The transformers path runs the
+    prompts one after another."""
+    import torch
+
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts or any(not p for p in prompts):
+        raise LowbitError("batched generation needs at least one prompt, each of at least one token.")
+    eos = list(eos or [])
+    if runner.path == "transformers":
+        return [generate(runner, torch.tensor([p]), max_new_tokens, temperature, top_p, eos)[0].tolist()
+                for p in prompts]
+    dec = runner.decoder
+    need = max(len(p) for p in prompts) + max_new_tokens
+    ctx = context_of(runner.config)
+    if ctx and need > ctx:
+        raise LowbitError(f"the longest prompt ({need - max_new_tokens} tokens) plus {max_new_tokens} new tokens "
+                          f"exceeds the model's context of {ctx} tokens.")
+    dec.reset(max(need, dec.capacity), slots=len(prompts))
+    out = [list(p) for p in prompts]
+    live: list[int] = []  # slots still generating
+    last: list[int] = []
+    for i, p in enumerate(prompts):
+        logits = dec.forward(p, slot=i, threads=threads)
+        if max_new_tokens == 0:
+            continue
+        tok = _sample(logits, temperature, top_p)
+        out[i].append(tok)
+        if tok not in eos and max_new_tokens > 1:
+            live.append(i)
+            last.append(tok)
+    for step in range(1, max_new_tokens):
+        if not live:
+            break
+        logits = dec.forward_rows(last, live, threads=threads)
+        nxt_live, nxt_last = [], []
+        for row, i in enumerate(live):
+            tok = _sample(logits[row], temperature, top_p)
+            out[i].append(tok)
+            if tok not in eos and step + 1 < max_new_tokens:
+                nxt_live.append(i)
+                nxt_last.append(tok)
+        live, last = nxt_live, nxt_last
+    return out
+
+
 class LogitsModel:
     """A transformers-like callable over the native decoder for :func:`lowbit.run.evaluate.perplexity`:
     ``model(ids[1, T]).logits`` ``[1, T, vocab]``, each call from an empty cache."""
