@@ -97,6 +97,7 @@ def synthetic(name: str, out: Path) -> Path:
         del t
     writer.close()
     cfg.dtype = "bfloat16"
+    cfg.architectures = ["LlamaForCausalLM"]  # llama.cpp's converter picks its writer by this
     cfg.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
     os.replace(tmp, d)

@@ -8,8 +8,8 @@ A quantizing step. For every linear of a decoder layer it learns
 rounding offsets   ``V`` ``[N, K]``, init 0: a weight's code is
                    ``clamp(round(w / s + V) + z, 0, maxq)``. ``V`` is not clamped (as in
                    AutoRound): the step sizes bound it, by ``lr · (iters + 1) / 2`` (0.525 at
-                   the default ``lr``; 1.05 at 3 bits and below), so at 4 bits a weight moves
-                   at most to the other neighbouring level
+                   the default ``lr``), so a weight moves at most to the other neighbouring
+                   level
 range factors      ``α`` (the group's max), ``β`` (its min), each ``[N, NG]`` in ``[0, 1]``,
                    init 1 (``minmax`` on; off: both stay 1): the group's range is
                    ``[β·min, α·max]``, turned into scale and zero point as RTN turns its
@@ -30,7 +30,7 @@ Each of ``iters`` steps takes ``batch_size`` calibration samples drawn at random
 per layer: the same seed gives the same codes, also for a resumed run), computes the loss and its
 gradient, and moves every parameter by ``-lr_t · sign(grad)``, then clamps it back into its
 interval; ``lr_t`` falls linearly from ``lr`` to 0. ``lr``'s default is AutoRound's: ``1 / iters``, and
-``2 / iters`` for schemes of 3 bits or fewer. The parameters
+``2 / iters`` for schemes of 3 bits or fewer run for 1000 steps or more. The parameters
 of the step with the lowest loss are kept (the loss of step ``t`` is the one of the parameters
 before its update; step 0 is RTN's). The matmuls run in the recipe's ``compute_dtype`` (bf16:
 autocast, AMX on Xeon), the quantize-dequantize in fp32.
@@ -76,7 +76,7 @@ class SignRound(Quantizer):
                help="optimization steps per decoder layer (0: RTN)"),
         Option("lr", None, type=positive_float, metavar="LR",
                help="initial step size of the signed updates, decayed linearly to 0 "
-                    "(none: 1 / iters, 2 / iters at 3 bits or fewer)"),
+                    "(none: 1 / iters; 2 / iters at 3 bits or fewer and 1000 steps or more)"),
         Option("batch_size", 8, type=positive_int, metavar="N", help="calibration samples per step"),
         Option("minmax", True, help="learn each group's range factors as well as the rounding"),
         Option("seed", 0, type=seed_arg, metavar="N", help="seed of the samples' draw"),
@@ -127,7 +127,7 @@ class SignRound(Quantizer):
         targets = ctx.float_outputs if ctx.float_outputs is not None else ctx.forward()
         batches = _Samples(ctx.inputs, ctx.kwargs, targets)
         gen = torch.Generator().manual_seed((self.opts["seed"] + ctx.index) % 2**64)
-        lr = float(self.opts["lr"] or (2.0 if self.scheme.bits <= 3 else 1.0) / iters)
+        lr = float(self.opts["lr"] or (2.0 if self.scheme.bits <= 3 and iters >= 1000 else 1.0) / iters)
         minmax = self.opts["minmax"]
         learnt = [t for r in params.values() for t in ((r.v, r.alpha, r.beta) if minmax else (r.v,))]
         for t in learnt:
