@@ -19,7 +19,8 @@ float lm_head and with the lm_head quantized to int8 at load time, each on the n
 transformers modules (``lowbit bench --runtime both``; ``--runtime``, ``--lm-heads`` and ``--gguf-types`` pick
 fewer rows where a model is too large to run them all); the weights dequantized to bf16 in plain
 transformers; llama.cpp (llama-cpp-python) on Q4_0 and Q4_1 GGUFs that llama.cpp's own tools make:
-``convert_hf_to_gguf.py`` from llama-cpp-python's sdist (downloaded once with pip into ``--out``) writes F16,
+``convert_hf_to_gguf.py`` from llama-cpp-python's sdist (downloaded once with pip into ``--out``; it imports
+``sentencepiece`` before it falls back to the tokenizer.json vocabulary, so install that too) writes F16,
 ``llama_cpp.llama_model_quantize`` writes Q4_0 and Q4_1 with llama.cpp's default choices for the other
 tensors. Prompts of each ``--prompt-lens`` length (random tokens), 64 greedy decode steps after the shortest
 prompt and 8 after longer ones, batch 1, median of ``--repeat`` runs, each row in its own child process;

@@ -182,9 +182,7 @@ def generate(runner: Runner, ids, max_new_tokens: int, temperature: float = 0.0,
     if ctx and need > ctx:
         raise LowbitError(f"the prompt ({ids.shape[1]} tokens) plus {max_new_tokens} new tokens exceeds the model's "
                           f"context of {ctx} tokens.")
-    if need > dec.capacity:
-        dec.reset(need)
-    dec.reset()
+    dec.reset(max(need, dec.capacity), slots=1)  # one sequence (a batch before may have left more slots)
     if streamer is not None:
         streamer.put(ids)
     out = ids[0].tolist()
@@ -272,7 +270,5 @@ class LogitsModel:
         from types import SimpleNamespace
 
         dec = self.runner.decoder
-        if ids.shape[1] > dec.capacity:
-            dec.reset(ids.shape[1])
-        dec.reset()
+        dec.reset(max(ids.shape[1], dec.capacity), slots=1)
         return SimpleNamespace(logits=dec.forward(ids[0], all_logits=True)[None])
