@@ -26,8 +26,10 @@ left, as AutoRound does; and with ``awq+signround``, whose weights start from AW
 unless ``--no-awq-clip``, clipped) layer, the target stays the original function. ``round`` passes gradients straight through (``x + (round(x) - x).detach()``), the zero
 point's rounding too; the clamp to ``[0, maxq]`` passes none outside the range.
 
-Each of ``iters`` steps takes ``batch_size`` calibration samples drawn at random (a seeded generator
-per layer: the same seed gives the same codes, also for a resumed run), computes the loss and its
+Each of ``iters`` steps takes the next ``batch_size`` calibration samples of a shuffled order of all of them
+(reshuffled when fewer than a batch are left, so every sample serves once before any serves twice, as
+AutoRound's sampler does; a seeded generator per layer: the same seed gives the same codes, also for a
+resumed run), computes the loss and its
 gradient, and moves every parameter by ``-lr_t · sign(grad)``, then clamps it back into its
 interval; ``lr_t`` falls linearly from ``lr`` to 0. ``lr``'s default is AutoRound's: ``1 / iters``, and
 ``2 / iters`` for schemes of 3 bits or fewer run for 1000 steps or more. The parameters
@@ -140,9 +142,12 @@ class SignRound(Quantizer):
         kept = [t.detach().clone() for t in learnt]
         n = min(self.opts["batch_size"], batches.count)
         bar = tqdm(range(iters), desc=f"layer {ctx.index} signround", unit="step", leave=False, disable=None)
+        order = torch.empty(0, dtype=torch.long)
         try:
             for step in bar:
-                chosen = torch.randperm(batches.count, generator=gen)[:n].sort().values
+                if order.numel() < n:
+                    order = torch.randperm(batches.count, generator=gen)
+                chosen, order = order[:n].sort().values, order[n:]
                 loss = 0.0
                 for x, kw, y, rows in batches.take(chosen):
                     with torch.enable_grad():  # the pass (and callers) may run under no_grad
