@@ -120,6 +120,41 @@ def test_zero_iters_is_rtn_bit_for_bit(scheme):
     assert all(q_rtn[k].equal(q_sr[k]) for k in q_rtn)
 
 
+def test_fixed_selection_keeps_the_step_best_on_the_scored_samples():
+    """select=fixed: the kept parameters' loss on the evenly spread samples is the reported best, and no step's
+    parameters scored lower there (each step is recorded by a spy on the scoring)."""
+    scheme = QuantScheme(3, 32)
+    model, ids = outlier_llama(), calib_ids()
+    layer = copy.deepcopy(LLAMA_FAMILY.layers(model)[1])
+    ctx = make_ctx(model, ids, 1, scheme, layer)
+    scores = []
+
+    class Spy(SignRound):
+        def _loss(self, ctx, params, batches, chosen):
+            scores.append((chosen.tolist(), super()._loss(ctx, params, batches, chosen)))
+            return scores[-1][1]
+
+    spy = Spy(scheme, iters=12, batch_size=3)
+    spy.apply(ctx)
+    assert len(scores) == 12 and len({tuple(c) for c, _ in scores}) == 1  # the same samples every step
+    best = ctx.report["signround_loss"]["best"]
+    assert best == pytest.approx(min(v for _, v in scores), rel=1e-3)
+    assert best <= ctx.report["signround_loss"]["first"]
+
+
+def test_batch_selection_scores_no_extra_forward():
+    scheme = QuantScheme(3, 32)
+    model, ids = outlier_llama(), calib_ids()
+    ctx = make_ctx(model, ids, 1, scheme, copy.deepcopy(LLAMA_FAMILY.layers(model)[1]))
+
+    class Spy(SignRound):
+        def _loss(self, *a):
+            raise AssertionError("select=batch scored a step on extra samples")
+
+    Spy(scheme, iters=5, select="batch").apply(ctx)
+    assert ctx.report["signround_loss"]["best"] <= ctx.report["signround_loss"]["first"]
+
+
 def test_deterministic_given_the_seed():
     scheme = QuantScheme(4, 32)
     ids = calib_ids()
@@ -173,15 +208,17 @@ def test_options_reach_the_cli(tmp_path, tiny_dir):
     out = tmp_path / "q"
     rc = main(["quantize", str(tiny_dir), "--method", "signround", "--bits", "4", "--group-size", "32", "--out",
                str(out), "--nsamples", "4", "--seqlen", "32", "--signround-iters", "2", "--signround-lr", "0.01",
-               "--signround-batch-size", "2", "--no-signround-minmax", "--signround-seed", "5", "--no-progress"])
+               "--signround-batch-size", "2", "--no-signround-minmax", "--signround-seed", "5", "--signround-select",
+               "batch", "--no-progress"])
     assert rc == 0
     recipe = read_checkpoint(out / "lowbit").manifest["recipe"]
-    assert recipe["step_options"]["signround"] == {"iters": 2, "lr": 0.01, "batch_size": 2, "minmax": False, "seed": 5}
+    assert recipe["step_options"]["signround"] == {"iters": 2, "lr": 0.01, "batch_size": 2, "minmax": False, "seed": 5,
+                                                   "select": "batch"}
 
 
 @pytest.mark.parametrize("flag,value", [("--signround-iters", "-1"), ("--signround-lr", "0"),
                                         ("--signround-lr", "nan"), ("--signround-batch-size", "0"),
-                                        ("--signround-seed", "-3")])
+                                        ("--signround-seed", "-3"), ("--signround-select", "best")])
 def test_bad_flags_refused_with_one_line(tmp_path, tiny_dir, flag, value, capsys):
     from lowbit.cli import main
 
@@ -202,7 +239,8 @@ def test_flag_for_a_method_without_signround_is_refused(tmp_path, tiny_dir, caps
 
 @pytest.mark.parametrize("opts,match", [({"iters": -1}, "iters"), ({"iters": 2.5}, "iters"), ({"iters": True}, "iters"),
                                         ({"lr": 0}, "lr"), ({"lr": float("inf")}, "lr"), ({"batch_size": 0}, "batch_size"),
-                                        ({"minmax": "yes"}, "minmax"), ({"seed": -1}, "seed"), ({"damp": 0.1}, "no option")])
+                                        ({"minmax": "yes"}, "minmax"), ({"seed": -1}, "seed"), ({"damp": 0.1}, "no option"),
+                                        ({"select": "best"}, "select")])
 def test_bad_option_values(opts, match):
     with pytest.raises(UnsupportedSchemeError, match=match):
         SignRound(QuantScheme(4, 32), **opts)

@@ -34,7 +34,11 @@ gradient, and moves every parameter by ``-lr_t · sign(grad)``, then clamps it b
 interval; ``lr_t`` falls linearly from ``lr`` to 0. ``lr``'s default is AutoRound's: ``1 / iters``, and
 ``2 / iters`` for schemes of 3 bits or fewer run for 1000 steps or more. The parameters
 of the step with the lowest loss are kept (the loss of step ``t`` is the one of the parameters
-before its update; step 0 is RTN's). The matmuls run in the recipe's ``compute_dtype`` (bf16:
+before its update; step 0 is RTN's). Which loss (``select``): ``fixed`` (the default) scores every step on
+the same ``batch_size`` samples, spread evenly over the set, at the cost of one more forward per step;
+``batch`` takes each step's loss on its own training batch, as AutoRound does, which rewards a step whose batch
+happened to be easy (the minimum of 20 such losses can sit well below the kept parameters' loss on the whole
+set). The matmuls run in the recipe's ``compute_dtype`` (bf16:
 autocast, AMX on Xeon), the quantize-dequantize in fp32.
 
 The result is the canonical :class:`~lowbit.qweight.QuantizedWeight` for the scheme: codes,
@@ -61,6 +65,8 @@ from .base import LayerContext, Option, Quantizer
 
 #: the interval of the range factors (AutoRound's; the paper's is [0.5, 1])
 RANGE_FACTORS = (0.0, 1.0)
+#: how the best step is chosen (see the module docstring)
+SELECT = ("fixed", "batch")
 _MIN_SCALE = 1e-5  # as primitives' floor: a group of zeros keeps a representable scale
 
 
@@ -82,6 +88,9 @@ class SignRound(Quantizer):
         Option("batch_size", 8, type=positive_int, metavar="N", help="calibration samples per step"),
         Option("minmax", True, help="learn each group's range factors as well as the rounding"),
         Option("seed", 0, type=seed_arg, metavar="N", help="seed of the samples' draw"),
+        Option("select", "fixed", choices=SELECT,
+               help="how the best step is chosen: its loss on the same evenly spread samples every step (fixed, "
+                    "one more forward per step), or on its own training batch (batch, AutoRound's)"),
     )
 
     def check(self, scheme: QuantScheme) -> None:
@@ -99,6 +108,8 @@ class SignRound(Quantizer):
                                          "leave it out for 1 / iters.")
         if not isinstance(o["minmax"], bool):
             raise UnsupportedSchemeError(f"signround minmax must be true or false, got {o['minmax']!r}.")
+        if o["select"] not in SELECT:
+            raise UnsupportedSchemeError(f"signround select must be one of {', '.join(SELECT)}, got {o['select']!r}.")
         s = o["seed"]
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**64:
             raise UnsupportedSchemeError(f"signround seed must be a whole number from 0 to 2**64-1, got {s!r}.")
@@ -143,6 +154,7 @@ class SignRound(Quantizer):
         n = min(self.opts["batch_size"], batches.count)
         bar = tqdm(range(iters), desc=f"layer {ctx.index} signround", unit="step", leave=False, disable=None)
         order = torch.empty(0, dtype=torch.long)
+        scored = torch.linspace(0, batches.count - 1, n).round().long() if self.opts["select"] == "fixed" else None
         try:
             for step in bar:
                 if order.numel() < n:
@@ -158,6 +170,8 @@ class SignRound(Quantizer):
                         part = (out.float() - y.float()).pow(2).mean() * (rows / n)
                         part.backward()
                     loss += float(part.detach())
+                if scored is not None:  # the step's parameters scored on the fixed samples
+                    loss = self._loss(ctx, params, batches, scored)
                 if first is None:
                     first = loss
                 if loss < best:
@@ -184,6 +198,18 @@ class SignRound(Quantizer):
             for k, t in zip(kept, learnt):
                 t.copy_(k)
         return first, best
+
+    @torch.no_grad()
+    def _loss(self, ctx: LayerContext, params: dict[str, _Rounding], batches: _Samples, chosen: torch.Tensor) -> float:
+        """The layer's output error with the current parameters on the samples ``chosen``."""
+        weights = {f"{p}.weight": r.fake_quant() for p, r in params.items()}
+        loss = 0.0
+        for x, kw, y, rows in batches.take(chosen):
+            with ctx.autocast():
+                out = torch.func.functional_call(ctx.layer, weights, (x,), kw)
+            out = out[0] if isinstance(out, tuple) else out
+            loss += float((out.float() - y.float()).pow(2).mean()) * rows / len(chosen)
+        return loss
 
 
 class _Rounding:
