@@ -99,3 +99,17 @@ def test_bad_rows_are_one_line_errors():
     assert dec.past == [8, 0]  # a refused call changes nothing
     with pytest.raises(LowbitError, match="at least one prompt"):
         runtime.generate_batch(runtime.runner_for(make_qmodel("llama"), torch.float32), [[1], []], 4)
+
+
+def test_avx2_build_batches_too(monkeypatch):
+    """The AVX2-only build (no AVX-512 anywhere) runs the same rows: greedy batch equals one at a time."""
+    from lowbit import cpuinfo as core_cpuinfo
+
+    flags = frozenset({"avx2", "fma", "f16c"})
+    monkeypatch.setattr(core_cpuinfo, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(native.cpuinfo, "cpu_flags", lambda: flags)
+    nat = runtime.runner_for(make_qmodel("qwen3"), torch.bfloat16, capacity=64)
+    assert not nat.decoder.vnni
+    ps = prompts(LENGTHS[:4])
+    want = [runtime.generate(nat, torch.tensor([p]), 16)[0].tolist() for p in ps]
+    assert runtime.generate_batch(nat, ps, 16) == want
