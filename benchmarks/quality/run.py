@@ -283,6 +283,8 @@ def table() -> str:
             label += ", AWQ scales only (no clip)"
         if r.get("signround_iters") is not None:
             label += f", iters {r['signround_iters']}"
+        if r.get("note"):  # what set an older row apart from the code's current defaults
+            label += f", {r['note']}"
         if r.get("compute_dtype") == "bf16" and r["method"] != "rtn":  # AMX rows: calibration matmuls in bf16
             label += ", bf16 matmuls"
         latest[(r["tool"], label, r["scheme"], r["windows"])] = r
