@@ -3,7 +3,7 @@
     python benchmarks/cpu/bench_llamacpp.py                           # 1 thread, CPU clock (RESULTS.md)
     python benchmarks/cpu/bench_llamacpp.py --threads 2 --clock wall  # both cores, wall clock
     python benchmarks/cpu/bench_llamacpp.py --models demo             # one model
-    python benchmarks/cpu/bench_llamacpp.py --models llama-2-7b-shape --prompt-lens 128,1024 --schemes g32-sym \
+    python benchmarks/cpu/bench_llamacpp.py --models llama-2-7b-shape --prompt-lens 128,1024 --schemes g64-asym \
         --runtime native --lm-heads float --gguf-types Q4_0 --new-tokens 16,8   # the 7B rows of RESULTS.md
 
 Models: ``demo`` (SmolLM2-135M, the demo model; its float weights as lowbit converts them) and two synthetic
@@ -198,7 +198,7 @@ def main() -> int:
                        "--prompt-len", str(plen), "--new-tokens", str(new_short if plen == prompts[0] else new_long),
                        "--repeat", str(a.repeat), "--threads", str(a.threads), "--clock", a.clock,
                        *(ppl if plen == prompts[0] else []), *rest, "--json"]
-                report = json.loads(sh(cmd, capture_output=True, text=True).stdout)
+                report = json.loads(sh(cmd, stdout=subprocess.PIPE, text=True).stdout)  # its stderr shows
                 report["uptime"] = [up0, subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()]
                 report["model_name"], report["scheme"] = name, scheme
                 tag = name + ("" if scheme == "g64-asym" else f"-{scheme}") + ("" if plen == 128 else f"-p{plen}")

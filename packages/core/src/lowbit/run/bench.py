@@ -466,7 +466,9 @@ def _child(spec: dict) -> dict:
     t0 = time.perf_counter()
     if spec.get("runtime") == "native":  # read lazily, as load_runner does: the packed codes go straight in
         return _native_child(spec, read_checkpoint(spec["checkpoint"], lazy=True), rss0, t0)
-    qmodel = read_checkpoint(spec["checkpoint"])
+    # the bf16 baseline dequantizes one weight at a time from a lazily read checkpoint (a 7B model's float copy
+    # is most of the memory already); the transformers modules take the checkpoint read whole
+    qmodel = read_checkpoint(spec["checkpoint"], lazy=spec["float"])
     tokenizer = qmodel.tokenizer
     if spec["float"]:
         model = lnn.build_float_model(qmodel, dtype)

@@ -162,14 +162,22 @@ def build_model(qmodel: QuantizedModel, device: torch.device | str = "cpu", dtyp
 
 
 def build_float_model(qmodel: QuantizedModel, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """The same model with every quantized weight dequantized into a plain ``nn.Linear``."""
+    """The same model with every quantized weight dequantized into a plain ``nn.Linear``.
+
+    Each weight is dequantized straight into its parameter, one at a time, so the peak is the float model plus
+    one weight (with a lazily read checkpoint, whose codes are read as each weight is, nothing more)."""
     model = _skeleton(qmodel, dtype)
-    state = dict(qmodel.float_tensors)
-    for path, qw in qmodel.qweights.items():
-        state[f"{path}.weight"] = qw.dequantize(dtype)
-        if qw.bias is not None:
-            state[f"{path}.bias"] = qw.bias
-    _load_floats(model, state, set(), dtype)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for path in qmodel.qweights:
+            qw = qmodel.qweights[path]
+            w = check_finite(qw.dequantize(dtype), f"the checkpoint's weight {path}",
+                             "Re-export the checkpoint from a sound model.", CheckpointError)
+            params[f"{path}.weight"].copy_(w)
+            if qw.bias is not None:
+                params[f"{path}.bias"].copy_(qw.bias)
+            del w, qw
+    _load_floats(model, dict(qmodel.float_tensors), set(qmodel.qweights), dtype)
     return model
 
 
