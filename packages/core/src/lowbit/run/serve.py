@@ -180,6 +180,7 @@ class Engine:
         self.eos = _eos_ids(qm, self.tokenizer)
         self.generate = generate or generate_reply
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)  # the running job is not in it
+        self.stopping = False
         self.worker = threading.Thread(target=self._work, name="lowbit-serve-generate", daemon=True)
         self.worker.start()
 
@@ -245,7 +246,7 @@ class Engine:
 
         while True:
             job = self.jobs.get()
-            if job is None:
+            if job is None or self.stopping:
                 return
             if job.cancelled:
                 continue
@@ -254,7 +255,7 @@ class Engine:
                 job.loop.call_soon_threadsafe(job.chunks.put_nowait, item)
 
             def on_text(text: str, job=job) -> None:
-                if job.cancelled:
+                if job.cancelled or self.stopping:
                     raise _Cancelled()
                 emit(text)
 
@@ -273,12 +274,21 @@ class Engine:
                 except RuntimeError:  # the event loop is gone (shutdown)
                     return
 
-    def close(self) -> None:
-        """Ask the worker to stop after the running job (it is a daemon thread: exit does not wait for it)."""
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the worker and wait for it: queued jobs are dropped and the running one ends at its next piece of
+        text, so the process never exits while the worker is inside a forward pass (torch's threads would abort
+        it)."""
+        self.stopping = True
+        while True:  # make room for the sentinel
+            try:
+                self.jobs.get_nowait()
+            except queue.Empty:
+                break
         try:
             self.jobs.put_nowait(None)
         except queue.Full:
             pass
+        self.worker.join(timeout)
 
 
 # ----------------------------------------------------------------------------------- the app
