@@ -91,14 +91,20 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _missing(flags: tuple[str, ...], what: str) -> str | None:
+    """Why ``what`` cannot run here when this CPU lacks some of ``flags``, else None."""
+    missing = [f for f in flags if f not in cpuinfo.cpu_flags()]
+    return f"needs {what} ({', '.join(missing)} missing); this CPU is {cpuinfo.describe()}" if missing else None
+
+
 def vnni_unavailable_reason() -> str | None:
     """None when the AVX-512 VNNI kernel can be built (or is cached) and run here, else why not."""
     reason = unavailable_reason()
     if reason is not None:
         return reason
-    missing = [f for f in VNNI_FLAGS if f not in cpuinfo.cpu_flags()]
+    missing = _missing(VNNI_FLAGS, "AVX-512 VNNI")
     if missing:
-        return f"needs AVX-512 VNNI ({', '.join(missing)} missing); this CPU is {cpuinfo.describe()}"
+        return missing
     if not _library_path(VNNI_SOURCE, VNNI_CFLAGS).exists() and compiler() is None:
         return "needs a C compiler to build its AVX-512 VNNI kernel once (install gcc, or set CC)"
     return None
@@ -193,9 +199,9 @@ def amx_unavailable_reason() -> str | None:
     reason = vnni_unavailable_reason()
     if reason is not None:
         return reason
-    missing = [f for f in AMX_FLAGS if f not in cpuinfo.cpu_flags()]
+    missing = _missing(AMX_FLAGS, "AMX-INT8 and AMX-BF16")
     if missing:
-        return f"needs AMX-INT8 and AMX-BF16 ({', '.join(missing)} missing); this CPU is {cpuinfo.describe()}"
+        return missing
     if not engine_library(True).lowbit_engine_amx_built():
         return f"the native decoder was built without AMX ({compiler()} lacks -mamx-tile/-mamx-int8/-mamx-bf16)"
     if not engine_library(True).lowbit_engine_amx_init():

@@ -108,6 +108,11 @@ enum { PROF_EMBED, PROF_NORM, PROF_QKV, PROF_ROPE, PROF_ATTN, PROF_O, PROF_GU, P
 
 /* ------------------------------------------------------------------------------------ helpers */
 
+/* the first key a query at position p attends to: 0, or the start of the sliding window */
+static inline int64_t first_key(const Model *md, int64_t p) {
+    return md->window > 0 && p - md->window + 1 > 0 ? p - md->window + 1 : 0;
+}
+
 static inline float hsum256(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
     lo = _mm_add_ps(lo, hi);
@@ -741,10 +746,7 @@ static void attend_block(const Model *md, const float *qkv, int64_t qkvn, int64_
     const int64_t g = h / (md->n_heads / md->n_kv);
     const int64_t p_first = pos0 + m0, p_last = pos0 + m0 + mb - 1;
     int64_t j_first[16] = {0};
-    for (int i = 0; i < mb; ++i) {
-        const int64_t p = p_first + i;
-        j_first[i] = md->window > 0 && p - md->window + 1 > 0 ? p - md->window + 1 : 0;
-    }
+    for (int i = 0; i < mb; ++i) j_first[i] = first_key(md, p_first + i);
     const int64_t jb0 = j_first[0] & ~(int64_t)15, j_end = p_last + 1;
     __attribute__((aligned(64))) float kt[ATT_MAX_HD * 16];
     const __m512 scale = _mm512_set1_ps(md->attn_scale);
@@ -870,10 +872,7 @@ static void attend_group_amx(const Model *md, const float *qkv, int64_t qkvn, in
     const int64_t ndc = hd / 32, nd16 = hd / 16, ss = cap + 32;
     const int64_t p_first = pos0 + m0, p_last = pos0 + m0 + mb - 1;
     int64_t j_first[16] = {0};
-    for (int i = 0; i < mb; ++i) {
-        const int64_t p = p_first + i;
-        j_first[i] = md->window > 0 && p - md->window + 1 > 0 ? p - md->window + 1 : 0;
-    }
+    for (int i = 0; i < mb; ++i) j_first[i] = first_key(md, p_first + i);
     const int64_t jb0 = j_first[0] & ~(int64_t)31, j_end = p_last + 1;
     const int64_t nkb = (j_end - jb0 + 15) / 16, nkp = (j_end - jb0 + 31) / 32;
     const size_t blk = (size_t)(2 * ndc + nd16) * 1024; /* bytes per 32 positions in kv */
@@ -1104,7 +1103,7 @@ static void run(const Model *md, const int32_t *ids, int64_t M, int64_t pos0, in
                 const int64_t so = slot ? slot[m] * slot_stride : 0;
                 const float *q = s.qkv + m * qkvn + h * hd;
                 float *sc = s.scores + (int64_t)omp_get_thread_num() * cap;
-                const int64_t j0 = md->window > 0 && p - md->window + 1 > 0 ? p - md->window + 1 : 0;
+                const int64_t j0 = first_key(md, p);
                 float mx = -INFINITY;
                 for (int64_t j = j0; j <= p; ++j) {
                     const float *k = kc + so + (g * cap + j) * hd;
