@@ -112,3 +112,28 @@ def test_no_family_module_name_outside_the_adapters():
     if found:
         pytest.fail("family module names outside lowbit/models (move the fact into the adapter, or ask it "
                     "for a role):\n" + "\n".join(found))
+
+
+def _is_minus_one(node: ast.AST) -> bool:
+    return (isinstance(node, ast.Constant) and node.value == -1) or (
+        isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub)
+        and isinstance(node.operand, ast.Constant) and node.operand.value == 1)
+
+
+def test_the_per_channel_sentinel_is_read_in_one_place():
+    """``group_size == -1`` means per channel; ``QuantScheme.per_channel`` and ``group_width`` are its one
+    reading, so no other code compares a group size with -1 (a format or library that spells per channel
+    as -1 is handed ``scheme.group_size`` as it is)."""
+    found = []
+    for root in SOURCES:
+        for f in sorted(root.rglob("*.py")):
+            if f.name == "scheme.py" and f.parent.name == "lowbit":
+                continue
+            for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Compare) and any(_is_minus_one(c) for c in (node.left, *node.comparators)):
+                    text = ast.unparse(node)
+                    if "group" in text or re.search(r"\bgs\b", text):
+                        found.append(f"{f.relative_to(ROOT)}:{node.lineno}: {text}")
+    if found:
+        pytest.fail("group sizes compared with -1 outside QuantScheme (use scheme.per_channel or "
+                    "scheme.group_width(k)):\n" + "\n".join(found))

@@ -19,7 +19,7 @@ HOOKS = [n for n in dir(hookspecs) if n.startswith("lowbit_")]
 def test_hooks_are_prefixed_and_documented():
     assert set(HOOKS) == {
         "lowbit_register_quantizers", "lowbit_register_packers", "lowbit_register_kernels",
-        "lowbit_register_exporters", "lowbit_register_architectures",
+        "lowbit_register_exporters", "lowbit_register_architectures", "lowbit_register_runtimes",
     }
     for name in HOOKS:
         fn = getattr(hookspecs, name)
@@ -47,10 +47,6 @@ def test_registry_error_lists_known_names():
 
 def _fake_plugin(monkeypatch, module_name="lowbit_fake_plugin", ep_name="fake", kernel_priority=100):
     """Install an entry point backed by an in-memory module, as a third-party package would."""
-    from importlib import metadata
-
-    mod = types.ModuleType(module_name)
-
     class FakeKernel(Kernel):
         name = "fake"
         priority = kernel_priority
@@ -67,7 +63,20 @@ def _fake_plugin(monkeypatch, module_name="lowbit_fake_plugin", ep_name="fake", 
     def lowbit_register_kernels(register):
         register.add(FakeKernel)
 
-    mod.lowbit_register_kernels = lowbit_register_kernels
+    _install_plugin(monkeypatch, module_name, ep_name, lowbit_register_kernels=lowbit_register_kernels)
+    return FakeKernel
+
+
+def _install_plugin(monkeypatch, module_name: str, ep_name: str, **hooks) -> None:
+    """Publish an in-memory module with these hook implementations under an entry point of group ``lowbit``,
+    as an installed third-party package would, and forget the plugins loaded so far."""
+    from importlib import metadata
+
+    from lowbit.plugins import reset_plugin_manager
+
+    mod = types.ModuleType(module_name)
+    for name, fn in hooks.items():
+        setattr(mod, name, fn)
     monkeypatch.setitem(sys.modules, module_name, mod)
     ep = metadata.EntryPoint(ep_name, module_name, "lowbit")
     real = metadata.entry_points
@@ -78,7 +87,7 @@ def _fake_plugin(monkeypatch, module_name="lowbit_fake_plugin", ep_name="fake", 
         return real(**kw)
 
     monkeypatch.setattr(metadata, "entry_points", entry_points)
-    return FakeKernel
+    reset_plugin_manager()
 
 
 def _spec(bits=4):
@@ -305,3 +314,95 @@ def test_nothing_the_builtins_import_reaches_back_to_the_plugin_manager():
             todo.extend(imports(mod))
     assert {"lowbit.models.llama", "lowbit.checkpoint", "lowbit.kernels.base", "lowbit.exporter"} <= seen
     assert "lowbit.plugins" not in seen, sorted(seen)
+
+
+class RecomputeRuntime(lowbit.Runtime):
+    """A third-party runtime for the tests: the transformers modules over each sequence's whole history on
+    every call (no KV cache), so its tokens must equal the transformers path's."""
+
+    name = "recompute"
+    priority = 50  # above the CPU backend's native decoder, where that is installed
+
+    @classmethod
+    def unsupported(cls, qmodel, dtype, lm_head="float", embedding="float"):
+        return None if lm_head == "float" else "the recompute runtime keeps the float lm_head only"
+
+    def __init__(self, qmodel, dtype, lm_head="float", capacity=0, consume=False, embedding="float"):
+        from lowbit.run.nn import build_model
+
+        self.model = build_model(qmodel, "cpu", dtype)
+        self.reset(capacity, 1)
+
+    def reset(self, capacity=None, slots=None):
+        self.capacity = self.capacity if capacity is None else capacity
+        self.slots = self.slots if slots is None else slots
+        self.seqs = [[] for _ in range(self.slots)]
+
+    def forward(self, ids, all_logits=False, threads=None, slot=0):
+        new = [int(i) for i in torch.as_tensor(ids).reshape(-1)]
+        self.seqs[slot] += new
+        with torch.no_grad():
+            logits = self.model(torch.tensor([self.seqs[slot]])).logits[0].float()
+        return logits[-len(new):] if all_logits else logits[-1]
+
+    def forward_rows(self, ids, slots, threads=None):
+        return torch.stack([self.forward([i], slot=s) for i, s in zip(ids, slots)])
+
+    def describe(self):
+        return "recompute (transformers modules, no cache)"
+
+
+def test_a_runtime_plugin_is_picked_and_drives_generation(monkeypatch):
+    """A runtime published by a third party: ``--runtime`` offers it, ``auto`` picks it by priority,
+    generation runs through it with the transformers path's tokens, and where it declines its reason is
+    the fallback's (or the error, when it was asked for by name)."""
+    import argparse
+
+    from lowbit.run import engine
+    from lowbit.testing.exporters import tiny_quantized_model
+
+    @lowbit.hookimpl
+    def lowbit_register_runtimes(register):
+        register.add(RecomputeRuntime)
+
+    _install_plugin(monkeypatch, "lowbit_recompute_plugin", "recompute",
+                    lowbit_register_runtimes=lowbit_register_runtimes)
+    assert registry("runtimes").origin("recompute") == "recompute"
+    assert "recompute" in engine.runtime_names()
+    p = argparse.ArgumentParser()
+    engine.runtime_arg(p)
+    assert p.parse_args(["--runtime", "recompute"]).runtime == "recompute"
+
+    qm = tiny_quantized_model(QuantScheme(4, 64))
+    runner = engine.runner_for(qm, torch.float32)
+    assert runner.path == "recompute" and "recompute" in runner.describe()
+    ref = engine.runner_for(qm, torch.float32, runtime="transformers")
+    prompts = [[1, 5, 9, 20], [7, 3]]
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        assert engine.generate(runner, ids, 6).tolist() == engine.generate(ref, ids, 6).tolist()
+    assert engine.generate_batch(runner, prompts, 6) == [engine.generate(ref, torch.tensor([q]), 6)[0].tolist()
+                                                        for q in prompts]
+
+    with pytest.raises(LowbitError, match="--runtime recompute: the recompute runtime keeps the float lm_head only"):
+        engine.runner_for(qm, torch.float32, lm_head="int8", runtime="recompute")
+    monkeypatch.setenv("LOWBIT_DISABLED_PLUGINS", "recompute")
+    from lowbit.plugins import reset_plugin_manager
+
+    reset_plugin_manager()
+    assert "recompute" not in engine.runtime_names()
+    with pytest.raises(LowbitError, match="runtime 'recompute' is not installed; installed: auto"):
+        engine.runner_for(qm, torch.float32, runtime="recompute")
+
+
+def test_without_runtime_plugins_the_transformers_path_runs(monkeypatch):
+    from lowbit.plugins import reset_plugin_manager
+    from lowbit.run import engine
+    from lowbit.testing.exporters import tiny_quantized_model
+
+    monkeypatch.setenv("LOWBIT_DISABLE_PLUGIN_AUTOLOAD", "1")
+    reset_plugin_manager()
+    assert engine.runtime_names() == ("auto", "transformers")
+    runner = engine.runner_for(tiny_quantized_model(QuantScheme(4, 64)), torch.float32)
+    assert runner.path == "transformers" and runner.decoder is None
+    assert "no runtime plugin is installed" in runner.why

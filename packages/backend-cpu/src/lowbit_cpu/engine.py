@@ -25,6 +25,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.run.nn import EMBEDDINGS
+from lowbit.run.runtime import Runtime
 
 from . import cpuinfo, native
 
@@ -161,7 +162,7 @@ def unsupported(qmodel, dtype: torch.dtype, lm_head: str = "float", embedding: s
             return f"{name} is {s.bits}-bit; the native decoder runs 4-bit weights"
         if qw.in_features % 64:
             return f"{name}: in_features {qw.in_features} is not a multiple of 64"
-        gs = qw.in_features if s.group_size == -1 else s.group_size
+        gs = s.group_width(qw.in_features)
         if gs % 64 or qw.in_features % gs:
             return f"{name}: group size {s.group_size}; the native decoder needs groups of 64, 128 or per channel"
         if qw.in_features // gs > MAX_GROUPS:
@@ -218,7 +219,7 @@ def _fuse(qws) -> tuple[QMat, list[torch.Tensor]]:
     StoredWeights), each written into its rows of preallocated tensors (no concatenated copies), its codes
     converted to nib64 a block of rows at a time (and its tensors, kept alive)."""
     k = qws[0].in_features
-    gs = k if qws[0].scheme.group_size == -1 else qws[0].scheme.group_size
+    gs = qws[0].scheme.group_width(k)
     n = sum(q.out_features for q in qws)
     ng = qws[0].scales.shape[1]
     packed = torch.empty(n, k // 2, dtype=torch.uint8)
@@ -244,8 +245,9 @@ def _fuse(qws) -> tuple[QMat, list[torch.Tensor]]:
     return m, keep
 
 
-class NativeDecoder:
-    """The checkpoint in the native decoder's layout, with a KV cache of ``capacity`` positions.
+class NativeDecoder(Runtime):
+    """The checkpoint in the native decoder's layout, with a KV cache of ``capacity`` positions: the
+    ``native`` runtime (:class:`lowbit.Runtime`) of ``--runtime``.
 
     :param qmodel: a QuantizedModel that :func:`unsupported` accepts.
     :param dtype: ``torch.float32`` (fp32 activations) or ``torch.bfloat16`` (int8 activations per 64 columns).
@@ -260,6 +262,13 @@ class NativeDecoder:
         (1 byte per weight) are freed layer by layer instead of living beside the packed copy until the end
         (a lazily read checkpoint holds none: its codes are read from disk as they are converted).
     """
+
+    name = "native"
+    priority = 10
+
+    @classmethod
+    def unsupported(cls, qmodel, dtype, lm_head: str = "float", embedding: str = "float") -> str | None:
+        return unsupported(qmodel, dtype, lm_head, embedding)
 
     def __init__(self, qmodel, dtype: torch.dtype = torch.bfloat16, lm_head: str = "float", capacity: int = 256,
                  consume: bool = False, embedding: str = "float"):
@@ -377,7 +386,7 @@ class NativeDecoder:
             scales[rows], zeros[rows] = q.scales, q.zeros
             r += block_.shape[0]
         self.keep += [packed, scales, zeros]
-        m = QMat(n, k, k if gs == -1 else gs, packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), None)
+        m = QMat(n, k, scheme.group_width(k), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), None)
         return (HEAD_INT4 if bits == 4 else HEAD_INT8), m
 
     # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Hook implementations of lowbit-backend-cpu: the CPU kernels, registered through the public hook."""
+"""Hook implementations of lowbit-backend-cpu: the CPU kernels and the native decoder (the ``native``
+runtime), registered through the public hooks."""
 
 from lowbit import hookimpl
 
@@ -9,3 +10,10 @@ def lowbit_register_kernels(register):
 
     for kernel in KERNELS:
         register.add(kernel)
+
+
+@hookimpl
+def lowbit_register_runtimes(register):
+    from .engine import NativeDecoder
+
+    register.add(NativeDecoder)

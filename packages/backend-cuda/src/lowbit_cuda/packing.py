@@ -52,7 +52,7 @@ class TritonPackedWeight:
     g_idx: torch.Tensor | None
     bias: torch.Tensor | None
     bits: int
-    group_size: int  # -1 per channel
+    group_width: int  # input columns per group: K per channel (one group)
     in_features: int
     out_features: int
 
@@ -114,7 +114,7 @@ def pack(qw: QuantizedWeight, device: torch.device | str = "cpu") -> TritonPacke
         g_idx=None if g_sorted is None else g_sorted.to(dev),
         bias=None if qw.bias is None else qw.bias.to(torch.float32).contiguous().to(dev),
         bits=bits,
-        group_size=qw.scheme.group_size,
+        group_width=qw.scheme.group_width(k),
         in_features=k,
         out_features=qw.out_features,
     )
@@ -131,8 +131,7 @@ def unpack(p: TritonPackedWeight, scheme: QuantScheme) -> QuantizedWeight:
     g_idx = None
     if p.perm is not None:
         perm = p.perm.cpu().long()
-        gs = k if p.group_size == -1 else p.group_size
-        g_sorted = (torch.arange(k) // gs) if p.g_idx is None else p.g_idx.cpu().long()
+        g_sorted = (torch.arange(k) // p.group_width) if p.g_idx is None else p.g_idx.cpu().long()
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(k)
         codes = codes[:, inv]
@@ -179,4 +178,4 @@ def packed_weight(tensors: dict[str, torch.Tensor], scheme: QuantScheme, in_feat
     to = (lambda t: t) if device is None else (lambda t: t.to(torch.device(device)))
     opt = {key: None if tensors.get(key) is None else to(tensors[key]) for key in ("zeros", "perm", "g_idx", "bias")}
     return TritonPackedWeight(qweight=to(tensors["qweight"]), scales=to(tensors["scales"]), **opt, bits=scheme.bits,
-                              group_size=scheme.group_size, in_features=in_features, out_features=out_features)
+                              group_width=scheme.group_width(in_features), in_features=in_features, out_features=out_features)

@@ -25,6 +25,7 @@ from .plugins import get_plugin_manager, registry
 from .qmodel import QuantizedModel
 from .qweight import QuantizedWeight
 from .recipe import Option, Recipe
+from .run.runtime import Runtime
 from .scheme import QuantScheme
 from .selection import select_kernel
 
@@ -49,6 +50,7 @@ __all__ = [
     "QuantizedWeight",
     "Quantizer",
     "Recipe",
+    "Runtime",
     "UnknownNameError",
     "UnsupportedSchemeError",
     "export",

@@ -28,8 +28,9 @@ from .argtypes import path as path_arg
 from .errors import LowbitError
 from .plugins import registry
 from .recipe import Recipe, method_steps
-from .run.engine import embedding_arg
+from .run.engine import embedding_arg, runtime_arg
 from .run.load import DTYPES, dtype_of
+from .run.nn import LM_HEADS
 from .scheme import DEFAULT_GROUP_SIZE
 
 
@@ -195,11 +196,11 @@ def cmd_eval_ppl(a) -> int:
     text = read_text_file(a.text, "--text") if a.text else eval_text()  # a bad file fails before the model loads
     runner = load_runner(a.checkpoint, a.dtype, a.kernel, runtime=a.runtime, capacity=a.seqlen)
     qm = runner.qm
-    model = LogitsModel(runner) if runner.path == "native" else runner.model
+    model = LogitsModel(runner) if runner.decoder is not None else runner.model
     seqlen = min(a.seqlen, getattr(qm.config, "max_position_embeddings", None) or a.seqlen)
     windows = window_ids(qm.tokenizer, text, seqlen)
     max_windows = None if a.full else a.windows
-    kernels = ({runner.decoder.describe(): 1} if runner.path == "native" else kernels_used(model))
+    kernels = ({runner.decoder.describe(): 1} if runner.decoder is not None else kernels_used(model))
     res = {"checkpoint": a.checkpoint, "kernels": kernels, "runtime": runner.path, "runtime_reason": runner.why,
            "quantized": perplexity(model, windows=windows, seqlen=seqlen, max_windows=max_windows,
                                    progress=not a.no_progress)}
@@ -230,13 +231,6 @@ def _prompt_ids(tokenizer, prompt: str, raw: bool):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                              return_tensors="pt", return_dict=True)["input_ids"]
     return tokenizer(prompt, return_tensors="pt").input_ids
-
-
-def _runtime_arg(p) -> None:
-    p.add_argument("--runtime", choices=("auto", "native", "transformers"), default="auto",
-                   help="auto (default): the CPU backend's native decoder where it covers the model and CPU, else "
-                        "transformers with lowbit's kernels (the choice and its reason go to stderr); also "
-                        "LOWBIT_RUNTIME")
 
 
 def cmd_generate(a) -> int:
@@ -471,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kernel", help="force one kernel (see `lowbit kernels`)")
     e.add_argument("--json", action="store_true")
     e.add_argument("--no-progress", action="store_true")
-    _runtime_arg(e)
+    runtime_arg(e)
     e.set_defaults(func=cmd_eval_ppl)
     from .run import tasks as eval_tasks
 
@@ -492,12 +486,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="no chat template")
     gen.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     gen.add_argument("--kernel", help="force one kernel (see `lowbit kernels`)")
-    gen.add_argument("--lm-head", choices=("float", "int8", "int4"), default="float",
+    gen.add_argument("--lm-head", choices=LM_HEADS, default="float",
                      help="keep the checkpoint's float lm_head (default) or quantize it at load time: int8 per "
                           "channel, int4 g64 (faster decode; see benchmarks/cpu/RESULTS.md for the perplexity cost)")
     embedding_arg(gen)
     gen.add_argument("--json", action="store_true")
-    _runtime_arg(gen)
+    runtime_arg(gen)
     gen.set_defaults(func=cmd_generate)
 
     pl = sub.add_parser("plugins", help="list lowbit and the plugins found, with versions")

@@ -69,3 +69,14 @@ def lowbit_register_architectures(register: Registrar) -> None:
     :param register: ``register.add(adapter)`` with a :class:`lowbit.models.Adapter` instance,
         keyed by the HF ``model_type`` values in its ``model_types``.
     """
+
+
+@hookspec
+def lowbit_register_runtimes(register: Registrar) -> None:
+    """Register runtimes that run a whole quantized checkpoint in their own code, in place of the
+    transformers modules (lowbit-backend-cpu's native decoder is one).
+
+    :param register: ``register.add(cls)`` with a :class:`lowbit.Runtime` subclass, keyed by its
+        ``name`` (what ``--runtime`` refers to); ``--runtime auto`` takes the one of highest ``priority``
+        whose ``unsupported(...)`` returns None.
+    """

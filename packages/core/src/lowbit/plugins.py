@@ -32,6 +32,7 @@ KINDS = {
     "kernels": ("kernel", "lowbit_register_kernels"),
     "exporters": ("exporter", "lowbit_register_exporters"),
     "architectures": ("architecture", "lowbit_register_architectures"),
+    "runtimes": ("runtime", "lowbit_register_runtimes"),
 }
 
 
@@ -125,5 +126,5 @@ def on_reset(callback: Callable[[], None]) -> None:
 
 
 def registry(kind: str) -> Registry:
-    """``registry("kernels")`` etc.: one of quantizers, packers, kernels, exporters, architectures."""
+    """``registry("kernels")`` etc.: one of quantizers, packers, kernels, exporters, architectures, runtimes."""
     return get_plugin_manager().registries[kind]

@@ -10,7 +10,7 @@ from lowbit.qweight import QuantizedWeight
 
 def group_of(qw: QuantizedWeight) -> int:
     """The group length along K (K itself for per channel)."""
-    return qw.in_features if qw.scheme.group_size == -1 else qw.scheme.group_size
+    return qw.scheme.group_width(qw.in_features)
 
 
 def sort_act_order(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -25,8 +25,6 @@ from lowbit.kernels.base import Kernel, KernelSpec
 from lowbit.packing import pack_bits
 from lowbit.qweight import QuantizedWeight
 
-from .common import group_of
-
 
 def ipex_unavailable_reason() -> str | None:
     if importlib.util.find_spec("intel_extension_for_pytorch") is None:
@@ -83,7 +81,7 @@ class IpexWoqKernel(Kernel):
         qconfig = q.get_weight_only_quant_qconfig_mapping(
             weight_dtype=q.WoqWeightDtype.INT4, lowp_mode=mode,
             act_quant_mode=q.WoqActQuantMode.PER_BATCH_IC_BLOCK,
-            group_size=group_of(qweight) if qweight.scheme.group_size != -1 else -1,
+            group_size=qweight.scheme.group_size,  # -1 per channel, as IPEX spells it too
         )
         qweight_i32, qzeros, scales = pack_gptq_v1(qweight)
         g_idx = None if qweight.has_trivial_g_idx() else qweight.g_idx.to(torch.int32)

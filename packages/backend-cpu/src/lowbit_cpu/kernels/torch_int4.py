@@ -39,7 +39,7 @@ class TorchInt4Kernel(Kernel):
         reason = super().can_implement(spec)
         if reason is not None:
             return reason
-        if spec.scheme.group_size == -1 and spec.in_features not in TORCH_GROUP_SIZES:
+        if spec.scheme.per_channel and spec.in_features not in TORCH_GROUP_SIZES:
             return (f"per channel needs in_features in {TORCH_GROUP_SIZES} (torch's group sizes), "
                     f"got {spec.in_features}")
         if spec.out_features % 16:

@@ -37,7 +37,7 @@ class TorchInt8Kernel(Kernel):
 
     @classmethod
     def can_implement(cls, spec: KernelSpec) -> str | None:
-        if spec.scheme.bits == 8 and spec.scheme.group_size != -1:
+        if spec.scheme.bits == 8 and not spec.scheme.per_channel:
             return (f"supports per-channel 8-bit only (one scale per output channel), got group size "
                     f"{spec.scheme.group_size}")
         return super().can_implement(spec)

@@ -108,9 +108,9 @@ def check_config(config: dict, keys: tuple[str, ...], kernel: str) -> None:
 
 
 def effective_block_k(block_k: int, w: TritonPackedWeight) -> int:
-    """BLOCK_K clamped to the group size, so a tile never straddles two groups."""
-    if w.g_idx is None and w.group_size != -1:
-        return min(block_k, w.group_size)
+    """BLOCK_K clamped to the group width, so a tile never straddles two groups (one group per row: no clamp)."""
+    if w.g_idx is None and w.group_width < w.in_features:
+        return min(block_k, w.group_width)
     return block_k
 
 
@@ -211,7 +211,7 @@ def launch(kernel, name: str, kind: str, config_keys: tuple[str, ...], x: torch.
         dummy(w) if w.perm is None else w.perm,
         dummy(w) if w.bias is None else w.bias,
         y,
-        m, n, k, k if w.group_size == -1 else w.group_size, x.stride(0), y.stride(0),
+        m, n, k, w.group_width, x.stride(0), y.stride(0),
         BITS=w.bits, SYM=w.zeros is None, GROUP_PER_ROW=w.g_idx is not None, HAS_PERM=w.perm is not None,
         HAS_BIAS=w.bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, **extra, **constexprs,

@@ -38,7 +38,7 @@ from ..argtypes import at_least_two, group_size, int_range, nonnegative_int, pat
 from ..cpuinfo import cpu_name, isa
 from ..errors import LowbitError
 from ..limits import check_fits
-from .nn import EMBEDDINGS
+from .nn import EMBEDDINGS, LM_HEADS
 
 DEFAULT_SHAPES = "4096x4096,4096x11008,11008x4096"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model level: also WikiText-2 test perplexity over this many windows (default 0: skip)")
     parser.add_argument("--ppl-seqlen", type=at_least_two, default=512, help="model level: perplexity window length")
     parser.add_argument("--no-float", action="store_true", help="model level: skip the bf16 transformers baseline")
-    parser.add_argument("--lm-head", action="append", choices=("float", "int8", "int4"), default=None,
+    parser.add_argument("--lm-head", action="append", choices=LM_HEADS, default=None,
                         help="model level: lowbit row(s) with the float lm_head kept (float) or quantized at load "
                              "time (int8 per channel, int4 g64), repeatable (default float)")
     parser.add_argument("--embedding", action="append", choices=EMBEDDINGS, default=None,
@@ -680,14 +680,14 @@ def _runtimes(path: Path, dtype: str, lm_heads, runtime: str, embeddings=("float
     """(lm_head mode, embedding mode) → the runtimes its lowbit rows run on (``auto``: the one generate/chat would
     pick); an int8 embedding runs on the native decoder only, and has no row where that does not take it."""
     from ..exporting import read_checkpoint
-    from .engine import native_reason
+    from .engine import pick_runtime
 
     qm = None if runtime in ("native", "transformers") and set(embeddings) == {"float"} else \
         read_checkpoint(path, lazy=True)  # the decision needs shapes and scales, not the codes
     out = {}
     for h in dict.fromkeys(lm_heads):
         for e in dict.fromkeys(embeddings):
-            ok = qm is None or native_reason(qm, DTYPES[dtype], h, embedding=e) is None
+            ok = qm is None or pick_runtime(qm, DTYPES[dtype], h, runtime="native", embedding=e)[0] is not None
             if e != "float":
                 out[h, e] = ["native"] if ok and runtime != "transformers" else []
             elif runtime in ("native", "transformers"):

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..argtypes import path, positive_int, probability, seed, temperature
 from ..errors import LowbitError
+from .engine import runtime_arg
 
 USER_PROMPT = "USER: "
 ASSISTANT_PROMPT = "ASSISTANT: "
@@ -46,8 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="activation dtype (default: bf16)")
     p.add_argument("--kernel", help="force one kernel (see `lowbit kernels`)")
     p.add_argument("--seed", type=seed, help="seed sampling, for reproducible replies")
-    p.add_argument("--runtime", choices=("auto", "native", "transformers"), default="auto",
-                   help="auto (default): the native decoder where it covers the model and CPU, else transformers")
+    runtime_arg(p)
 
 
 @dataclass

@@ -1,10 +1,11 @@
 """Which runtime runs a checkpoint, and the one generation loop every command uses.
 
-Two paths run a checkpoint on the CPU:
+Two kinds of path run a checkpoint:
 
-- **native**: the CPU backend's native decoder (``lowbit_cpu.engine``): the whole model per token in C,
-  no Python between the ops. Chosen when the backend is installed and says it covers the checkpoint's
-  family, scheme, activation dtype and this CPU.
+- **a runtime plugin** (:class:`lowbit.run.runtime.Runtime`, registered through ``lowbit_register_runtimes``),
+  which runs the whole model in its own code: lowbit-backend-cpu registers ``native``, its native decoder
+  (the whole model per token in C, no Python between the ops). Chosen when one is installed and says it
+  covers the checkpoint's family, scheme, activation dtype and this machine.
 - **transformers**: the transformers model with QuantLinear modules (:func:`lowbit.run.nn.build_model`),
   for everything else, or when asked for (``--runtime transformers``, ``LOWBIT_RUNTIME=transformers``,
   or forcing a kernel with ``--kernel``).
@@ -21,17 +22,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import LowbitError
+from ..plugins import registry
 from .nn import EMBEDDINGS
 
-RUNTIMES = ("auto", "native", "transformers")
+#: the runtime choices that need no plugin: pick one (``auto``) or the transformers modules
+BUILTIN_RUNTIMES = ("auto", "transformers")
 
 
 @dataclass
 class Runner:
-    """A loaded checkpoint ready to run: ``decoder`` (native) or ``model`` (transformers), never both."""
+    """A loaded checkpoint ready to run: ``decoder`` (a runtime plugin's) or ``model`` (transformers), never both."""
 
     qm: Any
-    path: str  # "native" or "transformers"
+    path: str  # the runtime's name, or "transformers"
     why: str
     model: Any = None
     decoder: Any = None
@@ -43,12 +46,25 @@ class Runner:
         return self.qm.config
 
     def describe(self) -> str:
-        if self.path == "native":
+        if self.decoder is not None:
             return f"runtime: {self.decoder.describe()} ({self.why})"
         from .nn import kernels_used
 
         kernels = ", ".join(f"{k} x{n}" for k, n in kernels_used(self.model).items()) or "none"
         return f"runtime: transformers, kernels {kernels} ({self.why})"
+
+
+def runtime_names() -> tuple[str, ...]:
+    """What ``--runtime`` takes: auto, each installed runtime plugin, transformers."""
+    return ("auto", *registry("runtimes").names(), "transformers")
+
+
+def runtime_arg(p, extra: tuple[str, ...] = (), help: str | None = None) -> None:
+    """``--runtime`` of the commands that run a checkpoint; its choices are the installed runtimes'."""
+    plugins = ", ".join(registry("runtimes").names()) or "none"
+    p.add_argument("--runtime", choices=(*runtime_names(), *extra), default="auto", help=help or (
+        f"auto (default): the first runtime plugin (installed: {plugins}) that covers the model and machine, "
+        "else transformers with lowbit's kernels (the choice and its reason go to stderr); also LOWBIT_RUNTIME"))
 
 
 def embedding_arg(p) -> None:
@@ -59,27 +75,35 @@ def embedding_arg(p) -> None:
                         "--lm-head int8 both use one table)")
 
 
-def native_reason(qm, dtype, lm_head: str = "float", kernel: str | None = None, runtime: str = "auto",
-                  embedding: str = "float") -> str | None:
-    """None when the native decoder takes this checkpoint, else why the transformers path runs it."""
+def pick_runtime(qm, dtype, lm_head: str = "float", kernel: str | None = None, runtime: str = "auto",
+                 embedding: str = "float") -> tuple[Any, str]:
+    """``(runtime class, why)``: the installed runtime plugin that runs this checkpoint, or ``(None, why the
+    transformers path runs it)``. ``auto`` tries the plugins by priority and gives the first one's reason
+    where none takes it."""
     runtime = os.environ.get("LOWBIT_RUNTIME", "").strip() or runtime
-    if runtime not in RUNTIMES:
-        raise LowbitError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}.")
+    plugins = registry("runtimes")
+    if runtime not in BUILTIN_RUNTIMES and runtime not in plugins:
+        hint = "" if plugins else " (the native decoder comes with lowbit-backend-cpu)"
+        raise LowbitError(f"runtime {runtime!r} is not installed; installed: {', '.join(runtime_names())}{hint}.")
     if runtime == "transformers":
-        return "asked for the transformers runtime"
+        return None, "asked for the transformers runtime"
     if kernel:
-        return f"--kernel {kernel} runs through the transformers modules"
-    try:
-        from lowbit_cpu import engine
-    except ImportError:
-        return "the native decoder comes with lowbit-backend-cpu, which is not installed"
-    return engine.unsupported(qm, dtype, lm_head, embedding)
+        return None, f"--kernel {kernel} runs through the transformers modules"
+    named = [plugins.get(runtime)] if runtime != "auto" else sorted((c for _, c in plugins.items()),
+                                                                    key=lambda c: -c.priority)
+    reasons = []
+    for cls in named:
+        reason = cls.unsupported(qm, dtype, lm_head, embedding)
+        if reason is None:
+            return cls, f"the {cls.name} runtime covers this model and machine"
+        reasons.append(reason)
+    return None, reasons[0] if reasons else "no runtime plugin is installed (lowbit-backend-cpu has the native decoder)"
 
 
 def load_runner(path: str, dtype_name: str, kernel: str | None = None, lm_head: str = "float",
                 runtime: str = "auto", capacity: int = 0, embedding: str = "float") -> Runner:
     """Read the checkpoint at ``path`` (it must hold a tokenizer) and build the runtime that runs it.
-    With ``runtime="native"`` an unsupported checkpoint is an error instead of a fallback.
+    With a runtime named (``runtime="native"``) an unsupported checkpoint is an error instead of a fallback.
 
     A lowbit checkpoint is read lazily (verified, then its tensors read as they are used): the native
     decoder converts its packed codes straight into its own layout, so the quantized weights are never held
@@ -95,7 +119,7 @@ def load_runner(path: str, dtype_name: str, kernel: str | None = None, lm_head: 
     from .nn import check_sizes
 
     check_sizes(qm, dtype)  # before anything walks the config's layers (a config of 10^9 layers is refused here)
-    if not isinstance(qm.qweights, dict) and native_reason(qm, dtype, lm_head, kernel, runtime, embedding) is not None:
+    if not isinstance(qm.qweights, dict) and pick_runtime(qm, dtype, lm_head, kernel, runtime, embedding)[0] is None:
         if embedding != "float":  # the one-line refusal, before reading the checkpoint whole
             return runner_for(qm, dtype, kernel, lm_head, runtime, capacity, embedding=embedding)
         qm = read_checkpoint(path)  # the transformers modules are built from QuantizedWeights
@@ -113,16 +137,13 @@ def runner_for(qm, dtype, kernel: str | None = None, lm_head: str = "float", run
     from .nn import build_model, check_sizes
 
     check_sizes(qm, dtype)
-    reason = native_reason(qm, dtype, lm_head, kernel, runtime, embedding)
-    if reason is None:
-        from lowbit_cpu.engine import NativeDecoder
-
+    cls, reason = pick_runtime(qm, dtype, lm_head, kernel, runtime, embedding)
+    if cls is not None:
         ctx = context_of(qm.config)
-        dec = NativeDecoder(qm, dtype, lm_head, capacity=min(capacity, ctx or capacity), consume=consume,
-                            embedding=embedding)
-        return Runner(qm, "native", "the native decoder covers this model and CPU", decoder=dec, dtype=dtype)
-    if runtime == "native":
-        raise LowbitError(f"--runtime native: {reason}.")
+        dec = cls(qm, dtype, lm_head, capacity=min(capacity, ctx or capacity), consume=consume, embedding=embedding)
+        return Runner(qm, cls.name, reason, decoder=dec, dtype=dtype)
+    if runtime not in BUILTIN_RUNTIMES:
+        raise LowbitError(f"--runtime {runtime}: {reason}.")
     if embedding != "float":
         raise LowbitError(f"--embedding {embedding} runs on the native decoder only, which does not run this: {reason}.")
     if not isinstance(qm.qweights, dict):

@@ -97,6 +97,8 @@ def _load_floats(model: nn.Module, tensors: dict[str, torch.Tensor], skip: set[s
 EMBEDDINGS = ("float", "int8")
 # load-time quantization of the float lm_head (opt-in): name → (bits, group size, symmetric)
 LM_HEAD_SCHEMES = {"int8": (8, -1, True), "int4": (4, 64, False)}
+#: ``--lm-head``: the checkpoint's float lm_head, or one of the load-time quantizations above
+LM_HEADS = ("float", *LM_HEAD_SCHEMES)
 
 
 def quantize_lm_head(model: nn.Module, mode: str, device: torch.device | str = "cpu",

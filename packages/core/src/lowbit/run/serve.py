@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import LowbitError
-from .engine import embedding_arg
+from .engine import embedding_arg, runtime_arg
+from .nn import LM_HEADS
 
 #: request bodies larger than this are refused (413) before they are read
 MAX_BODY_BYTES = 4 << 20
@@ -53,9 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests waiting for the model beyond the running one; more get 503 (default: 16)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="activation dtype (default: bf16)")
     p.add_argument("--kernel", help="force one kernel (see `lowbit kernels`)")
-    p.add_argument("--runtime", choices=("auto", "native", "transformers"), default="auto",
-                   help="auto (default): the native decoder where it covers the model and CPU, else transformers")
-    p.add_argument("--lm-head", choices=("float", "int8", "int4"), default="float",
+    runtime_arg(p)
+    p.add_argument("--lm-head", choices=LM_HEADS, default="float",
                    help="keep the checkpoint's float lm_head (default) or quantize it at load time")
     embedding_arg(p)
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from ..errors import LowbitError
+from .nn import LM_HEADS
 
 
 def _limit(text: str) -> float:
@@ -45,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--apply-chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="activation dtype (default: fp32)")
     p.add_argument("--kernel", help="force one kernel (see `lowbit kernels`)")
-    p.add_argument("--lm-head", choices=("float", "int8", "int4"), default="float",
+    p.add_argument("--lm-head", choices=LM_HEADS, default="float",
                    help="keep the checkpoint's float lm_head (default) or quantize it at load time")
     p.add_argument("--output", metavar="FILE", help="also write lm-eval's whole result (JSON) to FILE")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
