@@ -1,16 +1,19 @@
-"""Peak memory and time of the streaming pass against model size (synthetic llama models).
+"""Peak memory and time of the streaming pass against model size (synthetic models of real shapes).
 
-Builds random llama models of real 1B, 3B and 7B shapes once (bf16 safetensors shards in a cache
-directory; weights drawn one tensor at a time, N(0, 0.02) like transformers' init, norms 1), then
+Builds random models of real shapes once (Llama 3.2 1B and 3B, Llama 2 7B, and the layers of
+Qwen1.5-MoE-A2.7B, 8 of its 24, stored one tensor per expert linear as its checkpoints are) as bf16
+safetensors shards in a cache directory (weights drawn one tensor at a time, N(0, 0.02) like
+transformers' init, norms 1), then
 runs ``lowbit quantize`` on each in a fresh subprocess and records its wall time, its peak RSS
 (the kernel's high-water mark for the child) and the per-layer time and RSS from the checkpoint's
 report. The output directory is deleted after each run.
 
     python benchmarks/scale/run.py                        # all sizes, rtn and gptq
     python benchmarks/scale/run.py --sizes 1b --methods rtn
+    python benchmarks/scale/run.py --sizes moe --methods rtn --format lowbit
     python benchmarks/scale/run.py --table                # regenerate RESULTS.md's table from results.jsonl
 
-Disk: 1B 2.5 GB, 3B 6.4 GB, 7B 13.5 GB of bf16 shards (``--cache``, default ~/.cache/lowbit/scale),
+Disk: 1B 2.5 GB, 3B 6.4 GB, 7B 13.5 GB, MoE 10.4 GB of bf16 shards (``--cache``, default ~/.cache/lowbit/scale),
 plus the run's output (up to ~15 GB for 7B with two export formats) while it runs.
 """
 
@@ -30,7 +33,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.jsonl"
 
-#: shapes of public models (Llama 3.2 1B and 3B, Llama 2 7B)
+#: shapes of public models (Llama 3.2 1B and 3B, Llama 2 7B; Qwen1.5-MoE-A2.7B's layers, 8 of 24, whose
+#: float32 copy (21 GB) would not fit beside anything else in 24 GiB: only streaming quantizes it here)
 SIZES = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
@@ -38,6 +42,10 @@ SIZES = {
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
+    "moe": dict(model_type="qwen2_moe", hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
+                num_attention_heads=16, num_key_value_heads=16, vocab_size=151936, tie_word_embeddings=False,
+                num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+                shared_expert_intermediate_size=5632),
 }
 METHODS = {
     "rtn": ["--method", "rtn"],
@@ -45,26 +53,45 @@ METHODS = {
 }
 
 
+def config_of(size: str):
+    from transformers import AutoConfig
+
+    c = dict(SIZES[size])
+    return AutoConfig.for_model(c.pop("model_type", "llama"), max_position_embeddings=4096, rms_norm_eps=1e-5, **c)
+
+
+def skeleton_of(size: str):
+    """The model on the meta device in the form lowbit quantizes (MoE experts one linear each), and its adapter."""
+    from lowbit.models import adapter_for
+    from lowbit.plugins import registry
+    from lowbit.weights import empty_model
+
+    config = config_of(size)
+    model = empty_model(config)
+    adapter = adapter_for(config, registry("architectures"))
+    adapter.prepare(model)
+    return model, adapter
+
+
 def build(size: str, cache: Path) -> Path:
-    """The synthetic model's directory, written once (atomically) and reused."""
+    """The synthetic model's directory, written once (atomically) and reused; tensors are named as the
+    family's checkpoints name them (one per expert linear for MoE)."""
     import torch
-    from transformers import LlamaConfig
 
     from lowbit.hf import ShardWriter
     from lowbit.testing.models import tiny_tokenizer
-    from lowbit.weights import empty_model
 
     path = cache / size
     if (path / "config.json").is_file():
         return path
-    config = LlamaConfig(max_position_embeddings=4096, rms_norm_eps=1e-5, **SIZES[size])
-    model = empty_model(config)
+    model, adapter = skeleton_of(size)
+    config = model.config
     tmp = Path(tempfile.mkdtemp(prefix=f".{size}.tmp-", dir=cache))
     gen = torch.Generator().manual_seed(0)
     writer = ShardWriter(tmp, max_shard_bytes=2 * 1024**3)
     for name, p in model.named_parameters():
         t = torch.ones(p.shape) if p.dim() == 1 else torch.empty(p.shape).normal_(0, 0.02, generator=gen)
-        writer.add(name, t.to(torch.bfloat16))
+        writer.add(adapter.checkpoint_name(name), t.to(torch.bfloat16))
         del t
     writer.close()
     config.dtype = "bfloat16"
@@ -166,21 +193,15 @@ def _commit() -> str | None:
 
 
 def params_of(size: str) -> float:
-    c = SIZES[size]
-    h, i, n, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
-    hd = h // c["num_attention_heads"]
-    kv = c["num_key_value_heads"] * hd
-    layer = h * h * 2 + h * kv * 2 + 3 * h * i + 2 * h
-    return (n * layer + v * h * (1 if c["tie_word_embeddings"] else 2) + h) / 1e9
+    model, _ = skeleton_of(size)
+    return sum(p.numel() for p in model.parameters()) / 1e9
 
 
 def layer_bound_mib(size: str, method: str) -> int:
     """The issue's bound: one decoder layer in fp32 + calibration activations + 1 GiB."""
-    c = SIZES[size]
-    h, i = c["hidden_size"], c["intermediate_size"]
-    hd = h // c["num_attention_heads"]
-    kv = c["num_key_value_heads"] * hd
-    layer = (h * h * 2 + h * kv * 2 + 3 * h * i) * 4
+    model, adapter = skeleton_of(size)
+    layer = max(sum(p.numel() for p in lay.parameters()) for lay in adapter.layers(model)) * 4
+    h = model.config.hidden_size
     acts = 8 * 512 * h * 4 * 2 if method == "gptq" else 0  # the layer's inputs and outputs
     return (layer + acts) // 2**20 + 1024
 

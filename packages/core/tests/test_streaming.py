@@ -266,3 +266,65 @@ def test_export_compatible_streams_and_equals_the_whole_model_path(sharded_dir, 
     original_weights = load_file(str(sorted(sharded_dir.glob("model-*.safetensors"))[0]))
     assert any(not torch.equal(streamed[k], v.float()) for k, v in original_weights.items() if "proj" in k)
     assert (tmp_path / "streamed" / "config.json").is_file() and (tmp_path / "streamed" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_moe_checkpoints_stream_expert_by_expert(tmp_path, model_type):
+    """A MoE checkpoint (one tensor per expert linear on disk, as transformers saves it; Mixtral's under
+    ``block_sparse_moe``) streams: the skeleton's fused experts are split on the meta device, each expert
+    is read from the files when its layer comes up, and the result equals the pass over the whole model
+    that transformers loads (and fuses) itself. Membership is answered from the names alone."""
+    from lowbit import weights
+    from lowbit.calibration import load_text, samples
+    from lowbit.loading import load_tokenizer
+    from lowbit.testing.models import save_tiny_model
+
+    path = save_tiny_model(tmp_path / "m", model_type, seed=5)
+    src = resolve(str(path))
+    model = load_model(src)
+    adapter = adapter_for(model.config, registry("architectures"))
+    reads = []
+    original = weights.check_source_tensor
+    weights.check_source_tensor = lambda t, name, where: reads.append(name) or original(t, name, where)
+    try:
+        skeleton, source = pipeline.weights_of(src, model.config, adapter=adapter)
+    finally:
+        weights.check_source_tensor = original
+    assert source is not None and not is_materialized(skeleton) and reads == []
+    assert any(".experts.0." in n for n, _ in skeleton.named_parameters())
+
+    scheme = QuantScheme(4, 32)
+    recipe = Recipe("awq+gptq", scheme, {"awq": {"n_grid": 4}}, nsamples=8, seqlen=64, batch_size=4)
+    qm = pipeline.quantize(str(path), recipe, out=tmp_path / "o", progress=False)
+    ids = samples(load_tokenizer(src), load_text("wikitext2"), 8, 64)
+    want_q, _ = pipeline.run_pass(model, adapter, pipeline.make_steps(recipe), recipe, ids, progress=False)
+    want_f = pipeline.float_tensors_of(model, want_q)
+    got = LowbitCheckpoint().read(tmp_path / "o" / "lowbit")
+    assert sorted(got.qweights) == sorted(want_q) and any(".experts.3." in n for n in want_q)
+    for name, qw in want_q.items():
+        assert qw.equal(got.qweights[name]), (name, qw.diff(got.qweights[name]))
+    assert sorted(got.float_tensors) == sorted(want_f)
+    assert all(torch.equal(got.float_tensors[k], t) for k, t in want_f.items())
+    assert qm.manifest["tensor_hash"] == got.manifest["tensor_hash"]
+
+
+def test_moe_export_compatible_streams_under_the_checkpoint_names(tmp_path):
+    """--export-compatible on Mixtral writes each transformed expert under the name it was read by
+    (``block_sparse_moe.experts.E.w1``), so transformers loads the result with no missing or unexpected keys."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.hf import load_tensors
+    from lowbit.testing.models import save_tiny_model
+
+    path = save_tiny_model(tmp_path / "m", "mixtral", seed=2)
+    out = pipeline.export_compatible(str(path), tmp_path / "x", method="awq", scheme=QuantScheme(4, 32),
+                                     step_options={"awq": {"n_grid": 4}}, nsamples=4, seqlen=64, batch_size=2,
+                                     progress=False)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    written = load_tensors(out)
+    assert set(written) == names
+    assert any(not torch.equal(written[k], load_tensors(path)[k]) for k in names if ".experts." in k)
+    model, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info

@@ -387,24 +387,30 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
-def weights_of(src: ModelSource, config, trust_remote_code: bool = False) -> tuple[nn.Module, WeightSource | None]:
+def weights_of(src: ModelSource, config, trust_remote_code: bool = False,
+               adapter: Adapter | None = None) -> tuple[nn.Module, WeightSource | None]:
     """(model, source) for the pass: a skeleton and its local safetensors shards when the model's
-    tensors are named as its modules (streamed, one layer in memory at a time; a hub id streams from
-    its cached snapshot), else the whole float model loaded by transformers and no source, which is
+    tensors are stored under its modules' names (streamed, one layer in memory at a time; a hub id streams
+    from its cached snapshot), else the whole float model loaded by transformers and no source, which is
     refused up front when it cannot fit in memory (saying why it cannot stream). A GGUF file streams
-    from the float32 directory its first load converts it to (lowbit's cache)."""
+    from the float32 directory its first load converts it to (lowbit's cache).
+
+    With the family ``adapter`` the skeleton is put in the form lowbit quantizes first (a MoE block's fused
+    experts split into one linear per expert, as checkpoints store them) and names are looked up through
+    its ``checkpoint_name`` (Mixtral's ``block_sparse_moe``), so MoE checkpoints stream too."""
     local = resolve_local(src, trust_remote_code)
     why = "its weights are not safetensors (e.g. pytorch_model.bin only) or a GGUF with the cache off"
     if local is not None:
-        source = WeightSource.from_dir(local)
+        source = WeightSource.from_dir(local, rename=None if adapter is None else adapter.checkpoint_name)
         skeleton = empty_model(config, trust_remote_code)
+        if adapter is not None:
+            adapter.prepare(skeleton)
         missing = missing_tensors(skeleton, source)
         if not missing:
             return skeleton, source
         total, _ = parameter_bytes(skeleton, torch.float32)
         del skeleton
-        why = (f"its tensors are not stored under its modules' names (e.g. {missing[0]} is not in its files: "
-               "transformers converts such checkpoints, e.g. fused MoE experts, while loading them whole)")
+        why = f"its tensors are not stored under its modules' names (e.g. {missing[0]} is not in its files)"
     else:
         total, _ = parameter_bytes(empty_model(config, trust_remote_code), torch.float32)
     check_fits(total, f"{src.spec or 'the model'} cannot be streamed layer by layer ({why}); loading it whole in "
@@ -440,7 +446,7 @@ def quantize(model: str | None = None, recipe: Recipe | None = None, *, out: str
     if any(s.needs_calibration for s in p.steps):
         ids = calibration.samples(tokenizer, calibration.load_text(recipe.calib), recipe.nsamples, recipe.seqlen)
         calib_info = calibration.fingerprint(recipe.calib, ids)
-    fmodel, source = weights_of(p.source, p.config, trust_remote_code)
+    fmodel, source = weights_of(p.source, p.config, trust_remote_code, p.adapter)
     manifest = {
         "source": {"model": p.source.spec, "path": p.source.path, "gguf_file": p.source.gguf_file},
         "recipe": {**recipe.to_dict(), "steps": [{"name": s.name, "options": _jsonable(s.opts)} for s in p.steps]},
@@ -542,7 +548,7 @@ def export_compatible(model: str | None, out: str | Path, recipe: Recipe | None 
     p = plan(model, recipe, out, overwrite, trust_remote_code, export_compatible=True, registries=registries)
     tokenizer = load_tokenizer(p.source, trust_remote_code)
     ids = calibration.samples(tokenizer, calibration.load_text(recipe.calib), recipe.nsamples, recipe.seqlen)
-    fmodel, source = weights_of(p.source, p.config, trust_remote_code)
+    fmodel, source = weights_of(p.source, p.config, trust_remote_code, p.adapter)
     with atomic_dir(out, overwrite) as tmp:
         if source is None:  # loaded whole (it fits): transformers writes it
             run_pass(fmodel, p.adapter, p.steps, recipe, ids, progress=progress)
@@ -552,7 +558,7 @@ def export_compatible(model: str | None, out: str | Path, recipe: Recipe | None 
 
             def write_layer(_i: int, _q: dict, floats: dict, _inputs, _row) -> None:
                 for name in sorted(floats):
-                    writer.add(name, floats[name])
+                    writer.add(source.stored_name(name), floats[name])
 
             run_pass(fmodel, p.adapter, p.steps, recipe, ids, progress=progress, source=source, on_layer=write_layer)
             outer = outer_float_tensors(fmodel, p.adapter, source, chunked=True)

@@ -21,29 +21,44 @@ from .hf import LazyTensors, TensorChunks
 
 
 class WeightSource(Mapping):
-    """Float tensors by HF name, read on access. ``from_dir``: a directory's safetensors shards
-    (memory-mapped; every shard's header is checked when opened); ``from_module``: a model already
-    in memory (its state dict)."""
+    """Float tensors by the model's parameter names, read on access. ``from_dir``: a directory's safetensors
+    shards (memory-mapped; every shard's header is checked when opened); ``from_module``: a model already
+    in memory (its state dict).
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], where: str):
-        self._tensors, self.where = tensors, where
+    ``rename`` maps a name the files lack to the one they store it under (the family adapter's
+    ``checkpoint_name``: Mixtral's experts are ``block_sparse_moe.*`` on disk, ``mlp.*`` in lowbit's tree);
+    membership is answered from the names alone, without reading a tensor."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], where: str, rename=None):
+        self._tensors, self.where, self._rename = tensors, where, rename
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> WeightSource:
-        return cls(LazyTensors(Path(path), error=ModelLoadError), str(path))
+    def from_dir(cls, path: str | Path, rename=None) -> WeightSource:
+        return cls(LazyTensors(Path(path), error=ModelLoadError), str(path), rename)
 
     @classmethod
     def from_module(cls, model: nn.Module) -> WeightSource:
         return cls(model.state_dict(), "memory")
 
+    def stored_name(self, name: str) -> str:
+        """The name ``name`` is stored under (itself, or its renaming where only that is stored)."""
+        if name in self._tensors or self._rename is None:
+            return name
+        return self._rename(name)
+
     def __getitem__(self, name: str) -> torch.Tensor:
-        return check_source_tensor(self._tensors[name], name, self.where)  # as read: NaN stops the run here
+        stored = self.stored_name(name)
+        return check_source_tensor(self._tensors[stored], stored, self.where)  # as read: NaN stops the run here
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.stored_name(name) in self._tensors
 
     def chunked(self, name: str, dtype: torch.dtype) -> torch.Tensor | TensorChunks:
         """``name`` cast to ``dtype``, as row chunks when read from files (never whole in memory)."""
         if isinstance(self._tensors, LazyTensors):
-            c = self._tensors.chunked(name, dtype)
-            return TensorChunks(c.dtype, c.shape, lambda: checked_chunks(c.chunks(), name, self.where))
+            stored = self.stored_name(name)
+            c = self._tensors.chunked(stored, dtype)
+            return TensorChunks(c.dtype, c.shape, lambda: checked_chunks(c.chunks(), stored, self.where))
         return self[name].to(dtype)
 
     def __iter__(self) -> Iterator[str]:

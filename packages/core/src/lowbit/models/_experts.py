@@ -48,7 +48,9 @@ class Experts(nn.ModuleList):
 
 @torch.no_grad()
 def split_experts(block: nn.Module, names: tuple[str, str, str]) -> None:
-    """Replace ``block.experts`` (fused) by :class:`Experts`; a no-op when already split."""
+    """Replace ``block.experts`` (fused) by :class:`Experts`; a no-op when already split. On a skeleton (fused
+    tensors on the meta device) the expert linears are made there too, named as checkpoints store them, so the
+    streaming pass reads each expert's weights from the files as its layer comes up."""
     fused = block.experts
     if isinstance(fused, Experts):
         return
@@ -61,10 +63,12 @@ def split_experts(block: nn.Module, names: tuple[str, str, str]) -> None:
     if tuple(down.shape) != (n, hidden, inter):
         raise ModelLoadError(f"{type(fused).__name__}.down_proj is {list(down.shape)}, expected {[n, hidden, inter]}.")
     experts = []
-    for e in range(n):
-        ex = Expert(names, hidden, inter, fused.act_fn).to(device=gate_up.device, dtype=gate_up.dtype)
-        getattr(ex, names[0]).weight.copy_(gate_up[e, :inter])
-        getattr(ex, names[1]).weight.copy_(gate_up[e, inter:])
-        getattr(ex, names[2]).weight.copy_(down[e])
-        experts.append(ex)
+    with torch.device(gate_up.device):  # a skeleton's experts stay on the meta device: nothing allocated
+        for e in range(n):
+            ex = Expert(names, hidden, inter, fused.act_fn).to(dtype=gate_up.dtype)
+            if gate_up.device.type != "meta":
+                getattr(ex, names[0]).weight.copy_(gate_up[e, :inter])
+                getattr(ex, names[1]).weight.copy_(gate_up[e, inter:])
+                getattr(ex, names[2]).weight.copy_(down[e])
+            experts.append(ex)
     block.experts = Experts(experts)
