@@ -251,7 +251,7 @@ def run_pass(model: nn.Module, adapter: Adapter, steps: list[Quantizer], recipe:
                 release(layers[0])
         ctx = LayerContext(i, prefix, layer, adapter.groups(layer), scheme, inputs, kwargs,
                            qweights=qweights, compute_dtype=compute_dtype, blocks=adapter.blocks(layer),
-                           report_batches=report_batches)
+                           report_batches=report_batches, drop_quantized=source is not None and not needs_data)
         if float_stream:  # the float model's own activations through the untouched layer, before any step
             quantized_inputs, ctx.inputs = ctx.inputs, fp_inputs
             ctx.float_outputs = ctx.forward()

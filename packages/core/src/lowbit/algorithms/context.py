@@ -112,6 +112,9 @@ class LayerContext:
     reference: list[torch.Tensor] | None = None  # the float layer's outputs on the first report batches
     float_outputs: list[torch.Tensor] | None = None  # on every batch, for steps that need them (before any step)
     report_batches: int | None = None
+    #: nothing runs this layer after its steps (no calibration) and its float weights are streamed: a quantized
+    #: linear's float weight is dropped at once instead of being overwritten by its dequantized values
+    drop_quantized: bool = False
 
     def module(self, path: str) -> nn.Module:
         return self.layer.get_submodule(path)
@@ -123,10 +126,14 @@ class LayerContext:
         return [p for p in self.linear_paths() if self.prefix + p not in self.qweights]
 
     def set_quantized(self, path: str, qw: QuantizedWeight) -> None:
-        """Record ``qw`` for the linear at ``path`` and put its dequantized weight in the layer."""
+        """Record ``qw`` for the linear at ``path`` and put its dequantized weight in the layer (with
+        ``drop_quantized``: put the weight back on the meta device, freeing it)."""
         lin = self.module(path)
-        with torch.no_grad():
-            lin.weight.copy_(qw.dequantize(lin.weight.dtype))
+        if self.drop_quantized:
+            lin.weight = nn.Parameter(lin.weight.detach().to("meta"), requires_grad=False)
+        else:
+            with torch.no_grad():
+                lin.weight.copy_(qw.dequantize(lin.weight.dtype))
         self.qweights[self.prefix + path] = qw
         for block, rp in list(self.replays.items()):  # a captured input upstream of ``path`` is stale
             if path.startswith(block + ".") and path != rp.linear:
