@@ -414,6 +414,29 @@ def test_a_client_that_disconnects_stops_its_generation(gated):
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == "t0 t1 "
 
 
+def test_a_client_that_disconnects_from_a_plain_request_stops_its_generation(gated):
+    """Not streamed: nothing is written until the reply is whole, so the server watches the connection. A
+    running generation stops at its next piece of text; a queued one never starts."""
+    gate, url, engine = gated
+    body = {"model": NAME, "prompt": "Hi", "max_tokens": 8}
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(httpx.post, f"{url}/completions", json=dict(body, prompt="running"), timeout=2)
+        _wait(lambda: gate.running == 1)
+        queued = pool.submit(httpx.post, f"{url}/completions", json=dict(body, prompt="queued"), timeout=2)
+        _wait(lambda: engine.jobs.qsize() == 1)
+        for fut in (running, queued):  # both clients give up, with the first generation still waiting on the test
+            with pytest.raises(httpx.TimeoutException):
+                fut.result()
+    _wait(lambda: engine.jobs.queue[0].cancelled)  # the server has seen the queued request's client go
+    gate.step(1)
+    _wait(lambda: gate.cancelled and gate.running == 0)
+    assert len(gate.calls) == 1 and len(gate.calls[0]) == len(gate.cancelled[0])  # the queued job never ran
+    gate.step(2)
+    r = httpx.post(f"{url}/completions", json=dict(body, max_tokens=2), timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "t0 t1 "
+    assert len(gate.calls) == 2
+
+
 def test_fallback_transcript_without_a_chat_template(ckpt):
     """A tokenizer without a chat template gets lowbit chat's User:/Assistant: transcript, with the
     system messages first and a stop string at the next 'User:' turn."""

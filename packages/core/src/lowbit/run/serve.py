@@ -317,21 +317,35 @@ def create_app(engine: Engine, api_key: str | None = None):
         return JSONResponse(APIError(405, f"{request.method} is not allowed on {request.url.path}").body(),
                             status_code=405)
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        if request.url.path.startswith("/v1"):
-            if api_key is not None:
-                auth = request.headers.get("authorization", "")
-                given = auth[7:] if auth[:7].lower() == "bearer " else ""
-                if not hmac.compare_digest(given.encode(), api_key.encode()):
-                    err = APIError(401, "a valid API key is required (Authorization: Bearer KEY).",
-                                   "authentication_error", code="invalid_api_key")
-                    return JSONResponse(err.body(), status_code=401)
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-                err = APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes.")
-                return JSONResponse(err.body(), status_code=413)
-        return await call_next(request)
+    def refusal(request: Request) -> APIError | None:
+        """Why a ``/v1`` request is refused before its body is read (no or a wrong API key, a body too large)."""
+        if api_key is not None:
+            auth = request.headers.get("authorization", "")
+            given = auth[7:] if auth[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(given.encode(), api_key.encode()):
+                return APIError(401, "a valid API key is required (Authorization: Bearer KEY).",
+                                "authentication_error", code="invalid_api_key")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes.")
+        return None
+
+    class Guard:
+        """Plain ASGI middleware applying :func:`refusal` (Starlette's ``@app.middleware("http")`` would wrap the
+        app's ``receive`` so that a handler never sees its client disconnect)."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http" and scope["path"].startswith("/v1"):
+                err = refusal(Request(scope))
+                if err is not None:
+                    await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
+                    return
+            await self.inner(scope, receive, send)
+
+    app.add_middleware(Guard)
 
     async def read_body(request: Request) -> dict:
         raw = await request.body()
@@ -378,6 +392,16 @@ def create_app(engine: Engine, api_key: str | None = None):
         finally:
             job.cancelled = True
 
+    async def cancel_on_disconnect(request: Request, job: Job, every: float = 0.2) -> None:
+        """Cancel a non-streamed request's job when its client goes away (queued: never run; running: stopped at
+        its next piece of text), and end the handler waiting for it. A streamed one notices at its next write."""
+        while not job.cancelled:
+            if await request.is_disconnected():
+                job.cancelled = True
+                job.chunks.put_nowait(("error", _Cancelled()))
+                return
+            await asyncio.sleep(every)
+
     def usage(job: Job, reply) -> dict:
         return {"prompt_tokens": len(job.ids), "completion_tokens": reply.tokens,
                 "total_tokens": len(job.ids) + reply.tokens}
@@ -394,11 +418,17 @@ def create_app(engine: Engine, api_key: str | None = None):
 
         if not body.get("stream"):
             text, reply = "", None
-            async for item in run(job):
-                if isinstance(item, str):
-                    text += item
-                else:
-                    reply = item
+            watcher = asyncio.create_task(cancel_on_disconnect(request, job))
+            try:
+                async for item in run(job):
+                    if isinstance(item, str):
+                        text += item
+                    else:
+                        reply = item
+            except _Cancelled:  # the client is gone: nobody reads a reply
+                return JSONResponse(APIError(499, "the client closed the request.").body(), status_code=499)
+            finally:
+                watcher.cancel()
             choice = ({"index": 0, "message": {"role": "assistant", "content": reply.text},
                        "finish_reason": reply.finish_reason, "logprobs": None} if chat else
                       {"index": 0, "text": reply.text, "finish_reason": reply.finish_reason, "logprobs": None})
