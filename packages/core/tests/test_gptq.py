@@ -304,3 +304,41 @@ def test_observer_option_reaches_gptqs_scales():
 def test_bad_observer(step):
     with pytest.raises(UnsupportedSchemeError, match="observer must be one of minmax, mse"):
         step(QuantScheme(4, 32), observer="absmax")
+
+
+def test_hessian_parts_cut_by_bytes():
+    from lowbit.algorithms.gptq import hessian_parts
+
+    widths = [64, 64, 64, 128, 32]  # 16, 16, 16, 64 and 4 KiB of fp32 Hessian
+    assert hessian_parts(list("abcde"), widths, 0) == [["a"], ["b"], ["c"], ["d"], ["e"]]
+    assert hessian_parts(list("abcde"), widths, 48 * 1024) == [["a", "b", "c"], ["d"], ["e"]]
+    assert hessian_parts(list("abcde"), widths, 1e12) == [list("abcde")]
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "mixtral"])
+def test_a_moe_stage_in_parts_gives_the_same_codes(model_type, monkeypatch):
+    """``hessian_memory`` 0: one calibration pass per expert input instead of one per stage, so at most one
+    expert's Hessian is held; the inputs of a stage do not depend on its own linears, so every code, scale
+    and loss is the same."""
+    from lowbit import pipeline
+    from lowbit.models import adapter_for
+    from lowbit.recipe import Recipe
+    from lowbit.testing.models import tiny_model
+
+    passes = []
+    original = GPTQ._hessians
+    monkeypatch.setattr(GPTQ, "_hessians", lambda self, ctx, paths: passes.append(len(paths)) or
+                        original(self, ctx, paths))
+    ids = calib_ids()
+    results = {}
+    for mem in (512.0, 0.0):
+        model = tiny_model(model_type, seed=4)
+        adapter = adapter_for(model.config, registry("architectures"))
+        recipe = Recipe("gptq", QuantScheme(4, 32), {"gptq": {"hessian_memory": mem}}, batch_size=4)
+        passes.clear()
+        q, report = pipeline.run_pass(model, adapter, pipeline.make_steps(recipe), recipe, ids, progress=False)
+        results[mem] = (q, [r["gptq_loss"] for r in report.layers], list(passes))
+    (q0, loss0, passes0), (q1, loss1, passes1) = results[512.0], results[0.0]
+    assert set(q0) == set(q1) and all(q0[k].equal(q1[k]) for k in q0), [k for k in q0 if not q0[k].equal(q1[k])]
+    assert loss0 == loss1
+    assert max(passes0) > 1 and max(passes1) == 1 and len(passes1) > len(passes0)

@@ -52,7 +52,7 @@ from .base import OBSERVER, LayerContext, Option, Quantizer, check_observer
 class GPTQ(Quantizer):
     """GPTQ (a quantizing step). Options: ``damp`` (relative dampening, 0 < damp < 1),
     ``block_size`` (lazy-update block), ``column_order`` (``hessian`` or ``columns``),
-    ``static_groups`` (with act-order), ``true_sequential``."""
+    ``static_groups`` (with act-order), ``true_sequential``, ``hessian_memory``."""
 
     name = "gptq"
     quantizes = True
@@ -72,6 +72,10 @@ class GPTQ(Quantizer):
                help="with --act-order, fix each group's qparams before reordering"),
         Option("true_sequential", True, help="quantize a layer's linears in execution order, each on inputs through "
                "the already quantized ones (off: each on the float layer's inputs)"),
+        Option("hessian_memory", 512.0, type=nonnegative_float,
+               help="MiB of Hessians one calibration pass accumulates: a stage of linears with inputs of their own "
+               "(a MoE layer's experts) that needs more runs one pass per part, with the same results (0: one "
+               "input per pass; with true_sequential only)"),
         OBSERVER,
     )
 
@@ -88,6 +92,10 @@ class GPTQ(Quantizer):
         if self.opts["column_order"] not in self.column_orders:
             raise UnsupportedSchemeError(f"gptq column_order must be one of {', '.join(self.column_orders)}, "
                                          f"got {self.opts['column_order']!r}.")
+        mem = self.opts["hessian_memory"]
+        if isinstance(mem, bool) or not isinstance(mem, (int, float)) or not mem >= 0:
+            raise UnsupportedSchemeError(f"gptq hessian_memory must be a number of MiB >= 0, got {mem!r}; "
+                                         "pass --gptq-hessian-memory 512.")
         check_observer(self)
 
     @torch.no_grad()
@@ -115,6 +123,10 @@ class GPTQ(Quantizer):
                     self.scheme.check_shape(ctx.module(p).in_features, ctx.prefix + p)
         if not self.opts["true_sequential"]:
             stages = [[g for stage in stages for g in stage]]
+        else:  # a stage's inputs do not depend on its own linears: parts of it see what the whole would
+            budget = float(self.opts["hessian_memory"]) * 2**20
+            stages = [part for readers in stages for part in
+                      hessian_parts(readers, [ctx.module(g[0]).in_features for g in readers], budget)]
         errs = {}
         for readers in stages:
             hess, kept, checked = self._hessians(ctx, [g[0] for g in readers])
@@ -171,6 +183,22 @@ class GPTQ(Quantizer):
                 hess[p] = torch.eye(ctx.module(p).in_features)
                 ctx.report.setdefault("gptq_unrouted", []).append(p)
         return hess, kept, checked
+
+
+def hessian_parts(readers: list, widths: list[int], budget: float) -> list[list]:
+    """``readers`` cut into consecutive parts whose Hessians (``width²`` float32 each) total at most ``budget``
+    bytes; a reader whose Hessian alone exceeds it is a part by itself."""
+    parts: list[list] = []
+    size = 0
+    for reader, k in zip(readers, widths, strict=True):
+        b = 4 * k * k
+        if parts and size + b <= budget:
+            parts[-1].append(reader)
+            size += b
+        else:
+            parts.append([reader])
+            size = b
+    return parts
 
 
 def add_gram_upper(acc: torch.Tensor, x: torch.Tensor, block: int = 128) -> None:
