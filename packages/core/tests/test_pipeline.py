@@ -205,7 +205,7 @@ def test_freed_activation_memory_goes_back_to_the_os():
     which the pass calls after each layer."""
     import resource
 
-    from lowbit.pipeline import return_freed_memory
+    from lowbit.heap import return_freed_memory
 
     if not return_freed_memory():
         pytest.skip("not glibc")

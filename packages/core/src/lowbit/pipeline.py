@@ -7,7 +7,6 @@ forward passes entirely.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import sys
@@ -28,6 +27,7 @@ from .checkpoint import CheckpointWriter, LowbitCheckpoint
 from .cpuinfo import has_fast_bf16_matmul
 from .errors import LowbitError, ModelLoadError, OutputError, UnsupportedSchemeError
 from .exporting import check_formats
+from .heap import return_freed_memory
 from .hf import ShardWriter, TensorChunks, write_config
 from .io import atomic_dir, check_writable, exclusive_output, fault_point, link_tree
 from .limits import check_activation_memory, check_fits, parameter_bytes
@@ -94,36 +94,6 @@ def capture_layer_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor, 
     finally:
         handle.remove()
     return inputs, kwargs
-
-
-_LIBC: list = []
-
-
-def return_freed_memory() -> bool:
-    """Give freed memory back to the OS (glibc on Linux; True when done); called between layers.
-
-    glibc raises its mmap threshold each time a large block is freed, after which heaps fragment and
-    never shrink; with a threshold below an activation's size (its 128 KiB start, or the 4 MiB used
-    before) every activation-sized tensor is a fresh mmap whose pages fault in again. So the thresholds
-    are fixed: blocks under 64 MiB (a calibration batch's activations) come from the heap and stay
-    mapped within a layer (no trim under 512 MiB free), and ``malloc_trim`` after each layer returns
-    what the layer freed (benchmarks/NOTES.md has the measurement). Process-wide, cheap, and results
-    are unchanged."""
-    if not sys.platform.startswith("linux"):
-        return False
-    if not _LIBC:
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            m_trim_threshold, m_mmap_threshold = -1, -3
-            libc.mallopt(m_mmap_threshold, 64 << 20)
-            libc.mallopt(m_trim_threshold, 512 << 20)
-            _LIBC.append(libc)
-        except (OSError, AttributeError):  # musl or no libc.so.6: keep the allocator's defaults
-            _LIBC.append(None)
-    if _LIBC[0] is None:
-        return False
-    _LIBC[0].malloc_trim(0)
-    return True
 
 
 def _rel_error(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:

@@ -42,6 +42,7 @@ import torch
 
 from ..argtypes import nonnegative_float, positive_int
 from ..errors import LowbitError, UnsupportedSchemeError
+from ..heap import return_freed_memory
 from ..primitives import choose_qparams
 from ..qweight import QuantizedWeight
 from ..scheme import QuantScheme
@@ -143,6 +144,8 @@ class GPTQ(Quantizer):
                     ctx.set_quantized(p, qw)
                     if p in kept:  # its block's output is now final: later stages skip the block
                         ctx.replay(p, kept[p], checked.get(p))
+                if len(readers) > 1:  # many inputs (experts): give each one's temporaries back before the next
+                    return_freed_memory()
         leaves = [p.rsplit(".", 1)[-1] for p in errs]  # MoE experts repeat leaf names: keep their paths
         ctx.report["gptq_loss"] = {(p.rsplit(".", 1)[-1] if leaves.count(p.rsplit(".", 1)[-1]) == 1 else p):
                                    float(f"{v:.4g}") for p, v in errs.items()}
