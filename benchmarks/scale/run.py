@@ -20,6 +20,7 @@ plus the run's output (up to ~15 GB for 7B with two export formats) while it run
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -60,6 +61,7 @@ def config_of(size: str):
     return AutoConfig.for_model(c.pop("model_type", "llama"), max_position_embeddings=4096, rms_norm_eps=1e-5, **c)
 
 
+@functools.cache
 def skeleton_of(size: str):
     """The model on the meta device in the form lowbit quantizes (MoE experts one linear each), and its adapter."""
     from lowbit.models import adapter_for

@@ -119,25 +119,28 @@ def load_runner(path: str, dtype_name: str, kernel: str | None = None, lm_head: 
     from .nn import check_sizes
 
     check_sizes(qm, dtype)  # before anything walks the config's layers (a config of 10^9 layers is refused here)
-    if not isinstance(qm.qweights, dict) and pick_runtime(qm, dtype, lm_head, kernel, runtime, embedding)[0] is None:
+    picked = pick_runtime(qm, dtype, lm_head, kernel, runtime, embedding)  # reads every weight's scales: once
+    if not isinstance(qm.qweights, dict) and picked[0] is None:
         if embedding != "float":  # the one-line refusal, before reading the checkpoint whole
-            return runner_for(qm, dtype, kernel, lm_head, runtime, capacity, embedding=embedding)
+            return runner_for(qm, dtype, kernel, lm_head, runtime, capacity, embedding=embedding, picked=picked)
         qm = read_checkpoint(path)  # the transformers modules are built from QuantizedWeights
-    return runner_for(qm, dtype, kernel, lm_head, runtime, capacity, consume=True, embedding=embedding)
+    return runner_for(qm, dtype, kernel, lm_head, runtime, capacity, consume=True, embedding=embedding, picked=picked)
 
 
 def runner_for(qm, dtype, kernel: str | None = None, lm_head: str = "float", runtime: str = "auto",
-               capacity: int = 0, consume: bool = False, embedding: str = "float") -> Runner:
+               capacity: int = 0, consume: bool = False, embedding: str = "float",
+               picked: tuple[Any, str] | None = None) -> Runner:
     """The runner for a QuantizedModel already read. ``consume``: the native decoder may take the quantized
     weights out of ``qm`` as it packs them (lower peak memory; ``qm`` keeps config, tokenizer and floats).
     The checkpoint's config is checked against its tensors and the memory here first, whichever runtime runs it.
     ``capacity``: the native decoder's KV cache positions to allocate now, at most the model's context
     (0: none until a request sizes it). ``embedding``: ``int8`` (opt-in) stores the native decoder's embedding as
-    int8 rows; the transformers path has no such mode, so it is refused there."""
+    int8 rows; the transformers path has no such mode, so it is refused there. ``picked``: what
+    :func:`pick_runtime` already said for this checkpoint and these settings."""
     from .nn import build_model, check_sizes
 
     check_sizes(qm, dtype)
-    cls, reason = pick_runtime(qm, dtype, lm_head, kernel, runtime, embedding)
+    cls, reason = picked or pick_runtime(qm, dtype, lm_head, kernel, runtime, embedding)
     if cls is not None:
         ctx = context_of(qm.config)
         dec = cls(qm, dtype, lm_head, capacity=min(capacity, ctx or capacity), consume=consume, embedding=embedding)
